@@ -1,0 +1,57 @@
+"""Shared fixtures: a real GCS emulator on loopback, a tiny locally built ViT, sample images."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import make_tiny_model  # noqa: E402
+
+
+class Emulator:
+    """A running fake-gcs-server; ``new_bucket()`` gives each test a clean bucket."""
+
+    _ids = itertools.count()
+
+    def __init__(self, url: str):
+        from google.cloud import storage
+
+        self.url = url
+        self.client = storage.Client(project=os.environ["GOOGLE_CLOUD_PROJECT"])
+
+    def new_bucket(self, stem: str = "test") -> str:
+        name = f"{stem}-{os.getpid()}-{next(self._ids)}"
+        self.client.create_bucket(name)
+        return name
+
+    def object_names(self, bucket: str, prefix: str | None = None) -> list[str]:
+        return sorted(b.name for b in self.client.list_blobs(bucket, prefix=prefix))
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    from pipelines.gcs_emulator import gcs_emulator
+
+    with gcs_emulator() as url:
+        yield Emulator(url)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny-vit")
+
+
+@pytest.fixture(scope="session")
+def crds_dir() -> Path:
+    path = SHARED / "crds"
+    if not path.is_dir():
+        pytest.skip(f"CRD schemas not found at {path} (the shared/ folder beside the project)")
+    return path

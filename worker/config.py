@@ -1,0 +1,113 @@
+"""The worker's whole configuration: one dataclass, built from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+@dataclass
+class WorkerConfig:
+    input: str
+    output: str
+    model: str
+    batch_size: int = 64
+    shard_size: int = 1024
+    device: str = "auto"
+    assignment: str = "static"
+    decode: str = "auto"
+    read_threads: int = 8
+    decode_threads: int = 0
+    prefetch_batches: int = 8
+    list_processes: int = 8
+    compose: bool = True
+    project: str | None = None
+    log_interval: float = 10.0
+    model_cache: str = field(default_factory=lambda: os.environ.get(
+        "BATCH_INFERENCE_MODEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "batch-inference", "models")))
+    max_shards: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("--batch-size must be at least 1")
+        if self.shard_size < 1:
+            raise ValueError("--shard-size must be at least 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError("--device must be auto, cpu or cuda")
+        if self.assignment not in ("static", "dynamic"):
+            raise ValueError("--assignment must be static or dynamic")
+        if self.decode not in ("auto", "cpu", "gpu"):
+            raise ValueError("--decode must be auto, cpu or gpu")
+
+    def to_args(self) -> list[str]:
+        """The command-line arguments that rebuild this config (used by the launchers)."""
+        defaults = WorkerConfig(input=self.input, output=self.output, model=self.model)
+        args = ["--input", self.input, "--output", self.output, "--model", self.model]
+        for f in dataclasses.fields(self):
+            if f.name in ("input", "output", "model", "model_cache"):
+                continue
+            value = getattr(self, f.name)
+            if value == getattr(defaults, f.name):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                args.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            else:
+                args += [flag, str(value)]
+        return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m worker",
+        description=(
+            "Classify every image under INPUT exactly once and write CSV parts under OUTPUT. "
+            "Run it directly for one process, or as `torchrun --nproc_per_node=K -m worker ...` "
+            "for K ranks (inside a PyTorchJob torchrun reads the PET_* environment). "
+            "A rerun with the same OUTPUT resumes: committed shards are skipped."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--input", required=True,
+                   help="gs://bucket/prefix or a local directory holding the images "
+                        f"({', '.join(IMAGE_EXTENSIONS)}); other files are ignored")
+    p.add_argument("--output", required=True,
+                   help="gs://bucket/prefix or a local directory for plan.jsonl, parts/, errors/ and summary/; "
+                        "nothing is written anywhere else")
+    p.add_argument("--model", required=True,
+                   help="a Hugging Face hub id, a local directory, or a gs:// directory holding a "
+                        "save_pretrained() image-classification model and its preprocessor_config.json")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--shard-size", type=int, default=1024,
+                   help="images per shard: the unit of assignment, commit and resume")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto picks cuda when a GPU is visible (bf16 + SDPA), else cpu (fp32)")
+    p.add_argument("--assignment", choices=("static", "dynamic"), default="static",
+                   help="static: shard i goes to rank i mod world (deterministic); dynamic: ranks claim the "
+                        "next shard from a shared counter, so fast ranks take more (best balance)")
+    p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="gpu: nvjpeg batched decode + GPU resize (Pillow fallback for what nvjpeg can't read); "
+                        "cpu: Pillow only; auto: gpu on cuda, cpu otherwise")
+    p.add_argument("--read-threads", type=int, default=8, help="background threads reading bytes ahead of compute")
+    p.add_argument("--decode-threads", type=int, default=0,
+                   help="threads for Pillow decode (0: one per CPU core available to this rank)")
+    p.add_argument("--prefetch-batches", type=int, default=8, help="batches read ahead of the GPU")
+    p.add_argument("--list-processes", type=int, default=8, help="processes for DataFlux's parallel GCS listing")
+    p.add_argument("--compose", action=argparse.BooleanOptionalAction, default=True,
+                   help="use DataFlux composed downloads on GCS (temporary composites under "
+                        "dataflux-composed-objects/ in the input bucket, deleted after use); "
+                        "--no-compose reads objects one by one and never writes to the input bucket")
+    p.add_argument("--project", default=None, help="GCP project for GCS clients (default: from the environment)")
+    p.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument("--max-shards", type=int, default=0,
+                   help="stop after committing this many shards on this rank (0: no limit); for tests and smoke runs")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> WorkerConfig:
+    ns = build_parser().parse_args(argv)
+    return WorkerConfig(**vars(ns))

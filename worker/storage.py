@@ -1,0 +1,291 @@
+"""The single storage seam: every read and write of the project goes through here.
+
+A URI is either ``gs://bucket/path`` or a local filesystem path. ``open_storage(uri)``
+returns the backend for it; both backends offer the same small interface, so the
+worker, the components and the tests never branch on the scheme themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
+
+log = logging.getLogger(__name__)
+
+GCS_SCHEME = "gs://"
+
+
+def is_gcs(uri: str) -> bool:
+    return uri.startswith(GCS_SCHEME)
+
+
+def split_gcs(uri: str) -> tuple[str, str]:
+    """``gs://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    if not is_gcs(uri):
+        raise ValueError(f"not a gs:// URI: {uri!r}")
+    bucket, _, path = uri[len(GCS_SCHEME):].partition("/")
+    if not bucket:
+        raise ValueError(f"gs:// URI has no bucket: {uri!r}")
+    return bucket, path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with '/', for gs:// and local paths alike."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    uri: str
+    size: int
+    generation: int | None = None
+
+
+class ReadError(Exception):
+    """An object that could not be read; becomes an error record, never a crash."""
+
+
+class Storage(Protocol):
+    def list(self, prefix_uri: str) -> Iterator[ObjectInfo]: ...
+
+    def read(self, uri: str) -> bytes: ...
+
+    def read_many(self, objects: Sequence[ObjectInfo]) -> list[bytes | ReadError]: ...
+
+    def write(self, uri: str, data: bytes, *, if_absent: bool = False) -> bool: ...
+
+    def exists(self, uri: str) -> bool: ...
+
+
+class LocalStorage:
+    """Local filesystem backend. Writes are atomic: a temp file in the target folder, then a rename."""
+
+    def list(self, prefix_uri: str) -> Iterator[ObjectInfo]:
+        root = Path(prefix_uri)
+        if root.is_file():
+            yield ObjectInfo(str(root), root.stat().st_size)
+            return
+        if not root.is_dir():
+            raise FileNotFoundError(f"input directory does not exist: {prefix_uri}")
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                if path.is_file():
+                    yield ObjectInfo(str(path), path.stat().st_size)
+
+    def read(self, uri: str) -> bytes:
+        return Path(uri).read_bytes()
+
+    def read_many(self, objects: Sequence[ObjectInfo]) -> list[bytes | ReadError]:
+        out: list[bytes | ReadError] = []
+        for obj in objects:
+            try:
+                out.append(self.read(obj.uri))
+            except OSError as exc:
+                out.append(ReadError(f"read failed: {exc.strerror or exc}"))
+        return out
+
+    def write(self, uri: str, data: bytes, *, if_absent: bool = False) -> bool:
+        target = Path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if if_absent:
+                # link() fails if the target exists, so two writers can never both win.
+                try:
+                    os.link(tmp, target)
+                except FileExistsError:
+                    return False
+                return True
+            os.replace(tmp, target)
+            return True
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def exists(self, uri: str) -> bool:
+        return Path(uri).exists()
+
+
+def default_project() -> str:
+    return os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("CLOUDSDK_CORE_PROJECT") or "local-project"
+
+
+class GCSStorage:
+    """GCS backend over google-cloud-storage, with DataFlux for listing and batched reads.
+
+    DataFlux's composed download concatenates up to 32 small objects server-side and
+    fetches them in one GET. It has a known defect: a failed download thread drops its
+    chunk silently, so a batch can come back short. ``read_many`` therefore never pairs
+    names with bytes by position unless the counts and every size match; otherwise it
+    re-reads the objects one by one.
+    """
+
+    # One DataFlux call per composite: a short return then means "this whole call
+    # failed", so we know exactly which objects to re-read.
+    COMPOSE_MAX_OBJECTS = 32
+
+    def __init__(self, project: str | None = None, compose: bool = True):
+        self.project = project or default_project()
+        self.compose = compose
+        self._local = threading.local()
+
+    @property
+    def client(self):
+        # google-cloud-storage clients hold a requests session that is not safe to
+        # share across threads under load, so each reader thread gets its own.
+        client = getattr(self._local, "client", None)
+        if client is None:
+            from google.cloud import storage
+
+            client = storage.Client(project=self.project)
+            self._local.client = client
+        return client
+
+    def _bucket(self, name: str):
+        from google.api_core import exceptions
+
+        bucket = self.client.bucket(name)
+        try:
+            if not bucket.exists():
+                raise FileNotFoundError(f"GCS bucket does not exist: gs://{name}")
+        except exceptions.Forbidden:
+            pass  # No bucket-level read permission; object calls may still work.
+        return bucket
+
+    def list(self, prefix_uri: str) -> Iterator[ObjectInfo]:
+        bucket_name, prefix = split_gcs(prefix_uri)
+        bucket = self._bucket(bucket_name)
+        for blob in self.client.list_blobs(bucket, prefix=prefix or None):
+            if blob.name.endswith("/"):
+                continue
+            yield ObjectInfo(f"gs://{bucket_name}/{blob.name}", int(blob.size or 0), blob.generation)
+
+    def fast_list(self, prefix_uri: str, processes: int = 8) -> list[ObjectInfo]:
+        """DataFlux's parallel work-stealing listing. Unordered, and without generations."""
+        from dataflux_core.fast_list import ListingController
+
+        bucket_name, prefix = split_gcs(prefix_uri)
+        self._bucket(bucket_name)
+        lister = ListingController(
+            max_parallelism=max(1, processes),
+            project=self.project,
+            bucket=bucket_name,
+            sort_results=False,
+            prefix=prefix or None,
+        )
+        return [ObjectInfo(f"gs://{bucket_name}/{name}", int(size)) for name, size in lister.run()]
+
+    def read(self, uri: str) -> bytes:
+        from google.api_core import exceptions
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        bucket_name, name = split_gcs(uri)
+        try:
+            return self.client.bucket(bucket_name).blob(name).download_as_bytes(retry=DEFAULT_RETRY)
+        except exceptions.NotFound as exc:
+            raise FileNotFoundError(f"object not found: {uri}") from exc
+
+    def _read_each(self, objects: Sequence[ObjectInfo]) -> list[bytes | ReadError]:
+        out: list[bytes | ReadError] = []
+        for obj in objects:
+            try:
+                out.append(self.read(obj.uri))
+            except Exception as exc:  # noqa: BLE001 - one bad object must not sink the batch
+                out.append(ReadError(f"read failed: {type(exc).__name__}: {exc}"))
+        return out
+
+    def _dataflux_read(self, bucket_name: str, objects: Sequence[ObjectInfo]) -> list[bytes] | None:
+        """One composed download; None when DataFlux returned a short or mis-sized batch."""
+        from dataflux_core import download
+
+        names = [(split_gcs(o.uri)[1], o.size) for o in objects]
+        params = download.DataFluxDownloadOptimizationParams(
+            max_composite_object_size=100_000_000 if self.compose else 0
+        )
+        try:
+            got = download.dataflux_download_threaded(
+                project_name=self.project,
+                bucket_name=bucket_name,
+                objects=names,
+                storage_client=self.client,
+                dataflux_download_optimization_params=params,
+                threads=1,
+            )
+        except Exception as exc:  # noqa: BLE001
+            log.warning("DataFlux batch read of %d objects failed (%s); re-reading one by one", len(objects), exc)
+            return None
+        if len(got) != len(objects) or any(len(b) != o.size for b, o in zip(got, objects)):
+            log.warning(
+                "DataFlux returned %d of %d objects (or sizes changed); re-reading one by one",
+                len(got),
+                len(objects),
+            )
+            return None
+        return list(got)
+
+    def read_many(self, objects: Sequence[ObjectInfo]) -> list[bytes | ReadError]:
+        out: list[bytes | ReadError] = []
+        for start in range(0, len(objects), self.COMPOSE_MAX_OBJECTS):
+            chunk = objects[start:start + self.COMPOSE_MAX_OBJECTS]
+            buckets = {split_gcs(o.uri)[0] for o in chunk}
+            got = self._dataflux_read(buckets.pop(), chunk) if len(buckets) == 1 else None
+            out.extend(got if got is not None else self._read_each(chunk))
+        return out
+
+    def write(self, uri: str, data: bytes, *, if_absent: bool = False) -> bool:
+        from google.api_core import exceptions
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        bucket_name, name = split_gcs(uri)
+        blob = self.client.bucket(bucket_name).blob(name)
+        try:
+            if if_absent:
+                # Generation precondition 0: created only if absent, so a retried
+                # upload is safe to retry and a second writer loses cleanly.
+                blob.upload_from_string(data, if_generation_match=0, retry=DEFAULT_RETRY)
+            else:
+                blob.upload_from_string(data, retry=DEFAULT_RETRY)
+        except exceptions.PreconditionFailed:
+            return False
+        except exceptions.NotFound as exc:
+            raise FileNotFoundError(f"GCS bucket does not exist: gs://{bucket_name}") from exc
+        return True
+
+    def exists(self, uri: str) -> bool:
+        bucket_name, name = split_gcs(uri)
+        return self.client.bucket(bucket_name).blob(name).exists()
+
+
+_GCS: dict[tuple[str, bool], GCSStorage] = {}
+_LOCAL = LocalStorage()
+
+
+def open_storage(uri: str, *, project: str | None = None, compose: bool = True) -> Storage:
+    if is_gcs(uri):
+        key = (project or default_project(), compose)
+        if key not in _GCS:
+            _GCS[key] = GCSStorage(*key)
+        return _GCS[key]
+    return _LOCAL
+
+
+def read_text(uri: str) -> str:
+    return open_storage(uri).read(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str, *, if_absent: bool = False) -> bool:
+    return open_storage(uri).write(uri, text.encode("utf-8"), if_absent=if_absent)
