@@ -29,9 +29,13 @@ class WorkerConfig:
     log_interval: float = 10.0
     model_cache: str = field(default_factory=lambda: os.environ.get(
         "BATCH_INFERENCE_MODEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "batch-inference", "models")))
-    max_shards: int = 0
 
     def __post_init__(self) -> None:
+        # Plans and result rows carry absolute local paths, whatever the working directory.
+        if not self.input.startswith("gs://"):
+            self.input = os.path.abspath(self.input)
+        if not self.output.startswith("gs://"):
+            self.output = os.path.abspath(self.output)
         if self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
         if self.shard_size < 1:
@@ -103,8 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-compose reads objects one by one and never writes to the input bucket")
     p.add_argument("--project", default=None, help="GCP project for GCS clients (default: from the environment)")
     p.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines")
-    p.add_argument("--max-shards", type=int, default=0,
-                   help="stop after committing this many shards on this rank (0: no limit); for tests and smoke runs")
     return p
 
 

@@ -1,0 +1,112 @@
+"""The ``local`` backend: run the worker on this machine under real torchrun.
+
+K processes (CPU or the local GPUs) rendezvous through torchrun's standalone c10d
+store, exactly as the ranks of one PyTorchJob node do, so the local run exercises
+the same distributed code path as the cluster. K == 1 skips torchrun: a lone
+process needs no process group.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, Sequence
+
+# The project root, so the worker's processes import `worker` whatever the caller's cwd
+# (kfp.local and notebooks start components from wherever they happen to be).
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TAIL_LINES = 40
+
+
+class LocalRunError(RuntimeError):
+    """The worker exited non-zero (or ran out of time); carries its exit code and log tail."""
+
+    def __init__(self, returncode: int, tail: Sequence[str], *, timed_out: bool = False):
+        self.returncode = returncode
+        self.tail = list(tail)
+        self.timed_out = timed_out
+        what = "timed out and was killed" if timed_out else f"failed with exit code {returncode}"
+        super().__init__(f"the local worker {what}; last log lines:\n" + "\n".join(self.tail))
+
+
+def _print_line(line: str) -> None:
+    # Flush each line: under kfp.local or a KFP pod stdout is a pipe, and block
+    # buffering would hold the worker's progress back until it exits.
+    print(line, flush=True)
+
+
+def worker_command(worker_args: Sequence[str], nproc: int) -> list[str]:
+    """The command line that runs the worker with ``nproc`` local processes."""
+    if nproc < 1:
+        raise ValueError(f"nproc must be at least 1, got {nproc}")
+    if nproc == 1:
+        return [sys.executable, "-m", "worker", *worker_args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "worker", *worker_args]
+
+
+def _environment() -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env["PYTHONUNBUFFERED"] = "1"  # live logs from every rank, not at exit
+    return env
+
+
+def run_local(worker_args: Sequence[str], nproc: int, *, log: Callable[[str], None] = _print_line,
+              timeout_s: float | None = None) -> None:
+    """Run the worker locally and stream its output, line by line, into ``log``.
+
+    Args:
+        worker_args: The worker's command-line arguments (``WorkerConfig.to_args()``).
+        nproc: Processes to start; more than one runs under
+            ``torchrun --standalone --nproc_per_node=nproc``.
+        log: Called with every line the worker and torchrun print (stdout and stderr merged).
+        timeout_s: Kill the whole process tree after this many seconds; None waits forever.
+
+    Raises:
+        LocalRunError: The worker exited non-zero or timed out; the message carries the
+            exit code and the last lines of its log.
+    """
+    command = worker_command(worker_args, nproc)
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    log("$ " + " ".join(command))
+    # A session of its own, so a timeout or an interrupt can end torchrun and all its ranks at once.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1, env=_environment(), start_new_session=True)
+    timed_out = threading.Event()
+
+    def kill_tree() -> None:
+        timed_out.set()
+        _kill_group(proc)
+
+    timer = threading.Timer(timeout_s, kill_tree) if timeout_s else None
+    try:
+        if timer:
+            timer.start()
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            tail.append(line)
+            log(line)
+        returncode = proc.wait()
+    finally:
+        if timer:
+            timer.cancel()
+        if proc.poll() is None:  # interrupted while streaming: leave no orphaned ranks behind
+            _kill_group(proc)
+            proc.wait()
+    if returncode != 0 or timed_out.is_set():
+        raise LocalRunError(returncode, tail, timed_out=timed_out.is_set())
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

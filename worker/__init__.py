@@ -1,0 +1,1 @@
+"""The distributed batch-inference worker: ``python -m worker`` or ``torchrun -m worker``."""

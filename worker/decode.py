@@ -1,0 +1,289 @@
+"""Stage 3 — decode: bytes to a normalized pixel batch, following the model's image-processor config.
+
+Two decoders share one ``Preprocess`` spec:
+- ``CpuDecoder``: Pillow, numerically the same steps as the Hugging Face PIL image
+  processor (resize with its resample, rescale in float64, normalize in float32).
+- ``GpuDecoder``: nvjpeg batched decode, then one resize launch per distinct input
+  size and a fused normalize on the GPU. What nvjpeg can't read (PNG, WebP, CMYK,
+  progressive JPEGs...) goes through Pillow and is copied in.
+An image no decoder can read becomes an error, never a crash.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# Pillow's resample codes, as stored in preprocessor_config.json.
+_NEAREST, _LANCZOS, _BILINEAR, _BICUBIC = 0, 1, 2, 3
+_TORCH_MODE = {_NEAREST: "nearest", _BILINEAR: "bilinear", _BICUBIC: "bicubic", _LANCZOS: "bicubic"}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    height: int
+    width: int
+    shortest_edge: int | None
+    crop: tuple[int, int] | None
+    resample: int
+    rescale_factor: float | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Preprocess":
+        size = cfg.get("size") or {"height": 224, "width": 224}
+        if isinstance(size, int):
+            size = {"height": size, "width": size}
+        do_crop = cfg.get("do_center_crop", False)
+        crop = None
+        if do_crop:
+            crop_size = cfg.get("crop_size") or size
+            if isinstance(crop_size, int):
+                crop_size = {"height": crop_size, "width": crop_size}
+            crop = (int(crop_size["height"]), int(crop_size["width"]))
+        shortest = size.get("shortest_edge") if cfg.get("do_resize", True) else None
+        if cfg.get("do_resize", True) and shortest is None and "height" not in size:
+            raise ValueError(f"unsupported image-processor size {size!r}")
+        height = int(size.get("height", shortest or 0))
+        width = int(size.get("width", shortest or 0))
+        if crop is None and shortest is not None:
+            raise ValueError("a shortest_edge resize needs do_center_crop to give a fixed batch shape")
+        return cls(
+            height=height,
+            width=width,
+            shortest_edge=int(shortest) if shortest is not None else None,
+            crop=crop,
+            resample=int(cfg.get("resample", _BILINEAR)),
+            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else None,
+            mean=tuple(cfg.get("image_mean", (0.5, 0.5, 0.5))) if cfg.get("do_normalize", True) else None,
+            std=tuple(cfg.get("image_std", (0.5, 0.5, 0.5))) if cfg.get("do_normalize", True) else None,
+        )
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        return self.crop if self.crop else (self.height, self.width)
+
+    def resize_hw(self, in_h: int, in_w: int) -> tuple[int, int]:
+        if self.shortest_edge is None:
+            return self.height, self.width
+        short, long = (in_w, in_h) if in_w <= in_h else (in_h, in_w)
+        new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
+        return (new_long, new_short) if in_w <= in_h else (new_short, new_long)
+
+    def crop_box(self, h: int, w: int) -> tuple[int, int]:
+        ch, cw = self.crop
+        return (h - ch) // 2, (w - cw) // 2
+
+
+@dataclass
+class DecodedBatch:
+    """Pixels for the images that decoded; ``ok`` indexes them within the batch."""
+
+    pixels: torch.Tensor
+    ok: list[int]
+    errors: dict[int, str]
+
+
+def _to_rgb(img):
+    from PIL import Image
+
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Blend transparency onto white, as the Hugging Face processors do.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def pil_resized(data: bytes, pre: Preprocess) -> np.ndarray:
+    """Decode with Pillow and resize (and crop): uint8 HWC, or raise with a reason."""
+    from PIL import Image
+
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        rgb = _to_rgb(img)
+    h, w = pre.resize_hw(rgb.height, rgb.width)
+    rgb = rgb.resize((w, h), resample=pre.resample, reducing_gap=None)
+    arr = np.asarray(rgb)
+    if pre.crop:
+        top, left = pre.crop_box(h, w)
+        ch, cw = pre.crop
+        arr = arr[top:top + ch, left:left + cw]
+    return arr
+
+
+def normalize_numpy(batch_hwc: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """(N,H,W,3) uint8 -> (N,3,H,W) float32, with the HF processor's arithmetic."""
+    x = batch_hwc.astype(np.float64)
+    if pre.rescale_factor is not None:
+        x = x * pre.rescale_factor
+    x = x.astype(np.float32)
+    if pre.mean is not None:
+        x = (x - np.asarray(pre.mean, dtype=np.float32)) / np.asarray(pre.std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def _describe(exc: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "undecodable image: not a format Pillow recognises (corrupt or not an image)"
+    return f"undecodable image: {type(exc).__name__}: {exc}"
+
+
+class CpuDecoder:
+    """Pillow decode in a thread pool (Pillow releases the GIL while decoding and resizing)."""
+
+    def __init__(self, pre: Preprocess, pool: Executor):
+        self.pre = pre
+        self.pool = pool
+
+    def decode_arrays(self, payloads: Sequence[bytes]) -> tuple[list[int], list[np.ndarray], dict[int, str]]:
+        def one(data: bytes):
+            try:
+                return pil_resized(data, self.pre), None
+            except Exception as exc:  # noqa: BLE001 - any undecodable input is an error row
+                return None, _describe(exc)
+
+        ok, arrays, errors = [], [], {}
+        for i, (arr, err) in enumerate(self.pool.map(one, payloads)):
+            if err is None:
+                ok.append(i)
+                arrays.append(arr)
+            else:
+                errors[i] = err
+        return ok, arrays, errors
+
+    def __call__(self, payloads: Sequence[bytes]) -> DecodedBatch:
+        ok, arrays, errors = self.decode_arrays(payloads)
+        h, w = self.pre.output_hw
+        if arrays:
+            pixels = torch.from_numpy(normalize_numpy(np.stack(arrays), self.pre))
+        else:
+            pixels = torch.empty((0, 3, h, w), dtype=torch.float32)
+        return DecodedBatch(pixels, ok, errors)
+
+
+def nvjpeg_decodable(data: bytes) -> bool:
+    """Baseline/extended 3-channel JPEGs go to nvjpeg; progressive, grayscale and CMYK go to Pillow.
+
+    Reads only the marker headers up to the first SOF, so it costs microseconds.
+    """
+    if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return False
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if marker in (0xC0, 0xC1):  # baseline / extended sequential Huffman
+            return pos + 9 < n and data[pos + 9] == 3
+        if 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return False  # progressive, lossless or arithmetic coded
+        if marker == 0xDA:
+            return False
+        pos += 2 + length
+    return False
+
+
+class GpuDecoder:
+    """nvjpeg batched decode + batched resize + fused normalize, on its own CUDA stream."""
+
+    def __init__(self, pre: Preprocess, pool: Executor, device: torch.device, dtype=torch.bfloat16):
+        import torchvision  # noqa: F401 - fail early, with a clear error, when it is missing
+
+        self.pre = pre
+        self.cpu = CpuDecoder(pre, pool)
+        self.device = device
+        self.dtype = dtype
+        self.stream = torch.cuda.Stream(device=device)
+        mean = torch.tensor(pre.mean or (0.0, 0.0, 0.0), device=device).view(1, 3, 1, 1)
+        std = torch.tensor(pre.std or (1.0, 1.0, 1.0), device=device).view(1, 3, 1, 1)
+        scale = pre.rescale_factor or 1.0
+        # x*scale then (x-mean)/std folded into one multiply-add.
+        self.mul = (scale / std).float()
+        self.add = (-mean / std).float()
+        self.mode = _TORCH_MODE.get(pre.resample, "bilinear")
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+    def _nvjpeg(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError:
+            # One bad image fails the whole batched call: retry one by one to isolate it.
+            out: list[torch.Tensor | None] = []
+            for d in datas:
+                try:
+                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+    def _resize_group(self, images: list[torch.Tensor]) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        x = torch.stack(images).float()
+        h, w = self.pre.resize_hw(x.shape[-2], x.shape[-1])
+        x = F.interpolate(x, size=(h, w), mode=self.mode, antialias=self.mode != "nearest",
+                          align_corners=False if self.mode != "nearest" else None)
+        if self.pre.crop:
+            top, left = self.pre.crop_box(h, w)
+            ch, cw = self.pre.crop
+            x = x[:, :, top:top + ch, left:left + cw]
+        return x
+
+    def __call__(self, payloads: Sequence[bytes], out: torch.Tensor) -> DecodedBatch:
+        """Decode into ``out`` (a (B,3,H,W) buffer on the device); returns the rows that are valid."""
+        gpu_idx = [i for i, b in enumerate(payloads) if nvjpeg_decodable(b)]
+        gpu_set = set(gpu_idx)
+        cpu_idx = [i for i in range(len(payloads)) if i not in gpu_set]
+        errors: dict[int, str] = {}
+        with torch.cuda.stream(self.stream):
+            decoded = self._nvjpeg([torch.frombuffer(payloads[i], dtype=torch.uint8) for i in gpu_idx]) if gpu_idx else []
+            by_shape: dict[tuple[int, int], list[int]] = {}
+            for pos, img in enumerate(decoded):
+                if img is None:
+                    cpu_idx.append(gpu_idx[pos])
+                else:
+                    by_shape.setdefault(tuple(img.shape[-2:]), []).append(pos)
+            valid = [False] * len(payloads)
+            for positions in by_shape.values():
+                resized = self._resize_group([decoded[p] for p in positions])
+                rows = torch.tensor([gpu_idx[p] for p in positions], device=self.device)
+                out.index_copy_(0, rows, (resized * self.mul + self.add).to(self.dtype))
+                for p in positions:
+                    valid[gpu_idx[p]] = True
+            if cpu_idx:
+                cpu_idx.sort()
+                ok, arrays, errs = self.cpu.decode_arrays([payloads[i] for i in cpu_idx])
+                errors.update({cpu_idx[k]: reason for k, reason in errs.items()})
+                if arrays:
+                    host = torch.from_numpy(np.stack(arrays)).pin_memory()
+                    x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+                    rows = torch.tensor([cpu_idx[k] for k in ok], device=self.device)
+                    out.index_copy_(0, rows, (x * self.mul + self.add).to(self.dtype))
+                    for k in ok:
+                        valid[cpu_idx[k]] = True
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        batch = DecodedBatch(out, [i for i, v in enumerate(valid) if v], errors)
+        batch.ready = done  # the compute stream waits on this before reading ``out``
+        return batch

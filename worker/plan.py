@@ -1,0 +1,100 @@
+"""Stage 1 — plan: list the input once, keep images, sort, split into shards.
+
+The plan is the job's contract. It is listed once (rank 0), written to
+``OUTPUT/plan.jsonl`` and handed to every rank, so all ranks agree on the order.
+A rerun with the same OUTPUT reuses the plan already there, so shard boundaries
+never move under committed parts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from worker.config import IMAGE_EXTENSIONS, WorkerConfig
+from worker.storage import GCSStorage, ObjectInfo, is_gcs, join, open_storage
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.jsonl"
+# DataFlux composes temporary objects here; they are never inputs.
+DATAFLUX_COMPOSITES = "dataflux-composed-objects/"
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def is_image(uri: str) -> bool:
+    return uri.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_input(cfg: WorkerConfig) -> list[ObjectInfo]:
+    """Every image under the input, sorted by URI."""
+    storage = open_storage(cfg.input, project=cfg.project)
+    if isinstance(storage, GCSStorage):
+        listed = storage.fast_list(cfg.input, processes=cfg.list_processes)
+    else:
+        listed = list(storage.list(cfg.input))
+    output_prefix = cfg.output.rstrip("/") + "/"
+    images = [
+        o for o in listed
+        if is_image(o.uri) and DATAFLUX_COMPOSITES not in o.uri and not o.uri.startswith(output_prefix)
+    ]
+    images.sort(key=lambda o: o.uri)
+    if is_gcs(cfg.input) and not listed:
+        log.warning("no objects at all under %s (check the prefix)", cfg.input)
+    return images
+
+
+def encode_plan(objects: list[ObjectInfo]) -> bytes:
+    lines = []
+    for o in objects:
+        entry = {"uri": o.uri, "size": o.size}
+        if o.generation is not None:
+            entry["generation"] = o.generation
+        lines.append(json.dumps(entry, ensure_ascii=False))
+    return ("\n".join(lines) + "\n" if lines else "").encode("utf-8")
+
+
+def decode_plan(data: bytes) -> list[ObjectInfo]:
+    out = []
+    for line in data.decode("utf-8").splitlines():
+        if line.strip():
+            d = json.loads(line)
+            out.append(ObjectInfo(d["uri"], int(d["size"]), d.get("generation")))
+    return out
+
+
+def load_or_create_plan(cfg: WorkerConfig) -> list[ObjectInfo]:
+    """Reuse OUTPUT/plan.jsonl when present (resume), else list, write it atomically, and return it."""
+    plan_uri = join(cfg.output, PLAN_FILE)
+    out = open_storage(plan_uri, project=cfg.project)
+    if out.exists(plan_uri):
+        plan = decode_plan(out.read(plan_uri))
+        log.info("reusing the existing plan %s: %d images", plan_uri, len(plan))
+        return plan
+    plan = list_input(cfg)
+    if not out.write(plan_uri, encode_plan(plan), if_absent=True):
+        # Another job won the race to write the plan: theirs is the contract.
+        return decode_plan(out.read(plan_uri))
+    log.info("planned %d images from %s -> %s", len(plan), cfg.input, plan_uri)
+    return plan
+
+
+def make_shards(n_images: int, shard_size: int) -> list[Shard]:
+    """Fixed-size shards covering [0, n) exactly: no padding, no drops."""
+    return [Shard(i, start, min(start + shard_size, n_images))
+            for i, start in enumerate(range(0, n_images, shard_size))]
+
+
+def static_assignment(shards: list[Shard], rank: int, world_size: int) -> list[Shard]:
+    """Shard i goes to rank i mod world: deterministic, and balanced to within one shard."""
+    return shards[rank::world_size]

@@ -1,0 +1,250 @@
+"""The worker: plan -> read -> decode -> infer -> commit, one rank of a torchrun job."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from worker import dist
+from worker.commit import Committer, Progress, ShardResult, image_id
+from worker.config import WorkerConfig
+from worker.decode import CpuDecoder, DecodedBatch, GpuDecoder, Preprocess
+from worker.model import fetch_model_once_per_node, load_model, load_preprocessor_config
+from worker.plan import Shard, load_or_create_plan, make_shards, static_assignment
+from worker.read import Batch, batches, prefetch_map, read_batches
+from worker.storage import ReadError, open_storage
+
+log = logging.getLogger(__name__)
+
+# Fault injection for resume tests: SIGKILL this rank after it commits N shards.
+FAULT_KILL_AFTER_SHARDS = "WORKER_FAULT_KILL_AFTER_SHARDS"
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for, but no GPU is visible")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def default_decode_threads(local_world_size: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world_size))
+
+
+@dataclass
+class Prediction:
+    batch: Batch
+    decoded: DecodedBatch
+    scores: torch.Tensor
+    labels: torch.Tensor
+    ready: object  # a CUDA event, or None on CPU
+
+
+class Inference:
+    """Stage 4: the model under inference_mode; top-1 label and its softmax score."""
+
+    def __init__(self, model, device: torch.device):
+        self.model = model
+        self.device = device
+
+    @torch.inference_mode()
+    def __call__(self, decoded: DecodedBatch) -> tuple[torch.Tensor, torch.Tensor, object]:
+        if self.device.type == "cpu":
+            if not decoded.ok:
+                return torch.empty(0), torch.empty(0, dtype=torch.long), None
+            logits = self.model(pixel_values=decoded.pixels).logits
+            scores, labels = logits.float().softmax(-1).max(-1)
+            return scores, labels, None
+        torch.cuda.current_stream().wait_event(decoded.ready)
+        logits = self.model(pixel_values=decoded.pixels).logits
+        scores, labels = logits.float().softmax(-1).max(-1)
+        # Copy back without blocking; the commit stage waits on the event one batch later,
+        # so the GPU is already busy with the next batch while Python builds rows.
+        scores_host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+        labels_host = torch.empty(labels.shape, dtype=labels.dtype, pin_memory=True)
+        scores_host.copy_(scores, non_blocking=True)
+        labels_host.copy_(labels, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return scores_host, labels_host, ready
+
+
+class BufferRing:
+    """Fixed-shape device buffers for decoded batches, reused once the model has read them."""
+
+    def __init__(self, size: int, batch_size: int, hw: tuple[int, int], device: torch.device, dtype):
+        self.buffers = [torch.empty((batch_size, 3, *hw), device=device, dtype=dtype) for _ in range(size)]
+        self.consumed = [None] * size
+        self.next = 0
+
+    def acquire(self, stream) -> tuple[int, torch.Tensor]:
+        slot = self.next
+        self.next = (self.next + 1) % len(self.buffers)
+        if self.consumed[slot] is not None:
+            stream.wait_event(self.consumed[slot])  # a device-side wait: the host never blocks here
+        return slot, self.buffers[slot]
+
+    def release(self, slot: int) -> None:
+        event = torch.cuda.Event()
+        event.record()
+        self.consumed[slot] = event
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.started = time.monotonic()
+        self.topo = dist.init(self.device.type)
+
+    # Stage 1
+    def plan(self) -> tuple[list, list[Shard], set[int]]:
+        cfg = self.cfg
+        committer = Committer(cfg.output, cfg.project)
+        shared = None
+        if self.topo.rank == 0:
+            plan = load_or_create_plan(cfg)
+            shared = (plan, committer.committed_shards())
+        plan, committed = self.topo.broadcast(shared)
+        shards = make_shards(len(plan), cfg.shard_size)
+        if committed:
+            log.info("resuming: %d of %d shards are already committed", len(committed), len(shards))
+        return plan, shards, committed
+
+    def my_shards(self, shards: list[Shard], committed: set[int]) -> tuple[Iterator[Shard], int]:
+        """This rank's shards, and an estimate of its image count (exact for static assignment)."""
+        if self.cfg.assignment == "static":
+            mine = [s for s in static_assignment(shards, self.topo.rank, self.topo.world_size)
+                    if s.index not in committed]
+            return iter(mine), sum(len(s) for s in mine)
+        todo = sum(len(s) for s in shards if s.index not in committed)
+        claimed = (shards[i] for i in self.topo.claim_shards(len(shards)) if i not in committed)
+        return claimed, -(-todo // self.topo.world_size)
+
+    def run(self) -> dict:
+        cfg, topo = self.cfg, self.topo
+        plan, shards, committed = self.plan()
+        model_path = fetch_model_once_per_node(cfg.model, topo, cfg.model_cache, cfg.project)
+        model, label_names = load_model(model_path, self.device)
+        pre = Preprocess.from_config(load_preprocessor_config(model_path))
+        work, expected = self.my_shards(shards, committed)
+        setup_seconds = time.monotonic() - self.started
+
+        decode_threads = cfg.decode_threads or default_decode_threads(topo.local_world_size)
+        use_gpu_decode = self.device.type == "cuda" and cfg.decode in ("auto", "gpu")
+        if cfg.decode == "gpu" and self.device.type != "cuda":
+            raise RuntimeError("--decode gpu needs --device cuda")
+        committer = Committer(cfg.output, cfg.project)
+        progress = Progress(topo.rank, expected, cfg.log_interval)
+        infer = Inference(model, self.device)
+        kill_after = int(os.environ.get(FAULT_KILL_AFTER_SHARDS, "0"))
+        shards_done = 0
+
+        with ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="read") as read_pool, \
+                ThreadPoolExecutor(decode_threads, thread_name_prefix="pil") as pil_pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="decode") as decode_pool:
+            decode = self._decode_stage(pre, pil_pool, use_gpu_decode)
+            storage = open_storage(cfg.input, project=cfg.project, compose=cfg.compose)
+            read = read_batches(storage, batches(plan, work, cfg.batch_size), read_pool, cfg.prefetch_batches)
+            pending: collections.deque[Prediction] = collections.deque()
+            results: dict[int, ShardResult] = {}
+            # On GPU one batch stays in flight, so the host builds rows while the GPU computes.
+            in_flight = 1 if self.device.type == "cuda" else 0
+
+            for batch, decoded in prefetch_map(decode, read, decode_pool, depth=2):
+                scores, labels, ready = infer(decoded)
+                if self.device.type == "cuda":
+                    self.ring.release(decoded.slot)
+                pending.append(Prediction(batch, decoded, scores, labels, ready))
+                while len(pending) > in_flight:
+                    if self._collect(pending.popleft(), results, label_names, committer, progress):
+                        shards_done += 1
+                        if kill_after and shards_done >= kill_after:
+                            os.kill(os.getpid(), signal.SIGKILL)
+            while pending:
+                if self._collect(pending.popleft(), results, label_names, committer, progress):
+                    shards_done += 1
+
+        summary = {
+            "rank": topo.rank,
+            "world_size": topo.world_size,
+            "device": self.device.type,
+            "images": progress.done,
+            "errors": progress.errors,
+            "shards": shards_done,
+            "seconds": round(progress.seconds, 3),
+            "setup_seconds": round(setup_seconds, 3),
+            "images_per_second": round(progress.rate, 2),
+        }
+        committer.write_summary(topo.rank, summary)
+        log.info("%s — done: %d shards", progress.line(), shards_done)
+        return summary
+
+    def _decode_stage(self, pre: Preprocess, pil_pool, use_gpu: bool):
+        """Stage 3 as a function of a read batch; runs in its own thread, one batch ahead."""
+        cfg = self.cfg
+        if use_gpu:
+            gpu = GpuDecoder(pre, pil_pool, self.device)
+            self.ring = BufferRing(4, cfg.batch_size, pre.output_hw, self.device, torch.bfloat16)
+        else:
+            cpu = CpuDecoder(pre, pil_pool)
+
+        @torch.inference_mode()
+        def decode(batch: Batch) -> tuple[Batch, DecodedBatch]:
+            read_errors = {i: str(p) for i, p in enumerate(batch.payloads) if isinstance(p, ReadError)}
+            payloads = [b"" if isinstance(p, ReadError) else p for p in batch.payloads]
+            if use_gpu:
+                slot, buffer = self.ring.acquire(gpu.stream)
+                decoded = gpu(payloads, buffer)
+                decoded.slot = slot
+            else:
+                decoded = cpu(payloads)
+            decoded.errors.update(read_errors)
+            return batch, decoded
+
+        return decode
+
+    @staticmethod
+    def _collect(pred: Prediction, results: dict[int, ShardResult], label_names: list[str],
+                 committer: Committer, progress: Progress) -> bool:
+        """Turn one batch's predictions into rows; commit the shard at its last batch."""
+        if pred.ready is not None:
+            pred.ready.synchronize()
+        batch, decoded = pred.batch, pred.decoded
+        result = results.setdefault(batch.shard.index, ShardResult())
+        scores = pred.scores.tolist()
+        labels = pred.labels.tolist()
+        # CPU inference ran on the ok rows only; GPU inference ran on the whole fixed-shape buffer.
+        row_of = (lambda k, i: k) if pred.ready is None else (lambda k, i: i)
+        for k, i in enumerate(decoded.ok):
+            obj = batch.objects[i]
+            label = labels[row_of(k, i)]
+            result.rows.append((image_id(obj.uri), label_names[label], label,
+                                f"{scores[row_of(k, i)]:.6f}", obj.uri))
+        for i, reason in sorted(decoded.errors.items()):
+            result.errors.append((batch.objects[i].uri, reason))
+        progress.update(len(batch.objects), len(decoded.errors))
+        if not batch.last_in_shard:
+            return False
+        result.rows.sort(key=lambda r: r[4])
+        result.errors.sort()
+        committer.commit(batch.shard.index, results.pop(batch.shard.index))
+        return True
+
+
+def run(cfg: WorkerConfig) -> dict:
+    worker = Worker(cfg)
+    try:
+        return worker.run()
+    finally:
+        dist.shutdown(worker.topo)
