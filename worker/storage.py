@@ -138,9 +138,14 @@ class GCSStorage:
     # failed", so we know exactly which objects to re-read.
     COMPOSE_MAX_OBJECTS = 32
 
-    def __init__(self, project: str | None = None, compose: bool = True):
+    def __init__(self, project: str | None = None, compose: bool = True, retry_deadline: float = 300.0):
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
         self.project = project or default_project()
         self.compose = compose
+        # Transient errors (429, 5xx, resets) are retried with backoff up to this deadline;
+        # DataFlux's own default would keep retrying for over a day.
+        self.retry = DEFAULT_RETRY.with_deadline(retry_deadline)
         self._local = threading.local()
 
     @property
@@ -191,11 +196,10 @@ class GCSStorage:
 
     def read(self, uri: str) -> bytes:
         from google.api_core import exceptions
-        from google.cloud.storage.retry import DEFAULT_RETRY
 
         bucket_name, name = split_gcs(uri)
         try:
-            return self.client.bucket(bucket_name).blob(name).download_as_bytes(retry=DEFAULT_RETRY)
+            return self.client.bucket(bucket_name).blob(name).download_as_bytes(retry=self.retry)
         except exceptions.NotFound as exc:
             raise FileNotFoundError(f"object not found: {uri}") from exc
 
@@ -224,6 +228,7 @@ class GCSStorage:
                 storage_client=self.client,
                 dataflux_download_optimization_params=params,
                 threads=1,
+                retry_config=self.retry,
             )
         except Exception as exc:  # noqa: BLE001
             log.warning("DataFlux batch read of %d objects failed (%s); re-reading one by one", len(objects), exc)
@@ -248,7 +253,6 @@ class GCSStorage:
 
     def write(self, uri: str, data: bytes, *, if_absent: bool = False) -> bool:
         from google.api_core import exceptions
-        from google.cloud.storage.retry import DEFAULT_RETRY
 
         bucket_name, name = split_gcs(uri)
         blob = self.client.bucket(bucket_name).blob(name)
@@ -256,9 +260,9 @@ class GCSStorage:
             if if_absent:
                 # Generation precondition 0: created only if absent, so a retried
                 # upload is safe to retry and a second writer loses cleanly.
-                blob.upload_from_string(data, if_generation_match=0, retry=DEFAULT_RETRY)
+                blob.upload_from_string(data, if_generation_match=0, retry=self.retry)
             else:
-                blob.upload_from_string(data, retry=DEFAULT_RETRY)
+                blob.upload_from_string(data, retry=self.retry)
         except exceptions.PreconditionFailed:
             return False
         except exceptions.NotFound as exc:
