@@ -138,6 +138,8 @@ class Worker:
         model, label_names = load_model(model_path, self.device)
         pre = Preprocess.from_config(load_preprocessor_config(model_path))
         work, expected = self.my_shards(shards, committed)
+        if self.device.type == "cuda":
+            self._warm_up(model, pre)
         setup_seconds = time.monotonic() - self.started
 
         decode_threads = cfg.decode_threads or default_decode_threads(topo.local_world_size)
@@ -189,6 +191,14 @@ class Worker:
         committer.write_summary(topo.rank, summary)
         log.info("%s — done: %d shards", progress.line(), shards_done)
         return summary
+
+    @torch.inference_mode()
+    def _warm_up(self, model, pre: Preprocess) -> None:
+        """One forward at the working batch shape: kernel selection and allocator growth happen
+        here, not in the first timed batch (and an out-of-memory batch size fails fast)."""
+        dummy = torch.zeros((self.cfg.batch_size, 3, *pre.output_hw), device=self.device, dtype=torch.bfloat16)
+        model(pixel_values=dummy)
+        torch.cuda.synchronize(self.device)
 
     def _decode_stage(self, pre: Preprocess, pil_pool, use_gpu: bool):
         """Stage 3 as a function of a read batch; runs in its own thread, one batch ahead."""
