@@ -39,6 +39,7 @@ PROBLEMS_SHOWN = 100
 _READ_THREADS = 16
 # Only committed files count: the local backend's in-flight temp files start with '.'.
 _PART_FILE = re.compile(r"part-\d+\.csv")
+_SUMMARY_FILE = re.compile(r"rank-\d+\.json")
 _PART_DTYPES = {"image_id": str, "classification": str, "label_index": "int64", "score": "float64", "uri": str}
 _ERROR_DTYPES = {"uri": str, "reason": str}
 
@@ -125,8 +126,8 @@ def aggregate_results(results_uri: str, *, csv_path: str, parquet_path: str,
         raise FileNotFoundError(f"no plan at {plan_uri}: the worker has not run for these results") from exc
     planned = pd.Index(sorted({o.uri for o in decode_plan(plan_bytes)}), dtype=str)
 
-    part_uris = _committed_files(storage, join(results_uri, "parts"))
-    error_uris = _committed_files(storage, join(results_uri, "errors"))
+    part_uris = _list_named(storage, join(results_uri, "parts"), _PART_FILE)
+    error_uris = _list_named(storage, join(results_uri, "errors"), _PART_FILE)
     # Errors are written before their part, and the part is the commit point: an
     # error file without its part belongs to an attempt that never committed.
     committed = {u.rsplit("/", 1)[1] for u in part_uris}
@@ -162,14 +163,14 @@ def aggregate_results(results_uri: str, *, csv_path: str, parquet_path: str,
     return report
 
 
-def _committed_files(storage: Storage, folder: str) -> list[str]:
-    """The ``part-NNNNN.csv`` files directly in ``folder``, sorted; none if it is absent."""
+def _list_named(storage: Storage, folder: str, pattern: re.Pattern) -> list[str]:
+    """The files directly in ``folder`` whose name matches ``pattern``, sorted; none if it is absent."""
     prefix = folder.rstrip("/") + "/"
     try:
         listed = [o.uri for o in storage.list(prefix)]
     except FileNotFoundError:
         return []
-    return sorted(u for u in listed if _PART_FILE.fullmatch(u[len(prefix):]))
+    return sorted(u for u in listed if pattern.fullmatch(u[len(prefix):]))
 
 
 def _read_all(storage: Storage, uris: Sequence[str]) -> list[bytes]:
@@ -198,12 +199,7 @@ def _read_csvs(storage: Storage, uris: Sequence[str], dtypes: dict) -> pd.DataFr
 
 
 def _read_summaries(storage: Storage, folder: str) -> list[dict]:
-    prefix = folder.rstrip("/") + "/"
-    try:
-        uris = sorted(o.uri for o in storage.list(prefix)
-                      if re.fullmatch(r"rank-\d+\.json", o.uri[len(prefix):]))
-    except FileNotFoundError:
-        return []
+    uris = _list_named(storage, folder, _SUMMARY_FILE)
     return sorted((json.loads(data) for data in _read_all(storage, uris)), key=lambda s: s.get("rank", 0))
 
 

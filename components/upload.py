@@ -19,6 +19,7 @@ import stat
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -95,7 +96,8 @@ def upload_dataset(source: str, destination: str, *, workers: int = 16,
     Raises:
         FileNotFoundError: The source, or the destination or source bucket, does not exist.
         UnsafeArchiveError: A zip entry is absolute, contains ``..`` or is a symlink.
-        ValueError: The destination is not a gs:// URI.
+        ValueError: The destination is not a gs:// URI, or the source is not a zip archive.
+        OSError: The zip archive could not be downloaded.
         RuntimeError: Some transfers failed; the message names the first few.
     """
     if not is_gcs(destination):
@@ -118,6 +120,8 @@ def upload_dataset(source: str, destination: str, *, workers: int = 16,
             if is_url or (root.is_file() and zipfile.is_zipfile(root)):
                 tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="upload-dataset-")))
                 archive = download(source, tmp / "archive.zip") if is_url else root
+                if not zipfile.is_zipfile(archive):
+                    raise ValueError(f"not a zip archive: {source}")
                 root = tmp / "files"
                 extract_zip(archive, root)
                 if is_url:
@@ -139,16 +143,23 @@ def download(url: str, target: Path, *, timeout: float = 60.0) -> Path:
 
     Returns:
         ``target``.
+
+    Raises:
+        OSError: The server refused or could not be reached; the message names the URL.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(url, timeout=timeout) as resp, open(target, "wb") as out:
-        total = int(resp.headers.get("Content-Length") or 0)
-        progress = _Progress(f"downloading {url}", total_files=1, total_bytes=total)
-        while chunk := resp.read(_CHUNK):
-            out.write(chunk)
-            progress.add(0, len(chunk))
-        progress.add(1, 0)
-        progress.done()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(target, "wb") as out:
+            total = int(resp.headers.get("Content-Length") or 0)
+            progress = _Progress(f"downloading {url}", total_files=1, total_bytes=total)
+            while chunk := resp.read(_CHUNK):
+                out.write(chunk)
+                progress.add(0, len(chunk))
+            progress.add(1, 0)
+            progress.done()
+    except urllib.error.URLError as exc:
+        # urllib's own message ("HTTP Error 404: Not Found") does not say which URL.
+        raise OSError(f"cannot download {url}: {exc}") from exc
     return target
 
 

@@ -1,0 +1,1 @@
+"""Pipeline definitions, the local runner and the ``python -m pipelines`` CLI."""

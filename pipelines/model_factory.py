@@ -9,9 +9,11 @@ and its labels say so (``random_class_0`` ...): its classifications mean nothing
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
+from typing import Iterator
 
 DEFAULT_MODEL = "google/vit-base-patch16-224"
 RANDOM_LABEL = "random_class_{}"
@@ -31,7 +33,6 @@ def make_model(out: str | Path, *, tiny: bool = False, seed: int = 0) -> Path:
     """
     import torch
     from PIL import Image
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     out = Path(out)
     if tiny:
@@ -42,16 +43,36 @@ def make_model(out: str | Path, *, tiny: bool = False, seed: int = 0) -> Path:
         image_size, num_labels = 224, 1000
         arch = {}  # ViTConfig's defaults are ViT-B/16, the architecture of google/vit-base-patch16-224
     labels = {i: RANDOM_LABEL.format(i) for i in range(num_labels)}
-    config = ViTConfig(image_size=image_size, num_labels=num_labels, id2label=labels,
-                       label2id={v: k for k, v in labels.items()}, **arch)
     torch.manual_seed(seed)
-    ViTForImageClassification(config).eval().save_pretrained(out)
-    ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
-                      image_std=[0.5] * 3, resample=Image.Resampling.BILINEAR).save_pretrained(out)
+    with _quiet_transformers():
+        # Imported here: without torchvision, importing ViTImageProcessor itself logs a notice.
+        from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+        config = ViTConfig(image_size=image_size, num_labels=num_labels, id2label=labels,
+                           label2id={v: k for k, v in labels.items()}, **arch)
+        ViTForImageClassification(config).eval().save_pretrained(out)
+        ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
+                          image_std=[0.5] * 3, resample=Image.Resampling.BILINEAR).save_pretrained(out)
     (out / NOTE_FILE).write_text(
         f"Random weights with the architecture of {'a tiny ViT' if tiny else DEFAULT_MODEL}; "
         "its classifications are meaningless. Made by `python -m pipelines make-model`.\n")
     return out
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No progress bars or backend notices (e.g. "torchvision not installed") for a local save."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def cached_random_model(cache_root: str | Path | None = None) -> Path:

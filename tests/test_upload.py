@@ -121,6 +121,19 @@ def test_zip_with_parent_entry_is_rejected(gcs, http_root, private_tmp, tmp_path
     assert gcs.object_names(bucket) == []
 
 
+@pytest.mark.parametrize("path, error, message", [
+    ("not-a-zip.zip", ValueError, "not a zip archive: http://"),
+    ("absent.zip", OSError, "cannot download http://.*/absent.zip: HTTP Error 404"),
+])
+def test_bad_url_is_named(gcs, http_root, private_tmp, path, error, message):
+    served, url = http_root
+    (served / "not-a-zip.zip").write_text("<html>a login page</html>")
+    bucket = gcs.new_bucket()
+    with pytest.raises(error, match=message):
+        upload_dataset(f"{url}/{path}", f"gs://{bucket}/coco")
+    assert gcs.object_names(bucket) == [] and list(private_tmp.iterdir()) == []
+
+
 @pytest.mark.parametrize("name, why", [
     ("/etc/evil", "absolute"),
     ("C:/evil", "absolute"),

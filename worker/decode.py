@@ -87,11 +87,19 @@ class Preprocess:
 
 @dataclass
 class DecodedBatch:
-    """Pixels for the images that decoded; ``ok`` indexes them within the batch."""
+    """Pixels for the images that decoded; ``ok`` indexes them within the batch.
+
+    Pillow batches hold only the ok rows (row k is image ok[k]); GPU batches are a
+    fixed-shape buffer where row i is image i (``rows_aligned``), and ``ready`` is
+    the CUDA event the compute stream waits on before reading it.
+    """
 
     pixels: torch.Tensor
     ok: list[int]
     errors: dict[int, str]
+    rows_aligned: bool = False
+    ready: object = None
+    slot: int | None = None
 
 
 def _to_rgb(img):
@@ -284,6 +292,4 @@ class GpuDecoder:
                         valid[cpu_idx[k]] = True
             done = torch.cuda.Event()
             done.record(self.stream)
-        batch = DecodedBatch(out, [i for i, v in enumerate(valid) if v], errors)
-        batch.ready = done  # the compute stream waits on this before reading ``out``
-        return batch
+        return DecodedBatch(out, [i for i, v in enumerate(valid) if v], errors, rows_aligned=True, ready=done)

@@ -59,14 +59,18 @@ class Inference:
 
     @torch.inference_mode()
     def __call__(self, decoded: DecodedBatch) -> tuple[torch.Tensor, torch.Tensor, object]:
+        if not decoded.ok:
+            return torch.empty(0), torch.empty(0, dtype=torch.long), None
         if self.device.type == "cpu":
-            if not decoded.ok:
-                return torch.empty(0), torch.empty(0, dtype=torch.long), None
             logits = self.model(pixel_values=decoded.pixels).logits
             scores, labels = logits.float().softmax(-1).max(-1)
             return scores, labels, None
-        torch.cuda.current_stream().wait_event(decoded.ready)
-        logits = self.model(pixel_values=decoded.pixels).logits
+        if decoded.ready is not None:
+            torch.cuda.current_stream().wait_event(decoded.ready)
+        pixels = decoded.pixels
+        if pixels.device.type == "cpu":  # Pillow-decoded on a GPU run
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True).to(torch.bfloat16)
+        logits = self.model(pixel_values=pixels).logits
         scores, labels = logits.float().softmax(-1).max(-1)
         # Copy back without blocking; the commit stage waits on the event one batch later,
         # so the GPU is already busy with the next batch while Python builds rows.
@@ -165,7 +169,7 @@ class Worker:
 
             for batch, decoded in prefetch_map(decode, read, decode_pool, depth=2):
                 scores, labels, ready = infer(decoded)
-                if self.device.type == "cuda":
+                if decoded.slot is not None:
                     self.ring.release(decoded.slot)
                 pending.append(Prediction(batch, decoded, scores, labels, ready))
                 while len(pending) > in_flight:
@@ -205,7 +209,7 @@ class Worker:
         cfg = self.cfg
         if use_gpu:
             gpu = GpuDecoder(pre, pil_pool, self.device)
-            self.ring = BufferRing(4, cfg.batch_size, pre.output_hw, self.device, torch.bfloat16)
+            self.ring = BufferRing(6, cfg.batch_size, pre.output_hw, self.device, torch.bfloat16)
         else:
             cpu = CpuDecoder(pre, pil_pool)
 
@@ -234,13 +238,11 @@ class Worker:
         result = results.setdefault(batch.shard.index, ShardResult())
         scores = pred.scores.tolist()
         labels = pred.labels.tolist()
-        # CPU inference ran on the ok rows only; GPU inference ran on the whole fixed-shape buffer.
-        row_of = (lambda k, i: k) if pred.ready is None else (lambda k, i: i)
         for k, i in enumerate(decoded.ok):
+            row = i if decoded.rows_aligned else k
             obj = batch.objects[i]
-            label = labels[row_of(k, i)]
-            result.rows.append((image_id(obj.uri), label_names[label], label,
-                                f"{scores[row_of(k, i)]:.6f}", obj.uri))
+            result.rows.append((image_id(obj.uri), label_names[labels[row]], labels[row],
+                                f"{scores[row]:.6f}", obj.uri))
         for i, reason in sorted(decoded.errors.items()):
             result.errors.append((batch.objects[i].uri, reason))
         progress.update(len(batch.objects), len(decoded.errors))
