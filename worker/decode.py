@@ -213,9 +213,12 @@ def nvjpeg_decodable(data: bytes) -> bool:
 class GpuDecoder:
     """nvjpeg batched decode + batched resize + fused normalize, on its own CUDA stream."""
 
-    def __init__(self, pre: Preprocess, pool: Executor, device: torch.device, dtype=torch.bfloat16):
-        import torchvision  # noqa: F401 - fail early, with a clear error, when it is missing
+    def __init__(self, pre: Preprocess, pool: Executor, device: torch.device, dtype=torch.bfloat16,
+                 use_nvjpeg: bool = True):
+        if use_nvjpeg:
+            import torchvision  # noqa: F401 - fail early, with a clear error, when it is missing
 
+        self.use_nvjpeg = use_nvjpeg
         self.pre = pre
         self.cpu = CpuDecoder(pre, pool)
         self.device = device
@@ -260,7 +263,7 @@ class GpuDecoder:
 
     def __call__(self, payloads: Sequence[bytes], out: torch.Tensor) -> DecodedBatch:
         """Decode into ``out`` (a (B,3,H,W) buffer on the device); returns the rows that are valid."""
-        gpu_idx = [i for i, b in enumerate(payloads) if nvjpeg_decodable(b)]
+        gpu_idx = [i for i, b in enumerate(payloads) if self.use_nvjpeg and nvjpeg_decodable(b)]
         gpu_set = set(gpu_idx)
         cpu_idx = [i for i in range(len(payloads)) if i not in gpu_set]
         errors: dict[int, str] = {}
