@@ -134,7 +134,7 @@ def aggregate_results(results_uri: str, *, csv_path: str, parquet_path: str,
     orphans = [u for u in error_uris if u.rsplit("/", 1)[1] not in committed]
     if orphans:
         log.warning("ignoring %d error files of uncommitted shards, e.g. %s", len(orphans), orphans[0])
-    error_uris = [u for u in error_uris if u not in orphans]
+        error_uris = [u for u in error_uris if u.rsplit("/", 1)[1] in committed]
 
     parts = _read_csvs(storage, part_uris, _PART_DTYPES)
     errors = _read_csvs(storage, error_uris, _ERROR_DTYPES)

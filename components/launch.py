@@ -1,0 +1,174 @@
+"""launch: run the worker over a run's images, on this machine or as a PyTorchJob on GKE.
+
+This is the logic behind the ``launch_inference`` KFP component and the
+``python -m pipelines render-job`` dry run; it knows nothing about KFP. A
+``LaunchRequest`` holds the run's parameters exactly as the pipeline passes them
+(strings and numbers, with "" and 0 meaning "not set"), and turns them into the
+worker's arguments and, for the ``kubernetes`` backend, the PyTorchJob config.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from dataclasses import dataclass
+from typing import Callable
+
+from components.pytorchjob import PyTorchJobConfig, build_pytorchjob, default_network_interfaces, job_name_for
+from worker.config import WorkerConfig
+from worker.storage import is_gcs, join
+
+LOCAL = "local"
+KUBERNETES = "kubernetes"
+BACKENDS = (LOCAL, KUBERNETES)
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """One run's launch parameters.
+
+    The fields other than ``images_uri`` and ``run_id`` are the ``batch_inference``
+    pipeline's parameters of the same names; its docstring describes them.
+    """
+
+    images_uri: str
+    run_id: str
+    results_root: str
+    results_prefix: str
+    model: str
+    backend: str
+    batch_size: int
+    shard_size: int
+    device: str
+    extra_worker_args: str
+    local_nproc: int
+    nodes: int
+    gpus_per_node: int
+    namespace: str
+    queue: str
+    priority_class: str
+    accelerator: str
+    max_run_duration_seconds: int
+    timeout_seconds: int
+    rdma: bool
+    rdma_networks: str
+    image: str
+    service_account: str
+    gke_project: str
+    gke_location: str
+    gke_cluster: str
+
+    @property
+    def results_uri(self) -> str:
+        """Where this run's results go: the explicit prefix, else ``<results_root>/<run_id>``.
+
+        An explicit prefix that already holds a plan makes the worker resume it.
+        """
+        if self.results_prefix:
+            return self.results_prefix.rstrip("/")
+        return join(self.results_root, self.run_id)
+
+    @property
+    def gke(self) -> tuple[str, str, str] | None:
+        """(project, location, cluster) when the job goes to a GKE cluster from outside it."""
+        given = (self.gke_project, self.gke_location, self.gke_cluster)
+        return given if all(given) else None
+
+    def validate(self) -> None:
+        """Reject a request that could only fail later, with a message naming the parameter.
+
+        Raises:
+            ValueError: The first problem found.
+        """
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if not self.images_uri:
+            raise ValueError("images_uri is empty: set it to the prefix that holds the images")
+        if not self.results_prefix and not (self.results_root and self.run_id):
+            raise ValueError("results_root is empty: set it (or results_prefix) to where results go")
+        if self.local_nproc < 1:
+            raise ValueError(f"local_nproc must be at least 1, got {self.local_nproc}")
+        if self.backend == KUBERNETES:
+            # The job's pods share no filesystem with the launcher: everything they read or write is in GCS.
+            for name, uri in (("images_uri", self.images_uri), ("results", self.results_uri)):
+                if not is_gcs(uri):
+                    raise ValueError(f"{name} must be a gs:// prefix for the kubernetes backend, got {uri!r}")
+            if any((self.gke_project, self.gke_location, self.gke_cluster)) and not self.gke:
+                raise ValueError("gke_project, gke_location and gke_cluster go together: set all three "
+                                 "(a launcher outside the cluster) or none (in-cluster credentials)")
+        self.worker_args()  # WorkerConfig checks batch size, shard size and device
+
+    def worker_args(self) -> list[str]:
+        """The ``python -m worker`` arguments of this run."""
+        cfg = WorkerConfig(input=self.images_uri, output=self.results_uri, model=self.model,
+                           batch_size=self.batch_size, shard_size=self.shard_size, device=self.device)
+        # Extra flags go last: argparse keeps the last value, so they can override anything above.
+        return cfg.to_args() + shlex.split(self.extra_worker_args)
+
+    def job_config(self) -> PyTorchJobConfig:
+        """The PyTorchJob config of this run."""
+        networks = [n.strip() for n in self.rdma_networks.split(",") if n.strip()]
+        interfaces = (tuple((f"eth{i}", n) for i, n in enumerate(networks)) if networks
+                      else default_network_interfaces())
+        return PyTorchJobConfig(
+            name=job_name_for(self.run_id, self.results_uri),
+            image=self.image,
+            worker_args=self.worker_args(),
+            namespace=self.namespace,
+            nodes=self.nodes,
+            gpus_per_node=self.gpus_per_node,
+            queue=self.queue or None,
+            priority_class=self.priority_class or None,
+            accelerator=self.accelerator,
+            max_run_duration_seconds=self.max_run_duration_seconds or None,
+            rdma=self.rdma,
+            network_interfaces=interfaces,
+            service_account=self.service_account or None,
+            results_uri=self.results_uri,
+        )
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    backend: str
+    results_uri: str
+    job_name: str  # "" for the local backend
+    nodes: int
+    world_size: int
+
+
+def launch(req: LaunchRequest, *, log: Callable[[str], None] | None = None, api=None) -> LaunchResult:
+    """Run the worker for ``req`` and wait until every image has a result or an error row.
+
+    Args:
+        req: The run's parameters; validated first.
+        log: Receives progress lines (the worker's output locally, the job's events and
+            logs on Kubernetes); default: print them.
+        api: The Kubernetes API seam (``components.k8s_api.KubernetesApi``) for the kubernetes
+            backend; default: from ``gke_*`` when set, else the pod's service account.
+
+    Returns:
+        Where the results are and what ran.
+
+    Raises:
+        ValueError: The request is invalid.
+        components.local_launcher.LocalRunError: The local worker failed.
+        components.k8s_launcher.LauncherError: The job failed, was rejected or timed out.
+    """
+    req.validate()
+    if req.backend == LOCAL:
+        from components.local_launcher import run_local
+
+        run_local(req.worker_args(), req.local_nproc, log=log, timeout_s=req.timeout_seconds or None)
+        return LaunchResult(LOCAL, req.results_uri, "", 1, req.local_nproc)
+
+    # Imported here: the local backend (and kfp.local) never needs the Kubernetes client.
+    from components.k8s_api import KubernetesApi
+    from components.k8s_launcher import run_pytorchjob
+
+    cfg = req.job_config()
+    if api is None:
+        api = KubernetesApi.from_gke(*req.gke) if req.gke else KubernetesApi.from_in_cluster()
+    outcome = run_pytorchjob(api, build_pytorchjob(cfg), timeout_s=req.timeout_seconds or math.inf, log=log)
+    # An adopted job (a retry of this run found its job still running) keeps its own name.
+    return LaunchResult(KUBERNETES, req.results_uri, outcome.name, cfg.nodes, cfg.nodes * cfg.gpus_per_node)

@@ -1,0 +1,196 @@
+"""The batch_inference pipeline: upload -> launch -> aggregate, in two flavours.
+
+One factory builds both flavours so they cannot drift apart:
+
+* **Kubeflow** (``batch_inference``): the launcher's pod gets kfp-kubernetes settings,
+  which compile into a second YAML document (``platforms:``).
+* **Vertex** (``batch_inference_vertex``): no kfp-kubernetes at all, because Vertex AI
+  Pipelines loads templates with a single-document YAML loader. Its launcher runs
+  outside the cluster and reaches GKE through ``gke_project/gke_location/gke_cluster``.
+
+The launcher pod's Kubernetes service account cannot be set from the pipeline:
+kfp-kubernetes 2.17 has no such setting. On Kubeflow a run's pods use the service
+account the run was submitted with (``kfp.Client().create_run_from_pipeline_package(...,
+service_account=...)``, by default the profile's ``default-editor``/``pipeline-runner``);
+that account needs the RBAC in ``cluster/`` to create and watch PyTorchJobs.
+"""
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+from kfp import dsl, kubernetes
+from kfp.dsl import HTML, Dataset, Metrics
+
+from components.kfp_components import IMAGE, aggregate_results, launch_inference, upload_dataset
+from pipelines.model_factory import DEFAULT_MODEL
+
+PIPELINE_NAME = "batch-inference"
+KUBEFLOW = "kubeflow"
+VERTEX = "vertex"
+FLAVOURS = (KUBEFLOW, VERTEX)
+
+
+class Outputs(NamedTuple):
+    results: Dataset
+    results_csv: Dataset
+    results_parquet: Dataset
+    metrics: Metrics
+    report: HTML
+
+
+def _kubeflow_pod_settings(task: dsl.PipelineTask, role: str) -> None:
+    """kfp-kubernetes settings of each task's pod (Kubeflow flavour only)."""
+    # Labels make the run's pods easy to find: kubectl logs -l app.kubernetes.io/component=launch
+    kubernetes.add_pod_label(task, "app.kubernetes.io/name", PIPELINE_NAME)
+    kubernetes.add_pod_label(task, "app.kubernetes.io/component", role)
+    if role == "launch":
+        # The launcher waits up to timeout_seconds for DWS capacity and the job; an autoscaler
+        # compacting CPU nodes must not evict it mid-wait, which would fail the run.
+        kubernetes.add_pod_annotation(task, "cluster-autoscaler.kubernetes.io/safe-to-evict", "false")
+
+
+def make_pipeline(flavour: str) -> Callable:
+    """Build the batch_inference pipeline for one flavour (``kubeflow`` or ``vertex``)."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour must be one of {', '.join(FLAVOURS)}, got {flavour!r}")
+
+    @dsl.pipeline(name=PIPELINE_NAME)
+    def batch_inference(
+        source: str = "",
+        images_uri: str = "",
+        results_root: str = "",
+        results_prefix: str = "",
+        upload_workers: int = 16,
+        model: str = DEFAULT_MODEL,
+        backend: str = "kubernetes",
+        batch_size: int = 256,
+        shard_size: int = 1024,
+        device: str = "auto",
+        extra_worker_args: str = "",
+        local_nproc: int = 1,
+        nodes: int = 2,
+        gpus_per_node: int = 8,
+        namespace: str = "batch-inference",
+        queue: str = "dws-local-queue",
+        priority_class: str = "",
+        accelerator: str = "nvidia-h200-141gb",
+        max_run_duration_seconds: int = 7200,
+        timeout_seconds: int = 86400,
+        rdma: bool = True,
+        rdma_networks: str = "",
+        image: str = IMAGE,
+        service_account: str = "batch-inference-worker",
+        gke_project: str = "",
+        gke_location: str = "",
+        gke_cluster: str = "",
+    ) -> Outputs:
+        """Classify every image under a GCS prefix with a Hugging Face model, exactly once.
+
+        Args:
+            source: Where the images come from, copied to images_uri first: a local directory,
+                an http(s) URL of a zip (e.g. http://images.cocodataset.org/zips/val2017.zip) or a
+                gs:// prefix. Empty: the images are already at images_uri and the upload is skipped.
+            images_uri: The gs:// prefix that holds the images (the upload's destination). Required.
+            results_root: gs:// prefix under which each run writes its results to <results_root>/<run id>/.
+                Required unless results_prefix is set.
+            results_prefix: Exact results prefix for this run, instead of <results_root>/<run id>.
+                A prefix that already holds a run's plan resumes that run. Empty: a new prefix per run.
+            upload_workers: Parallel transfers of the upload.
+            model: Hugging Face hub id, or a gs:// or local directory holding a save_pretrained()
+                image-classification model and its preprocessor_config.json.
+            backend: Where the worker runs: kubernetes (a PyTorchJob on GKE) or local (torchrun
+                inside the launcher's own container).
+            batch_size: Images per forward pass on each GPU.
+            shard_size: Images per shard, the unit of work assignment, commit and resume.
+            device: auto (cuda when a GPU is visible, else cpu), cpu or cuda.
+            extra_worker_args: More `python -m worker` flags, space-separated, e.g.
+                '--assignment dynamic --read-threads 16'. They override the parameters above.
+            local_nproc: Worker processes for the local backend (torchrun --nproc_per_node).
+            nodes: Nodes (pods) of the PyTorchJob: one Master plus nodes-1 Workers.
+            gpus_per_node: GPUs per node; also torchrun's processes per node.
+            namespace: Kubernetes namespace of the PyTorchJob and its Kueue LocalQueue.
+            queue: Kueue LocalQueue of the job (DWS flex-start). Empty: submit without Kueue.
+            priority_class: Kueue WorkloadPriorityClass of the job. Empty: none.
+            accelerator: GPU type, the node label cloud.google.com/gke-accelerator.
+            max_run_duration_seconds: DWS maxRunDurationSeconds: how long the provisioned nodes
+                may run (at most 7 days). 0: not set.
+            timeout_seconds: How long the launcher waits for the run, queueing for DWS capacity
+                included, before it deletes the job and fails. 0: wait forever.
+            rdma: Use the A3 Ultra RDMA NICs and the gIB NCCL plugin.
+            rdma_networks: Comma-separated GKE network names for eth0, eth1, ... when rdma is on.
+                Empty: default, gvnic-1, rdma-0 ... rdma-7.
+            image: Container image of the PyTorchJob's pods (the project's image).
+            service_account: Kubernetes service account of the PyTorchJob's pods (Workload Identity
+                for GCS). Empty: the namespace's default.
+            gke_project: GCP project of the GKE cluster, for a launcher outside the cluster (Vertex).
+                Empty with gke_location and gke_cluster: in-cluster credentials.
+            gke_location: Region or zone of the GKE cluster (with gke_project).
+            gke_cluster: Name of the GKE cluster (with gke_project).
+        """
+        # Always one upload task, which copies nothing when source is empty. A dsl.If/Else with
+        # an importer and dsl.OneOf would skip the pod too, but kfp.local 2.17 cannot resolve an
+        # artifact OneOf, and the local run must execute this very graph.
+        upload = upload_dataset(source=source, destination=images_uri, workers=upload_workers)
+        launch = launch_inference(
+            images=upload.outputs["dataset"],
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, results_root=results_root,
+            results_prefix=results_prefix, model=model, backend=backend, batch_size=batch_size,
+            shard_size=shard_size, device=device, extra_worker_args=extra_worker_args,
+            local_nproc=local_nproc, nodes=nodes, gpus_per_node=gpus_per_node, namespace=namespace,
+            queue=queue, priority_class=priority_class, accelerator=accelerator,
+            max_run_duration_seconds=max_run_duration_seconds, timeout_seconds=timeout_seconds,
+            rdma=rdma, rdma_networks=rdma_networks, image=image, service_account=service_account,
+            gke_project=gke_project, gke_location=gke_location, gke_cluster=gke_cluster)
+        aggregate = aggregate_results(results=launch.outputs["results"])
+        for task, role in ((upload, "upload"), (launch, "launch"), (aggregate, "aggregate")):
+            task.set_display_name(role)
+            # Never cached: each task reads or writes GCS state that its inputs do not capture
+            # (a rerun with the same results_prefix must resume the work and aggregate afresh).
+            task.set_caching_options(False)
+            if flavour == KUBEFLOW:
+                _kubeflow_pod_settings(task, role)
+        return Outputs(results=launch.outputs["results"], results_csv=aggregate.outputs["results_csv"],
+                       results_parquet=aggregate.outputs["results_parquet"],
+                       metrics=aggregate.outputs["metrics"], report=aggregate.outputs["report"])
+
+    return batch_inference
+
+
+batch_inference = make_pipeline(KUBEFLOW)
+batch_inference_vertex = make_pipeline(VERTEX)
+PIPELINES = {KUBEFLOW: batch_inference, VERTEX: batch_inference_vertex}
+
+
+def launch_inputs() -> dict:
+    """The pipeline's parameters that the launch step takes, as kfp ``InputSpec``s.
+
+    They are ``LaunchRequest``'s fields except ``run_id`` (KFP fills it in), with the
+    pipeline's defaults and descriptions, so dry runs and tests need not repeat them.
+    """
+    from components.launch import LaunchRequest
+
+    names = {f.name for f in dataclasses.fields(LaunchRequest)}
+    return {name: spec for name, spec in batch_inference.component_spec.inputs.items() if name in names}
+
+
+def compiled_filename(flavour: str) -> str:
+    return f"batch_inference_{flavour}.yaml"
+
+
+def compile_pipelines(out_dir: str | Path) -> list[Path]:
+    """Compile both flavours into ``out_dir`` (``batch_inference_{kubeflow,vertex}.yaml``).
+
+    Returns:
+        The files written.
+    """
+    from kfp import compiler
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for flavour, pipeline in PIPELINES.items():
+        path = out / compiled_filename(flavour)
+        compiler.Compiler().compile(pipeline, str(path))
+        written.append(path)
+    return written
