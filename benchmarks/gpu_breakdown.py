@@ -84,6 +84,24 @@ def main() -> None:
             for i in range(0, len(payloads), B):
                 gpu(payloads[i:i + B], out)
         print(f"GpuDecoder (nvjpeg+resize+normalize): {timed(full_decode, len(payloads)):,.0f} img/s")
+        gpu_half = GpuDecoder(pre, pool, dev, resize_dtype=torch.float16)
+
+        def half_decode():
+            for i in range(0, len(payloads), B):
+                gpu_half(payloads[i:i + B], out)
+        half_decode()
+        print(f"GpuDecoder, fp16 resize: {timed(half_decode, len(payloads)):,.0f} img/s")
+        outs = [torch.empty_like(out) for _ in range(4)]
+
+        def threaded_decode(workers):
+            def run():
+                with ThreadPoolExecutor(workers) as ex:
+                    list(ex.map(lambda i: (torch.inference_mode().__enter__(), gpu(payloads[i:i + B], outs[(i // B) % 4]),
+                                           torch.cuda.current_stream().synchronize()),
+                                range(0, len(payloads), B)))
+            return run
+        for w in (2, 4):
+            print(f"GpuDecoder, {w} threads: {timed(threaded_decode(w), len(payloads)):,.0f} img/s")
         t0 = time.perf_counter()
         n_checked = sum(1 for b in payloads if __import__("worker.decode").decode.nvjpeg_decodable(b))
         print(f"header check: {len(payloads) / (time.perf_counter() - t0):,.0f} img/s ({n_checked} nvjpeg-able)")

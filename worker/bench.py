@@ -74,6 +74,45 @@ def make_vit_base(path: Path, num_labels: int = 1000) -> Path:
     return path
 
 
+@torch.inference_mode()
+def align_head_with_features(model_dir: Path, paths: list[Path], device: torch.device, n: int = 1024) -> dict:
+    """Give the random model a head that discriminates, like a trained one's.
+
+    A random ViT maps every image to nearly the same feature vector, so its logits are
+    near-ties (median top-1 probability ~0.005 over 1000 classes) and any rounding flips
+    the argmax; a label-agreement figure on it would measure coin flips. Pointing each
+    class row at a random mix of the features' principal directions (centred, so the
+    common component is ignored) gives margins like a trained classifier's. The backbone
+    and every timing are unchanged.
+    """
+    from transformers import AutoModelForImageClassification
+
+    from worker.decode import CpuDecoder, Preprocess
+    from worker.model import load_preprocessor_config
+
+    pre = Preprocess.from_config(load_preprocessor_config(str(model_dir)))
+    model = AutoModelForImageClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval().to(device)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        pixels = CpuDecoder(pre, pool)([p.read_bytes() for p in paths[:n]]).pixels.to(device)
+    feats = torch.cat([model.vit(pixel_values=pixels[i:i + 128]).last_hidden_state[:, 0]
+                       for i in range(0, len(pixels), 128)])
+    mean = feats.mean(0)
+    _, sv, vt = torch.linalg.svd(feats - mean, full_matrices=False)
+    k = min(64, vt.shape[0])
+    # Whitened principal components have unit variance; a random N(0, 4/sqrt(k)) mix of them
+    # gives logits of std ~4, about what a trained ImageNet head produces.
+    whiten = vt[:k] * ((len(feats) - 1) ** 0.5 / sv[:k]).unsqueeze(1)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    mix = torch.randn(model.config.num_labels, k, generator=gen).to(device) * (4.0 / k ** 0.5)
+    weight = mix @ whiten
+    model.classifier.weight.copy_(weight)
+    model.classifier.bias.copy_(-(weight @ mean))
+    model.save_pretrained(model_dir)
+    probs = model.classifier(feats).softmax(-1).topk(2, dim=-1).values
+    return {"median_top1_prob": probs[:, 0].median().item(),
+            "median_margin": (probs[:, 0] - probs[:, 1]).median().item()}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -188,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = work / "vit-base-patch16-224-random"
     if not (model_dir / "config.json").exists():
         make_vit_base(model_dir)
+        head = align_head_with_features(model_dir, paths, device)
+        (model_dir / "head.json").write_text(json.dumps(head))
+    head = json.loads((model_dir / "head.json").read_text())
 
     figures: dict[str, float | str] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
                                        else "cpu", "images": len(paths), "batch_size": args.batch_size}
@@ -227,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("peak GPU memory, GiB", f"{figures['peak_gpu_memory_gib']:.2f}"))
     rows.append(("every image exactly once", figures["exactly_once"]))
     rows.append(("labels agree with fp32 reference", f"{100 * figures['label_agreement_vs_fp32']:.2f} %"))
+    rows.append(("reference median top-1 prob / margin",
+                 f"{head['median_top1_prob']:.3f} / {head['median_margin']:.3f}"))
     width = max(len(r[0]) for r in rows)
     print("\n| what | figure |\n|---|---|")
     for name, value in rows:

@@ -22,11 +22,13 @@ class WorkerConfig:
     decode: str = "auto"
     read_threads: int = 8
     decode_threads: int = 0
+    decode_workers: int = 2
     prefetch_batches: int = 8
     list_processes: int = 8
     compose: bool = True
     project: str | None = None
     log_interval: float = 10.0
+    incremental: bool = False
     model_cache: str = field(default_factory=lambda: os.environ.get(
         "BATCH_INFERENCE_MODEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "batch-inference", "models")))
 
@@ -46,6 +48,8 @@ class WorkerConfig:
             raise ValueError("--assignment must be static or dynamic")
         if self.decode not in ("auto", "cpu", "gpu"):
             raise ValueError("--decode must be auto, cpu or gpu")
+        if self.incremental and not self.input.startswith("gs://"):
+            raise ValueError("--incremental needs a gs:// --input: changes are found by GCS object generation")
 
     def to_args(self) -> list[str]:
         """The command-line arguments that rebuild this config (used by the launchers)."""
@@ -80,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gs://bucket/prefix or a local directory holding the images "
                         f"({', '.join(IMAGE_EXTENSIONS)}); other files are ignored")
     p.add_argument("--output", required=True,
-                   help="gs://bucket/prefix or a local directory for plan.jsonl, parts/, errors/ and summary/; "
-                        "nothing is written anywhere else")
+                   help="gs://bucket/prefix or a local directory for run.json, plan.jsonl, parts/, errors/ "
+                        "and summary/ (and inventory.jsonl with --incremental); nothing is written anywhere else")
     p.add_argument("--model", required=True,
                    help="a Hugging Face hub id, a local directory, or a gs:// directory holding a "
                         "save_pretrained() image-classification model and its preprocessor_config.json")
@@ -99,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-threads", type=int, default=8, help="background threads reading bytes ahead of compute")
     p.add_argument("--decode-threads", type=int, default=0,
                    help="threads for Pillow decode (0: one per CPU core available to this rank)")
+    p.add_argument("--decode-workers", type=int, default=2,
+                   help="batches decoded concurrently on GPU runs, each thread on its own high-priority CUDA stream")
     p.add_argument("--prefetch-batches", type=int, default=8, help="batches read ahead of the GPU")
     p.add_argument("--list-processes", type=int, default=8, help="processes for DataFlux's parallel GCS listing")
     p.add_argument("--compose", action=argparse.BooleanOptionalAction, default=True,
@@ -107,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-compose reads objects one by one and never writes to the input bucket")
     p.add_argument("--project", default=None, help="GCP project for GCS clients (default: from the environment)")
     p.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument("--incremental", action=argparse.BooleanOptionalAction, default=False,
+                   help="classify only images that are new or changed (by GCS generation) since the latest "
+                        "complete run among OUTPUT's sibling folders with the same input and model; the "
+                        "aggregate carries that run's rows over for the rest (needs a gs:// input)")
     return p
 
 

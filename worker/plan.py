@@ -3,7 +3,9 @@
 The plan is the job's contract. It is listed once (rank 0), written to
 ``OUTPUT/plan.jsonl`` and handed to every rank, so all ranks agree on the order.
 A rerun with the same OUTPUT reuses the plan already there, so shard boundaries
-never move under committed parts.
+never move under committed parts. ``OUTPUT/run.json``, written just before the plan,
+records what the plan was made from (input, model, and for ``--incremental`` runs the
+base run the plan is the difference to: see ``worker.incremental``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from worker.storage import GCSStorage, ObjectInfo, is_gcs, join, open_storage
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.jsonl"
+RUN_FILE = "run.json"
 # DataFlux composes temporary objects here; they are never inputs.
 DATAFLUX_COMPOSITES = "dataflux-composed-objects/"
 
@@ -37,9 +40,9 @@ def is_image(uri: str) -> bool:
 
 
 def list_input(cfg: WorkerConfig) -> list[ObjectInfo]:
-    """Every image under the input, sorted by URI."""
+    """Every image under the input, sorted by URI (with GCS generations for incremental runs)."""
     storage = open_storage(cfg.input, project=cfg.project)
-    if isinstance(storage, GCSStorage):
+    if isinstance(storage, GCSStorage) and not cfg.incremental:
         listed = storage.fast_list(cfg.input, processes=cfg.list_processes)
     else:
         listed = list(storage.list(cfg.input))
@@ -81,7 +84,16 @@ def load_or_create_plan(cfg: WorkerConfig) -> list[ObjectInfo]:
         plan = decode_plan(out.read(plan_uri))
         log.info("reusing the existing plan %s: %d images", plan_uri, len(plan))
         return plan
-    plan = list_input(cfg)
+    if cfg.incremental:
+        from worker.incremental import plan_incremental
+
+        plan, info = plan_incremental(cfg)
+    else:
+        plan = list_input(cfg)
+        info = {"input": cfg.input, "model": cfg.model, "incremental": False, "base": None}
+    # if_absent: on a rerun after a crash the first record stands (the plan derives from it).
+    out.write(join(cfg.output, RUN_FILE), (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8"),
+              if_absent=True)
     if not out.write(plan_uri, encode_plan(plan), if_absent=True):
         # Another job won the race to write the plan: theirs is the contract.
         return decode_plan(out.read(plan_uri))

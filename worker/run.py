@@ -6,6 +6,7 @@ import collections
 import logging
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -90,10 +91,12 @@ class BufferRing:
         self.buffers = [torch.empty((batch_size, 3, *hw), device=device, dtype=dtype) for _ in range(size)]
         self.consumed = [None] * size
         self.next = 0
+        self.lock = threading.Lock()  # several decode threads acquire slots
 
     def acquire(self, stream) -> tuple[int, torch.Tensor]:
-        slot = self.next
-        self.next = (self.next + 1) % len(self.buffers)
+        with self.lock:
+            slot = self.next
+            self.next = (self.next + 1) % len(self.buffers)
         if self.consumed[slot] is not None:
             stream.wait_event(self.consumed[slot])  # a device-side wait: the host never blocks here
         return slot, self.buffers[slot]
@@ -147,6 +150,8 @@ class Worker:
         setup_seconds = time.monotonic() - self.started
 
         decode_threads = cfg.decode_threads or default_decode_threads(topo.local_world_size)
+        # Pillow batches are decoded by the pil pool already; extra batch-level workers pay off on GPU.
+        decode_workers = cfg.decode_workers if self.device.type == "cuda" else 1
         if cfg.decode == "gpu" and self.device.type != "cuda":
             raise RuntimeError("--decode gpu needs --device cuda")
         committer = Committer(cfg.output, cfg.project)
@@ -157,7 +162,7 @@ class Worker:
 
         with ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="read") as read_pool, \
                 ThreadPoolExecutor(decode_threads, thread_name_prefix="pil") as pil_pool, \
-                ThreadPoolExecutor(1, thread_name_prefix="decode") as decode_pool:
+                ThreadPoolExecutor(decode_workers, thread_name_prefix="decode") as decode_pool:
             decode = self._decode_stage(pre, pil_pool)
             storage = open_storage(cfg.input, project=cfg.project, compose=cfg.compose)
             read = read_batches(storage, batches(plan, work, cfg.batch_size), read_pool, cfg.prefetch_batches)
@@ -166,7 +171,7 @@ class Worker:
             # On GPU one batch stays in flight, so the host builds rows while the GPU computes.
             in_flight = 1 if self.device.type == "cuda" else 0
 
-            for batch, decoded in prefetch_map(decode, read, decode_pool, depth=2):
+            for batch, decoded in prefetch_map(decode, read, decode_pool, depth=decode_workers + 1):
                 scores, labels, ready = infer(decoded)
                 if decoded.slot is not None:
                     self.ring.release(decoded.slot)
@@ -213,7 +218,9 @@ class Worker:
         use_gpu = self.device.type == "cuda"
         if use_gpu:
             gpu = GpuDecoder(pre, pil_pool, self.device, use_nvjpeg=cfg.decode in ("auto", "gpu"))
-            self.ring = BufferRing(6, cfg.batch_size, pre.output_hw, self.device, torch.bfloat16)
+            # Slots in use at once: one per decode worker, the decode look-ahead, the batch in the
+            # model and the one in flight behind it; two spare.
+            self.ring = BufferRing(2 * cfg.decode_workers + 5, cfg.batch_size, pre.output_hw, self.device, torch.bfloat16)
         else:
             cpu = CpuDecoder(pre, pil_pool)
 

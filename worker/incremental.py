@@ -1,0 +1,164 @@
+"""Incremental runs: classify only the images that are new or changed since the last good run.
+
+Runs that share a results root are the sibling folders ``<root>/<run>/`` of one another. A run
+is *complete* once its aggregate has written ``aggregate/metrics.json`` (the marker, written
+last) next to ``aggregate/results.parquet`` (the manifest): every image of that run's input
+with its label and the GCS generation it was classified at, carried-over rows included.
+
+An incremental run (``--incremental``) plans in three steps, each written before the next so
+that a rerun after a crash recomputes the same plan:
+
+1. ``inventory.jsonl``: every image under the input now, with its generation (a plain GCS
+   listing, since DataFlux's fast listing carries no generation).
+2. ``run.json``: the base run, the latest complete sibling with the same input and model
+   (none on a first run), and what the plan holds.
+3. ``plan.jsonl``: the inventory entries whose ``(uri, generation)`` the base's manifest does
+   not hold, i.e. new objects, overwritten objects, and objects the base could not classify
+   (their errors are retried).
+
+The aggregate then checks exactly-once over the plan as usual, and writes the union: the
+base's rows for images still in the inventory at the same generation, plus this run's rows.
+Rows of deleted objects are dropped because their URI is not in the inventory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from worker.plan import RUN_FILE, decode_plan, encode_plan, list_input
+from worker.storage import ObjectInfo, join, open_storage
+
+if TYPE_CHECKING:  # pandas is imported only where a manifest is read or written
+    import pandas as pd
+
+    from worker.config import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+INVENTORY_FILE = "inventory.jsonl"
+MARKER = "aggregate/metrics.json"
+MANIFEST = "aggregate/results.parquet"
+_MARKER_UNDER_ROOT = re.compile(r"[^/]+/" + re.escape(MARKER))
+_READ_THREADS = 16
+
+
+def results_root_of(results_uri: str) -> str:
+    """The folder that holds a run's results prefix and those of its sibling runs."""
+    return results_uri.rstrip("/").rsplit("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class CompletedRun:
+    """A sibling run whose aggregate succeeded.
+
+    Attributes:
+        results_uri: The run's results prefix.
+        marker: Its ``aggregate/metrics.json``: metrics, ``aggregated_at``, and ``run`` (its ``run.json``).
+    """
+
+    results_uri: str
+    marker: dict
+
+    @property
+    def manifest_uri(self) -> str:
+        return join(self.results_uri, MANIFEST)
+
+    @property
+    def input(self) -> str | None:
+        return self.marker.get("run", {}).get("input")
+
+    @property
+    def model(self) -> str | None:
+        return self.marker.get("run", {}).get("model")
+
+
+def completed_runs(results_root: str, *, project: str | None = None) -> list[CompletedRun]:
+    """Every complete run directly under ``results_root`` that has a manifest, oldest first.
+
+    Args:
+        results_root: The folder whose sub-folders are runs (gs:// or local).
+        project: GCP project for the GCS client.
+
+    Returns:
+        The runs in the order their aggregates finished; none if the root does not exist.
+    """
+    storage = open_storage(results_root, project=project)
+    prefix = results_root.rstrip("/") + "/"
+    try:
+        listed = [o.uri for o in storage.list(prefix)]
+    except FileNotFoundError:
+        return []
+    marker_uris = [u for u in listed if _MARKER_UNDER_ROOT.fullmatch(u[len(prefix):])]
+    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+        markers = list(pool.map(lambda u: json.loads(storage.read(u)), marker_uris))
+    runs = [CompletedRun(uri[: -len(MARKER) - 1], marker) for uri, marker in zip(marker_uris, markers)
+            # Runs aggregated before manifests existed cannot seed an incremental run.
+            if marker.get("manifest") == MANIFEST]
+    # ISO-8601 UTC timestamps of one format sort in time order; the URI breaks ties deterministically.
+    return sorted(runs, key=lambda r: (r.marker.get("aggregated_at", ""), r.results_uri))
+
+
+def latest_base(results_uri: str, input_uri: str, model: str, *, project: str | None = None) -> CompletedRun | None:
+    """The run an incremental run at ``results_uri`` builds on: the latest complete sibling
+    that classified the same input with the same model (another model's labels are not reusable)."""
+    own = results_uri.rstrip("/")
+    candidates = [r for r in completed_runs(results_root_of(results_uri), project=project)
+                  if r.results_uri != own and r.input == input_uri and r.model == model]
+    return candidates[-1] if candidates else None
+
+
+def read_manifest(uri: str, columns: list[str] | None = None, *, project: str | None = None) -> pd.DataFrame:
+    """A run's manifest as a DataFrame (``generation`` is a nullable integer)."""
+    import pandas as pd
+
+    data = open_storage(uri, project=project).read(uri)
+    return pd.read_parquet(io.BytesIO(data), columns=columns, engine="pyarrow")
+
+
+def plan_incremental(cfg: WorkerConfig) -> tuple[list[ObjectInfo], dict]:
+    """Plan an incremental run: the inventory minus what the base run already classified.
+
+    Args:
+        cfg: The worker config (``cfg.incremental`` is set, the input is gs://).
+
+    Returns:
+        The plan, and the ``run.json`` content to record with it.
+    """
+    out = open_storage(cfg.output, project=cfg.project)
+    inventory_uri = join(cfg.output, INVENTORY_FILE)
+    run_uri = join(cfg.output, RUN_FILE)
+    if out.exists(inventory_uri):  # a rerun after a crash: the recorded inventory is the contract
+        inventory = decode_plan(out.read(inventory_uri))
+    else:
+        inventory = list_input(cfg)
+        if not out.write(inventory_uri, encode_plan(inventory), if_absent=True):
+            inventory = decode_plan(out.read(inventory_uri))
+    if out.exists(run_uri):
+        base_uri = json.loads(out.read(run_uri))["base"]
+    else:
+        base = latest_base(cfg.output, cfg.input, cfg.model, project=cfg.project)
+        base_uri = base.results_uri if base else None
+
+    done: dict[str, int | None] = {}
+    if base_uri:
+        import pandas as pd
+
+        rows = read_manifest(join(base_uri, MANIFEST), ["uri", "generation"], project=cfg.project)
+        done = {u: None if pd.isna(g) else int(g) for u, g in zip(rows["uri"], rows["generation"])}
+    present = {o.uri for o in inventory}
+    # A generation-less entry can never be proven unchanged, so it is always replanned.
+    plan = [o for o in inventory if o.generation is None or done.get(o.uri) != o.generation]
+    reused = len(inventory) - len(plan)
+    changed = sum(1 for o in plan if o.uri in done)
+    info = {"input": cfg.input, "model": cfg.model, "incremental": True, "base": base_uri,
+            "inventory": INVENTORY_FILE, "listed": len(inventory), "planned": len(plan), "reused": reused,
+            "changed": changed, "deleted": sum(1 for u in done if u not in present)}
+    log.info("incremental plan: %d of %d images are new or changed since %s (%d reused, %d deleted)",
+             len(plan), len(inventory), base_uri or "no earlier complete run", reused, info["deleted"])
+    return plan, info
