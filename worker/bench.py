@@ -98,13 +98,13 @@ def align_head_with_features(model_dir: Path, paths: list[Path], device: torch.d
                        for i in range(0, len(pixels), 128)])
     mean = feats.mean(0)
     _, sv, vt = torch.linalg.svd(feats - mean, full_matrices=False)
-    k = min(64, vt.shape[0])
-    # Whitened principal components have unit variance; a random N(0, 4/sqrt(k)) mix of them
-    # gives logits of std ~4, about what a trained ImageNet head produces.
-    whiten = vt[:k] * ((len(feats) - 1) ** 0.5 / sv[:k]).unsqueeze(1)
+    k = min(16, vt.shape[0])
+    # The top principal directions carry the variation between images; a random mix of
+    # them, scaled to logits of std ~4 (about a trained ImageNet head's), is the head.
     gen = torch.Generator(device="cpu").manual_seed(0)
-    mix = torch.randn(model.config.num_labels, k, generator=gen).to(device) * (4.0 / k ** 0.5)
-    weight = mix @ whiten
+    mix = torch.randn(model.config.num_labels, k, generator=gen).to(device)
+    weight = mix @ vt[:k]
+    weight *= 4.0 / ((feats - mean) @ weight.T).std()
     model.classifier.weight.copy_(weight)
     model.classifier.bias.copy_(-(weight @ mean))
     model.save_pretrained(model_dir)
