@@ -17,12 +17,11 @@ from worker.run import run
 
 VARIANTS = {
     "default": {},
-    "no cuda graphs": {"cuda_graphs": False},
     "1 decode worker": {"decode_workers": 1},
     "4 decode workers": {"decode_workers": 4},
     "switch interval 0.5 ms": {"_switch": 0.0005},
     "batch 512": {"batch_size": 512},
-    "read threads 4": {"read_threads": 4},
+    "read threads 4": {"_read_threads": 4},
 }
 
 
@@ -47,10 +46,11 @@ def main() -> None:
             continue
         overrides = dict(overrides)
         sys.setswitchinterval(overrides.pop("_switch", default_switch))
+        read_threads = overrides.pop("_read_threads", 16)
         out = work / "out-variant"
         shutil.rmtree(out, ignore_errors=True)
         cfg = WorkerConfig(input=str(work / "images"), output=str(out), model=str(model_dir), device="cuda",
-                           batch_size=overrides.pop("batch_size", 256), shard_size=1024, read_threads=16,
+                           batch_size=overrides.pop("batch_size", 256), shard_size=1024, read_threads=read_threads,
                            log_interval=60, **overrides)
         results[name] = run(cfg)["images_per_second"]
         print(f"{name:28s} {results[name]:>9,.0f} img/s", flush=True)

@@ -23,7 +23,6 @@ class WorkerConfig:
     read_threads: int = 8
     decode_threads: int = 0
     decode_workers: int = 2
-    cuda_graphs: bool = True
     prefetch_batches: int = 8
     list_processes: int = 8
     compose: bool = True
@@ -106,8 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads for Pillow decode (0: one per CPU core available to this rank)")
     p.add_argument("--decode-workers", type=int, default=2,
                    help="batches decoded concurrently on GPU runs, each thread on its own high-priority CUDA stream")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                   help="capture the model's forward as one CUDA graph at the fixed (padded) batch shape")
     p.add_argument("--prefetch-batches", type=int, default=8, help="batches read ahead of the GPU")
     p.add_argument("--list-processes", type=int, default=8, help="processes for DataFlux's parallel GCS listing")
     p.add_argument("--compose", action=argparse.BooleanOptionalAction, default=True,

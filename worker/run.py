@@ -56,39 +56,12 @@ def top1(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return logits.float().softmax(-1).max(-1)
 
 
-class GraphedTop1:
-    """The model's forward, softmax and top-1 captured once as a CUDA graph at the fixed batch shape.
-
-    One replay launches the whole batch, so the GPU never waits for Python to issue
-    ~200 kernels, whatever the reader and decode threads are doing with the GIL.
-    """
-
-    def __init__(self, model, shape: tuple[int, ...], device: torch.device, dtype):
-        self.static_in = torch.zeros(shape, device=device, dtype=dtype)
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: kernel selection and workspace allocation happen outside the capture
-                top1(model, self.static_in)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.scores, self.labels = top1(model, self.static_in)
-
-    def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.static_in.copy_(pixels)
-        self.graph.replay()
-        # The outputs are overwritten by the next replay; callers copy them out on this stream first.
-        return self.scores, self.labels
-
-
 class Inference:
     """Stage 4: the model under inference_mode; top-1 label and its softmax score."""
 
-    def __init__(self, model, device: torch.device, graphed: GraphedTop1 | None = None):
+    def __init__(self, model, device: torch.device):
         self.model = model
         self.device = device
-        self.graphed = graphed
 
     @torch.inference_mode()
     def __call__(self, decoded: DecodedBatch) -> tuple[torch.Tensor, torch.Tensor, object]:
@@ -98,7 +71,7 @@ class Inference:
             scores, labels = top1(self.model, decoded.pixels)
             return scores, labels, None
         torch.cuda.current_stream().wait_event(decoded.ready)
-        scores, labels = (self.graphed or (lambda x: top1(self.model, x)))(decoded.pixels)
+        scores, labels = top1(self.model, decoded.pixels)
         # Copy back without blocking; the commit stage waits on the event one batch later,
         # so the GPU is already busy with the next batch while Python builds rows.
         scores_host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
@@ -171,7 +144,8 @@ class Worker:
         model, label_names = load_model(model_path, self.device)
         pre = Preprocess.from_config(load_preprocessor_config(model_path))
         work, expected = self.my_shards(shards, committed)
-        graphed = self._prepare_gpu(model, pre) if self.device.type == "cuda" else None
+        if self.device.type == "cuda":
+            self._warm_up(model, pre)
         setup_seconds = time.monotonic() - self.started
 
         decode_threads = cfg.decode_threads or default_decode_threads(topo.local_world_size)
@@ -181,7 +155,7 @@ class Worker:
             raise RuntimeError("--decode gpu needs --device cuda")
         committer = Committer(cfg.output, cfg.project)
         progress = Progress(topo.rank, expected, cfg.log_interval)
-        infer = Inference(model, self.device, graphed)
+        infer = Inference(model, self.device)
         kill_after = int(os.environ.get(FAULT_KILL_AFTER_SHARDS, "0"))
         shards_done = 0
 
@@ -226,18 +200,11 @@ class Worker:
         return summary
 
     @torch.inference_mode()
-    def _prepare_gpu(self, model, pre: Preprocess) -> GraphedTop1 | None:
-        """Warm up (or capture) at the working batch shape: kernel selection and allocator growth
-        happen here, not in the first timed batch, and a batch size that doesn't fit fails fast."""
-        shape = (self.cfg.batch_size, 3, *pre.output_hw)
-        if self.cfg.cuda_graphs:
-            try:
-                return GraphedTop1(model, shape, self.device, torch.bfloat16)
-            except RuntimeError as exc:  # a model with host syncs in forward can't be captured
-                log.warning("CUDA graph capture failed (%s); running the model eagerly", exc)
-        top1(model, torch.zeros(shape, device=self.device, dtype=torch.bfloat16))
+    def _warm_up(self, model, pre: Preprocess) -> None:
+        """One forward at the working batch shape: kernel selection and allocator growth happen
+        here, not in the first timed batch, and a batch size that doesn't fit fails fast."""
+        top1(model, torch.zeros((self.cfg.batch_size, 3, *pre.output_hw), device=self.device, dtype=torch.bfloat16))
         torch.cuda.synchronize(self.device)
-        return None
 
     def _decode_stage(self, pre: Preprocess, pil_pool):
         """Stage 3 as a function of a read batch; runs in its own thread, one batch ahead.
