@@ -165,7 +165,7 @@ def run_worker(data: Path, out: Path, model_dir: Path, device: str, decode: str,
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = WorkerConfig(input=str(data), output=str(out), model=str(model_dir), device=device, decode=decode,
-                       batch_size=batch, shard_size=4 * batch, read_threads=16, prefetch_batches=6,
+                       batch_size=batch, shard_size=4 * batch, prefetch_batches=6,
                        log_interval=5.0)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

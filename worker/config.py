@@ -20,7 +20,7 @@ class WorkerConfig:
     device: str = "auto"
     assignment: str = "static"
     decode: str = "auto"
-    read_threads: int = 8
+    read_threads: int = 4
     decode_threads: int = 0
     decode_workers: int = 2
     prefetch_batches: int = 8
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
                    help="gpu: nvjpeg batched decode + GPU resize (Pillow fallback for what nvjpeg can't read); "
                         "cpu: Pillow only; auto: gpu on cuda, cpu otherwise")
-    p.add_argument("--read-threads", type=int, default=8, help="background threads reading bytes ahead of compute")
+    p.add_argument("--read-threads", type=int, default=4, help="background threads reading bytes ahead of compute")
     p.add_argument("--decode-threads", type=int, default=0,
                    help="threads for Pillow decode (0: one per CPU core available to this rank)")
     p.add_argument("--decode-workers", type=int, default=2,
