@@ -11,7 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from worker.bench import align_head_with_features, make_dataset, make_vit_base
+from worker.bench import align_head_with_features, make_dataset
+from worker.random_model import make_model
 from worker.config import WorkerConfig
 from worker.run import run
 
@@ -37,7 +38,7 @@ def main() -> None:
         paths = make_dataset(work / "images", args.images)
     model_dir = work / "vit-base-patch16-224-random"
     if not (model_dir / "config.json").exists():
-        make_vit_base(model_dir)
+        make_model(model_dir)
         (model_dir / "head.json").write_text(json.dumps(align_head_with_features(model_dir, paths, "cuda")))
     results = {}
     default_switch = sys.getswitchinterval()

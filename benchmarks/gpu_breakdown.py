@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from worker.bench import make_dataset, make_vit_base
+from worker.bench import make_dataset
+from worker.random_model import make_model
 from worker.decode import CpuDecoder, GpuDecoder, Preprocess
 from worker.model import load_model, load_preprocessor_config
 
@@ -43,7 +44,7 @@ def main() -> None:
         paths = make_dataset(work / "images", args.images)
     model_dir = work / "vit-base-patch16-224-random"
     if not (model_dir / "config.json").exists():
-        make_vit_base(model_dir)
+        make_model(model_dir)
     dev = torch.device("cuda")
     B = args.batch
     pre = Preprocess.from_config(load_preprocessor_config(str(model_dir)))

@@ -7,28 +7,11 @@ import random
 from pathlib import Path
 
 
-def make_tiny_model(path: Path, num_labels: int = 10, image_size: int = 32, seed: int = 0) -> Path:
+def make_tiny_model(path: Path) -> Path:
     """A random-weight ViT small enough to run thousands of images a second on one CPU core."""
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from worker.random_model import make_model
 
-    torch.manual_seed(seed)
-    config = ViTConfig(
-        image_size=image_size,
-        patch_size=8,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=num_labels,
-        id2label={i: f"class_{i}" for i in range(num_labels)},
-        label2id={f"class_{i}": i for i in range(num_labels)},
-    )
-    model = ViTForImageClassification(config).eval()
-    model.save_pretrained(path)
-    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
-    return path
+    return make_model(path, tiny=True)
 
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (40, 30), mode: str = "RGB", **save_kwargs) -> bytes:

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from worker.random_model import make_model
+
 log = logging.getLogger("worker.bench")
 
 
@@ -58,20 +60,6 @@ def make_dataset(root: Path, n: int) -> list[Path]:
     log.info("generated %d JPEGs, %.0f KB mean (%.0f-%.0f KB)", n, np.mean(sizes) / 1e3,
              min(sizes) / 1e3, max(sizes) / 1e3)
     return paths
-
-
-def make_vit_base(path: Path, num_labels: int = 1000) -> Path:
-    """google/vit-base-patch16-224's architecture with random weights (the hub is out of reach here)."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=224, patch_size=16, num_labels=num_labels,
-                       id2label={i: f"random_class_{i}" for i in range(num_labels)},
-                       label2id={f"random_class_{i}": i for i in range(num_labels)})
-    ViTForImageClassification(config).save_pretrained(path)
-    ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                      resample=2).save_pretrained(path)
-    return path
 
 
 @torch.inference_mode()
@@ -226,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = make_dataset(data, args.images)
     model_dir = work / "vit-base-patch16-224-random"
     if not (model_dir / "config.json").exists():
-        make_vit_base(model_dir)
+        make_model(model_dir)
         head = align_head_with_features(model_dir, paths, device)
         (model_dir / "head.json").write_text(json.dumps(head))
     head = json.loads((model_dir / "head.json").read_text())
