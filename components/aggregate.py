@@ -4,8 +4,13 @@ The worker writes one CSV part per shard under ``OUTPUT/parts/`` (the part is th
 shard's commit point), error rows under ``OUTPUT/errors/`` and one summary per rank
 under ``OUTPUT/summary/``. This module checks that every planned image appears exactly
 once across parts and errors, writes the merged table as CSV and Parquet plus an HTML
-report, and finally writes ``OUTPUT/aggregate/metrics.json``, the success marker that
-later (incremental) runs look for.
+report, then ``OUTPUT/aggregate/results.parquet`` (the manifest: the table with each
+image's GCS generation) and finally ``OUTPUT/aggregate/metrics.json``, the success marker
+that later incremental runs look for.
+
+For an incremental run (``OUTPUT/run.json`` names a base run), the exactly-once check
+covers the images this run planned, and the table is the union described in
+``worker.incremental``: the base run's rows for images unchanged since, plus this run's.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ import pandas as pd
 
 from components.report import render_report
 from worker.commit import ERROR_COLUMNS, PART_COLUMNS
-from worker.plan import PLAN_FILE, decode_plan
-from worker.storage import Storage, join, open_storage, write_text
+from worker.incremental import INVENTORY_FILE, MANIFEST, MARKER, read_manifest
+from worker.plan import PLAN_FILE, RUN_FILE, decode_plan
+from worker.storage import ObjectInfo, Storage, join, open_storage, write_text
 
 log = logging.getLogger(__name__)
 
-MARKER = "aggregate/metrics.json"
+MANIFEST_COLUMNS = (*PART_COLUMNS, "generation")
 TOP_CLASSES = 20
 ERRORS_SHOWN = 100
 # How many offending URIs the exception message names; the report shows more.
@@ -50,14 +56,19 @@ class AggregateReport:
 
     Attributes:
         results_uri: The worker's output prefix that was aggregated.
-        metrics: images, classified, errors, missing, duplicated, unexpected,
-            distinct_classes, images_per_second, wall_seconds, gpu_seconds, ranks.
-        top_classes: ``(class, count)`` for the most frequent classes, most frequent first.
+        metrics: images, classified, errors, missing, duplicated, unexpected, rows, reused,
+            changed, deleted, distinct_classes, images_per_second, wall_seconds, gpu_seconds, ranks.
+            ``images`` to ``unexpected`` concern the images this run planned; ``rows`` is the
+            merged table's size, ``reused`` of its rows come from the base run of an
+            incremental run, whose ``changed`` and ``deleted`` rows were dropped.
+        top_classes: ``(class, count)`` for the most frequent classes of the merged table,
+            most frequent first.
         errors_sample: ``(uri, reason)`` of the first error rows by uri.
         ranks: The per-rank summaries, by rank.
         missing_sample: Planned URIs found in neither parts nor errors (first few).
         duplicated_sample: URIs found more than once (first few).
         unexpected_sample: URIs in the results that the plan does not contain (first few).
+        base_uri: The base run of an incremental run, else None.
     """
 
     results_uri: str
@@ -68,6 +79,7 @@ class AggregateReport:
     missing_sample: list[str] = field(default_factory=list)
     duplicated_sample: list[str] = field(default_factory=list)
     unexpected_sample: list[str] = field(default_factory=list)
+    base_uri: str | None = None
 
     @property
     def complete(self) -> bool:
@@ -98,13 +110,14 @@ class IncompleteResultsError(RuntimeError):
 
 def aggregate_results(results_uri: str, *, csv_path: str, parquet_path: str,
                       html_path: str) -> AggregateReport:
-    """Merge and check the worker's results, and write the table, the report and the marker.
+    """Merge and check the worker's results, and write the table, the report, the manifest and the marker.
 
     The HTML report is written first, so a failed task still shows why it failed.
 
     Args:
         results_uri: The worker's OUTPUT prefix (gs:// or local).
-        csv_path: Local file for the merged parts, sorted by uri.
+        csv_path: Local file for the merged table (with an incremental run's carried-over
+            rows), sorted by uri.
         parquet_path: Local file for the same table as Parquet.
         html_path: Local file for the self-contained HTML report.
 
@@ -112,7 +125,8 @@ def aggregate_results(results_uri: str, *, csv_path: str, parquet_path: str,
         The metrics, top classes, error sample and rank summaries.
 
     Raises:
-        FileNotFoundError: There is no plan under ``results_uri``.
+        FileNotFoundError: There is no plan under ``results_uri``, or the base run of an
+            incremental run lost its manifest.
         ValueError: A part or error file does not have the documented columns.
         IncompleteResultsError: Some planned image is missing or appears more than
             once, or the results hold an image the plan does not; nothing but the
@@ -124,7 +138,8 @@ def aggregate_results(results_uri: str, *, csv_path: str, parquet_path: str,
         plan_bytes = storage.read(plan_uri)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"no plan at {plan_uri}: the worker has not run for these results") from exc
-    planned = pd.Index(sorted({o.uri for o in decode_plan(plan_bytes)}), dtype=str)
+    plan = decode_plan(plan_bytes)
+    planned = pd.Index(sorted({o.uri for o in plan}), dtype=str)
 
     part_uris = _list_named(storage, join(results_uri, "parts"), _PART_FILE)
     error_uris = _list_named(storage, join(results_uri, "errors"), _PART_FILE)
@@ -139,28 +154,80 @@ def aggregate_results(results_uri: str, *, csv_path: str, parquet_path: str,
     parts = _read_csvs(storage, part_uris, _PART_DTYPES)
     errors = _read_csvs(storage, error_uris, _ERROR_DTYPES)
     ranks = _read_summaries(storage, join(results_uri, "summary"))
+    run_info = json.loads(storage.read(join(results_uri, RUN_FILE))) if storage.exists(
+        join(results_uri, RUN_FILE)) else {}  # results of workers older than run.json have none
+    carried, changed, deleted = _carry_over(storage, results_uri, run_info, planned)
+    table = _merged_table(parts, plan, carried)
 
-    report = _build_report(results_uri, planned, parts, errors, ranks)
+    report = _build_report(results_uri, planned, parts, errors, ranks, table, reused=len(carried),
+                           changed=changed, deleted=deleted)
+    report.base_uri = run_info.get("base")
     _write_local(html_path, render_report(report).encode("utf-8"))
     if not report.complete:
         raise IncompleteResultsError(report)
 
-    table = parts.sort_values("uri", kind="stable", ignore_index=True)
-    _write_local(csv_path, table.to_csv(index=False, lineterminator="\n").encode("utf-8"))
+    user_table = table[list(PART_COLUMNS)]
+    _write_local(csv_path, user_table.to_csv(index=False, lineterminator="\n").encode("utf-8"))
     Path(parquet_path).parent.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(parquet_path, engine="pyarrow", index=False)
+    user_table.to_parquet(parquet_path, engine="pyarrow", index=False)
+    buf = io.BytesIO()
+    table.to_parquet(buf, engine="pyarrow", index=False)
+    storage.write(join(results_uri, MANIFEST), buf.getvalue())
 
-    # Written last: its presence means the results were complete and aggregated.
+    # Written last: its presence means the results were complete and aggregated, and that the
+    # manifest is there for the next incremental run.
     marker = {
         "results_uri": results_uri,
         "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(),
         "parts": len(part_uris),
-        "aggregated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # Microseconds: incremental runs pick the latest complete run by this time.
+        "aggregated_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        "manifest": MANIFEST,
+        "run": run_info,
         "metrics": report.metrics,
     }
     write_text(join(results_uri, MARKER), json.dumps(marker, indent=2, sort_keys=True) + "\n")
     log.info("aggregated %s: %s", results_uri, report.metrics)
     return report
+
+
+def _carry_over(storage: Storage, results_uri: str, run_info: dict,
+                planned: pd.Index) -> tuple[pd.DataFrame, int, int]:
+    """The base run's rows to keep: those whose object is still listed at the same generation.
+
+    Returns:
+        The rows (manifest columns), and how many base rows were dropped because their
+        object changed or was deleted; no rows and zeros without a base run.
+    """
+    base = run_info.get("base")
+    if not base:
+        return _empty(dict(zip(MANIFEST_COLUMNS, (*_PART_DTYPES.values(), "Int64")))), 0, 0
+    inventory = decode_plan(storage.read(join(results_uri, run_info.get("inventory", INVENTORY_FILE))))
+    current = pd.Series({o.uri: o.generation for o in inventory}, dtype="Int64")
+    try:
+        rows = read_manifest(join(base, MANIFEST))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"the base run {base} of this incremental run has no manifest any more "
+                                f"({MANIFEST}); rerun with incremental off") from exc
+    present = rows["uri"].isin(current.index)
+    now = current.reindex(rows["uri"]).set_axis(rows.index)
+    same = (rows["generation"].astype("Int64") == now).fillna(False).astype(bool)
+    # A planned image's row from this run is its latest result; the plan already excludes
+    # unchanged images, so this only matters for rows without a generation.
+    keep = same & ~rows["uri"].isin(planned)
+    return rows[keep].reset_index(drop=True), int((present & ~same).sum()), int((~present).sum())
+
+
+def _merged_table(parts: pd.DataFrame, plan: list[ObjectInfo], carried: pd.DataFrame) -> pd.DataFrame:
+    """This run's rows with the generation each image was read at, plus the carried-over rows, by uri."""
+    generation = {o.uri: o.generation for o in plan}
+    new = parts.assign(generation=pd.array([generation.get(u) for u in parts["uri"]], dtype="Int64"))
+    table = pd.concat([new, carried[list(MANIFEST_COLUMNS)]], ignore_index=True) if len(carried) else new
+    return table.sort_values("uri", kind="stable", ignore_index=True)
+
+
+def _empty(dtypes: dict) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})
 
 
 def _list_named(storage: Storage, folder: str, pattern: re.Pattern) -> list[str]:
@@ -195,7 +262,7 @@ def _read_csvs(storage: Storage, uris: Sequence[str], dtypes: dict) -> pd.DataFr
         frames.append(frame)
     if frames:
         return pd.concat(frames, ignore_index=True)
-    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})
+    return _empty(dtypes)
 
 
 def _read_summaries(storage: Storage, folder: str) -> list[dict]:
@@ -204,7 +271,8 @@ def _read_summaries(storage: Storage, folder: str) -> list[dict]:
 
 
 def _build_report(results_uri: str, planned: pd.Index, parts: pd.DataFrame, errors: pd.DataFrame,
-                  ranks: list[dict]) -> AggregateReport:
+                  ranks: list[dict], table: pd.DataFrame, *, reused: int, changed: int,
+                  deleted: int) -> AggregateReport:
     seen = pd.concat([parts["uri"], errors["uri"]], ignore_index=True)
     counts = seen.value_counts()
     repeated = counts[counts > 1]
@@ -221,14 +289,18 @@ def _build_report(results_uri: str, planned: pd.Index, parts: pd.DataFrame, erro
         # Extra rows beyond the one each image should have.
         "duplicated": int((repeated - 1).sum()),
         "unexpected": len(unexpected),
-        "distinct_classes": int(parts["classification"].nunique()),
+        "rows": len(table),
+        "reused": reused,
+        "changed": changed,
+        "deleted": deleted,
+        "distinct_classes": int(table["classification"].nunique()),
         # The job's wall time is that of its slowest rank.
         "images_per_second": len(planned) / wall if wall > 0 else 0.0,
         "wall_seconds": wall,
         "gpu_seconds": sum(s for s, r in zip(seconds, ranks) if r.get("device") == "cuda"),
         "ranks": len(ranks),
     }
-    top = parts["classification"].value_counts()
+    top = table["classification"].value_counts()
     top = top.sort_index(kind="stable").sort_values(ascending=False, kind="stable").head(TOP_CLASSES)
     errors_sorted = errors.sort_values("uri", kind="stable").head(ERRORS_SHOWN)
     return AggregateReport(

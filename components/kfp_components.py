@@ -40,7 +40,7 @@ def upload_dataset(source: str, destination: str, workers: int, dataset: Output[
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def launch_inference(images: Input[Dataset], results: Output[Dataset], run_id: str, results_root: str,
-                     results_prefix: str, model: str, backend: str, batch_size: int, shard_size: int,
+                     results_prefix: str, incremental: bool, model: str, backend: str, batch_size: int, shard_size: int,
                      device: str, extra_worker_args: str, local_nproc: int, nodes: int, gpus_per_node: int,
                      namespace: str, queue: str, priority_class: str, accelerator: str,
                      max_run_duration_seconds: int, timeout_seconds: int, rdma: bool, rdma_networks: str,
@@ -74,7 +74,8 @@ def aggregate_results(results: Input[Dataset], results_csv: Output[Dataset], res
     Args:
         results: The run's results prefix (plan.jsonl, parts/, errors/, summary/).
         results_csv: One CSV row per classified image (images that failed to decode are
-            counted as errors and listed in the report).
+            counted as errors and listed in the report). An incremental run's table also
+            holds its base run's rows for the images unchanged since.
         results_parquet: The same rows as Parquet.
         metrics: Images, errors, distinct classes, throughput and GPU-seconds.
         report: An HTML page: counts, top classes, errors and throughput.
@@ -88,4 +89,4 @@ def aggregate_results(results: Input[Dataset], results_csv: Output[Dataset], res
                         html_path=report.path)
     for name, value in outcome.metrics.items():
         metrics.log_metric(name, value)
-    results_csv.metadata["rows"] = results_parquet.metadata["rows"] = outcome.metrics["classified"]
+    results_csv.metadata["rows"] = results_parquet.metadata["rows"] = outcome.metrics["rows"]

@@ -35,6 +35,7 @@ class LaunchRequest:
     run_id: str
     results_root: str
     results_prefix: str
+    incremental: bool
     model: str
     backend: str
     batch_size: int
@@ -101,7 +102,8 @@ class LaunchRequest:
     def worker_args(self) -> list[str]:
         """The ``python -m worker`` arguments of this run."""
         cfg = WorkerConfig(input=self.images_uri, output=self.results_uri, model=self.model,
-                           batch_size=self.batch_size, shard_size=self.shard_size, device=self.device)
+                           batch_size=self.batch_size, shard_size=self.shard_size, device=self.device,
+                           incremental=self.incremental)
         # Extra flags go last: argparse keeps the last value, so they can override anything above.
         return cfg.to_args() + shlex.split(self.extra_worker_args)
 
@@ -126,6 +128,25 @@ class LaunchRequest:
             service_account=self.service_account or None,
             results_uri=self.results_uri,
         )
+
+
+def _plan_here(req: LaunchRequest, log: Callable[[str], None]) -> int:
+    """Plan an incremental run in the launcher, before any job exists, and return its size.
+
+    A nightly run often finds nothing new; planning here lets it skip provisioning GPU nodes
+    just to learn that. The worker then finds the plan in place and uses it (the resume path).
+    """
+    import json
+
+    from worker.config import parse_args
+    from worker.plan import RUN_FILE, load_or_create_plan
+    from worker.storage import read_text
+
+    plan = load_or_create_plan(parse_args(req.worker_args()))
+    info = json.loads(read_text(join(req.results_uri, RUN_FILE)))
+    log(f"incremental plan: {len(plan)} of {info.get('listed', '?')} images under {req.images_uri} are new or "
+        f"changed since {info.get('base') or 'no earlier complete run'}")
+    return len(plan)
 
 
 @dataclass(frozen=True)
@@ -156,6 +177,9 @@ def launch(req: LaunchRequest, *, log: Callable[[str], None] | None = None, api=
         components.k8s_launcher.LauncherError: The job failed, was rejected or timed out.
     """
     req.validate()
+    if req.incremental and not _plan_here(req, log or print):
+        # Nothing new or changed: no job, no GPUs; the aggregate carries every row over.
+        return LaunchResult(req.backend, req.results_uri, "", 0, 0)
     if req.backend == LOCAL:
         from components.local_launcher import run_local
 

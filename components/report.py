@@ -83,6 +83,7 @@ def render_report(report: AggregateReport) -> str:
             ("Distinct classes", _int(m["distinct_classes"]), ""),
         ]),
         "</section>",
+        _incremental(report),
         _throughput(report),
         _top_classes(report.top_classes),
         _errors(report),
@@ -145,6 +146,22 @@ def _problems(report: AggregateReport) -> str:
         parts.append(f"<h3>{_e(title)}: {_int(count)}</h3><ul class=\"problems\">{items}</ul>{more}")
     parts.append("</section>")
     return "".join(parts)
+
+
+def _incremental(report: AggregateReport) -> str:
+    """What an incremental run reused from its base run; nothing for a full run."""
+    if not report.base_uri:
+        return ""
+    m = report.metrics
+    cards = _cards([
+        ("Rows in results", _int(m["rows"]), ""),
+        ("Reused from base", _int(m["reused"]), ""),
+        ("Changed since base", _int(m["changed"]), ""),
+        ("Deleted since base", _int(m["deleted"]), ""),
+    ])
+    note = (f'<p class="muted">Only new and changed images were classified; the other rows come from '
+            f'the base run {_e(report.base_uri)}, and rows of deleted images were dropped.</p>')
+    return f"<section><h2>Incremental run</h2>{note}{cards}</section>"
 
 
 def _throughput(report: AggregateReport) -> str:

@@ -1,4 +1,4 @@
-"""``python -m pipelines``: compile, dry-run the PyTorchJob, make a model, run locally.
+"""``python -m pipelines``: compile, dry-run the PyTorchJob, make a model, run locally, submit, schedule.
 
 User errors (a bad option, a missing folder, a failed task) end in a one-line
 ``error: ...`` and exit status 2; set ``BATCH_INFERENCE_DEBUG=1`` for the traceback.
@@ -12,8 +12,6 @@ import re
 import sys
 from pathlib import Path
 
-# argparse types of the pipeline's parameter types (kfp's InputSpec.type).
-_ARG_TYPES = {"String": str, "Integer": int, "Boolean": bool}
 # Launch parameters that do not shape the PyTorchJob.
 _NOT_IN_JOB = {"backend", "local_nproc"}
 
@@ -24,17 +22,29 @@ def _job_inputs() -> dict:
     return {name: spec for name, spec in launch_inputs().items() if name not in _NOT_IN_JOB}
 
 
-def _add_job_options(p: argparse.ArgumentParser) -> None:
-    # The pipeline is the one place where parameters get defaults and descriptions.
-    for name, spec in _job_inputs().items():
-        kind = _ARG_TYPES[spec.type]
-        help_text = " ".join((spec.description or "").split()).replace("%", "%%") + " (default: %(default)r)"
+def _add_parameter_options(p, inputs: dict, *, defaults: bool) -> None:
+    """One option per pipeline parameter, e.g. ``--images-uri`` for ``images_uri``.
+
+    The pipeline is the one place where parameters get defaults and descriptions. With
+    ``defaults=False`` an option left out is absent from the parsed namespace, so a
+    submission sends only what was given and the compiled defaults apply to the rest.
+    """
+    from pipelines.batch_inference import PARAMETER_TYPES
+
+    for name, spec in inputs.items():
+        kind = PARAMETER_TYPES[spec.type]
+        help_text = " ".join((spec.description or "").split()).replace("%", "%%")
+        help_text += f" (default: {spec.default!r})".replace("%", "%%")
+        default = spec.default if defaults else argparse.SUPPRESS
         if kind is bool:
             p.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction,
-                           default=spec.default, help=help_text)
+                           default=default, help=help_text)
         else:
-            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=spec.default,
-                           help=help_text)
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=default, help=help_text)
+
+
+def _add_job_options(p: argparse.ArgumentParser) -> None:
+    _add_parameter_options(p, _job_inputs(), defaults=True)
     p.add_argument("--run-id", default="dry-run",
                    help="the pipeline run id the job name and results prefix derive from (default: %(default)r)")
 
@@ -73,12 +83,133 @@ def _run(args: argparse.Namespace) -> int:
     return run_local_main(args)
 
 
+def _pipeline_arguments(args: argparse.Namespace) -> dict:
+    from pipelines.batch_inference import batch_inference
+
+    return {name: getattr(args, name) for name in batch_inference.component_spec.inputs if hasattr(args, name)}
+
+
+def _vertex_target(args: argparse.Namespace) -> tuple[str, str, str]:
+    missing = [flag for flag, value in (("--project", args.project), ("--location", args.location),
+                                        ("--pipeline-root", args.pipeline_root)) if not value]
+    if missing:
+        raise ValueError(f"--vertex needs {', '.join(missing)}")
+    return args.project, args.location, args.pipeline_root
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pipelines import submit
+
+    arguments = _pipeline_arguments(args)
+    if args.vertex:
+        done = submit.submit_vertex(*_vertex_target(args), arguments, run_name=args.run_name,
+                                    service_account=args.run_service_account, package=args.package, wait=args.wait)
+    else:
+        done = submit.submit_kfp(args.kfp_host, arguments, experiment=args.experiment, run_name=args.run_name,
+                                 namespace=args.kfp_namespace, token=args.kfp_token,
+                                 service_account=args.run_service_account, package=args.package,
+                                 ui_host=args.kfp_ui_host, wait=args.wait, timeout_s=args.timeout)
+    print(f"run: {done.url}")
+    if done.state:
+        print(f"state: {done.state}")
+    return 0
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from pipelines import submit
+
+    arguments = _pipeline_arguments(args)
+    if args.vertex:
+        done = submit.schedule_vertex(*_vertex_target(args), arguments, args.cron, name=args.run_name,
+                                      service_account=args.run_service_account, package=args.package)
+    else:
+        done = submit.schedule_kfp(args.kfp_host, arguments, args.cron, experiment=args.experiment,
+                                   name=args.run_name, namespace=args.kfp_namespace, token=args.kfp_token,
+                                   service_account=args.run_service_account, package=args.package,
+                                   ui_host=args.kfp_ui_host)
+    print(f"schedule: {done.url}")
+    return 0
+
+
+def _docs(args: argparse.Namespace) -> int:
+    from pipelines.docs import DOC, update
+
+    stale = update(DOC, check=args.check)
+    if args.check and stale:
+        raise ValueError(f"the parameter table in {DOC} is stale: run `python -m pipelines docs`")
+    print(f"{DOC}: {'updated' if stale else 'current'}")
+    return 0
+
+
+def _latest(args: argparse.Namespace) -> int:
+    from worker.incremental import completed_runs, read_manifest
+
+    runs = completed_runs(args.results_root)
+    if not runs:
+        raise ValueError(f"no complete run under {args.results_root} yet")
+    run = runs[-1]
+    m = run.marker.get("metrics", {})
+    print(f"run:      {run.results_uri}", f"finished: {run.marker.get('aggregated_at', '?')}",
+          f"rows:     {m.get('rows', 0):g} ({m.get('classified', 0):g} classified in this run, "
+          f"{m.get('reused', 0):g} reused; {m.get('errors', 0):g} errors, {m.get('changed', 0):g} changed and "
+          f"{m.get('deleted', 0):g} deleted since the run before)", f"table:    {run.manifest_uri}", sep="\n")
+    if args.out:
+        table = read_manifest(run.manifest_uri)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        if args.out.suffix == ".parquet":
+            table.to_parquet(args.out, index=False)
+        else:
+            table.to_csv(args.out, index=False)
+        print(f"wrote:    {args.out} ({len(table)} rows)")
+    return 0
+
+
+def _add_target_options(p: argparse.ArgumentParser, *, schedule: bool) -> None:
+    """Where to submit, how to authenticate, and every pipeline parameter."""
+    from pipelines.batch_inference import batch_inference
+
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--kfp-host", metavar="URL",
+                        help="Kubeflow Pipelines base URL, e.g. http://localhost:8080 "
+                             "(kubectl port-forward svc/ml-pipeline-ui 8080:80 -n kubeflow)")
+    target.add_argument("--vertex", action="store_true", help="Vertex AI Pipelines (needs the vertex extra)")
+    kfp = p.add_argument_group("Kubeflow Pipelines")
+    kfp.add_argument("--experiment", default="batch-inference", help="experiment (created if missing)")
+    kfp.add_argument("--kfp-namespace", help="profile namespace on a multi-user KFP")
+    kfp.add_argument("--kfp-token", default=os.environ.get("KFP_TOKEN"),
+                     help="bearer token for an authenticated endpoint (default: $KFP_TOKEN)")
+    kfp.add_argument("--kfp-ui-host", metavar="URL", help="UI base URL for the printed link, if not --kfp-host")
+    vertex = p.add_argument_group("Vertex AI Pipelines")
+    vertex.add_argument("--project", default=os.environ.get("GOOGLE_CLOUD_PROJECT"),
+                        help="GCP project (default: $GOOGLE_CLOUD_PROJECT)")
+    vertex.add_argument("--location", default=os.environ.get("GOOGLE_CLOUD_REGION"),
+                        help="Vertex AI region, e.g. us-central1 (default: $GOOGLE_CLOUD_REGION)")
+    vertex.add_argument("--pipeline-root", metavar="GS_URI", help="gs:// prefix for the runs' artifacts")
+    both = p.add_argument_group("both targets")
+    both.add_argument("--run-name", help=f"display name of the {'schedule' if schedule else 'run'}")
+    both.add_argument("--run-service-account",
+                      help="identity the run executes as: a Kubernetes service account on KFP, "
+                           "a GCP service account email on Vertex")
+    both.add_argument("--package", type=Path,
+                      help="a compiled pipeline YAML to send (default: compile the target's flavour now)")
+    if schedule:
+        both.add_argument("--cron", required=True,
+                          help="standard 5-field cron (minute hour day-of-month month day-of-week), e.g. "
+                               "'0 2 * * *'; KFP gets it with a seconds field added and fires in UTC; "
+                               "Vertex also takes a 'TZ=Europe/Paris ' prefix")
+    else:
+        both.add_argument("--wait", action="store_true", help="wait for the run to end; fail unless it succeeds")
+        both.add_argument("--timeout", type=int, default=86400, help="seconds --wait waits (KFP)")
+    params = p.add_argument_group("pipeline parameters", "left out: the compiled default")
+    _add_parameter_options(params, dict(batch_inference.component_spec.inputs), defaults=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.local_run import add_run_arguments
 
     parser = argparse.ArgumentParser(prog="python -m pipelines",
-                                     description="Compile, dry-run, make a model for, and run the "
-                                                 "batch_inference pipeline.")
+                                     description="Compile, dry-run, make a model for, run, submit and "
+                                                 "schedule the batch_inference pipeline.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("compile", help="compile the Kubeflow and Vertex flavours of the pipeline",
@@ -106,6 +237,33 @@ def build_parser() -> argparse.ArgumentParser:
                                    "worker under torchrun, and print where the results and report are.")
     add_run_arguments(p)
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("submit", help="start a run on Kubeflow Pipelines or Vertex AI Pipelines",
+                       description="Start one run of the pipeline and print its URL. Pipeline parameters "
+                                   "not given keep their compiled defaults.")
+    _add_target_options(p, schedule=False)
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("schedule", help="schedule recurring runs on Kubeflow Pipelines or Vertex AI",
+                       description="Create a recurring run (KFP) or a schedule (Vertex) and print its URL. "
+                                   "At most one run of it runs at a time; pair it with --incremental for "
+                                   "nightly runs that classify only what changed.")
+    _add_target_options(p, schedule=True)
+    p.set_defaults(func=_schedule)
+
+    p = sub.add_parser("latest", help="show (and fetch) the latest complete run's results under a results root",
+                       description="Find the latest run under RESULTS_ROOT whose aggregate succeeded and print "
+                                   "its prefix, counts and results table; --out downloads the table (every "
+                                   "image's latest label, carried-over rows of incremental runs included).")
+    p.add_argument("--results-root", required=True, help="the results_root the runs wrote to (gs:// or local)")
+    p.add_argument("--out", type=Path, help="write the table here (.csv, or .parquet)")
+    p.set_defaults(func=_latest)
+
+    p = sub.add_parser("docs", help="regenerate the pipeline-parameter table in docs/running.md",
+                       description="Rewrite the parameter table of docs/running.md from the pipeline's "
+                                   "parameters, defaults and descriptions.")
+    p.add_argument("--check", action="store_true", help="only check; exit 2 when the table is stale")
+    p.set_defaults(func=_docs)
     return parser
 
 

@@ -26,6 +26,8 @@ from components.kfp_components import IMAGE, aggregate_results, launch_inference
 from pipelines.model_factory import DEFAULT_MODEL
 
 PIPELINE_NAME = "batch-inference"
+# Python types of the pipeline's parameter types (kfp's InputSpec.type).
+PARAMETER_TYPES = {"String": str, "Integer": int, "Boolean": bool}
 KUBEFLOW = "kubeflow"
 VERTEX = "vertex"
 FLAVOURS = (KUBEFLOW, VERTEX)
@@ -61,6 +63,7 @@ def make_pipeline(flavour: str) -> Callable:
         images_uri: str = "",
         results_root: str = "",
         results_prefix: str = "",
+        incremental: bool = False,
         upload_workers: int = 16,
         model: str = DEFAULT_MODEL,
         backend: str = "kubernetes",
@@ -96,6 +99,11 @@ def make_pipeline(flavour: str) -> Callable:
                 Required unless results_prefix is set.
             results_prefix: Exact results prefix for this run, instead of <results_root>/<run id>.
                 A prefix that already holds a run's plan resumes that run. Empty: a new prefix per run.
+            incremental: Classify only the images that are new or changed (by GCS generation) since the
+                latest complete run with the same images_uri and model among the sibling folders of this
+                run's results prefix (the runs under results_root). The results still cover every image:
+                that run's rows are carried over for unchanged images, and deleted images are dropped.
+                Needs a gs:// images_uri. False: classify everything.
             upload_workers: Parallel transfers of the upload.
             model: Hugging Face hub id, or a gs:// or local directory holding a save_pretrained()
                 image-classification model and its preprocessor_config.json.
@@ -135,7 +143,7 @@ def make_pipeline(flavour: str) -> Callable:
         launch = launch_inference(
             images=upload.outputs["dataset"],
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, results_root=results_root,
-            results_prefix=results_prefix, model=model, backend=backend, batch_size=batch_size,
+            results_prefix=results_prefix, incremental=incremental, model=model, backend=backend, batch_size=batch_size,
             shard_size=shard_size, device=device, extra_worker_args=extra_worker_args,
             local_nproc=local_nproc, nodes=nodes, gpus_per_node=gpus_per_node, namespace=namespace,
             queue=queue, priority_class=priority_class, accelerator=accelerator,
@@ -178,19 +186,20 @@ def compiled_filename(flavour: str) -> str:
     return f"batch_inference_{flavour}.yaml"
 
 
+def compile_pipeline(flavour: str, path: str | Path) -> Path:
+    """Compile one flavour (``kubeflow`` or ``vertex``) into the file ``path``."""
+    from kfp import compiler
+
+    compiler.Compiler().compile(PIPELINES[flavour], str(path))
+    return Path(path)
+
+
 def compile_pipelines(out_dir: str | Path) -> list[Path]:
     """Compile both flavours into ``out_dir`` (``batch_inference_{kubeflow,vertex}.yaml``).
 
     Returns:
         The files written.
     """
-    from kfp import compiler
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for flavour, pipeline in PIPELINES.items():
-        path = out / compiled_filename(flavour)
-        compiler.Compiler().compile(pipeline, str(path))
-        written.append(path)
-    return written
+    return [compile_pipeline(flavour, out / compiled_filename(flavour)) for flavour in PIPELINES]

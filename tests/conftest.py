@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 
+# google-auth probes the GCE metadata server (169.254.169.254) when it looks for credentials,
+# e.g. inside google-cloud-aiplatform; tests must send nothing off this machine. Set before any
+# test module imports google.auth, which reads these once, and inherited by every subprocess.
+os.environ.update(NO_GCE_CHECK="true", GCE_METADATA_HOST="127.0.0.1:9", GCE_METADATA_IP="127.0.0.1:9")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components.aggregate import MARKER, IncompleteResultsError, aggregate_results
+from components.aggregate import MANIFEST, MARKER, IncompleteResultsError, aggregate_results
+from worker.incremental import read_manifest
 from worker.storage import join, open_storage, read_text, write_text
 
 COLUMNS = ["image_id", "classification", "label_index", "score", "uri"]
@@ -125,7 +126,7 @@ def test_complete_results(results_root, tmp_path):
     assert report.metrics == {
         "images": 12, "classified": 9, "errors": 3, "missing": 0, "duplicated": 0, "unexpected": 0,
         "distinct_classes": 4, "images_per_second": 12 / 4.0, "wall_seconds": 4.0, "gpu_seconds": 4.0,
-        "ranks": 2,
+        "ranks": 2, "rows": 9, "reused": 0, "changed": 0, "deleted": 0,
     }
     classified = [0, 1, 2, 3, 4, 5, 6, 8, 9]
     # Labels of the classified images: class 0 x5 (0,1,2,8,9), class 1 x2 (3,4), then 5 and 6 once each.
@@ -144,6 +145,12 @@ def test_complete_results(results_root, tmp_path):
 
     marker = json.loads(read_text(join(results_root, MARKER)))
     assert marker["metrics"] == report.metrics and marker["parts"] == 3
+    # The manifest: the same rows, with the generation each image was read at (none for odd i).
+    assert marker["manifest"] == MANIFEST
+    manifest = read_manifest(join(results_root, MANIFEST))
+    assert manifest["uri"].tolist() == table["uri"].tolist()
+    assert manifest["generation"].tolist() == [pd.NA if i % 2 else 1712345678901234 + i
+                                               for i in sorted(classified, key=_uri)]
 
     page = parse_html(Path(out["html_path"]))
     text = " ".join(page.text)

@@ -10,8 +10,9 @@ that a rerun after a crash recomputes the same plan:
 
 1. ``inventory.jsonl``: every image under the input now, with its generation (a plain GCS
    listing, since DataFlux's fast listing carries no generation).
-2. ``run.json``: the base run, the latest complete sibling with the same input and model
-   (none on a first run), and what the plan holds.
+2. ``run.json``: the base run, the latest complete incremental sibling with the same input
+   and model (none on a first run), and what the plan holds. A full run is never a base: its
+   fast DataFlux listing has no generations, so it cannot show that an image is unchanged.
 3. ``plan.jsonl``: the inventory entries whose ``(uri, generation)`` the base's manifest does
    not hold, i.e. new objects, overwritten objects, and objects the base could not classify
    (their errors are retried).
@@ -77,6 +78,10 @@ class CompletedRun:
     def model(self) -> str | None:
         return self.marker.get("run", {}).get("model")
 
+    @property
+    def incremental(self) -> bool:
+        return bool(self.marker.get("run", {}).get("incremental"))
+
 
 def completed_runs(results_root: str, *, project: str | None = None) -> list[CompletedRun]:
     """Every complete run directly under ``results_root`` that has a manifest, oldest first.
@@ -105,11 +110,12 @@ def completed_runs(results_root: str, *, project: str | None = None) -> list[Com
 
 
 def latest_base(results_uri: str, input_uri: str, model: str, *, project: str | None = None) -> CompletedRun | None:
-    """The run an incremental run at ``results_uri`` builds on: the latest complete sibling
-    that classified the same input with the same model (another model's labels are not reusable)."""
+    """The run an incremental run at ``results_uri`` builds on: the latest complete incremental
+    sibling that classified the same input with the same model (another model's labels are not
+    reusable, and only an incremental run recorded the generation each row was classified at)."""
     own = results_uri.rstrip("/")
     candidates = [r for r in completed_runs(results_root_of(results_uri), project=project)
-                  if r.results_uri != own and r.input == input_uri and r.model == model]
+                  if r.results_uri != own and r.incremental and r.input == input_uri and r.model == model]
     return candidates[-1] if candidates else None
 
 

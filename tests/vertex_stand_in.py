@@ -1,0 +1,82 @@
+"""A stand-in for the Vertex AI Pipelines REST API (v1) on 127.0.0.1, for the submit tests.
+
+It is not Vertex AI: it serves the three calls google-cloud-aiplatform makes to create a
+pipeline job, read it back, and create a schedule, over the REST transport
+(``aiplatform.init(api_endpoint=stand_in.url, api_transport="rest")``). It records each body,
+names the created resources the way Vertex does, and reports ``final_state`` for every job.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse
+
+_COLLECTION = re.compile(r"/v1/projects/([^/]+)/locations/([^/]+)/(pipelineJobs|schedules)(?:/([^/]+))?")
+
+
+class VertexApiStandIn:
+    """``with VertexApiStandIn() as vertex: vertex.url``; created resources in ``jobs`` and ``schedules``."""
+
+    def __init__(self, *, final_state: str = "PIPELINE_STATE_SUCCEEDED"):
+        self.final_state = final_state
+        self.jobs: dict[str, dict] = {}
+        self.schedules: dict[str, dict] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> VertexApiStandIn:
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                stand_in._handle(self, "GET")
+
+            def do_POST(self):  # noqa: N802
+                stand_in._handle(self, "POST")
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        length = int(h.headers.get("Content-Length") or 0)
+        body = json.loads(h.rfile.read(length)) if length else {}
+        match = _COLLECTION.fullmatch(urlparse(h.path).path)
+        with self._lock:
+            status, answer = self._route(method, match, body) if match else (404, {})
+        data = json.dumps(answer).encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _route(self, method: str, match: re.Match, body: dict) -> tuple[int, dict]:
+        project, location, collection, resource_id = match.groups()
+        if method == "POST" and resource_id is None:
+            store = self.jobs if collection == "pipelineJobs" else self.schedules
+            new_id = f"{collection.lower()}-{next(self._ids)}"
+            resource = {**body, "name": f"projects/{project}/locations/{location}/{collection}/{new_id}"}
+            if collection == "pipelineJobs":
+                resource["state"] = "PIPELINE_STATE_PENDING"
+            else:
+                resource["state"] = "ACTIVE"
+            store[new_id] = resource
+            return 200, resource
+        if method == "GET" and collection == "pipelineJobs" and resource_id in self.jobs:
+            return 200, {**self.jobs[resource_id], "state": self.final_state}
+        return 404, {"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}}
