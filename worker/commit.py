@@ -108,6 +108,8 @@ class Progress:
         rate = self.rate
         remaining = max(self.total - self.done, 0)
         eta = f"{remaining / rate:.0f}s" if rate > 0 else "?"
-        pct = 100.0 * self.done / self.total if self.total else 100.0
+        # With dynamic assignment the total is an estimate (the job's share per rank): a fast
+        # rank may pass it, so the percentage stops at 100.
+        pct = min(100.0, 100.0 * self.done / self.total) if self.total else 100.0
         return (f"rank {self.rank}: {self.done}/{self.total} images ({pct:.1f}%), "
                 f"{self.errors} errors, {rate:.1f} img/s, ETA {eta}")

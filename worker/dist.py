@@ -70,11 +70,17 @@ def init(device: str) -> Topology:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if world_size == 1:
         return Topology(0, 1, 0, 1)
-    if device == "cuda":
+    if device == "cuda" and local_world <= torch.cuda.device_count():
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl", timeout=datetime.timedelta(hours=2),
                                 device_id=torch.device("cuda", local_rank))
         control = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
+    elif device == "cuda":
+        # More ranks than GPUs (several ranks share a GPU, one GIL each): NCCL refuses two
+        # ranks on one device, and the only traffic is control anyway, so gloo carries it.
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
+        control = dist.group.WORLD
     else:
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
         control = dist.group.WORLD

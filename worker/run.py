@@ -33,7 +33,8 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for, but no GPU is visible")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        # Ranks beyond the GPU count share GPUs round-robin (several processes per GPU).
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
 
 
