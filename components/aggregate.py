@@ -29,7 +29,7 @@ from typing import Sequence
 import pandas as pd
 
 from components.report import render_report
-from worker.commit import ERROR_COLUMNS, PART_COLUMNS
+from worker.commit import PART_COLUMNS
 from worker.incremental import INVENTORY_FILE, MANIFEST, MARKER, read_manifest
 from worker.plan import PLAN_FILE, RUN_FILE, decode_plan
 from worker.storage import ObjectInfo, Storage, join, open_storage, write_text
