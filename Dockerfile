@@ -47,10 +47,11 @@ COPY pipelines ./pipelines
 
 # The project and its dependencies (kfp, kfp-kubernetes, transformers, gcs-torch-dataflux,
 # google-cloud-storage, pandas, ...), not editable, with the `vertex` extra (google-cloud-container:
-# a launcher on Vertex reads the GKE cluster's endpoint and CA). Then prove torch is still the
+# a launcher on Vertex reads the GKE cluster's endpoint and CA) and `hardware-jpeg` (nvImageCodec,
+# for `--gpu-jpeg hardware`). Then prove torch is still the
 # base's, the GPU decode path imports, and the installed (not copied) packages start.
 RUN BEFORE="$(python3 -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__)')" \
- && python3 -m pip install ".[vertex]" \
+ && python3 -m pip install ".[vertex,hardware-jpeg]" \
  && AFTER="$(python3 -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__)')" \
  && echo "torch torchvision before: ${BEFORE}; after: ${AFTER}" && test "${BEFORE}" = "${AFTER}" \
  && cd / \

@@ -1,0 +1,77 @@
+"""The GPU path's parts that run on a CPU too: Pillow-exact resize, the fp32 head, block pacing, config.
+
+The GPU-only parts (nvjpeg, the hardware JPEG engines, CUDA events) are measured by
+``python -m worker.bench`` on a GPU machine; benchmarks/NOTES.md holds the figures.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from worker.config import WorkerConfig, parse_args
+from worker.decode import resize_like_pillow
+from worker.model import keep_classifier_in_fp32
+from worker.run import BlockPacer
+
+
+def _photo_like(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC)).astype(np.int16)
+    return np.clip(img + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape", [(480, 640), (640, 480), (97, 301)])
+@pytest.mark.parametrize("mode,resample", [("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC)])
+def test_resize_like_pillow_matches_pillow(shape, mode, resample):
+    img = _photo_like(*shape, seed=sum(shape))
+    expected = np.asarray(Image.fromarray(img).resize((224, 224), resample, reducing_gap=None)).astype(np.float64)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    got = resize_like_pillow(x, (224, 224), mode)[0].permute(1, 2, 0).numpy()
+    diff = np.abs(got - expected)
+    one_pass = torch.nn.functional.interpolate(x, size=(224, 224), mode=mode, antialias=True,
+                                               align_corners=False)[0].permute(1, 2, 0).numpy()
+    # Off by one level on a few pixels at most (Pillow's fixed-point weights), where a
+    # single float pass is off on average by a quarter level.
+    assert diff.max() <= 1
+    assert diff.mean() < 0.03
+    assert np.abs(one_pass - expected).mean() > 5 * diff.mean()
+
+
+def test_classifier_runs_in_fp32_on_bf16_features(tiny_model):
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(str(tiny_model), dtype=torch.bfloat16).eval()
+    keep_classifier_in_fp32(model)
+    assert model.classifier.weight.dtype == torch.float32
+    assert next(model.vit.parameters()).dtype == torch.bfloat16
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        logits = model(pixel_values=pixels.bfloat16()).logits
+        features = model.vit(pixel_values=pixels.bfloat16()).last_hidden_state[:, 0]
+        expected = features.float() @ model.classifier.weight.T + model.classifier.bias
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, expected)
+
+
+def test_block_pacer_hooks_every_encoder_block(tiny_model):
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(str(tiny_model))
+    pacer = BlockPacer(model, depth=2)
+    assert len(pacer.handles) == model.config.num_hidden_layers
+    assert BlockPacer(model, depth=0).handles == []
+
+
+def test_gpu_flags_round_trip_and_validate(tmp_path):
+    cfg = parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--model", "m",
+                      "--gpu-jpeg", "hardware", "--queued-blocks", "0"])
+    assert (cfg.gpu_jpeg, cfg.queued_blocks) == ("hardware", 0)
+    assert parse_args(cfg.to_args()) == cfg
+    with pytest.raises(ValueError, match="--gpu-jpeg"):
+        WorkerConfig(input=str(tmp_path), output=str(tmp_path), model="m", gpu_jpeg="auto")
+    with pytest.raises(ValueError, match="--queued-blocks"):
+        WorkerConfig(input=str(tmp_path), output=str(tmp_path), model="m", queued_blocks=-1)
