@@ -27,6 +27,12 @@ VARIANTS = {
     "hardware, 2 queued, 1 decode worker": {"gpu_jpeg": "hardware", "decode_workers": 1},
     "hardware, 2 queued, 4 decode workers": {"gpu_jpeg": "hardware", "decode_workers": 4},
     "cuda, 2 queued, switch 0.5 ms": {"gpu_jpeg": "cuda", "_switch": 0.0005},
+    "cuda, 1 block queued": {"queued_blocks": 1},
+    "cuda, 3 blocks queued": {"queued_blocks": 3},
+    "cuda, 2 queued, 1 decode worker": {"decode_workers": 1},
+    "cuda, 2 queued, 3 decode workers": {"decode_workers": 3},
+    "cuda, 2 queued, batch 512": {"batch_size": 512},
+    "cuda, 2 queued, 8 read threads": {"read_threads": 8},
 }
 
 
@@ -34,7 +40,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", default="/tmp/bench")
     p.add_argument("--images", type=int, default=16384)
-    p.add_argument("--only", default="")
+    p.add_argument("--only", default="", help="variant names, separated by semicolons")
     args = p.parse_args()
     work = Path(args.workdir)
     paths = sorted((work / "images").rglob("*.jpg"))
@@ -47,7 +53,7 @@ def main() -> None:
     results = {}
     default_switch = sys.getswitchinterval()
     for name, overrides in VARIANTS.items():
-        if args.only and name not in args.only.split(","):
+        if args.only and name not in args.only.split(";"):
             continue
         overrides = dict(overrides)
         sys.setswitchinterval(overrides.pop("_switch", default_switch))
