@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.bench import train_probe_head, make_dataset
-from worker.decode import Preprocess, pil_resized
+from worker.decode import Preprocess, pil_resized, resize_like_pillow
 from worker.model import load_preprocessor_config
 from worker.random_model import make_model
 
@@ -81,29 +81,21 @@ def nvimg_tensors(decoder, payloads, stream=None):
             else torch.as_tensor(im, device=DEV) for im in imgs], imgs
 
 
-def resize_two_pass(chw_list, pre: Preprocess) -> torch.Tensor:
-    """Pillow's order: horizontal pass, round to uint8, vertical pass, round."""
+def resize_u8(chw_list, pre: Preprocess, rounded) -> torch.Tensor:
+    """Resize to the model's size, one launch per input shape; rows keep the input order.
+
+    ``rounded``: False (one float pass), True (one pass, rounded) or "two-pass" (the worker's
+    ``resize_like_pillow``).
+    """
     out = torch.empty((len(chw_list), 3, pre.height, pre.width), device=DEV)
     groups: dict[tuple, list[int]] = {}
     for i, a in enumerate(chw_list):
         groups.setdefault(tuple(a.shape), []).append(i)
     for idx in groups.values():
         x = torch.stack([chw_list[i] for i in idx]).float()
-        x = F.interpolate(x, size=(x.shape[-2], pre.width), mode="bilinear", antialias=True, align_corners=False)
-        x = x.round_().clamp_(0, 255)
-        x = F.interpolate(x, size=(pre.height, pre.width), mode="bilinear", antialias=True, align_corners=False)
-        out[idx] = x.round_().clamp_(0, 255)
-    return out
-
-
-def resize_u8(chw_list, pre: Preprocess, rounded: bool) -> torch.Tensor:
-    """Resize to the model's size, one launch per input shape; rows keep the input order."""
-    out = torch.empty((len(chw_list), 3, pre.height, pre.width), device=DEV)
-    groups: dict[tuple, list[int]] = {}
-    for i, a in enumerate(chw_list):
-        groups.setdefault(tuple(a.shape), []).append(i)
-    for idx in groups.values():
-        x = torch.stack([chw_list[i] for i in idx]).float()
+        if rounded == "two-pass":
+            out[idx] = resize_like_pillow(x, (pre.height, pre.width), "bilinear")
+            continue
         x = F.interpolate(x, size=(pre.height, pre.width), mode="bilinear", antialias=True, align_corners=False)
         out[idx] = x.round_().clamp_(0, 255) if rounded else x
     return out
@@ -294,9 +286,7 @@ def fidelity(payloads, pre, model32):
 
     def report(name, decoded_chw):
         for rounded in (False, True, "two-pass"):
-            resize = (lambda c: resize_two_pass(c, pre)) if rounded == "two-pass" else (
-                lambda c: resize_u8(c, pre, rounded))
-            out = torch.cat([resize(decoded_chw[i:i + 256]) for i in range(0, n, 256)])
+            out = torch.cat([resize_u8(decoded_chw[i:i + 256], pre, rounded) for i in range(0, n, 256)])
             diff = (out - ref.float()).abs()
             agree = (fp32_labels(model32, normalize(out)) == ref_labels).float().mean().item()
             print(f"{name}{f' {rounded}' if rounded == 'two-pass' else ' rounded' if rounded else ''}: mean|diff| {diff.mean().item():.3f}, "
