@@ -82,6 +82,8 @@ def test_resume_after_kill_keeps_committed_parts(local_sets, tiny_model, tmp_pat
     assert killed.returncode != 0
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_ino) for p in (out / "parts").glob("*.csv")}
     assert 2 <= len(before) < 10, "the kill must land after some, but not all, shards committed"
+    # A kill can land mid-write; plant such a leftover so the rerun's cleanup is always exercised.
+    (out / "parts" / ".part-00009.csv.interrupted.tmp").write_bytes(b"image_id,classification\nhalf")
 
     rerun = run_worker(str(root), str(out), str(tiny_model), 2, "--shard-size", "100", "--batch-size", "25")
     assert "resuming" in rerun.stdout

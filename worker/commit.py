@@ -56,6 +56,11 @@ class Committer:
         except FileNotFoundError:
             return set()
 
+    def discard_interrupted_writes(self) -> None:
+        """Clean up after a killed attempt; call before any rank of this run writes."""
+        if removed := self.storage.discard_interrupted_writes(self.output):
+            log.info("removed %d unfinished write(s) left by an interrupted attempt", removed)
+
     def commit(self, shard_index: int, result: ShardResult) -> bool:
         """Write the shard's errors, then its part. False if another writer committed it first."""
         name = part_name(shard_index)

@@ -147,6 +147,7 @@ class Worker:
         committer = Committer(cfg.output, cfg.project)
         shared = None
         if self.topo.rank == 0:
+            committer.discard_interrupted_writes()
             plan = load_or_create_plan(cfg)
             shared = (plan, committer.committed_shards())
         plan, committed = self.topo.broadcast(shared)

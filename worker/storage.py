@@ -64,6 +64,8 @@ class Storage(Protocol):
 
     def exists(self, uri: str) -> bool: ...
 
+    def discard_interrupted_writes(self, prefix_uri: str) -> int: ...
+
 
 class LocalStorage:
     """Local filesystem backend. Writes are atomic: a temp file in the target folder, then a rename."""
@@ -118,6 +120,19 @@ class LocalStorage:
 
     def exists(self, uri: str) -> bool:
         return Path(uri).exists()
+
+    def discard_interrupted_writes(self, prefix_uri: str) -> int:
+        """Remove the temp files of writes a killed process never finished; returns how many.
+
+        Only safe while nothing else writes under the prefix, e.g. before a run's ranks start.
+        """
+        root = Path(prefix_uri)
+        if not root.is_dir():
+            return 0
+        stale = [p for p in root.rglob(".*.tmp") if p.is_file()]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
 
 
 def default_project() -> str:
@@ -272,6 +287,10 @@ class GCSStorage:
     def exists(self, uri: str) -> bool:
         bucket_name, name = split_gcs(uri)
         return self.client.bucket(bucket_name).blob(name).exists()
+
+    def discard_interrupted_writes(self, prefix_uri: str) -> int:
+        # A GCS upload is all or nothing: a killed writer leaves no partial object.
+        return 0
 
 
 _GCS: dict[tuple[str, bool], GCSStorage] = {}
