@@ -58,22 +58,22 @@ def list_input(cfg: WorkerConfig) -> list[ObjectInfo]:
 
 
 def encode_plan(objects: list[ObjectInfo]) -> bytes:
-    lines = []
-    for o in objects:
-        entry = {"uri": o.uri, "size": o.size}
-        if o.generation is not None:
-            entry["generation"] = o.generation
-        lines.append(json.dumps(entry, ensure_ascii=False))
+    # One JSON object per line, built by hand: json.dumps of a dict per entry is 3x slower,
+    # and plans run to millions of lines.
+    quote = json.JSONEncoder(ensure_ascii=False).encode
+    lines = [
+        f'{{"uri": {quote(o.uri)}, "size": {int(o.size)}}}' if o.generation is None
+        else f'{{"uri": {quote(o.uri)}, "size": {int(o.size)}, "generation": {int(o.generation)}}}'
+        for o in objects
+    ]
     return ("\n".join(lines) + "\n" if lines else "").encode("utf-8")
 
 
 def decode_plan(data: bytes) -> list[ObjectInfo]:
-    out = []
-    for line in data.decode("utf-8").splitlines():
-        if line.strip():
-            d = json.loads(line)
-            out.append(ObjectInfo(d["uri"], int(d["size"]), d.get("generation")))
-    return out
+    lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
+    # One parse of the whole file as a JSON array, not one json.loads call per line.
+    entries = json.loads("[" + ",".join(lines) + "]")
+    return [ObjectInfo(d["uri"], int(d["size"]), d.get("generation")) for d in entries]
 
 
 def load_or_create_plan(cfg: WorkerConfig) -> list[ObjectInfo]:
@@ -99,6 +99,22 @@ def load_or_create_plan(cfg: WorkerConfig) -> list[ObjectInfo]:
         return decode_plan(out.read(plan_uri))
     log.info("planned %d images from %s -> %s", len(plan), cfg.input, plan_uri)
     return plan
+
+
+@dataclass(frozen=True)
+class PlanColumns:
+    """A plan as three parallel lists, the cheap shape to pickle and broadcast to every rank."""
+
+    uris: list[str]
+    sizes: list[int]
+    generations: list[int | None]
+
+    @classmethod
+    def of(cls, plan: list[ObjectInfo]) -> "PlanColumns":
+        return cls([o.uri for o in plan], [o.size for o in plan], [o.generation for o in plan])
+
+    def objects(self) -> list[ObjectInfo]:
+        return list(map(ObjectInfo, self.uris, self.sizes, self.generations))
 
 
 def make_shards(n_images: int, shard_size: int) -> list[Shard]:

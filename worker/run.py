@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -19,7 +19,7 @@ from worker.commit import Committer, Progress, ShardResult, image_id
 from worker.config import WorkerConfig
 from worker.decode import CpuDecoder, DecodedBatch, GpuDecoder, Preprocess
 from worker.model import fetch_model_once_per_node, load_model, load_preprocessor_config
-from worker.plan import Shard, load_or_create_plan, make_shards, static_assignment
+from worker.plan import PlanColumns, Shard, load_or_create_plan, make_shards, static_assignment
 from worker.read import Batch, batches, prefetch_map, read_batches
 from worker.storage import ReadError, open_storage
 
@@ -134,24 +134,64 @@ class BufferRing:
         self.consumed[slot] = event
 
 
+def process_age() -> float:
+    """Seconds since this process started, so that start-up counts the imports before main() too."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+            return max(0.0, float(uptime.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0  # not Linux: start-up is then counted from here
+
+
+def import_model_code_in_background() -> threading.Thread:
+    """transformers takes seconds to import; do it while the process group forms, not after.
+
+    Join the thread before touching transformers: its lazy module is not safe to import
+    from two threads at once."""
+    def load() -> None:
+        from transformers import AutoModelForImageClassification  # noqa: F401
+
+    thread = threading.Thread(target=load, name="import-transformers", daemon=True)
+    thread.start()
+    return thread
+
+
 class Worker:
     def __init__(self, cfg: WorkerConfig):
         self.cfg = cfg
+        self.started = time.monotonic() - process_age()
+        self.startup: dict[str, float] = {"imports": self._since_start()}
+        self.importing_model_code = import_model_code_in_background()
         self.device = resolve_device(cfg.device)
-        self.started = time.monotonic()
         self.topo = dist.init(self.device.type)
+        self.startup["process_group"] = self._since_start()
+
+    def _since_start(self) -> float:
+        return round(time.monotonic() - self.started, 3)
 
     # Stage 1
-    def plan(self) -> tuple[list, list[Shard], set[int]]:
-        cfg = self.cfg
-        committer = Committer(cfg.output, cfg.project)
-        shared = None
-        if self.topo.rank == 0:
+    def start_planning(self) -> Future | None:
+        """Rank 0 lists the input in a background thread, while every rank loads the model:
+        on a large local dataset the listing takes seconds that would otherwise be start-up."""
+        if self.topo.rank != 0:
+            return None
+        pool = ThreadPoolExecutor(1, thread_name_prefix="plan")
+        committer = Committer(self.cfg.output, self.cfg.project)
+
+        def plan_on_rank0() -> tuple[PlanColumns, set[int]]:
             committer.discard_interrupted_writes()
-            plan = load_or_create_plan(cfg)
-            shared = (plan, committer.committed_shards())
-        plan, committed = self.topo.broadcast(shared)
-        shards = make_shards(len(plan), cfg.shard_size)
+            return PlanColumns.of(load_or_create_plan(self.cfg)), committer.committed_shards()
+
+        planning = pool.submit(plan_on_rank0)
+        pool.shutdown(wait=False)
+        return planning
+
+    def finish_planning(self, planning: Future | None) -> tuple[list, list[Shard], set[int]]:
+        # Columns, not a list of tuples: a million-entry plan pickles and unpickles in a fraction of the time.
+        columns, committed = self.topo.broadcast(planning.result() if planning else None)
+        plan = columns.objects()
+        shards = make_shards(len(plan), self.cfg.shard_size)
         if committed:
             log.info("resuming: %d of %d shards are already committed", len(committed), len(shards))
         return plan, shards, committed
@@ -168,14 +208,21 @@ class Worker:
 
     def run(self) -> dict:
         cfg, topo = self.cfg, self.topo
-        plan, shards, committed = self.plan()
+        startup = self.startup
+        planning = self.start_planning()
+        self.importing_model_code.join()
         model_path = fetch_model_once_per_node(cfg.model, topo, cfg.model_cache, cfg.project)
+        startup["model_fetched"] = self._since_start()
         model, label_names = load_model(model_path, self.device)
         pre = Preprocess.from_config(load_preprocessor_config(model_path))
-        work, expected = self.my_shards(shards, committed)
+        startup["model_loaded"] = self._since_start()
         if self.device.type == "cuda":
             self._warm_up(model, pre)
+        startup["warmed_up"] = self._since_start()
+        plan, shards, committed = self.finish_planning(planning)
+        work, expected = self.my_shards(shards, committed)
         setup_seconds = time.monotonic() - self.started
+        startup["plan_shared"] = round(setup_seconds, 3)
 
         decode_threads = cfg.decode_threads or default_decode_threads(topo.local_world_size)
         # Pillow batches are decoded by the pil pool already; extra batch-level workers pay off on GPU.
@@ -222,6 +269,9 @@ class Worker:
             "shards": shards_done,
             "seconds": round(progress.seconds, 3),
             "setup_seconds": round(setup_seconds, 3),
+            # Seconds since the process started at which each start-up step was done; planning
+            # overlaps the model load, so "plan_shared" shows only what the model load did not hide.
+            "setup_done_at": startup,
             "images_per_second": round(progress.rate, 2),
         }
         committer.write_summary(topo.rank, summary)

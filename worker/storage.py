@@ -11,9 +11,8 @@ import logging
 import os
 import tempfile
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, NamedTuple, Protocol, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +41,9 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-@dataclass(frozen=True)
-class ObjectInfo:
+class ObjectInfo(NamedTuple):
+    # A tuple, not a dataclass: plans hold millions of these, and tuples are several times
+    # cheaper to build, pickle and broadcast.
     uri: str
     size: int
     generation: int | None = None
@@ -77,12 +77,17 @@ class LocalStorage:
             return
         if not root.is_dir():
             raise FileNotFoundError(f"input directory does not exist: {prefix_uri}")
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                if path.is_file():
-                    yield ObjectInfo(str(path), path.stat().st_size)
+        yield from self._walk(str(root))
+
+    def _walk(self, folder: str) -> Iterator[ObjectInfo]:
+        # scandir's entries know their type without a stat call: one syscall per file, not three.
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield from self._walk(entry.path)
+            elif entry.is_file():
+                yield ObjectInfo(entry.path, entry.stat().st_size)
 
     def read(self, uri: str) -> bytes:
         return Path(uri).read_bytes()
