@@ -57,3 +57,24 @@ def test_interrupted_local_writes_are_discarded_and_finished_ones_kept(tmp_path)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
         "parts/part-00000.csv"]
     assert storage.discard_interrupted_writes(str(tmp_path / "missing")) == 0
+
+
+def test_parallel_local_listing_matches_the_serial_one(tmp_path, caplog):
+    root = tmp_path / "in"
+    expected = []
+    for i in range(40):
+        folder = root / f"d{i % 5}" / f"e{i % 3}" / ("f" if i % 2 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"img{i}.jpg"
+        path.write_bytes(b"x" * i)
+        expected.append(ObjectInfo(str(path), i))
+    (root / "top.jpg").write_bytes(b"top")
+    expected.append(ObjectInfo(str(root / "top.jpg"), 3))
+    os.symlink(root / "d0", root / "d9-link")
+
+    storage = LocalStorage()
+    assert sorted(storage.list(str(root))) == sorted(expected)
+    with caplog.at_level("WARNING"):
+        listed = storage.fast_list(str(root), processes=3)
+    assert sorted(listed) == sorted(expected)  # every file once: no folder listed twice or skipped
+    assert "failed" not in caplog.text, "the processes must do the listing, not the serial fallback"

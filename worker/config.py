@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on GPU, the most model blocks (encoder layers) queued ahead of the host, so the JPEG "
                         "decoder's kernels never wait behind a whole forward; 0: no limit")
     p.add_argument("--prefetch-batches", type=int, default=8, help="batches read ahead of the GPU")
-    p.add_argument("--list-processes", type=int, default=8, help="processes for DataFlux's parallel GCS listing")
+    p.add_argument("--list-processes", type=int, default=8,
+                   help="processes that list the input (DataFlux on GCS; folders split between them on local disk)")
     p.add_argument("--compose", action=argparse.BooleanOptionalAction, default=True,
                    help="use DataFlux composed downloads on GCS (temporary composites under "
                         "dataflux-composed-objects/ in the input bucket, deleted after use); "

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from worker.config import IMAGE_EXTENSIONS, WorkerConfig
-from worker.storage import GCSStorage, ObjectInfo, is_gcs, join, open_storage
+from worker.storage import ObjectInfo, is_gcs, join, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,10 @@ def is_image(uri: str) -> bool:
 def list_input(cfg: WorkerConfig) -> list[ObjectInfo]:
     """Every image under the input, sorted by URI (with GCS generations for incremental runs)."""
     storage = open_storage(cfg.input, project=cfg.project)
-    if isinstance(storage, GCSStorage) and not cfg.incremental:
-        listed = storage.fast_list(cfg.input, processes=cfg.list_processes)
+    if cfg.incremental:
+        listed = list(storage.list(cfg.input))  # with GCS generations, which fast_list lacks
     else:
-        listed = list(storage.list(cfg.input))
+        listed = storage.fast_list(cfg.input, processes=cfg.list_processes)
     output_prefix = cfg.output.rstrip("/") + "/"
     images = [
         o for o in listed

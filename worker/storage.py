@@ -8,9 +8,12 @@ worker, the components and the tests never branch on the scheme themselves.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import tempfile
 import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterator, NamedTuple, Protocol, Sequence
 
@@ -56,6 +59,8 @@ class ReadError(Exception):
 class Storage(Protocol):
     def list(self, prefix_uri: str) -> Iterator[ObjectInfo]: ...
 
+    def fast_list(self, prefix_uri: str, processes: int = 8) -> list[ObjectInfo]: ...
+
     def read(self, uri: str) -> bytes: ...
 
     def read_many(self, objects: Sequence[ObjectInfo]) -> list[bytes | ReadError]: ...
@@ -88,6 +93,31 @@ class LocalStorage:
                 yield from self._walk(entry.path)
             elif entry.is_file():
                 yield ObjectInfo(entry.path, entry.stat().st_size)
+
+    def fast_list(self, prefix_uri: str, processes: int = 8) -> list[ObjectInfo]:
+        """The tree's files with their sizes, listed by several processes. Unordered.
+
+        The cost is one stat() per file; threads would take turns on the GIL, so the
+        folders are split between processes instead (spawned, since the caller may already
+        run CUDA and other threads).
+        """
+        root = Path(prefix_uri)
+        if processes <= 1 or not root.is_dir():
+            return list(self.list(prefix_uri))
+        tasks = _split_tree(str(root), parts=4 * processes)
+        if len(tasks) == 1:
+            return list(self.list(prefix_uri))
+        out: list[ObjectInfo] = []
+        context = multiprocessing.get_context("spawn")
+        try:
+            with ProcessPoolExecutor(min(processes, len(tasks)), mp_context=context) as pool:
+                for uris, sizes in pool.map(_list_folder, tasks):
+                    out.extend(map(ObjectInfo, uris, sizes))
+        except BrokenProcessPool:
+            # A spawned child re-imports __main__, which fails for a script read from stdin.
+            log.warning("parallel listing of %s failed; listing it in this process", prefix_uri)
+            return list(self.list(prefix_uri))
+        return out
 
     def read(self, uri: str) -> bytes:
         return Path(uri).read_bytes()
@@ -138,6 +168,47 @@ class LocalStorage:
         for path in stale:
             path.unlink(missing_ok=True)
         return len(stale)
+
+
+def _split_tree(root: str, parts: int, max_depth: int = 4) -> list[tuple[str, bool]]:
+    """(folder, recursive) tasks covering the tree once: a folder is opened up, its own files
+    becoming a non-recursive task, until there are ``parts`` recursive tasks or no deeper folders."""
+    tasks = [(root, True)]
+    for _ in range(max_depth):
+        recursive = [folder for folder, deep in tasks if deep]
+        if len(recursive) >= parts:
+            break
+        opened = []
+        for folder, deep in tasks:
+            if not deep:
+                opened.append((folder, False))
+                continue
+            with os.scandir(folder) as it:
+                subfolders = sorted(e.path for e in it if e.is_dir(follow_symlinks=False))
+            opened.append((folder, False))
+            opened.extend((sub, True) for sub in subfolders)
+        if len(opened) == len(tasks):
+            break  # no folder had subfolders left to open
+        tasks = opened
+    return tasks
+
+
+def _list_folder(task: tuple[str, bool]) -> tuple[list[str], list[int]]:
+    """One task of ``_split_tree``, as two columns (cheap to send back between processes)."""
+    folder, recursive = task
+    uris: list[str] = []
+    sizes: list[int] = []
+    stack = [folder]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    if recursive:
+                        stack.append(entry.path)
+                elif entry.is_file():
+                    uris.append(entry.path)
+                    sizes.append(entry.stat().st_size)
+    return uris, sizes
 
 
 def default_project() -> str:
