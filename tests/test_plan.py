@@ -24,10 +24,13 @@ def test_plan_file_round_trips_and_stays_one_json_object_per_line():
     assert encode_plan([]) == b"" and decode_plan(b"") == []
 
 
-def test_plan_columns_survive_pickling_as_the_same_objects():
+def test_plan_columns_survive_pickling_and_index_like_the_plan():
     plan = [ObjectInfo(f"/d/{i:04d}.jpg", i, None if i % 2 else i * 7) for i in range(1000)]
     columns = pickle.loads(pickle.dumps(PlanColumns.of(plan)))
-    assert columns.objects() == plan
+    assert len(columns) == len(plan)
+    assert list(columns) == plan
+    assert columns[7] == plan[7] and columns[-1] == plan[-1]
+    assert columns[990:1010] == plan[990:1010] and columns[5:5] == []
 
 
 def test_local_listing_finds_nested_files_with_sizes_and_skips_symlinked_folders(tmp_path):

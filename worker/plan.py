@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from worker.config import IMAGE_EXTENSIONS, WorkerConfig
@@ -102,19 +103,25 @@ def load_or_create_plan(cfg: WorkerConfig) -> list[ObjectInfo]:
 
 
 @dataclass(frozen=True)
-class PlanColumns:
-    """A plan as three parallel lists, the cheap shape to pickle and broadcast to every rank."""
+class PlanColumns(Sequence[ObjectInfo]):
+    """A plan as three parallel lists: cheap to pickle and broadcast to every rank, and an
+    ObjectInfo is built only when a rank reads it, not a million of them up front."""
 
     uris: list[str]
     sizes: list[int]
     generations: list[int | None]
 
     @classmethod
-    def of(cls, plan: list[ObjectInfo]) -> "PlanColumns":
+    def of(cls, plan: Sequence[ObjectInfo]) -> "PlanColumns":
         return cls([o.uri for o in plan], [o.size for o in plan], [o.generation for o in plan])
 
-    def objects(self) -> list[ObjectInfo]:
-        return list(map(ObjectInfo, self.uris, self.sizes, self.generations))
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return list(map(ObjectInfo, self.uris[index], self.sizes[index], self.generations[index]))
+        return ObjectInfo(self.uris[index], self.sizes[index], self.generations[index])
 
 
 def make_shards(n_images: int, shard_size: int) -> list[Shard]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 from worker.plan import Shard
 from worker.storage import ObjectInfo, ReadError, Storage
@@ -22,7 +22,7 @@ class Batch:
     payloads: list[bytes | ReadError] | None = None
 
 
-def batches(plan: list[ObjectInfo], shards: Iterable[Shard], batch_size: int) -> Iterator[Batch]:
+def batches(plan: Sequence[ObjectInfo], shards: Iterable[Shard], batch_size: int) -> Iterator[Batch]:
     for shard in shards:
         for start in range(shard.start, shard.stop, batch_size):
             stop = min(start + batch_size, shard.stop)
