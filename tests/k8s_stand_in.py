@@ -31,10 +31,11 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from collections.abc import Callable
 from urllib.parse import parse_qsl, urlsplit
+
+from http_stand_in import LoopbackServer, QuietHandler
 
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -144,8 +145,7 @@ class KubeApiStandIn:
         self._log_faults: dict[str, deque[int]] = {}
         self._log_clock = itertools.count(1)
         self._closing = False
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: LoopbackServer | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -155,27 +155,20 @@ class KubeApiStandIn:
         class Handler(_Handler):
             world = stand_in
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="k8s-stand-in",
-                                        daemon=True)
-        self._thread.start()
+        self._server = LoopbackServer(Handler, "k8s-stand-in")
         return self
 
     def __exit__(self, *exc: object) -> None:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        assert self._server is not None and self._thread is not None
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        assert self._server is not None
+        self._server.stop()
 
     @property
     def url(self) -> str:
         assert self._server is not None
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return self._server.url
 
     # -- scripting -----------------------------------------------------------------------------------
 
@@ -413,7 +406,7 @@ def _matches(labels: dict[str, str], selector: str) -> bool:
     return True
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out in separate writes; avoid 40 ms ACK stalls
     world: KubeApiStandIn
@@ -437,9 +430,6 @@ class _Handler(BaseHTTPRequestHandler):
         ("GET", re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)/log$"), "pod_log"),
     ]
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep test output clean
-        pass
-
     def do_GET(self) -> None:
         self._dispatch("GET")
 
@@ -451,10 +441,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         parts = urlsplit(self.path)
-        body = None
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            body = json.loads(self.rfile.read(length))
+        body = self.read_json()
         request = Request(method, parts.path, dict(parse_qsl(parts.query)), body)
         self.world.record(request)
         self.world._fire_steps(request, "received")
@@ -469,20 +456,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- responses -------------------------------------------------------------------------------------
 
-    def _json(self, code: int, obj: Any) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def _status(self, code: int, reason: str, message: str, details: dict[str, Any] | None = None) -> None:
         status = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                   "message": message, "reason": reason, "code": code}
         if details:
             status["details"] = details
-        self._json(code, status)
+        self.send_json(code, status)
 
     def _start_stream(self, content_type: str) -> None:
         self.send_response(200)
@@ -510,7 +489,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.world.pytorchjob_crd:
             self._status(404, "NotFound", "the server could not find the requested resource")
             return
-        self._json(200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "kubeflow.org/v1",
+        self.send_json(200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "kubeflow.org/v1",
                          "resources": [{"name": "pytorchjobs", "namespaced": True, "kind": "PyTorchJob",
                                         "verbs": ["create", "delete", "get", "list", "watch"]},
                                        {"name": "pytorchjobs/status", "namespaced": True, "kind": "PyTorchJob",
@@ -521,14 +500,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._status(404, "NotFound", "the server could not find the requested resource")
             return
         version = {"groupVersion": f"kueue.x-k8s.io/{self.world.kueue_version}", "version": self.world.kueue_version}
-        self._json(200, {"kind": "APIGroup", "apiVersion": "v1", "name": "kueue.x-k8s.io",
+        self.send_json(200, {"kind": "APIGroup", "apiVersion": "v1", "name": "kueue.x-k8s.io",
                          "versions": [version], "preferredVersion": version})
 
     def _get_namespace(self, request: Request, ns: str) -> None:
         if not self.world.namespace_read_allowed:
             self._status(403, "Forbidden", f'namespaces "{ns}" is forbidden: User cannot get resource "namespaces"')
         elif ns in self.world.namespaces:
-            self._json(200, {"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": ns}})
+            self.send_json(200, {"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": ns}})
         else:
             self._status(404, "NotFound", f'namespaces "{ns}" not found', {"name": ns, "kind": "namespaces"})
 
@@ -543,7 +522,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._status(409, "AlreadyExists", f'pytorchjobs.kubeflow.org "{name}" already exists',
                          {"name": name, "group": "kubeflow.org", "kind": "pytorchjobs"})
         else:
-            self._json(201, world.create_job(request.body))
+            self.send_json(201, world.create_job(request.body))
 
     def _list_jobs(self, request: Request, ns: str) -> None:
         if not self.world.pytorchjob_crd:
@@ -556,7 +535,7 @@ class _Handler(BaseHTTPRequestHandler):
             items = [copy.deepcopy(j) for (n, _), j in self.world.jobs.items()
                      if n == ns and self._job_selected(j, request.query)]
             rv = str(self.world._current_rv)
-        self._json(200, {"kind": "PyTorchJobList", "apiVersion": "kubeflow.org/v1",
+        self.send_json(200, {"kind": "PyTorchJobList", "apiVersion": "kubeflow.org/v1",
                          "metadata": {"resourceVersion": rv}, "items": items})
 
     @staticmethod
@@ -609,11 +588,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._status(404, "NotFound", f'pytorchjobs.kubeflow.org "{name}" not found',
                          {"name": name, "group": "kubeflow.org", "kind": "pytorchjobs"})
         else:
-            self._json(200, job)
+            self.send_json(200, job)
 
     def _delete_job(self, request: Request, ns: str, name: str) -> None:
         if self.world.delete_job(ns, name):
-            self._json(200, {"kind": "Status", "apiVersion": "v1", "status": "Success",
+            self.send_json(200, {"kind": "Status", "apiVersion": "v1", "status": "Success",
                              "details": {"name": name, "group": "kubeflow.org", "kind": "pytorchjobs"}})
         else:
             self._status(404, "NotFound", f'pytorchjobs.kubeflow.org "{name}" not found',
@@ -627,14 +606,14 @@ class _Handler(BaseHTTPRequestHandler):
             items = [copy.deepcopy(w) for (n, _), w in self.world.workloads.items()
                      if n == ns and _matches(w["metadata"]["labels"], request.query.get("labelSelector", ""))]
             rv = str(self.world._current_rv)
-        self._json(200, {"kind": "WorkloadList", "apiVersion": f"kueue.x-k8s.io/{v}",
+        self.send_json(200, {"kind": "WorkloadList", "apiVersion": f"kueue.x-k8s.io/{v}",
                          "metadata": {"resourceVersion": rv}, "items": items})
 
     def _get_localqueue(self, request: Request, v: str, ns: str, name: str) -> None:
         if not self.world.kueue_installed or v != self.world.kueue_version:
             self._status(404, "NotFound", "the server could not find the requested resource")
         elif (ns, name) in self.world.local_queues:
-            self._json(200, {"kind": "LocalQueue", "apiVersion": f"kueue.x-k8s.io/{v}",
+            self.send_json(200, {"kind": "LocalQueue", "apiVersion": f"kueue.x-k8s.io/{v}",
                              "metadata": {"name": name, "namespace": ns},
                              "spec": {"clusterQueue": "dws-cluster-queue"}})
         else:
@@ -645,7 +624,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.world._cond:
             items = [copy.deepcopy(p.obj) for (n, _), p in self.world.pods.items()
                      if n == ns and _matches(p.obj["metadata"]["labels"], request.query.get("labelSelector", ""))]
-        self._json(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+        self.send_json(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
 
     def _pod_log(self, request: Request, ns: str, name: str) -> None:
         world = self.world

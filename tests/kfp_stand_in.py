@@ -14,8 +14,9 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
+
+from http_stand_in import LoopbackServer, QuietHandler, forwarding_handler
 
 API = "/apis/v2beta1"
 
@@ -42,48 +43,26 @@ class KfpApiStandIn:
         self._lock = threading.Lock()
 
     def __enter__(self) -> KfpApiStandIn:
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                stand_in._handle(self, "GET")
-
-            def do_POST(self):  # noqa: N802
-                stand_in._handle(self, "POST")
-
-            def log_message(self, *args):  # keep test output clean
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._server = LoopbackServer(forwarding_handler(self), "kfp-stand-in")
+        self.url = self._server.url
         return self
 
     def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        self._server.stop()
 
     def calls(self, method: str, path: str) -> list[Request]:
         return [r for r in self.requests if r.method == method and r.path == API + path]
 
-    def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+    def _handle(self, h: QuietHandler, method: str) -> None:
         url = urlparse(h.path)
-        length = int(h.headers.get("Content-Length") or 0)
-        body = json.loads(h.rfile.read(length)) if length else None
+        body = h.read_json()
         with self._lock:
             self.requests.append(Request(method, url.path, parse_qs(url.query), body))
             if self.token and h.headers.get("Authorization") != f"Bearer {self.token}":
                 status, answer = 401, _error(16, "Unauthenticated: no valid bearer token")
             else:
                 status, answer = self._route(method, url.path, parse_qs(url.query), body)
-        data = json.dumps(answer).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
+        h.send_json(status, answer)
 
     def _route(self, method: str, path: str, query: dict, body: dict | None) -> tuple[int, dict]:
         if (method, path) == ("GET", f"{API}/healthz"):

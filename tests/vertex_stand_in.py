@@ -9,11 +9,11 @@ names the created resources the way Vertex does, and reports ``final_state`` for
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
+
+from http_stand_in import LoopbackServer, QuietHandler, forwarding_handler
 
 _COLLECTION = re.compile(r"/v1/projects/([^/]+)/locations/([^/]+)/(pipelineJobs|schedules)(?:/([^/]+))?")
 
@@ -29,41 +29,19 @@ class VertexApiStandIn:
         self._lock = threading.Lock()
 
     def __enter__(self) -> VertexApiStandIn:
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                stand_in._handle(self, "GET")
-
-            def do_POST(self):  # noqa: N802
-                stand_in._handle(self, "POST")
-
-            def log_message(self, *args):
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._server = LoopbackServer(forwarding_handler(self), "vertex-stand-in")
+        self.url = self._server.url
         return self
 
     def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        self._server.stop()
 
-    def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
-        length = int(h.headers.get("Content-Length") or 0)
-        body = json.loads(h.rfile.read(length)) if length else {}
+    def _handle(self, h: QuietHandler, method: str) -> None:
+        body = h.read_json(empty={})
         match = _COLLECTION.fullmatch(urlparse(h.path).path)
         with self._lock:
             status, answer = self._route(method, match, body) if match else (404, {})
-        data = json.dumps(answer).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
+        h.send_json(status, answer)
 
     def _route(self, method: str, match: re.Match, body: dict) -> tuple[int, dict]:
         project, location, collection, resource_id = match.groups()
