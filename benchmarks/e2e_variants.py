@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -14,9 +15,31 @@ from pathlib import Path
 from worker.bench import train_probe_head, make_dataset
 from worker.random_model import make_model
 from worker.config import WorkerConfig
+import worker.run
 from worker.run import run
 
 VARIANTS = {
+    "eager unpaced": {"queued_blocks": 0},
+    "eager unpaced, 1 decode worker": {"queued_blocks": 0, "decode_workers": 1},
+    "eager unpaced, 3 decode workers": {"queued_blocks": 0, "decode_workers": 3},
+    "eager unpaced, 2 read threads": {"queued_blocks": 0, "read_threads": 2},
+    "eager unpaced, 8 read threads": {"queued_blocks": 0, "read_threads": 8},
+    "eager unpaced, switch 1 ms": {"queued_blocks": 0, "_switch": 0.001},
+    "eager unpaced, batch 512": {"queued_blocks": 0, "batch_size": 512},
+    "eager, 4 blocks queued": {"queued_blocks": 4},
+    "cuda jpeg, eager, 2 blocks queued": {},
+    "cuda jpeg, eager, unpaced": {"queued_blocks": 0},
+    "cuda jpeg, model on the legacy default stream": {"_legacy_stream": True},
+    "cuda jpeg, model on its own stream": {},
+    "hardware jpeg, model on the legacy default stream": {"gpu_jpeg": "hardware", "_legacy_stream": True},
+    "hardware jpeg, model on its own stream": {"gpu_jpeg": "hardware"},
+    "cuda, own stream, unpaced": {"queued_blocks": 0},
+    "cuda, switch 1 ms": {"_switch": 0.001},
+    "cuda, switch 0.2 ms": {"_switch": 0.0002},
+    "cuda, 2 read threads": {"read_threads": 2},
+    "hardware, own stream, unpaced": {"gpu_jpeg": "hardware", "queued_blocks": 0},
+    "hardware, own stream, 4 decode workers": {"gpu_jpeg": "hardware", "decode_workers": 4},
+    "hardware, own stream, 8 read threads": {"gpu_jpeg": "hardware", "read_threads": 8},
     "cuda jpeg, unpaced": {"gpu_jpeg": "cuda", "queued_blocks": 0},
     "cuda jpeg, 2 blocks queued": {"gpu_jpeg": "cuda", "queued_blocks": 2},
     "hardware jpeg, unpaced": {"gpu_jpeg": "hardware", "queued_blocks": 0},
@@ -57,12 +80,18 @@ def main() -> None:
             continue
         overrides = dict(overrides)
         sys.setswitchinterval(overrides.pop("_switch", default_switch))
+        own_stream = worker.run.model_stream
+        if overrides.pop("_legacy_stream", False):
+            worker.run.model_stream = lambda device: contextlib.nullcontext()
         out = work / "out-variant"
         shutil.rmtree(out, ignore_errors=True)
         cfg = WorkerConfig(input=str(work / "images"), output=str(out), model=str(model_dir), device="cuda",
                            batch_size=overrides.pop("batch_size", 256), shard_size=1024,
                            log_interval=60, **overrides)
-        results[name] = run(cfg)["images_per_second"]
+        try:
+            results[name] = run(cfg)["images_per_second"]
+        finally:
+            worker.run.model_stream = own_stream
         print(f"{name:28s} {results[name]:>9,.0f} img/s", flush=True)
     sys.setswitchinterval(default_switch)
 

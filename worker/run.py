@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -109,6 +110,20 @@ class Inference:
         ready = torch.cuda.Event()
         ready.record()
         return scores_host, labels_host, ready
+
+
+def model_stream(device: torch.device):
+    """A context that runs the model on a CUDA stream of its own, not the legacy default stream.
+
+    Work queued on the legacy default stream is a barrier for every blocking stream and every
+    synchronous copy in the process, the JPEG libraries' internal ones included: a decode call
+    there waits for all the model's queued kernels.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))  # the weights and warm-up were queued there
+    return torch.cuda.stream(stream)
 
 
 class BufferRing:
@@ -233,7 +248,8 @@ class Worker:
         kill_after = int(os.environ.get(FAULT_KILL_AFTER_SHARDS, "0"))
         shards_done = 0
 
-        with ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="read") as read_pool, \
+        with model_stream(self.device), \
+                ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="read") as read_pool, \
                 ThreadPoolExecutor(decode_threads, thread_name_prefix="pil") as pil_pool, \
                 ThreadPoolExecutor(decode_workers, thread_name_prefix="decode") as decode_pool:
             decode = self._decode_stage(pre, pil_pool)
