@@ -15,10 +15,15 @@ from pathlib import Path
 from worker.bench import train_probe_head, make_dataset
 from worker.random_model import make_model
 from worker.config import WorkerConfig
+from worker.decode import GpuDecoder
 import worker.run
 from worker.run import run
 
 VARIANTS = {
+    "nvjpeg, Pillow-exact Triton resize": {"queued_blocks": 0},
+    "nvjpeg, torch resize": {"queued_blocks": 0, "_torch_resize": True},
+    "nvjpeg, Triton resize, 2 blocks queued": {},
+    "nvjpeg, torch resize, 2 blocks queued": {"_torch_resize": True},
     "eager unpaced": {"queued_blocks": 0},
     "eager unpaced, 1 decode worker": {"queued_blocks": 0, "decode_workers": 1},
     "eager unpaced, 3 decode workers": {"queued_blocks": 0, "decode_workers": 3},
@@ -81,6 +86,9 @@ def main() -> None:
         overrides = dict(overrides)
         sys.setswitchinterval(overrides.pop("_switch", default_switch))
         own_stream = worker.run.model_stream
+        triton_resize = GpuDecoder._pillow_resize
+        if overrides.pop("_torch_resize", False):
+            GpuDecoder._pillow_resize = lambda self, pre, device: None
         if overrides.pop("_legacy_stream", False):
             worker.run.model_stream = lambda device: contextlib.nullcontext()
         out = work / "out-variant"
@@ -92,6 +100,7 @@ def main() -> None:
             results[name] = run(cfg)["images_per_second"]
         finally:
             worker.run.model_stream = own_stream
+            GpuDecoder._pillow_resize = triton_resize
         print(f"{name:28s} {results[name]:>9,.0f} img/s", flush=True)
     sys.setswitchinterval(default_switch)
 

@@ -3,8 +3,8 @@
 Two decoders share one ``Preprocess`` spec:
 - ``CpuDecoder``: Pillow, numerically the same steps as the Hugging Face PIL image
   processor (resize with its resample, rescale in float64, normalize in float32).
-- ``GpuDecoder``: batched JPEG decode on the GPU, then one resize launch per distinct
-  input size and a fused normalize. The JPEG decode runs on CUDA cores (nvjpeg through
+- ``GpuDecoder``: batched JPEG decode on the GPU, then Pillow's resize, bit for bit, and the
+  normalize as two Triton kernels per distinct input size (torch's resize where Triton can't run). The JPEG decode runs on CUDA cores (nvjpeg through
   torchvision), or on the GPU's hardware JPEG engines (NVJPG on A100/H100/H200, through
   nvImageCodec), which reproduce Pillow's pixels exactly but were slower end to end on an
   H100 (benchmarks/NOTES.md). What neither can read (PNG, WebP, CMYK, progressive
@@ -317,7 +317,8 @@ JPEG_DECODERS = {"hardware": HardwareJpeg, "cuda": CudaJpeg}
 
 
 class GpuDecoder:
-    """nvjpeg batched decode + batched resize + fused normalize.
+    """Batched JPEG decode, then Pillow's exact resize + normalize as two Triton kernels per
+    input size (``worker.pillow_resize``), written straight into the batch buffer's rows.
 
     Each calling thread gets its own high-priority CUDA stream, so several decode
     threads overlap with each other and the decode kernels cut ahead of the long
@@ -341,7 +342,29 @@ class GpuDecoder:
         self.mul = (scale / std).float()
         self.add = (-mean / std).float()
         self.mode = _TORCH_MODE.get(pre.resample, "bilinear")
+        self.resize = self._pillow_resize(pre, device)
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+    def _pillow_resize(self, pre: Preprocess, device: torch.device):
+        """Pillow's exact resize as Triton kernels, compiled here on a dummy image; None (the
+        torch resize instead) where the filter has no fixed-point form or Triton can't run."""
+        from worker.pillow_resize import FILTERS, PillowResize
+
+        if pre.resample not in FILTERS:
+            return None
+
+        def crop(h: int, w: int) -> tuple[int, int, int, int]:
+            return (*pre.crop_box(h, w), *pre.crop) if pre.crop else (0, 0, h, w)
+
+        resize = PillowResize(pre.resample, self.mul, self.add, pre.resize_hw, crop)
+        try:
+            scratch = torch.empty((1, 3, *pre.output_hw), device=device, dtype=self.dtype)
+            resize(torch.zeros((1, 3, 480, 640), dtype=torch.uint8, device=device),
+                   torch.zeros(1, dtype=torch.long, device=device), scratch)
+        except Exception as exc:  # noqa: BLE001 - no Triton or no compiler: the torch resize still works
+            log.warning("Pillow-exact GPU resize unavailable (%s: %s); using torch's resize", type(exc).__name__, exc)
+            return None
+        return resize
 
     @property
     def stream(self) -> torch.cuda.Stream:
@@ -382,9 +405,12 @@ class GpuDecoder:
                     by_shape.setdefault(tuple(img.shape[-2:]), []).append(pos)
             valid = [False] * len(payloads)
             for positions in by_shape.values():
-                resized = self._resize_group([decoded[p] for p in positions])
                 rows = self._to_device([gpu_idx[p] for p in positions])
-                out.index_copy_(0, rows, (resized.float() * self.mul + self.add).to(self.dtype))
+                if self.resize is not None:
+                    self.resize(torch.stack([decoded[p] for p in positions]), rows, out)
+                else:
+                    resized = self._resize_group([decoded[p] for p in positions])
+                    out.index_copy_(0, rows, (resized.float() * self.mul + self.add).to(self.dtype))
                 for p in positions:
                     valid[gpu_idx[p]] = True
             if cpu_idx:
