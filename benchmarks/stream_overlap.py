@@ -74,8 +74,7 @@ def side_by_side(model, x, decode, pre, n, batch, model_stream, profile=False):
 
     def model_loop():
         tids["model"] = threading.get_native_id()
-        ctx = torch.cuda.stream(model_stream) if model_stream is not None else torch.cuda.stream(None)
-        with torch.inference_mode(), ctx:
+        with torch.inference_mode(), torch.cuda.stream(model_stream):  # None: the legacy default stream
             while not stop.is_set():
                 model(pixel_values=x).logits.float().argmax(-1).cpu()
                 counts["model"] += batch
