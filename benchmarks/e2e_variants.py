@@ -19,16 +19,15 @@ from worker.decode import GpuDecoder
 import worker.run
 from worker.run import run
 
-# Each variant changes the worker's defaults (nvjpeg, 2 blocks queued, Pillow-exact Triton resize,
-# model on its own stream); keys starting with "_" are settings outside WorkerConfig.
+# Each variant changes the worker's defaults (nvjpeg, the forward as a CUDA graph, Pillow-exact Triton
+# resize, model on its own stream); keys starting with "_" are settings outside WorkerConfig.
+# The pacing variants (queued_blocks) apply to the eager forward only.
 VARIANTS = {
     "default": {},
-    "unpaced": {"queued_blocks": 0},
-    "1 block queued": {"queued_blocks": 1},
-    "3 blocks queued": {"queued_blocks": 3},
-    "4 blocks queued": {"queued_blocks": 4},
+    "eager forward, 2 blocks queued": {"cuda_graph": False},
+    "eager forward, unpaced": {"cuda_graph": False, "queued_blocks": 0},
+    "eager forward, 4 blocks queued": {"cuda_graph": False, "queued_blocks": 4},
     "torch resize": {"_torch_resize": True},
-    "torch resize, unpaced": {"_torch_resize": True, "queued_blocks": 0},
     "model on the legacy default stream": {"_legacy_stream": True},
     "1 decode worker": {"decode_workers": 1},
     "3 decode workers": {"decode_workers": 3},
@@ -38,7 +37,6 @@ VARIANTS = {
     "GIL switch interval 1 ms": {"_switch": 0.001},
     "GIL switch interval 0.2 ms": {"_switch": 0.0002},
     "hardware jpeg": {"gpu_jpeg": "hardware"},
-    "hardware jpeg, unpaced": {"gpu_jpeg": "hardware", "queued_blocks": 0},
     "hardware jpeg, model on the legacy default stream": {"gpu_jpeg": "hardware", "_legacy_stream": True},
     "hardware jpeg, 1 decode worker": {"gpu_jpeg": "hardware", "decode_workers": 1},
     "hardware jpeg, 4 decode workers": {"gpu_jpeg": "hardware", "decode_workers": 4},

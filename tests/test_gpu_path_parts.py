@@ -75,3 +75,32 @@ def test_gpu_flags_round_trip_and_validate(tmp_path):
         WorkerConfig(input=str(tmp_path), output=str(tmp_path), model="m", gpu_jpeg="auto")
     with pytest.raises(ValueError, match="--queued-blocks"):
         WorkerConfig(input=str(tmp_path), output=str(tmp_path), model="m", queued_blocks=-1)
+
+
+def test_capture_mask_override_drops_only_the_all_visible_mask(tiny_model):
+    from transformers import AutoModelForImageClassification, masking_utils
+
+    from worker.cuda_graph import unpadded_attention_without_mask
+
+    model = AutoModelForImageClassification.from_pretrained(str(tiny_model), attn_implementation="sdpa").eval()
+    table = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS
+    impl = model.config._attn_implementation
+    original = table[impl]
+    # What a version that counts stream capture as tracing asks for: the skip not allowed.
+    request = dict(batch_size=2, q_length=5, kv_length=5, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
+                   device="cpu")
+    padding = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert original(mask_function=masking_utils.bidirectional_mask_function, **request) is not None
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model(pixel_values=pixels).logits
+        with unpadded_attention_without_mask(model):
+            assert table[impl](mask_function=masking_utils.bidirectional_mask_function, **request) is None
+            padded = table[impl](mask_function=masking_utils.bidirectional_mask_function, attention_mask=padding,
+                                 **request)
+            causal = table[impl](mask_function=masking_utils.causal_mask_function, **request)
+            got = model(pixel_values=pixels).logits
+    assert not padded[0, 0, 0, 3:].any() and padded[1].all()
+    assert causal is not None and not causal[0, 0, 0, 1:].any()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert table[impl] is original and impl not in table._local_mapping

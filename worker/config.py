@@ -26,6 +26,7 @@ class WorkerConfig:
     decode_workers: int = 2
     prefetch_batches: int = 8
     queued_blocks: int = 2
+    cuda_graph: bool = True
     list_processes: int = 8
     compose: bool = True
     project: str | None = None
@@ -118,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queued-blocks", type=int, default=2,
                    help="on GPU, the most model blocks (encoder layers) queued ahead of the host, so the JPEG "
                         "decoder's kernels never wait behind a whole forward; 0: no limit")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="on GPU, replay the forward as one CUDA graph (checked against the eager forward's labels "
+                        "and speed at start-up; the eager forward where it fails either); --queued-blocks then "
+                        "does not apply")
     p.add_argument("--prefetch-batches", type=int, default=8, help="batches read ahead of the GPU")
     p.add_argument("--list-processes", type=int, default=8,
                    help="processes that list the input (DataFlux on GCS; folders split between them on local disk)")

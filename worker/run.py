@@ -18,6 +18,7 @@ import torch
 from worker import dist
 from worker.commit import Committer, Progress, ShardResult, image_id
 from worker.config import WorkerConfig
+from worker.cuda_graph import GraphedForward, graph_if_faster
 from worker.decode import CpuDecoder, DecodedBatch, GpuDecoder, Preprocess
 from worker.model import fetch_model_once_per_node, load_model, load_preprocessor_config
 from worker.plan import PlanColumns, Shard, load_or_create_plan, make_shards, static_assignment
@@ -87,10 +88,12 @@ class BlockPacer:
 class Inference:
     """Stage 4: the model under inference_mode; top-1 label and its softmax score."""
 
-    def __init__(self, model, device: torch.device, queued_blocks: int = 0):
+    def __init__(self, model, device: torch.device, queued_blocks: int = 0, graph: GraphedForward | None = None):
         self.model = model
         self.device = device
-        self.pacer = BlockPacer(model, queued_blocks) if device.type == "cuda" else None
+        self.graph = graph
+        # A replayed graph runs no hooks, and one launch can't be paced.
+        self.pacer = BlockPacer(model, queued_blocks) if device.type == "cuda" and graph is None else None
 
     @torch.inference_mode()
     def __call__(self, decoded: DecodedBatch) -> tuple[torch.Tensor, torch.Tensor, object]:
@@ -100,7 +103,10 @@ class Inference:
             scores, labels = top1(self.model, decoded.pixels)
             return scores, labels, None
         torch.cuda.current_stream().wait_event(decoded.ready)
-        scores, labels = top1(self.model, decoded.pixels)
+        if self.graph is not None and decoded.pixels.shape == self.graph.shape:
+            scores, labels = self.graph(decoded.pixels)
+        else:
+            scores, labels = top1(self.model, decoded.pixels)
         # Copy back without blocking; the commit stage waits on the event one batch later,
         # so the GPU is already busy with the next batch while Python builds rows.
         scores_host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
@@ -229,8 +235,9 @@ class Worker:
         model, label_names = load_model(model_path, self.device)
         pre = Preprocess.from_config(load_preprocessor_config(model_path))
         startup["model_loaded"] = self._since_start()
+        graph = None
         if self.device.type == "cuda":
-            self._warm_up(model, pre)
+            graph = self._warm_up(model, pre)
         startup["warmed_up"] = self._since_start()
         plan, shards, committed = self.finish_planning(planning)
         work, expected = self.my_shards(shards, committed)
@@ -244,7 +251,7 @@ class Worker:
             raise RuntimeError("--decode gpu needs --device cuda")
         committer = Committer(cfg.output, cfg.project)
         progress = Progress(topo.rank, expected, cfg.log_interval)
-        infer = Inference(model, self.device, cfg.queued_blocks)
+        infer = Inference(model, self.device, cfg.queued_blocks, graph)
         kill_after = int(os.environ.get(FAULT_KILL_AFTER_SHARDS, "0"))
         shards_done = 0
 
@@ -293,11 +300,18 @@ class Worker:
         return summary
 
     @torch.inference_mode()
-    def _warm_up(self, model, pre: Preprocess) -> None:
+    def _warm_up(self, model, pre: Preprocess) -> GraphedForward | None:
         """One forward at the working batch shape: kernel selection and allocator growth happen
-        here, not in the first timed batch, and a batch size that doesn't fit fails fast."""
-        top1(model, torch.zeros((self.cfg.batch_size, 3, *pre.output_hw), device=self.device, dtype=torch.bfloat16))
+        here, not in the first timed batch, and a batch size that doesn't fit fails fast.
+        Then the forward as a CUDA graph, where it checks out (``graph_if_faster``)."""
+        shape = (self.cfg.batch_size, 3, *pre.output_hw)
+        top1(model, torch.zeros(shape, device=self.device, dtype=torch.bfloat16))
         torch.cuda.synchronize(self.device)
+        if not self.cfg.cuda_graph:
+            return None
+        example = torch.randn(shape, device=self.device, dtype=torch.bfloat16,
+                              generator=torch.Generator(self.device).manual_seed(0))
+        return graph_if_faster(lambda pixels: top1(model, pixels), model, example)
 
     def _decode_stage(self, pre: Preprocess, pil_pool):
         """Stage 3 as a function of a read batch; runs in its own thread, one batch ahead.
