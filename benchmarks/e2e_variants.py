@@ -6,16 +6,21 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import functools
 import json
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 
 from worker.bench import train_probe_head, make_dataset
 from worker.random_model import make_model
 from worker.config import WorkerConfig
-from worker.decode import GpuDecoder
+from worker.decode import CudaJpeg, GpuDecoder, HardwareJpeg
+from worker.storage import LocalStorage
 import worker.run
 from worker.run import run
 
@@ -29,25 +34,71 @@ VARIANTS = {
     "eager forward, 4 blocks queued": {"cuda_graph": False, "queued_blocks": 4},
     "torch resize": {"_torch_resize": True},
     "model on the legacy default stream": {"_legacy_stream": True},
-    "1 decode worker": {"decode_workers": 1},
+    "2 decode workers": {"decode_workers": 2},
     "3 decode workers": {"decode_workers": 3},
     "2 read threads": {"read_threads": 2},
     "8 read threads": {"read_threads": 8},
     "batch 512": {"batch_size": 512},
     "GIL switch interval 1 ms": {"_switch": 0.001},
     "GIL switch interval 0.2 ms": {"_switch": 0.0002},
+    "3 batches decoded ahead": {"_lookahead": 3},
+    "5 batches decoded ahead": {"_lookahead": 5},
+    "2 decode workers, 3 batches decoded ahead": {"decode_workers": 2, "_lookahead": 3},
+    "2 forwards in flight": {"_in_flight": 2},
+    "3 decoded ahead, 2 forwards in flight": {"_lookahead": 3, "_in_flight": 2},
     "hardware jpeg": {"gpu_jpeg": "hardware"},
     "hardware jpeg, model on the legacy default stream": {"gpu_jpeg": "hardware", "_legacy_stream": True},
-    "hardware jpeg, 1 decode worker": {"gpu_jpeg": "hardware", "decode_workers": 1},
+    "hardware jpeg, 2 decode workers": {"gpu_jpeg": "hardware", "decode_workers": 2},
     "hardware jpeg, 4 decode workers": {"gpu_jpeg": "hardware", "decode_workers": 4},
 }
+
+
+class CallTimes:
+    """Host seconds spent in chosen functions, per call, across threads: where a batch's time goes."""
+
+    def __init__(self, targets: dict[str, tuple[type, str]]):
+        self.targets = targets
+        self.totals: dict[str, list[float]] = collections.defaultdict(list)
+        self.lock = threading.Lock()
+
+    def _wrap(self, label: str, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self.lock:
+                    self.totals[label].append(time.perf_counter() - start)
+        return timed
+
+    @contextlib.contextmanager
+    def installed(self):
+        originals = {label: getattr(cls, name) for label, (cls, name) in self.targets.items()}
+        for label, (cls, name) in self.targets.items():
+            setattr(cls, name, self._wrap(label, originals[label]))
+        try:
+            yield self
+        finally:
+            for label, (cls, name) in self.targets.items():
+                setattr(cls, name, originals[label])
+
+    def line(self) -> str:
+        return ", ".join(f"{label} {1e3 * sum(t) / len(t):.1f} ms x {len(t)}" for label, t in self.totals.items() if t)
+
+
+CALLS = {"read a batch": (LocalStorage, "read_many"), "decode a batch": (GpuDecoder, "__call__"),
+         "nvjpeg call": (CudaJpeg, "decode"), "nvImageCodec call": (HardwareJpeg, "decode")}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", default="/tmp/bench")
     p.add_argument("--images", type=int, default=16384)
-    p.add_argument("--only", default="", help="variant names, separated by semicolons")
+    p.add_argument("--only", default="", help="variant names, separated by semicolons, run in that order "
+                                               "(repeat names to interleave A/B runs)")
+    p.add_argument("--warm-up", type=int, default=1,
+                   help="unreported default runs first: a process's first run pays lazy CUDA module loads")
     args = p.parse_args()
     work = Path(args.workdir)
     paths = sorted((work / "images").rglob("*.jpg"))
@@ -57,17 +108,18 @@ def main() -> None:
     if not (model_dir / "config.json").exists():
         make_model(model_dir)
         (model_dir / "head.json").write_text(json.dumps(train_probe_head(model_dir, paths, "cuda")))
-    results = {}
     default_switch = sys.getswitchinterval()
-    for name, overrides in VARIANTS.items():
-        if args.only and name not in args.only.split(";"):
-            continue
-        overrides = dict(overrides)
+    names = args.only.split(";") if args.only else list(VARIANTS)
+    for i, name in enumerate(["default"] * args.warm_up + names):
+        overrides = dict(VARIANTS[name])
         sys.setswitchinterval(overrides.pop("_switch", default_switch))
         own_stream = worker.run.model_stream
         triton_resize = GpuDecoder._pillow_resize
         if overrides.pop("_torch_resize", False):
             GpuDecoder._pillow_resize = lambda self, pre, device: None
+        lookahead, in_flight = worker.run.DECODE_LOOKAHEAD, worker.run.GPU_BATCHES_IN_FLIGHT
+        worker.run.DECODE_LOOKAHEAD = overrides.pop("_lookahead", lookahead)
+        worker.run.GPU_BATCHES_IN_FLIGHT = overrides.pop("_in_flight", in_flight)
         if overrides.pop("_legacy_stream", False):
             worker.run.model_stream = lambda device: contextlib.nullcontext()
         out = work / "out-variant"
@@ -75,12 +127,17 @@ def main() -> None:
         cfg = WorkerConfig(input=str(work / "images"), output=str(out), model=str(model_dir), device="cuda",
                            batch_size=overrides.pop("batch_size", 256), shard_size=1024,
                            log_interval=60, **overrides)
+        times = CallTimes(CALLS)
         try:
-            results[name] = run(cfg)["images_per_second"]
+            with times.installed():
+                summary = run(cfg)
         finally:
+            worker.run.DECODE_LOOKAHEAD, worker.run.GPU_BATCHES_IN_FLIGHT = lookahead, in_flight
             worker.run.model_stream = own_stream
             GpuDecoder._pillow_resize = triton_resize
-        print(f"{name:28s} {results[name]:>9,.0f} img/s", flush=True)
+        label = "(warm-up) " + name if i < args.warm_up else name
+        print(f"{label:40s} {summary['images_per_second']:>9,.0f} img/s, GPU busy {100 * summary['gpu_busy']:.0f} %, "
+              f"waiting for input {100 * summary['input_wait']:.0f} %; {times.line()}", flush=True)
     sys.setswitchinterval(default_switch)
 
 

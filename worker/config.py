@@ -23,7 +23,7 @@ class WorkerConfig:
     gpu_jpeg: str = "cuda"
     read_threads: int = 4
     decode_threads: int = 0
-    decode_workers: int = 2
+    decode_workers: int = 1
     prefetch_batches: int = 8
     queued_blocks: int = 2
     cuda_graph: bool = True
@@ -114,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-threads", type=int, default=4, help="background threads reading bytes ahead of compute")
     p.add_argument("--decode-threads", type=int, default=0,
                    help="threads for Pillow decode (0: one per CPU core available to this rank)")
-    p.add_argument("--decode-workers", type=int, default=2,
-                   help="batches decoded concurrently on GPU runs, each thread on its own high-priority CUDA stream")
+    p.add_argument("--decode-workers", type=int, default=1,
+                   help="batches decoded concurrently on GPU runs, each thread on its own high-priority CUDA stream "
+                        "(torchvision's nvjpeg decoder serializes its calls, and on an H100 a second worker cost "
+                        "throughput in GIL contention)")
     p.add_argument("--queued-blocks", type=int, default=2,
                    help="on GPU, the most model blocks (encoder layers) queued ahead of the host, so the JPEG "
                         "decoder's kernels never wait behind a whole forward; 0: no limit")

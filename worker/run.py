@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 # Fault injection for resume tests: SIGKILL this rank after it commits N shards.
 FAULT_KILL_AFTER_SHARDS = "WORKER_FAULT_KILL_AFTER_SHARDS"
 
+# On GPU: batches decoded ahead of the model beyond one per decode worker, so that a slow
+# decode call is absorbed instead of idling the GPU; and forwards queued on the GPU while
+# the host turns the oldest into rows.
+DECODE_LOOKAHEAD = 1
+GPU_BATCHES_IN_FLIGHT = 1
+
 
 def resolve_device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
@@ -52,6 +58,26 @@ class Prediction:
     scores: torch.Tensor
     labels: torch.Tensor
     ready: object  # a CUDA event, or None on CPU
+    started: object = None  # a CUDA event at the start of the batch's GPU work
+
+
+@dataclass
+class Utilization:
+    """Where a rank's processing time went: the user's answer to "input-bound or GPU-bound?"."""
+
+    gpu_seconds: float = 0.0  # the batches' GPU work on the model's stream, decode waits excluded
+    input_wait_seconds: float = 0.0  # the main loop waiting for the next decoded batch
+
+    def waiting(self, items: Iterator) -> Iterator:
+        while True:
+            start = time.monotonic()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            finally:
+                self.input_wait_seconds += time.monotonic() - start
+            yield item
 
 
 def top1(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,13 +122,16 @@ class Inference:
         self.pacer = BlockPacer(model, queued_blocks) if device.type == "cuda" and graph is None else None
 
     @torch.inference_mode()
-    def __call__(self, decoded: DecodedBatch) -> tuple[torch.Tensor, torch.Tensor, object]:
+    def __call__(self, decoded: DecodedBatch) -> tuple[torch.Tensor, torch.Tensor, object, object]:
+        """Scores, labels, and on GPU the events that bracket the batch's work (else None)."""
         if not decoded.ok:
-            return torch.empty(0), torch.empty(0, dtype=torch.long), None
+            return torch.empty(0), torch.empty(0, dtype=torch.long), None, None
         if self.device.type == "cpu":
             scores, labels = top1(self.model, decoded.pixels)
-            return scores, labels, None
+            return scores, labels, None, None
         torch.cuda.current_stream().wait_event(decoded.ready)
+        started = torch.cuda.Event(enable_timing=True)
+        started.record()
         if self.graph is not None and decoded.pixels.shape == self.graph.shape:
             scores, labels = self.graph(decoded.pixels)
         else:
@@ -113,9 +142,9 @@ class Inference:
         labels_host = torch.empty(labels.shape, dtype=labels.dtype, pin_memory=True)
         scores_host.copy_(scores, non_blocking=True)
         labels_host.copy_(labels, non_blocking=True)
-        ready = torch.cuda.Event()
+        ready = torch.cuda.Event(enable_timing=True)
         ready.record()
-        return scores_host, labels_host, ready
+        return scores_host, labels_host, ready, started
 
 
 def model_stream(device: torch.device):
@@ -252,6 +281,7 @@ class Worker:
         committer = Committer(cfg.output, cfg.project)
         progress = Progress(topo.rank, expected, cfg.log_interval)
         infer = Inference(model, self.device, cfg.queued_blocks, graph)
+        self.utilization = Utilization()
         kill_after = int(os.environ.get(FAULT_KILL_AFTER_SHARDS, "0"))
         shards_done = 0
 
@@ -265,13 +295,14 @@ class Worker:
             pending: collections.deque[Prediction] = collections.deque()
             results: dict[int, ShardResult] = {}
             # On GPU one batch stays in flight, so the host builds rows while the GPU computes.
-            in_flight = 1 if self.device.type == "cuda" else 0
+            in_flight = GPU_BATCHES_IN_FLIGHT if self.device.type == "cuda" else 0
 
-            for batch, decoded in prefetch_map(decode, read, decode_pool, depth=decode_workers + 1):
-                scores, labels, ready = infer(decoded)
+            decoded_batches = prefetch_map(decode, read, decode_pool, depth=decode_workers + DECODE_LOOKAHEAD)
+            for batch, decoded in self.utilization.waiting(decoded_batches):
+                scores, labels, ready, started = infer(decoded)
                 if decoded.slot is not None:
                     self.ring.release(decoded.slot)
-                pending.append(Prediction(batch, decoded, scores, labels, ready))
+                pending.append(Prediction(batch, decoded, scores, labels, ready, started))
                 while len(pending) > in_flight:
                     if self._collect(pending.popleft(), results, label_names, committer, progress):
                         shards_done += 1
@@ -294,9 +325,16 @@ class Worker:
             # overlaps the model load, so "plan_shared" shows only what the model load did not hide.
             "setup_done_at": startup,
             "images_per_second": round(progress.rate, 2),
+            # Shares of the processing time: GPU busy with the model (low: the input can't keep
+            # up, or the host can't queue the work fast enough) and the loop waiting for decode.
+            "gpu_busy": round(self.utilization.gpu_seconds / progress.seconds, 4) if progress.seconds else 0.0,
+            "input_wait": round(self.utilization.input_wait_seconds / progress.seconds, 4) if progress.seconds else 0.0,
         }
         committer.write_summary(topo.rank, summary)
-        log.info("%s — done: %d shards", progress.line(), shards_done)
+        busy = f"GPU busy with the model {100 * summary['gpu_busy']:.0f} % of the time, " \
+            if self.device.type == "cuda" else ""
+        log.info("%s — done: %d shards; %swaiting for input %.0f %%", progress.line(), shards_done, busy,
+                 100 * summary["input_wait"])
         return summary
 
     @torch.inference_mode()
@@ -324,9 +362,10 @@ class Worker:
         if use_gpu:
             gpu = GpuDecoder(pre, pil_pool, self.device, jpeg=cfg.gpu_jpeg if cfg.decode in ("auto", "gpu") else None)
             log.info("decode: %s", f"JPEG on {gpu.jpeg.name} + Pillow fallback" if gpu.jpeg else "Pillow")
-            # Slots in use at once: one per decode worker, the decode look-ahead, the batch in the
-            # model and the one in flight behind it; two spare.
-            self.ring = BufferRing(2 * cfg.decode_workers + 5, cfg.batch_size, pre.output_hw, self.device, torch.bfloat16)
+            # Slots in use at once: the decode look-ahead (one per worker and DECODE_LOOKAHEAD), the
+            # batch in the model and those in flight behind it; spare ones for the workers' next calls.
+            slots = 2 * cfg.decode_workers + DECODE_LOOKAHEAD + GPU_BATCHES_IN_FLIGHT + 3
+            self.ring = BufferRing(slots, cfg.batch_size, pre.output_hw, self.device, torch.bfloat16)
         else:
             cpu = CpuDecoder(pre, pil_pool)
 
@@ -345,12 +384,12 @@ class Worker:
 
         return decode
 
-    @staticmethod
-    def _collect(pred: Prediction, results: dict[int, ShardResult], label_names: list[str],
+    def _collect(self, pred: Prediction, results: dict[int, ShardResult], label_names: list[str],
                  committer: Committer, progress: Progress) -> bool:
         """Turn one batch's predictions into rows; commit the shard at its last batch."""
         if pred.ready is not None:
             pred.ready.synchronize()
+            self.utilization.gpu_seconds += pred.started.elapsed_time(pred.ready) / 1e3
         batch, decoded = pred.batch, pred.decoded
         result = results.setdefault(batch.shard.index, ShardResult())
         scores = pred.scores.tolist()
