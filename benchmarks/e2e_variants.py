@@ -84,7 +84,11 @@ class CallTimes:
                 setattr(cls, name, originals[label])
 
     def line(self) -> str:
-        return ", ".join(f"{label} {1e3 * sum(t) / len(t):.1f} ms x {len(t)}" for label, t in self.totals.items() if t)
+        """Mean ms per call, and the means of the first 10 calls and of the second half (warm-up shows)."""
+        def ms(t: list[float]) -> str:
+            return f"{1e3 * sum(t) / len(t):.1f}" if t else "-"
+        return ", ".join(f"{label} {ms(t)} ms x {len(t)} (first 10: {ms(t[:10])}, second half: {ms(t[len(t) // 2:])})"
+                         for label, t in self.totals.items() if t)
 
 
 CALLS = {"read a batch": (LocalStorage, "read_many"), "decode a batch": (GpuDecoder, "__call__"),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import logging
 import os
@@ -39,18 +38,13 @@ log = logging.getLogger("worker.bench")
 
 
 def _make_jpeg(args: tuple[int, Path]) -> int:
-    from PIL import Image
+    from worker.decode import photo_like_jpeg
 
     seed, path = args
-    rng = np.random.default_rng(seed)
-    w, h = (640, 480) if seed % 4 else (480, 640)  # COCO has both orientations
-    low = rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)
-    img = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC)).astype(np.int16)
-    img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=int(rng.integers(70, 93)))
-    path.write_bytes(buf.getvalue())
-    return len(buf.getvalue())
+    h, w = (480, 640) if seed % 4 else (640, 480)  # COCO has both orientations
+    data = photo_like_jpeg(h, w, seed, quality=int(np.random.default_rng(seed).integers(70, 93)))
+    path.write_bytes(data)
+    return len(data)
 
 
 def make_dataset(root: Path, n: int) -> list[Path]:

@@ -233,6 +233,20 @@ def nvjpeg_decodable(data: bytes) -> bool:
     return False
 
 
+def photo_like_jpeg(height: int, width: int, seed: int, quality: int) -> bytes:
+    """A JPEG with a photo's statistics (smooth colour regions plus sensor-like noise), not a flat
+    or pure-noise image, whose sizes and decode costs are not a photo's."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(low).resize((width, height), Image.BICUBIC)).astype(np.int16)
+    img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def _probe_jpeg() -> bytes:
     """A 16x16 baseline 4:2:0 JPEG: shows whether a hardware decoder really decodes here."""
     from PIL import Image
@@ -365,6 +379,23 @@ class GpuDecoder:
             log.warning("Pillow-exact GPU resize unavailable (%s: %s); using torch's resize", type(exc).__name__, exc)
             return None
         return resize
+
+    def warm_up(self, batch_size: int, calls: int = 16) -> None:
+        """Decode a few full batches of synthetic photos, from the thread that will decode.
+
+        On an H100 a process's first ~10 nvjpeg batch calls took ~100 ms each against ~20 ms
+        once warm (benchmarks/NOTES.md): that is start-up, paid here rather than by the
+        first real batches. Both orientations and a larger size grow the library's and the
+        allocator's buffers, and compile the resize kernels for each shape, up front.
+        """
+        if self.jpeg is None:
+            return
+        photos = [photo_like_jpeg(h, w, seed, quality) for seed, (h, w, quality) in
+                  enumerate(((480, 640, 95), (640, 480, 95), (960, 1280, 90), (1280, 960, 90)))]
+        payloads = [photos[i % len(photos)] for i in range(batch_size)]
+        scratch = torch.empty((batch_size, 3, *self.pre.output_hw), device=self.device, dtype=self.dtype)
+        for _ in range(calls):
+            self(payloads, scratch).ready.synchronize()
 
     @property
     def stream(self) -> torch.cuda.Stream:

@@ -279,7 +279,6 @@ class Worker:
         if cfg.decode == "gpu" and self.device.type != "cuda":
             raise RuntimeError("--decode gpu needs --device cuda")
         committer = Committer(cfg.output, cfg.project)
-        progress = Progress(topo.rank, expected, cfg.log_interval)
         infer = Inference(model, self.device, cfg.queued_blocks, graph)
         self.utilization = Utilization()
         kill_after = int(os.environ.get(FAULT_KILL_AFTER_SHARDS, "0"))
@@ -289,7 +288,9 @@ class Worker:
                 ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="read") as read_pool, \
                 ThreadPoolExecutor(decode_threads, thread_name_prefix="pil") as pil_pool, \
                 ThreadPoolExecutor(decode_workers, thread_name_prefix="decode") as decode_pool:
-            decode = self._decode_stage(pre, pil_pool)
+            decode = self._decode_stage(pre, pil_pool, decode_pool)
+            startup["decoder_ready"] = self._since_start()
+            progress = Progress(topo.rank, expected, cfg.log_interval)
             storage = open_storage(cfg.input, project=cfg.project, compose=cfg.compose)
             read = read_batches(storage, batches(plan, work, cfg.batch_size), read_pool, cfg.prefetch_batches)
             pending: collections.deque[Prediction] = collections.deque()
@@ -351,7 +352,7 @@ class Worker:
                               generator=torch.Generator(self.device).manual_seed(0))
         return graph_if_faster(lambda pixels: top1(model, pixels), model, example)
 
-    def _decode_stage(self, pre: Preprocess, pil_pool):
+    def _decode_stage(self, pre: Preprocess, pil_pool, decode_pool):
         """Stage 3 as a function of a read batch; runs in its own thread, one batch ahead.
 
         On a GPU run even Pillow-decoded images are normalized on the GPU: shipping uint8
@@ -366,6 +367,7 @@ class Worker:
             # batch in the model and those in flight behind it; spare ones for the workers' next calls.
             slots = 2 * cfg.decode_workers + DECODE_LOOKAHEAD + GPU_BATCHES_IN_FLIGHT + 3
             self.ring = BufferRing(slots, cfg.batch_size, pre.output_hw, self.device, torch.bfloat16)
+            decode_pool.submit(torch.inference_mode()(gpu.warm_up), cfg.batch_size).result()
         else:
             cpu = CpuDecoder(pre, pil_pool)
 
