@@ -104,3 +104,24 @@ def test_capture_mask_override_drops_only_the_all_visible_mask(tiny_model):
     assert causal is not None and not causal[0, 0, 0, 1:].any()
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert table[impl] is original and impl not in table._local_mapping
+
+
+def test_utilization_counts_only_the_time_spent_waiting_for_input():
+    from worker.run import Utilization
+
+    now = [0.0]
+    waits = [3.0, 0.5, 2.0]  # how long each item takes to arrive; the last wait ends the iteration
+
+    def producer():
+        for i, wait in enumerate(waits[:-1]):
+            now[0] += wait
+            yield i
+        now[0] += waits[-1]
+
+    utilization = Utilization(clock=lambda: now[0])
+    seen = []
+    for item in utilization.waiting(producer()):
+        now[0] += 10.0  # the consumer's own work is not waiting
+        seen.append(item)
+    assert seen == [0, 1]
+    assert utilization.input_wait_seconds == sum(waits)

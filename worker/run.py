@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -67,16 +67,18 @@ class Utilization:
 
     gpu_seconds: float = 0.0  # the batches' GPU work on the model's stream, decode waits excluded
     input_wait_seconds: float = 0.0  # the main loop waiting for the next decoded batch
+    clock: Callable[[], float] = time.monotonic
 
     def waiting(self, items: Iterator) -> Iterator:
+        """``items``, adding the time spent waiting for each to ``input_wait_seconds``."""
         while True:
-            start = time.monotonic()
+            start = self.clock()
             try:
                 item = next(items)
             except StopIteration:
                 return
             finally:
-                self.input_wait_seconds += time.monotonic() - start
+                self.input_wait_seconds += self.clock() - start
             yield item
 
 
