@@ -49,7 +49,8 @@ def test_local_exactly_once(local_sets, tiny_model, tmp_path, n, world):
     assert sum(s["images"] for s in summaries) == n
     for s in summaries:  # start-up steps, timed from process start, in the order they happen
         steps = s["setup_done_at"]
-        order = ["imports", "process_group", "model_fetched", "model_loaded", "warmed_up", "plan_shared"]
+        order = ["imports", "process_group", "model_fetched", "model_loaded", "warmed_up", "plan_shared",
+                 "decoder_ready"]
         assert [steps[k] for k in order] == sorted(steps.values()) and steps["imports"] > 0
         assert steps["plan_shared"] == s["setup_seconds"]
 

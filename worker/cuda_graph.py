@@ -108,7 +108,7 @@ def _seconds_per_call(fn: Callable[[], object], device: torch.device, calls: int
 @torch.inference_mode()
 def graph_if_faster(forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], model,
                     example: torch.Tensor, timing_calls: int = 5) -> GraphedForward | None:
-    """The forward as a CUDA graph if it gives the eager forward's labels and is not slower; else None.
+    """The forward as a CUDA graph if it gives the eager forward's labels and is not >10 % slower; else None.
 
     ``forward(pixels) -> (scores, labels)``. The check runs on ``example`` (random pixels
     are enough: a wrong graph, e.g. one reading a stale buffer, changes the labels).
