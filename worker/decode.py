@@ -386,7 +386,7 @@ class GpuDecoder:
         On an H100 a process's first ~10 nvjpeg batch calls took ~100 ms each against ~20 ms
         once warm (benchmarks/NOTES.md): that is start-up, paid here rather than by the
         first real batches. Both orientations and a larger size grow the library's and the
-        allocator's buffers, and compile the resize kernels for each shape, up front.
+        allocator's buffers, and prepare the resize (weights, pass order) for those sizes, up front.
         """
         if self.jpeg is None:
             return
