@@ -102,7 +102,8 @@ def main() -> None:
     p.add_argument("--only", default="", help="variant names, separated by semicolons, run in that order "
                                                "(repeat names to interleave A/B runs)")
     p.add_argument("--warm-up", type=int, default=1,
-                   help="unreported default runs first: a process's first run pays lazy CUDA module loads")
+                   help="unreported default runs first: a process's first run was slower on an H100, its first "
+                        "nvjpeg calls above all (benchmarks/NOTES.md)")
     args = p.parse_args()
     work = Path(args.workdir)
     paths = sorted((work / "images").rglob("*.jpg"))

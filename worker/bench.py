@@ -278,12 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         out = work / f"out-{decode}-{jpeg}"
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        for repeat in range(args.repeats):
-            runs[name] = (out, run_worker(data, out, model_dir, device.type, decode, args.batch_size, jpeg))
-            figures[f"e2e {name} run {repeat + 1}"] = runs[name][1]["images_per_second"]
-            figures[f"gpu_busy {name} run {repeat + 1}"] = runs[name][1]["gpu_busy"]
+        summaries = [run_worker(data, out, model_dir, device.type, decode, args.batch_size, jpeg)
+                     for _ in range(args.repeats)]
+        runs[name] = out
+        figures[f"e2e runs {name}"] = [s["images_per_second"] for s in summaries]
+        figures[f"gpu_busy runs {name}"] = [s["gpu_busy"] for s in summaries]
         # The headline is the mean: on an H100 single runs of one setting spread by +-5 %.
-        figures[f"e2e {name}"] = float(np.mean([figures[f"e2e {name} run {r + 1}"] for r in range(args.repeats)]))
+        figures[f"e2e {name}"] = float(np.mean(figures[f"e2e runs {name}"]))
         if device.type == "cuda":
             figures[f"peak_gpu_memory_gib {name}"] = torch.cuda.max_memory_allocated(device) / 2**30
     best = max(runs, key=lambda name: figures[f"e2e {name}"])
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     reference = fp32_reference_labels(paths, model_dir, device, args.batch_size)
     expected = {str(p) for p in paths}
-    for name, (out, _) in runs.items():
+    for name, out in runs.items():
         got = read_labels(out)
         figures[f"exactly_once {name}"] = "yes" if set(got) == expected and len(got) == len(expected) else "NO"
         agree = sum(got.get(u) == lab for u, lab in reference.items())
@@ -310,12 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.repeats > 1:
             rows.append((f"end to end, {name}, mean of {args.repeats} runs, img/s", f"{figures[f'e2e {name}']:,.0f}",
                          f"{figures[f'e2e {name}'] / figures['model_only']:.3f} of the faster model only"))
-        for repeat in range(args.repeats):
-            rate = figures[f"e2e {name} run {repeat + 1}"]
+        for repeat, (rate, busy) in enumerate(zip(figures[f"e2e runs {name}"], figures[f"gpu_busy runs {name}"])):
             rows.append((f"end to end, {name}, run {repeat + 1} of {args.repeats}, img/s", f"{rate:,.0f}",
                          f"{rate / figures['model_only']:.3f} of the faster model only" +
-                         (f"; GPU busy {100 * figures[f'gpu_busy {name} run {repeat + 1}']:.0f} %"
-                          if device.type == "cuda" else "")))
+                         (f"; GPU busy {100 * busy:.0f} %" if device.type == "cuda" else "")))
     for name in runs:
         if f"peak_gpu_memory_gib {name}" in figures:
             rows.append((f"peak GPU memory, {name}, GiB", f"{figures[f'peak_gpu_memory_gib {name}']:.2f}", ""))

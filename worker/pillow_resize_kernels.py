@@ -21,14 +21,20 @@ def _finish(acc, dst, d_n, d_c, d_y, n, c, y, xs, live, rows, mul, add, FINAL: t
 
 
 @triton.jit
+def _program(rows_per_plane, BLOCK: tl.constexpr):
+    # Each program: one (image n, channel c, output row y) and BLOCK columns xs of it.
+    prog = tl.program_id(0)
+    n = prog // (3 * rows_per_plane)
+    c = (prog // rows_per_plane) % 3
+    y = prog % rows_per_plane
+    xs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    return n, c, y, xs
+
+
+@triton.jit
 def horizontal(src, s_n, s_c, s_y, s_x, first, weights, taps, width_out, height,
                dst, d_n, d_c, d_y, rows, mul, add, FINAL: tl.constexpr, BLOCK: tl.constexpr):
-    # One program: one (image, channel, row), BLOCK output columns.
-    prog = tl.program_id(0)
-    n = prog // (3 * height)
-    c = (prog // height) % 3
-    y = prog % height
-    xs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    n, c, y, xs = _program(height, BLOCK)
     live = xs < width_out
     x0 = tl.load(first + xs, mask=live, other=0)
     line = src + n.to(tl.int64) * s_n + c * s_c + y * s_y
@@ -43,12 +49,7 @@ def horizontal(src, s_n, s_c, s_y, s_x, first, weights, taps, width_out, height,
 @triton.jit
 def vertical(src, s_n, s_c, s_y, s_x, first, weights, taps, width, height_out,
              dst, d_n, d_c, d_y, rows, mul, add, FINAL: tl.constexpr, BLOCK: tl.constexpr):
-    # One program: one (image, channel, output row), BLOCK columns.
-    prog = tl.program_id(0)
-    n = prog // (3 * height_out)
-    c = (prog // height_out) % 3
-    y = prog % height_out
-    xs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    n, c, y, xs = _program(height_out, BLOCK)
     live = xs < width
     y0 = tl.load(first + y)
     plane = src + n.to(tl.int64) * s_n + c * s_c

@@ -81,6 +81,12 @@ class Utilization:
                 self.input_wait_seconds += self.clock() - start
             yield item
 
+    def shares(self, seconds: float) -> dict[str, float]:
+        """The summary's ``gpu_busy`` and ``input_wait``: fractions of ``seconds`` of processing."""
+        def share(part: float) -> float:
+            return round(part / seconds, 4) if seconds else 0.0
+        return {"gpu_busy": share(self.gpu_seconds), "input_wait": share(self.input_wait_seconds)}
+
 
 def top1(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = model(pixel_values=pixels).logits
@@ -330,8 +336,7 @@ class Worker:
             "images_per_second": round(progress.rate, 2),
             # Shares of the processing time: GPU busy with the model (low: the input can't keep
             # up, or the host can't queue the work fast enough) and the loop waiting for decode.
-            "gpu_busy": round(self.utilization.gpu_seconds / progress.seconds, 4) if progress.seconds else 0.0,
-            "input_wait": round(self.utilization.input_wait_seconds / progress.seconds, 4) if progress.seconds else 0.0,
+            **self.utilization.shares(progress.seconds),
         }
         committer.write_summary(topo.rank, summary)
         busy = f"GPU busy with the model {100 * summary['gpu_busy']:.0f} % of the time, " \

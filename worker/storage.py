@@ -180,13 +180,11 @@ def _split_tree(root: str, parts: int, max_depth: int = 4) -> list[tuple[str, bo
             break
         opened = []
         for folder, deep in tasks:
-            if not deep:
-                opened.append((folder, False))
-                continue
-            with os.scandir(folder) as it:
-                subfolders = sorted(e.path for e in it if e.is_dir(follow_symlinks=False))
             opened.append((folder, False))
-            opened.extend((sub, True) for sub in subfolders)
+            if deep:
+                with os.scandir(folder) as it:
+                    opened.extend((e.path, True) for e in sorted(it, key=lambda e: e.path)
+                                  if e.is_dir(follow_symlinks=False))
         if len(opened) == len(tasks):
             break  # no folder had subfolders left to open
         tasks = opened
