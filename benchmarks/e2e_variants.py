@@ -24,11 +24,13 @@ from worker.storage import LocalStorage
 import worker.run
 from worker.run import run
 
-# Each variant changes the worker's defaults (nvjpeg, the forward as a CUDA graph, Pillow-exact Triton
+# Each variant changes the worker's defaults (nvjpeg, the compiled forward as a CUDA graph, Pillow-exact Triton
 # resize, model on its own stream); keys starting with "_" are settings outside WorkerConfig.
 # The pacing variants (queued_blocks) apply to the eager forward only.
 VARIANTS = {
     "default": {},
+    "graph not compiled": {"compile": "none"},
+    "graph compiled with max-autotune": {"compile": "max-autotune"},
     "eager forward, 2 blocks queued": {"cuda_graph": False},
     "eager forward, unpaced": {"cuda_graph": False, "queued_blocks": 0},
     "eager forward, 4 blocks queued": {"cuda_graph": False, "queued_blocks": 4},

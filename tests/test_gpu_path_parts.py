@@ -125,3 +125,62 @@ def test_utilization_counts_only_the_time_spent_waiting_for_input():
         seen.append(item)
     assert seen == [0, 1]
     assert utilization.input_wait_seconds == sum(waits)
+
+
+def test_same_decisions_accepts_near_ties_and_rejects_a_wrong_forward():
+    from worker.cuda_graph import same_decisions
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 50, generator=gen) * 3
+    scores, labels = logits.softmax(-1).max(-1)
+    assert same_decisions(logits, scores, labels)
+    # A near-tie decided the other way (a fused kernel's rounding) still makes the same decision.
+    tied = logits.clone()
+    runner_up = tied[0].topk(2).indices[1]
+    tied[0, runner_up] = tied[0].max() - 1e-3
+    flipped = labels.clone()
+    flipped[0] = runner_up
+    assert same_decisions(tied, tied.softmax(-1).max(-1).values, flipped)
+    # Another input's decisions (a stale buffer) fail: on labels, and on scores alone.
+    other = torch.randn(200, 50, generator=gen) * 3
+    other_scores, other_labels = other.softmax(-1).max(-1)
+    assert not same_decisions(logits, other_scores, other_labels)
+    assert not same_decisions(logits, (scores + 0.2).clamp(max=1), labels)
+
+
+def test_compile_choices_are_the_compile_modes():
+    from worker.config import COMPILE_CHOICES
+    from worker.cuda_graph import COMPILE_MODES
+
+    assert tuple(COMPILE_MODES) == COMPILE_CHOICES
+    with pytest.raises(ValueError, match="--compile"):
+        WorkerConfig(input="in", output="out", model="m", compile="fast")
+    assert parse_args(["--input", "i", "--output", "o", "--model", "m", "--compile", "none"]).compile == "none"
+
+
+def test_compiled_forward_traces_attention_without_a_mask(tiny_model):
+    """The compiled candidate of ``fastest_graph``: traced under the override, SDPA gets no mask
+    (so the fused kernels stay eligible) and the logits are the eager forward's."""
+    from transformers import AutoModelForImageClassification
+
+    from worker.cuda_graph import unpadded_attention_without_mask
+
+    model = AutoModelForImageClassification.from_pretrained(str(tiny_model), attn_implementation="sdpa").eval()
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    pixels = torch.randn(2, 3, 32, 32)
+    torch.compiler.reset()
+    compiled = torch.compile(lambda x: model(pixel_values=x).logits, backend=recording_backend, dynamic=False)
+    with torch.inference_mode():
+        expected = model(pixel_values=pixels).logits
+        with unpadded_attention_without_mask(model):
+            got = compiled(pixels)
+    attention = [node for g in graphs for node in g.graph.nodes if "scaled_dot_product" in str(node.target)]
+    assert len(attention) == model.config.num_hidden_layers
+    assert all(node.kwargs.get("attn_mask") is None and (len(node.args) < 4 or node.args[3] is None)
+               for node in attention)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -127,23 +127,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_model_only(model_dir: Path, device: torch.device, batch: int, iters: int) -> dict[str, float]:
-    """img/s of the worker's forward + top-1 on device tensors: eager, and as the CUDA graph the
-    worker replays (where ``graph_if_faster`` accepts it)."""
-    from worker.cuda_graph import graph_if_faster
+def bench_model_only(model_dir: Path, device: torch.device, batch: int, iters: int,
+                     compile_mode: str = "default") -> dict[str, float]:
+    """img/s of the worker's forward + top-1 on device tensors: eager, and as each CUDA graph the
+    worker can replay (the forward as it is, and compiled by torch.compile)."""
+    from worker.cuda_graph import COMPILE_MODES, GraphedForward
     from worker.model import load_model
     from worker.run import top1
 
     model, _ = load_model(str(model_dir), device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     inputs = [torch.randn(batch, 3, 224, 224, device=device, dtype=dtype) for _ in range(3)]
-    forwards = {"eager": lambda pixels: top1(model, pixels)}
-    if device.type == "cuda":
-        graph = graph_if_faster(forwards["eager"], model, inputs[0])
-        if graph is not None:
-            forwards["CUDA graph"] = graph
+    eager = lambda pixels: top1(model, pixels)  # noqa: E731
+    forwards = {"eager": eager}
     rates = {}
     with torch.inference_mode():
+        if device.type == "cuda":
+            forwards["CUDA graph"] = GraphedForward(eager, model, inputs[0])
+            if COMPILE_MODES[compile_mode]:
+                torch.compiler.reset()
+                compiled = torch.compile(eager, mode=COMPILE_MODES[compile_mode], dynamic=False)
+                forwards[f"compiled ({compile_mode}) CUDA graph"] = GraphedForward(compiled, model, inputs[0])
         for name, forward in forwards.items():
             for x in inputs:
                 forward(x)
@@ -182,13 +186,13 @@ def bench_decode_only(paths: list[Path], model_dir: Path, device: torch.device, 
 
 
 def run_worker(data: Path, out: Path, model_dir: Path, device: str, decode: str, batch: int,
-               gpu_jpeg: str = "cuda") -> dict:
+               gpu_jpeg: str = "cuda", compile_mode: str = "default") -> dict:
     from worker.config import WorkerConfig
     from worker.run import run
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = WorkerConfig(input=str(data), output=str(out), model=str(model_dir), device=device, decode=decode,
-                       gpu_jpeg=gpu_jpeg, batch_size=batch, shard_size=4 * batch, prefetch_batches=6,
+                       gpu_jpeg=gpu_jpeg, compile=compile_mode, batch_size=batch, shard_size=4 * batch, prefetch_batches=6,
                        log_interval=5.0)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -206,23 +210,31 @@ def read_labels(out: Path) -> dict[str, int]:
     return labels
 
 
-def fp32_reference_labels(paths: list[Path], model_dir: Path, device: torch.device, batch: int) -> dict[str, int]:
-    """Pillow + the HF processor's arithmetic (validated in tests) + the model in float32."""
+def fp32_labels(paths: list[Path], model_dir: Path, device: torch.device, batch: int,
+                gpu_jpeg: str | None = None) -> dict[str, int]:
+    """The model in float32 on Pillow's pixels (the HF processor's arithmetic, validated in
+    tests): the reference. With ``gpu_jpeg``, on that GPU decoder's pixels instead, in float32:
+    what the bf16 run would label with float32 arithmetic alone."""
     from transformers import AutoModelForImageClassification
 
-    from worker.decode import CpuDecoder, Preprocess
+    from worker.decode import CpuDecoder, GpuDecoder, Preprocess
     from worker.model import load_preprocessor_config
 
     pre = Preprocess.from_config(load_preprocessor_config(str(model_dir)))
     model = AutoModelForImageClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval().to(device)
     labels = {}
     with ThreadPoolExecutor(os.cpu_count()) as pool, torch.inference_mode():
-        dec = CpuDecoder(pre, pool)
+        if gpu_jpeg is None:
+            decode = CpuDecoder(pre, pool)
+        else:
+            gpu = GpuDecoder(pre, pool, device, dtype=torch.float32, jpeg=gpu_jpeg)
+            out = torch.empty((batch, 3, *pre.output_hw), device=device)
+            decode = lambda data: gpu(data, out)  # noqa: E731
         for i in range(0, len(paths), batch):
             chunk = paths[i:i + batch]
-            decoded = dec([p.read_bytes() for p in chunk])
+            decoded = decode([p.read_bytes() for p in chunk])
             pred = model(pixel_values=decoded.pixels.to(device)).logits.argmax(-1).tolist()
-            labels.update({str(chunk[k]): pred[j] for j, k in enumerate(decoded.ok)})
+            labels.update({str(chunk[k]): pred[k if decoded.rows_aligned else j] for j, k in enumerate(decoded.ok)})
     return labels
 
 
@@ -237,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2,
                    help="end-to-end runs per decoder, in one process; each is printed, and their mean is the "
                         "headline (single runs of one setting spread by +-5 %% on an H100)")
+    p.add_argument("--compile", choices=("none", "default", "max-autotune"), default="default",
+                   help="the worker's --compile, for the end-to-end runs and the compiled model-only row")
     p.add_argument("--skip-cpu-decode", action="store_true", help="skip the end-to-end Pillow-decode run")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -259,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
     figures: dict[str, float | str] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
                                        else "cpu", "images": len(paths), "batch_size": args.batch_size}
-    model_rates = bench_model_only(model_dir, device, args.batch_size, args.model_iters)
+    model_rates = bench_model_only(model_dir, device, args.batch_size, args.model_iters, args.compile)
     figures.update({f"model_only {name}": rate for name, rate in model_rates.items()})
     # The ratio is taken against the faster forward, whichever the worker ends up using.
     figures["model_only"] = max(model_rates.values())
@@ -278,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         out = work / f"out-{decode}-{jpeg}"
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        summaries = [run_worker(data, out, model_dir, device.type, decode, args.batch_size, jpeg)
+        summaries = [run_worker(data, out, model_dir, device.type, decode, args.batch_size, jpeg, args.compile)
                      for _ in range(args.repeats)]
         runs[name] = out
         figures[f"e2e runs {name}"] = [s["images_per_second"] for s in summaries]
@@ -291,13 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     figures["best"] = best
     figures["e2e_over_model_only"] = figures[f"e2e {best}"] / figures["model_only"]
 
-    reference = fp32_reference_labels(paths, model_dir, device, args.batch_size)
+    reference = fp32_labels(paths, model_dir, device, args.batch_size)
     expected = {str(p) for p in paths}
-    for name, out in runs.items():
-        got = read_labels(out)
+    for name, decode, jpeg in variants:
+        got = read_labels(runs[name])
         figures[f"exactly_once {name}"] = "yes" if set(got) == expected and len(got) == len(expected) else "NO"
-        agree = sum(got.get(u) == lab for u, lab in reference.items())
-        figures[f"label_agreement {name}"] = agree / max(1, len(reference))
+        figures[f"label_agreement {name}"] = agreement(got, reference)
+        if decode == "gpu":
+            # Pillow's pixels and the GPU decoder's differ (nvjpeg's chroma upsampling is not
+            # libjpeg's): this separates what bf16 arithmetic alone changes.
+            same_pixels = fp32_labels(paths, model_dir, device, args.batch_size, jpeg)
+            figures[f"label_agreement_same_pixels {name}"] = agreement(got, same_pixels)
 
     rows = [
         ("device", figures["device"], ""),
@@ -321,7 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in runs:
         rows.append((f"every image exactly once, {name}", figures[f"exactly_once {name}"], ""))
         rows.append((f"labels agree with fp32 reference, {name}", f"{100 * figures[f'label_agreement {name}']:.2f} %",
-                     ""))
+                     "float32 model on Pillow's pixels"))
+        if f"label_agreement_same_pixels {name}" in figures:
+            rows.append((f"labels agree with fp32 on the same pixels, {name}",
+                         f"{100 * figures[f'label_agreement_same_pixels {name}']:.2f} %",
+                         "float32 model on this decoder's pixels: bf16 arithmetic alone"))
     rows.append(("classifier head", head["head"],
                  f"median top-1 prob {head['median_top1_prob']:.3f}, margin {head['median_margin']:.3f}"))
     width = max(len(r[0]) for r in rows)
@@ -331,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0 if all(figures[f"exactly_once {name}"] == "yes" for name in runs) else 1
+
+
+def agreement(labels: dict[str, int], reference: dict[str, int]) -> float:
+    """The share of the reference's images given the reference's label."""
+    return sum(labels.get(uri) == label for uri, label in reference.items()) / max(1, len(reference))
 
 
 def hardware_jpeg_available(device: torch.device) -> bool:

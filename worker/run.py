@@ -18,7 +18,7 @@ import torch
 from worker import dist
 from worker.commit import Committer, Progress, ShardResult, image_id
 from worker.config import WorkerConfig
-from worker.cuda_graph import GraphedForward, graph_if_faster
+from worker.cuda_graph import GraphedForward, fastest_graph
 from worker.decode import CpuDecoder, DecodedBatch, GpuDecoder, Preprocess
 from worker.model import fetch_model_once_per_node, load_model, load_preprocessor_config
 from worker.plan import PlanColumns, Shard, load_or_create_plan, make_shards, static_assignment
@@ -349,7 +349,7 @@ class Worker:
     def _warm_up(self, model, pre: Preprocess) -> GraphedForward | None:
         """One forward at the working batch shape: kernel selection and allocator growth happen
         here, not in the first timed batch, and a batch size that doesn't fit fails fast.
-        Then the forward as a CUDA graph, where it checks out (``graph_if_faster``)."""
+        Then the forward as a CUDA graph, compiled where asked, where it checks out (``fastest_graph``)."""
         shape = (self.cfg.batch_size, 3, *pre.output_hw)
         top1(model, torch.zeros(shape, device=self.device, dtype=torch.bfloat16))
         torch.cuda.synchronize(self.device)
@@ -357,7 +357,7 @@ class Worker:
             return None
         example = torch.randn(shape, device=self.device, dtype=torch.bfloat16,
                               generator=torch.Generator(self.device).manual_seed(0))
-        return graph_if_faster(lambda pixels: top1(model, pixels), model, example)
+        return fastest_graph(lambda pixels: top1(model, pixels), model, example, self.cfg.compile)
 
     def _decode_stage(self, pre: Preprocess, pil_pool, decode_pool):
         """Stage 3 as a function of a read batch; runs in its own thread, one batch ahead.
