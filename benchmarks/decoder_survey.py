@@ -1,7 +1,7 @@
 """Survey of JPEG decoders and model precisions on a GPU machine (issue 6's open leads).
 
 ``python benchmarks/decoder_survey.py --workdir /tmp/bench`` reuses (or makes) the images and
-the PCA-headed random model of ``python -m worker.bench`` and prints, one line each:
+the fine-tuned random-weight model of ``python -m worker.bench`` and prints, one line each:
 
 - decode throughput alone: torchvision nvjpeg, nvImageCodec's hardware engine (NVJPG), its
   CUDA decoder, and Pillow / OpenCV on all CPU cores (full size, and DCT-scaled);
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from worker.bench import train_probe_head, make_dataset
+from worker.bench import make_dataset, train_classifier
 from worker.decode import Preprocess, pil_resized, resize_like_pillow
 from worker.model import load_preprocessor_config
 from worker.random_model import make_model
@@ -399,10 +399,10 @@ def main() -> None:
     paths = sorted((work / "images").rglob("*.jpg"))
     if len(paths) != args.images:
         paths = make_dataset(work / "images", args.images)
-    model_dir = work / "vit-base-patch16-224-random-probe-head"
+    model_dir = work / "vit-base-patch16-224-random-fine-tuned-3"
     if not (model_dir / "config.json").exists():
         make_model(model_dir)
-        train_probe_head(model_dir, paths, DEV)  # as python -m worker.bench does
+        train_classifier(model_dir, paths, DEV, epochs=3)  # as python -m worker.bench does
     pre = Preprocess.from_config(load_preprocessor_config(str(model_dir)))
     payloads = [p.read_bytes() for p in paths]
     from transformers import AutoModelForImageClassification

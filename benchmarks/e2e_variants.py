@@ -16,7 +16,9 @@ import threading
 import time
 from pathlib import Path
 
-from worker.bench import train_probe_head, make_dataset
+import torch
+
+from worker.bench import make_dataset, train_classifier
 from worker.random_model import make_model
 from worker.config import WorkerConfig
 from worker.decode import CudaJpeg, GpuDecoder, HardwareJpeg
@@ -111,10 +113,10 @@ def main() -> None:
     paths = sorted((work / "images").rglob("*.jpg"))
     if len(paths) < args.images:
         paths = make_dataset(work / "images", args.images)
-    model_dir = work / "vit-base-patch16-224-random-probe-head"
+    model_dir = work / "vit-base-patch16-224-random-fine-tuned-3"
     if not (model_dir / "config.json").exists():
         make_model(model_dir)
-        (model_dir / "head.json").write_text(json.dumps(train_probe_head(model_dir, paths, "cuda")))
+        (model_dir / "head.json").write_text(json.dumps(train_classifier(model_dir, paths, torch.device("cuda"), epochs=3)))
     default_switch = sys.getswitchinterval()
     names = args.only.split(";") if args.only else list(VARIANTS)
     for i, name in enumerate(["default"] * args.warm_up + names):

@@ -1,8 +1,8 @@
 """Throughput benchmark: ``python -m worker.bench`` on any GPU machine (or ``--device cpu`` anywhere).
 
 It generates COCO-like JPEGs (640x480, ~50-150 KB), builds a random-weight model of
-google/vit-base-patch16-224's architecture with a trained linear-probe head
-(``train_probe_head``), and prints one table:
+google/vit-base-patch16-224's architecture, trains it as a classifier of the first 8,192
+images (``train_classifier``), and prints one table:
 
 - model only (bf16 + SDPA on random device tensors), eager and as the CUDA graph the worker replays,
 - decode only, for each GPU JPEG decoder (+ resize + normalize),
@@ -12,8 +12,9 @@ google/vit-base-patch16-224's architecture with a trained linear-probe head
 - each end-to-end / model-only ratio, and peak GPU memory.
 
 It then checks correctness at speed, for each run: every image appears exactly once
-in the parts, and the share of labels equal to a float32 reference (Pillow + the
-image processor's arithmetic + the model in fp32).
+in the parts, and, on the images the classifier was not trained on, the share of labels
+equal to float32 references: the model in fp32 on Pillow's pixels (with the image
+processor's arithmetic), and in fp32 on the same GPU decoder's pixels (bf16 alone).
 """
 
 from __future__ import annotations
@@ -58,17 +59,26 @@ def make_dataset(root: Path, n: int) -> list[Path]:
     return paths
 
 
-def train_probe_head(model_dir: Path, paths: list[Path], device: torch.device, n: int = 8192,
-                     clusters: int = 100, steps: int = 300) -> dict:
-    """Give the random backbone a trained classifier head: a linear probe, as a trained model has.
+TRAIN_IMAGES = 8192  # the first images train the classifier; agreement is measured on the rest
 
-    A random ViT's own head gives near-tie logits (median top-1 probability ~0.005 over
-    1000 classes), so any rounding flips the argmax and a bf16-vs-fp32 agreement figure
-    would measure coin flips. Instead the head is trained, in fp32, on the backbone's
-    features of the first ``n`` images (Pillow pixels): the labels are ``clusters``
-    k-means clusters of those features, spread over the 1000 classes. The decision
-    margins are then those of a classifier fitted to its data; the images past ``n``
-    were not seen in training. The backbone, and so every timing, is unchanged.
+
+def train_classifier(model_dir: Path, paths: list[Path], device: torch.device, epochs: int,
+                     clusters: int = 100, probe_steps: int = 300) -> dict:
+    """Turn the random-weight model into a trained classifier of these images, in place.
+
+    Agreement between bf16 and fp32 labels is a property of a trained classifier's decision
+    margins; a random ViT has none (its own head gives near-tie logits, median top-1
+    probability ~0.005 over 1000 classes, so any rounding flips the argmax). So:
+
+    1. the classes are ``clusters`` k-means clusters of the random backbone's fp32 features
+       of the first ``TRAIN_IMAGES`` images (Pillow pixels), spread over the 1000 labels;
+    2. a linear-probe head is fitted to them (Adam, fp32), temperature-scaled to a median
+       top-1 probability of 0.8 (scaling changes no label);
+    3. the whole network is fine-tuned on them for ``epochs`` epochs (AdamW, bf16 autocast),
+       as a user's model is trained on its task. 0 keeps the random backbone.
+
+    The architecture and dtype are unchanged, so every timing is too. Images past the first
+    ``TRAIN_IMAGES`` are never seen in training: the agreement figures use only those.
     """
     from transformers import AutoModelForImageClassification
 
@@ -77,49 +87,74 @@ def train_probe_head(model_dir: Path, paths: list[Path], device: torch.device, n
 
     pre = Preprocess.from_config(load_preprocessor_config(str(model_dir)))
     model = AutoModelForImageClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval().to(device)
-    feats = []
     with ThreadPoolExecutor(os.cpu_count()) as pool, torch.no_grad():
         decoder = CpuDecoder(pre, pool)
-        for i in range(0, min(n, len(paths)), 256):
-            pixels = decoder([p.read_bytes() for p in paths[i:i + 256]]).pixels.to(device)
-            feats.append(model.vit(pixel_values=pixels).last_hidden_state[:, 0])
-    feats = torch.cat(feats)
+        pixels = torch.cat([decoder([p.read_bytes() for p in paths[i:i + 256]]).pixels.to(device)
+                            for i in range(0, min(TRAIN_IMAGES, len(paths)), 256)])
+        feats = torch.cat([model.vit(pixel_values=pixels[i:i + 256]).last_hidden_state[:, 0]
+                           for i in range(0, len(pixels), 256)])
     gen = torch.Generator(device="cpu").manual_seed(0)
-    # k-means (cosine, on centred features) for the pseudo-labels.
+    targets = _kmeans_classes(feats, clusters, model.config.num_labels, gen)
+    _fit_probe(model.classifier, feats, targets, probe_steps)
+    if epochs:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
+        for epoch in range(epochs):
+            for idx in torch.randperm(len(pixels), generator=gen).split(64):
+                idx = idx.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    logits = model(pixel_values=pixels[idx]).logits
+                loss = torch.nn.functional.cross_entropy(logits.float(), targets[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            log.info("fine-tuning: epoch %d of %d, loss %.3f", epoch + 1, epochs, loss.item())
+        model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(pixel_values=pixels[i:i + 256]).logits for i in range(0, len(pixels), 256)])
+        probs = logits.softmax(-1)
+        top2 = probs.topk(2, dim=-1).values
+        accuracy = (probs.argmax(-1) == targets).float().mean().item()
+    model.save_pretrained(model_dir)
+    tuned = f"whole network fine-tuned {epochs} epochs" if epochs else "random backbone, linear-probe head"
+    return {"head": f"{tuned} on {len(pixels):,} images, {clusters} k-means classes", "train_images": len(pixels),
+            "train_accuracy": accuracy, "median_top1_prob": top2[:, 0].median().item(),
+            "median_margin": (top2[:, 0] - top2[:, 1]).median().item()}
+
+
+def _kmeans_classes(feats: torch.Tensor, clusters: int, num_labels: int, gen: torch.Generator) -> torch.Tensor:
+    """Pseudo-labels: k-means (cosine, on centred features), each cluster one of ``num_labels``."""
     centred = torch.nn.functional.normalize(feats - feats.mean(0), dim=-1)
-    centroids = centred[torch.randperm(len(centred), generator=gen)[:clusters].to(device)]
+    centroids = centred[torch.randperm(len(centred), generator=gen)[:clusters].to(feats.device)]
     for _ in range(30):
         assign = (centred @ centroids.T).argmax(-1)
         sums = torch.zeros_like(centroids).index_add_(0, assign, centred)
-        centroids = torch.nn.functional.normalize(torch.where(sums.norm(dim=-1, keepdim=True) > 0, sums, centroids), dim=-1)
-    classes = torch.randperm(model.config.num_labels, generator=gen)[:clusters].to(device)
-    targets = classes[(centred @ centroids.T).argmax(-1)]
-    head = torch.nn.Linear(feats.shape[1], model.config.num_labels).to(device)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
+        centroids = torch.nn.functional.normalize(torch.where(sums.norm(dim=-1, keepdim=True) > 0, sums, centroids),
+                                                  dim=-1)
+    classes = torch.randperm(num_labels, generator=gen)[:clusters].to(feats.device)
+    return classes[(centred @ centroids.T).argmax(-1)]
+
+
+def _fit_probe(head: torch.nn.Linear, feats: torch.Tensor, targets: torch.Tensor, steps: int) -> None:
+    """Fit ``head`` to (feats, targets) in fp32, then temperature-scale it: trained to
+    saturation a probe is near-certain, and a median top-1 probability of 0.8 is about a
+    trained ImageNet ViT's."""
+    probe = torch.nn.Linear(feats.shape[1], head.out_features).to(feats.device)
+    torch.nn.init.zeros_(probe.weight)
+    torch.nn.init.zeros_(probe.bias)
+    opt = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-4)
     for _ in range(steps):
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(feats), targets)
-        loss.backward()
+        torch.nn.functional.cross_entropy(probe(feats), targets).backward()
         opt.step()
     with torch.no_grad():
-        # Trained to saturation, the probe is near-certain; a temperature brings the median
-        # top-1 probability to 0.8, about a trained ImageNet ViT's. Scaling changes no label.
-        logits = head(feats)
+        logits = probe(feats)
         low, high = 0.0, 1.0
         for _ in range(40):
             mid = (low + high) / 2
             low, high = (mid, high) if (logits * mid).softmax(-1).max(-1).values.median() < 0.8 else (low, mid)
-        model.classifier.weight.copy_(head.weight * high)
-        model.classifier.bias.copy_(head.bias * high)
-        probs = (logits * high).softmax(-1)
-        top2 = probs.topk(2, dim=-1).values
-        accuracy = (probs.argmax(-1) == targets).float().mean().item()
-    model.save_pretrained(model_dir)
-    return {"head": f"linear probe, {clusters} k-means classes", "train_accuracy": accuracy,
-            "median_top1_prob": top2[:, 0].median().item(),
-            "median_margin": (top2[:, 0] - top2[:, 1]).median().item()}
+        head.weight.copy_(probe.weight * high)
+        head.bias.copy_(probe.bias * high)
 
 
 def _sync(device: torch.device) -> None:
@@ -251,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                         "headline (single runs of one setting spread by +-5 %% on an H100)")
     p.add_argument("--compile", choices=("none", "default", "max-autotune"), default="default",
                    help="the worker's --compile, for the end-to-end runs and the compiled model-only row")
+    p.add_argument("--fine-tune-epochs", type=int, default=None,
+                   help="epochs of fine-tuning the whole network before measuring (default: 3 on GPU, 0 on CPU, "
+                        "where it would take hours); 0 keeps the random backbone under a trained linear probe")
     p.add_argument("--skip-cpu-decode", action="store_true", help="skip the end-to-end Pillow-decode run")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -264,12 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(paths) != args.images:
         shutil.rmtree(data, ignore_errors=True)
         paths = make_dataset(data, args.images)
-    model_dir = work / "vit-base-patch16-224-random-probe-head"
+    epochs = args.fine_tune_epochs if args.fine_tune_epochs is not None else (3 if device.type == "cuda" else 0)
+    model_dir = work / f"vit-base-patch16-224-random-fine-tuned-{epochs}"
     if not (model_dir / "config.json").exists():
         make_model(model_dir)
-        head = train_probe_head(model_dir, paths, device)
+        head = train_classifier(model_dir, paths, device, epochs)
         (model_dir / "head.json").write_text(json.dumps(head))
     head = json.loads((model_dir / "head.json").read_text())
+    held_out = paths[head["train_images"]:] or paths
 
     figures: dict[str, float | str] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
                                        else "cpu", "images": len(paths), "batch_size": args.batch_size}
@@ -305,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["best"] = best
     figures["e2e_over_model_only"] = figures[f"e2e {best}"] / figures["model_only"]
 
-    reference = fp32_labels(paths, model_dir, device, args.batch_size)
+    reference = fp32_labels(held_out, model_dir, device, args.batch_size)
     expected = {str(p) for p in paths}
     for name, decode, jpeg in variants:
         got = read_labels(runs[name])
@@ -314,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         if decode == "gpu":
             # Pillow's pixels and the GPU decoder's differ (nvjpeg's chroma upsampling is not
             # libjpeg's): this separates what bf16 arithmetic alone changes.
-            same_pixels = fp32_labels(paths, model_dir, device, args.batch_size, jpeg)
+            same_pixels = fp32_labels(held_out, model_dir, device, args.batch_size, jpeg)
             figures[f"label_agreement_same_pixels {name}"] = agreement(got, same_pixels)
 
     rows = [
@@ -336,15 +376,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in runs:
         if f"peak_gpu_memory_gib {name}" in figures:
             rows.append((f"peak GPU memory, {name}, GiB", f"{figures[f'peak_gpu_memory_gib {name}']:.2f}", ""))
+    unseen = f"the {len(held_out):,} images not trained on" if len(held_out) < len(paths) else "all images"
     for name in runs:
         rows.append((f"every image exactly once, {name}", figures[f"exactly_once {name}"], ""))
         rows.append((f"labels agree with fp32 reference, {name}", f"{100 * figures[f'label_agreement {name}']:.2f} %",
-                     "float32 model on Pillow's pixels"))
+                     f"float32 model on Pillow's pixels; {unseen}"))
         if f"label_agreement_same_pixels {name}" in figures:
             rows.append((f"labels agree with fp32 on the same pixels, {name}",
                          f"{100 * figures[f'label_agreement_same_pixels {name}']:.2f} %",
-                         "float32 model on this decoder's pixels: bf16 arithmetic alone"))
-    rows.append(("classifier head", head["head"],
+                         f"float32 model on this decoder's pixels (bf16 arithmetic alone); {unseen}"))
+    rows.append(("classifier", head["head"],
                  f"median top-1 prob {head['median_top1_prob']:.3f}, margin {head['median_margin']:.3f}"))
     width = max(len(r[0]) for r in rows)
     print("\n| what | figure | note |\n|---|---|---|")
