@@ -39,6 +39,14 @@ RUN python3 -c "import sys; v = sys.version_info[:2]; assert (3, 10) <= v < (3, 
  && grep -q '^torch==' /etc/pip/base-constraints.txt && grep -q '^torchvision==' /etc/pip/base-constraints.txt
 ENV PIP_CONSTRAINT=/etc/pip/base-constraints.txt
 
+# Triton (the worker's Pillow-exact resize kernels, and torch.compile's fused kernels) builds its
+# small launcher modules with the system C compiler on first use. CUDA runtime bases had none
+# (pytorch/pytorch#116696; later ones ship gcc, and then this is a no-op); without one the worker
+# falls back to torch's resize and an uncompiled forward, which are slower.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /opt/kfp-batch-inference
 COPY pyproject.toml README.md ./
 COPY worker ./worker
