@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on GPU, the most model blocks (encoder layers) queued ahead of the host, so the JPEG "
                         "decoder's kernels never wait behind a whole forward; 0: no limit")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-                   help="on GPU, replay the forward as one CUDA graph (checked against the eager forward's labels "
+                   help="on GPU, replay the forward as one CUDA graph (checked against the eager forward's logits "
                         "and speed at start-up; the eager forward where it fails either); --queued-blocks then "
                         "does not apply")
     p.add_argument("--compile", choices=COMPILE_CHOICES, default="default",

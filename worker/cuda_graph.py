@@ -30,11 +30,11 @@ def unpadded_attention_without_mask(model) -> Iterator[None]:
     """While capturing or compiling, give SDPA no mask for full, unpadded bidirectional attention.
 
     transformers leaves that mask out (so SDPA picks its fused kernels) only when it is not
-    tracing, and some versions (5.17) count CUDA stream capture, like torch.compile, as tracing: they build an
-    all-visible mask with a broadcast last dimension, which no fused SDPA kernel accepts,
-    and attention falls back to the fp32 math path (a 3x slower forward on an H100). An
-    image classifier never pads, so "no mask" is exactly the eager forward's attention.
-    Any other mask request (causal, padded, windowed) is passed through untouched.
+    tracing, and some versions (5.17) count CUDA stream capture as tracing, as they do
+    torch.compile: they build an all-visible mask with a broadcast last dimension, which no
+    fused SDPA kernel accepts, and attention falls back to the fp32 math path (a 3x slower
+    forward on an H100). An image classifier never pads, so "no mask" is exactly the eager
+    forward's attention. Any other mask request (causal, padded, windowed) is passed through untouched.
     """
     try:
         from transformers import masking_utils
