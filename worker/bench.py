@@ -4,7 +4,8 @@ It generates COCO-like JPEGs (640x480, ~50-150 KB), builds a random-weight model
 google/vit-base-patch16-224's architecture, trains it as a classifier of the first 8,192
 images (``train_classifier``), and prints one table:
 
-- model only (bf16 + SDPA on random device tensors), eager and as the CUDA graph the worker replays,
+- model only (bf16 + SDPA on random device tensors): eager, as a CUDA graph, and compiled by
+  torch.compile as a CUDA graph (what the worker replays by default),
 - decode only, for each GPU JPEG decoder (+ resize + normalize),
 - end to end through the real worker (read files -> decode -> infer -> commit CSV
   parts) with Pillow decode, nvjpeg on CUDA cores, and the hardware JPEG engines
