@@ -27,10 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from worker.bench import make_dataset, train_classifier
+from worker.bench import bench_images, trained_model
 from worker.decode import Preprocess, pil_resized, resize_like_pillow
 from worker.model import load_preprocessor_config
-from worker.random_model import make_model
 
 DEV = torch.device("cuda")
 
@@ -396,13 +395,8 @@ def main() -> None:
     p.add_argument("--sections", default="decode,cpu,overlap,fidelity,arithmetic")
     args = p.parse_args()
     work = Path(args.workdir)
-    paths = sorted((work / "images").rglob("*.jpg"))
-    if len(paths) != args.images:
-        paths = make_dataset(work / "images", args.images)
-    model_dir = work / "vit-base-patch16-224-random-fine-tuned-3"
-    if not (model_dir / "config.json").exists():
-        make_model(model_dir)
-        train_classifier(model_dir, paths, DEV, epochs=3)  # as python -m worker.bench does
+    paths = bench_images(work / "images", args.images)
+    model_dir, _ = trained_model(work, paths, DEV, epochs=3)  # as python -m worker.bench does
     pre = Preprocess.from_config(load_preprocessor_config(str(model_dir)))
     payloads = [p.read_bytes() for p in paths]
     from transformers import AutoModelForImageClassification

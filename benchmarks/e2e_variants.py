@@ -9,7 +9,6 @@ import argparse
 import collections
 import contextlib
 import functools
-import json
 import shutil
 import sys
 import threading
@@ -18,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from worker.bench import make_dataset, train_classifier
-from worker.random_model import make_model
+from worker.bench import bench_images, trained_model
 from worker.config import WorkerConfig
 from worker.decode import CudaJpeg, GpuDecoder, HardwareJpeg
 from worker.storage import LocalStorage
@@ -110,13 +108,8 @@ def main() -> None:
                         "nvjpeg calls above all (benchmarks/NOTES.md)")
     args = p.parse_args()
     work = Path(args.workdir)
-    paths = sorted((work / "images").rglob("*.jpg"))
-    if len(paths) < args.images:
-        paths = make_dataset(work / "images", args.images)
-    model_dir = work / "vit-base-patch16-224-random-fine-tuned-3"
-    if not (model_dir / "config.json").exists():
-        make_model(model_dir)
-        (model_dir / "head.json").write_text(json.dumps(train_classifier(model_dir, paths, torch.device("cuda"), epochs=3)))
+    paths = bench_images(work / "images", args.images)
+    model_dir, _ = trained_model(work, paths, torch.device("cuda"), epochs=3)
     default_switch = sys.getswitchinterval()
     names = args.only.split(";") if args.only else list(VARIANTS)
     for i, name in enumerate(["default"] * args.warm_up + names):

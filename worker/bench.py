@@ -60,6 +60,25 @@ def make_dataset(root: Path, n: int) -> list[Path]:
     return paths
 
 
+def bench_images(root: Path, n: int) -> list[Path]:
+    """The ``n`` generated JPEGs under ``root``: reused where exactly ``n`` are there, else made anew."""
+    paths = sorted(root.rglob("*.jpg")) if root.is_dir() else []
+    if len(paths) != n:
+        shutil.rmtree(root, ignore_errors=True)
+        paths = make_dataset(root, n)
+    return paths
+
+
+def trained_model(work: Path, paths: list[Path], device: torch.device, epochs: int) -> tuple[Path, dict]:
+    """The benchmark's classifier under ``work`` (made by ``train_classifier`` unless already
+    there) and what its training reported."""
+    model_dir = work / f"vit-base-patch16-224-random-fine-tuned-{epochs}"
+    if not (model_dir / "config.json").exists():
+        make_model(model_dir)
+        (model_dir / "head.json").write_text(json.dumps(train_classifier(model_dir, paths, device, epochs)))
+    return model_dir, json.loads((model_dir / "head.json").read_text())
+
+
 TRAIN_IMAGES = 8192  # the first images train the classifier; agreement is measured on the rest
 
 
@@ -299,17 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                           else "cpu")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="worker-bench-"))
     data = work / "images"
-    paths = sorted(data.rglob("*.jpg")) if data.is_dir() else []
-    if len(paths) != args.images:
-        shutil.rmtree(data, ignore_errors=True)
-        paths = make_dataset(data, args.images)
+    paths = bench_images(data, args.images)
     epochs = args.fine_tune_epochs if args.fine_tune_epochs is not None else (3 if device.type == "cuda" else 0)
-    model_dir = work / f"vit-base-patch16-224-random-fine-tuned-{epochs}"
-    if not (model_dir / "config.json").exists():
-        make_model(model_dir)
-        head = train_classifier(model_dir, paths, device, epochs)
-        (model_dir / "head.json").write_text(json.dumps(head))
-    head = json.loads((model_dir / "head.json").read_text())
+    model_dir, head = trained_model(work, paths, device, epochs)
     held_out = paths[head["train_images"]:] or paths
 
     figures: dict[str, float | str] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"

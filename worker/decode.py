@@ -5,9 +5,9 @@ Two decoders share one ``Preprocess`` spec:
   processor (resize with its resample, rescale in float64, normalize in float32).
 - ``GpuDecoder``: batched JPEG decode on the GPU, then Pillow's resize, bit for bit, and the
   normalize as two Triton kernels per distinct input size (torch's resize where Triton can't
-  run). The JPEG decode runs on CUDA cores (nvjpeg through torchvision), or on the GPU's hardware JPEG engines (NVJPG on A100/H100/H200, through
-  nvImageCodec), which reproduce Pillow's pixels exactly but were slower end to end on an
-  H100 (benchmarks/NOTES.md). What neither can read (PNG, WebP, CMYK, progressive
+  run). The JPEG decode runs on CUDA cores (nvjpeg through torchvision), or on the GPU's
+  hardware JPEG engines (NVJPG on A100/H100/H200, through nvImageCodec), which reproduce
+  Pillow's pixels exactly but were slower end to end on an H100 (benchmarks/NOTES.md). What neither can read (PNG, WebP, CMYK, progressive
   JPEGs...) goes through Pillow and is copied in.
 An image no decoder can read becomes an error, never a crash.
 """
