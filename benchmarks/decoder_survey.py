@@ -43,7 +43,9 @@ def section(name):
             except Exception:  # noqa: BLE001 - a survey goes on past a broken probe
                 print(f"[{name}] FAILED\n{traceback.format_exc()}", flush=True)
             print(f"[{name}] took {time.perf_counter() - t0:.1f}s", flush=True)
+
         return run
+
     return wrap
 
 
@@ -55,15 +57,21 @@ def rate(fn, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-PREALLOCATE = ("nvjpeg_hw_decoder:preallocate_buffers=true nvjpeg_hw_decoder:preallocate_batch_size=256 "
-               "nvjpeg_hw_decoder:preallocate_width_hint=640 nvjpeg_hw_decoder:preallocate_height_hint=640")
+PREALLOCATE = (
+    "nvjpeg_hw_decoder:preallocate_buffers=true nvjpeg_hw_decoder:preallocate_batch_size=256 "
+    "nvjpeg_hw_decoder:preallocate_width_hint=640 nvjpeg_hw_decoder:preallocate_height_hint=640"
+)
 
 
 def nvimg_decoder(kind: str, options: str = "", cpu_share: float = 0.0):
     from nvidia import nvimgcodec as nv
 
-    backend = {"hw": nv.BackendKind.HW_GPU_ONLY, "cuda": nv.BackendKind.GPU_ONLY,
-               "hybrid": nv.BackendKind.HYBRID_CPU_GPU, "cpu": nv.BackendKind.CPU_ONLY}[kind]
+    backend = {
+        "hw": nv.BackendKind.HW_GPU_ONLY,
+        "cuda": nv.BackendKind.GPU_ONLY,
+        "hybrid": nv.BackendKind.HYBRID_CPU_GPU,
+        "cpu": nv.BackendKind.CPU_ONLY,
+    }[kind]
     backends = [nv.Backend(backend)]
     if cpu_share:
         backends = [nv.Backend(backend, load_hint=1.0 - cpu_share), nv.Backend(nv.BackendKind.CPU_ONLY)]
@@ -76,8 +84,14 @@ def nvimg_tensors(decoder, payloads, stream=None):
     s = stream or torch.cuda.current_stream()
     imgs = decoder.decode([nv.CodeStream(b) for b in payloads], cuda_stream=s.cuda_stream)
     host = nv.ImageBufferKind.STRIDED_HOST
-    return [None if im is None else torch.from_numpy(np.asarray(im.cpu())) if im.buffer_kind == host
-            else torch.as_tensor(im, device=DEV) for im in imgs], imgs
+    return [
+        None
+        if im is None
+        else torch.from_numpy(np.asarray(im.cpu()))
+        if im.buffer_kind == host
+        else torch.as_tensor(im, device=DEV)
+        for im in imgs
+    ], imgs
 
 
 def resize_u8(chw_list, pre: Preprocess, rounded) -> torch.Tensor:
@@ -95,7 +109,9 @@ def resize_u8(chw_list, pre: Preprocess, rounded) -> torch.Tensor:
         if rounded == "two-pass":
             out[idx] = resize_like_pillow(x, (pre.height, pre.width), "bilinear")
             continue
-        x = F.interpolate(x, size=(pre.height, pre.width), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(
+            x, size=(pre.height, pre.width), mode="bilinear", antialias=True, align_corners=False
+        )
         out[idx] = x.round_().clamp_(0, 255) if rounded else x
     return out
 
@@ -109,22 +125,31 @@ def decode_alone(payloads, batch):
 
     def tv():
         for i in range(0, n, batch):
-            decode_jpeg(datas[i:i + batch], mode=ImageReadMode.RGB, device=DEV)
+            decode_jpeg(datas[i : i + batch], mode=ImageReadMode.RGB, device=DEV)
+
     tv()
     print(f"torchvision nvjpeg batched: {rate(tv, n):,.0f} img/s", flush=True)
-    for kind, opts, share in (("hw", "", 0), ("hw", PREALLOCATE, 0), ("cpu", "", 0), ("hw", PREALLOCATE, 0.2),
-                              ("hw", PREALLOCATE, 0.35)):
+    for kind, opts, share in (
+        ("hw", "", 0),
+        ("hw", PREALLOCATE, 0),
+        ("cpu", "", 0),
+        ("hw", PREALLOCATE, 0.2),
+        ("hw", PREALLOCATE, 0.35),
+    ):
         kind_name = f"{kind}{' preallocated' if opts else ''}{f' + cpu {share}' if share else ''}"
         try:
             dec = nvimg_decoder(kind, opts, share)
 
             def go():
                 for i in range(0, n, batch):
-                    nvimg_tensors(dec, payloads[i:i + batch])
+                    nvimg_tensors(dec, payloads[i : i + batch])
+
             go()
             t, _ = nvimg_tensors(dec, payloads[:4])
-            print(f"nvimgcodec {kind_name}: {rate(go, n):,.0f} img/s  (shape {tuple(t[0].shape)}, {t[0].dtype})",
-                  flush=True)
+            print(
+                f"nvimgcodec {kind_name}: {rate(go, n):,.0f} img/s  (shape {tuple(t[0].shape)}, {t[0].dtype})",
+                flush=True,
+            )
         except Exception as exc:  # noqa: BLE001
             print(f"nvimgcodec {kind_name}: failed: {exc}", flush=True)
 
@@ -140,6 +165,7 @@ def cpu_decoders(payloads, pre):
         import io
 
         from PIL import Image
+
         with Image.open(io.BytesIO(b)) as im:
             im.draft("RGB", (pre.width, pre.height))
             return np.asarray(im.convert("RGB").resize((pre.width, pre.height), Image.BILINEAR))
@@ -153,8 +179,12 @@ def cpu_decoders(payloads, pre):
         return cv2.resize(a, (pre.width, pre.height), interpolation=cv2.INTER_AREA)
 
     cv2.setNumThreads(1)
-    for name, fn in [("pillow exact", lambda b: pil_resized(b, pre)), ("pillow draft", pil_draft),
-                     ("opencv full", cv_full), ("opencv reduced_2", cv_reduced)]:
+    for name, fn in [
+        ("pillow exact", lambda b: pil_resized(b, pre)),
+        ("pillow draft", pil_draft),
+        ("opencv full", cv_full),
+        ("opencv reduced_2", cv_reduced),
+    ]:
         with ThreadPoolExecutor(cores) as pool:
             t0 = time.perf_counter()
             list(pool.map(fn, payloads[:n], chunksize=32))
@@ -175,26 +205,31 @@ def overlap(payloads, model, pre, batch):
     dstream = torch.cuda.Stream(priority=highest)
 
     def decode_hw(i):
-        return [a.permute(2, 0, 1) for a in nvimg_tensors(hw, payloads[i:i + batch], dstream)[0]]
+        return [a.permute(2, 0, 1) for a in nvimg_tensors(hw, payloads[i : i + batch], dstream)[0]]
 
     reuse = {"images": None}
 
     def decode_hw_reuse(i):
         from nvidia import nvimgcodec as nv
 
-        imgs = hw.decode([nv.CodeStream(b) for b in payloads[i:i + batch]], images=reuse["images"],
-                         cuda_stream=dstream.cuda_stream)
+        imgs = hw.decode(
+            [nv.CodeStream(b) for b in payloads[i : i + batch]],
+            images=reuse["images"],
+            cuda_stream=dstream.cuda_stream,
+        )
         reuse["images"] = imgs
         return [torch.as_tensor(im, device=DEV).permute(2, 0, 1) for im in imgs]
 
     def decode_hw_pre(i):
-        return [a.permute(2, 0, 1) for a in nvimg_tensors(hw_pre, payloads[i:i + batch], dstream)[0]]
+        return [a.permute(2, 0, 1) for a in nvimg_tensors(hw_pre, payloads[i : i + batch], dstream)[0]]
 
     def decode_hw_cpu(i):
-        return [a.to(DEV).permute(2, 0, 1) for a in nvimg_tensors(hw_cpu, payloads[i:i + batch], dstream)[0]]
+        return [
+            a.to(DEV).permute(2, 0, 1) for a in nvimg_tensors(hw_cpu, payloads[i : i + batch], dstream)[0]
+        ]
 
     def decode_tv(i):
-        return decode_jpeg(datas[i:i + batch], mode=ImageReadMode.RGB, device=DEV)
+        return decode_jpeg(datas[i : i + batch], mode=ImageReadMode.RGB, device=DEV)
 
     layers = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
     print(f"pacing hooks on {len(layers)} blocks", flush=True)
@@ -211,9 +246,12 @@ def overlap(payloads, model, pre, batch):
 
     for layer in layers:
         layer.register_forward_hook(after_layer)
-    for name, decode, paced in (("nvimgcodec hw", decode_hw, False), ("nvimgcodec hw, paced model", decode_hw, True),
-                                ("torchvision nvjpeg", decode_tv, False),
-                                ("torchvision nvjpeg, paced model", decode_tv, True)):
+    for name, decode, paced in (
+        ("nvimgcodec hw", decode_hw, False),
+        ("nvimgcodec hw, paced model", decode_hw, True),
+        ("torchvision nvjpeg", decode_tv, False),
+        ("torchvision nvjpeg, paced model", decode_tv, True),
+    ):
         pace["on"] = paced
         stop = threading.Event()
         counts = {"model": 0, "decode": 0}
@@ -239,7 +277,7 @@ def overlap(payloads, model, pre, batch):
                     t3 = time.perf_counter()
                     del chw
                     t4 = time.perf_counter()
-                    for key, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    for key, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=False):
                         spent[key] += dt
                     counts["decode"] += batch
                     i = (i + batch) % (n - batch)
@@ -251,22 +289,32 @@ def overlap(payloads, model, pre, batch):
         stop.set()
         [t.join() for t in ts]
         dt = time.perf_counter() - t0
-        print(f"together: model {counts['model'] / dt:,.0f} img/s, {name} decode+resize "
-              f"{counts['decode'] / dt:,.0f} img/s; decode thread's seconds: "
-              + ", ".join(f"{k} {v:.2f}" for k, v in spent.items()), flush=True)
+        print(
+            f"together: model {counts['model'] / dt:,.0f} img/s, {name} decode+resize "
+            f"{counts['decode'] / dt:,.0f} img/s; decode thread's seconds: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in spent.items()),
+            flush=True,
+        )
     for paced in (False, True):
         pace["on"] = paced
         with torch.inference_mode():
+
             def f():
                 for _ in range(20):
                     model(pixel_values=x).logits.float().softmax(-1).max(-1)
+
             f()
-            print(f"model only, {'paced' if paced else 'not paced'}: {rate(f, 20 * batch):,.0f} img/s", flush=True)
+            print(
+                f"model only, {'paced' if paced else 'not paced'}: {rate(f, 20 * batch):,.0f} img/s",
+                flush=True,
+            )
 
 
 @torch.inference_mode()
 def fp32_labels(model32, pixels: torch.Tensor) -> torch.Tensor:
-    return torch.cat([model32(pixel_values=pixels[i:i + 128]).logits.argmax(-1) for i in range(0, len(pixels), 128)])
+    return torch.cat(
+        [model32(pixel_values=pixels[i : i + 128]).logits.argmax(-1) for i in range(0, len(pixels), 128)]
+    )
 
 
 def normalize(u8_nchw: torch.Tensor) -> torch.Tensor:
@@ -285,16 +333,19 @@ def fidelity(payloads, pre, model32):
 
     def report(name, decoded_chw):
         for rounded in (False, True, "two-pass"):
-            out = torch.cat([resize_u8(decoded_chw[i:i + 256], pre, rounded) for i in range(0, n, 256)])
+            out = torch.cat([resize_u8(decoded_chw[i : i + 256], pre, rounded) for i in range(0, n, 256)])
             diff = (out - ref.float()).abs()
             agree = (fp32_labels(model32, normalize(out)) == ref_labels).float().mean().item()
-            print(f"{name}{f' {rounded}' if rounded == 'two-pass' else ' rounded' if rounded else ''}: mean|diff| {diff.mean().item():.3f}, "
-                  f"max {diff.max().item():.0f}, fp32 agreement {100 * agree:.2f} %", flush=True)
+            print(
+                f"{name}{f' {rounded}' if rounded == 'two-pass' else ' rounded' if rounded else ''}: mean|diff| {diff.mean().item():.3f}, "
+                f"max {diff.max().item():.0f}, fp32 agreement {100 * agree:.2f} %",
+                flush=True,
+            )
 
     datas = [torch.frombuffer(b, dtype=torch.uint8) for b in payloads[:n]]
     tv = []
     for i in range(0, n, 256):
-        tv += decode_jpeg(datas[i:i + 256], mode=ImageReadMode.RGB, device=DEV)
+        tv += decode_jpeg(datas[i : i + 256], mode=ImageReadMode.RGB, device=DEV)
     report("torchvision nvjpeg", tv)
     for kind, opts in (("hw", ""),):
         try:
@@ -302,7 +353,7 @@ def fidelity(payloads, pre, model32):
             chw = []
             keep = []
             for i in range(0, n, 256):
-                t, imgs = nvimg_tensors(dec, payloads[i:i + 256])
+                t, imgs = nvimg_tensors(dec, payloads[i : i + 256])
                 keep.append(imgs)
                 chw += [a.to(DEV).permute(2, 0, 1) for a in t]
             torch.cuda.synchronize()
@@ -311,14 +362,18 @@ def fidelity(payloads, pre, model32):
             print(f"nvimgcodec {kind} {opts}: failed: {exc}", flush=True)
     # Pillow decode, GPU resize: isolates the resize's share.
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        from PIL import Image
         import io
+
+        from PIL import Image
 
         def full(b):
             with Image.open(io.BytesIO(b)) as im:
                 return np.asarray(im.convert("RGB"))
-        report("pillow decode + torch resize", [torch.from_numpy(a).to(DEV).permute(2, 0, 1)
-                                                 for a in pool.map(full, payloads[:n])])
+
+        report(
+            "pillow decode + torch resize",
+            [torch.from_numpy(a).to(DEV).permute(2, 0, 1) for a in pool.map(full, payloads[:n])],
+        )
 
 
 @section("arithmetic")
@@ -330,30 +385,63 @@ def arithmetic(payloads, pre, model_dir, model32):
         ref = torch.from_numpy(np.stack(list(pool.map(lambda b: pil_resized(b, pre), payloads[:n]))))
     px = normalize(ref.permute(0, 3, 1, 2).to(DEV))
     with torch.inference_mode():
-        logits32 = torch.cat([model32(pixel_values=px[i:i + 128]).logits for i in range(0, n, 128)])
-        feats = torch.cat([model32.vit(pixel_values=px[i:i + 128]).last_hidden_state[:, 0] for i in range(0, n, 128)])
+        logits32 = torch.cat([model32(pixel_values=px[i : i + 128]).logits for i in range(0, n, 128)])
+        feats = torch.cat(
+            [model32.vit(pixel_values=px[i : i + 128]).last_hidden_state[:, 0] for i in range(0, n, 128)]
+        )
     lab32 = logits32.argmax(-1)
     top2 = logits32.float().softmax(-1).topk(2, -1).values
-    print(f"fp32: median top-1 prob {top2[:, 0].median().item():.3f}, feature spread "
-          f"(centred std / mean norm) {(feats - feats.mean(0)).norm(dim=-1).mean().item() / feats.mean(0).norm().item():.4f}",
-          flush=True)
-    m16 = AutoModelForImageClassification.from_pretrained(str(model_dir), dtype=torch.bfloat16,
-                                                          attn_implementation="sdpa").eval().to(DEV)
+    print(
+        f"fp32: median top-1 prob {top2[:, 0].median().item():.3f}, feature spread "
+        f"(centred std / mean norm) {(feats - feats.mean(0)).norm(dim=-1).mean().item() / feats.mean(0).norm().item():.4f}",
+        flush=True,
+    )
+    m16 = (
+        AutoModelForImageClassification.from_pretrained(
+            str(model_dir), dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
+        .eval()
+        .to(DEV)
+    )
     with torch.inference_mode():
-        lab16 = torch.cat([m16(pixel_values=px[i:i + 256].bfloat16()).logits.argmax(-1) for i in range(0, n, 256)])
-        m32s = AutoModelForImageClassification.from_pretrained(str(model_dir), dtype=torch.float32,
-                                                               attn_implementation="sdpa").eval().to(DEV)
+        lab16 = torch.cat(
+            [m16(pixel_values=px[i : i + 256].bfloat16()).logits.argmax(-1) for i in range(0, n, 256)]
+        )
+        m32s = (
+            AutoModelForImageClassification.from_pretrained(
+                str(model_dir), dtype=torch.float32, attn_implementation="sdpa"
+            )
+            .eval()
+            .to(DEV)
+        )
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            lab_ac = torch.cat([m32s(pixel_values=px[i:i + 256]).logits.argmax(-1) for i in range(0, n, 256)])
-        m16h = AutoModelForImageClassification.from_pretrained(str(model_dir), dtype=torch.float16,
-                                                               attn_implementation="sdpa").eval().to(DEV)
-        lab_h = torch.cat([m16h(pixel_values=px[i:i + 256].half()).logits.argmax(-1) for i in range(0, n, 256)])
+            lab_ac = torch.cat(
+                [m32s(pixel_values=px[i : i + 256]).logits.argmax(-1) for i in range(0, n, 256)]
+            )
+        m16h = (
+            AutoModelForImageClassification.from_pretrained(
+                str(model_dir), dtype=torch.float16, attn_implementation="sdpa"
+            )
+            .eval()
+            .to(DEV)
+        )
+        lab_h = torch.cat(
+            [m16h(pixel_values=px[i : i + 256].half()).logits.argmax(-1) for i in range(0, n, 256)]
+        )
         # bf16 encoder with the patch embedding (pixels included) and/or the final norm + head in fp32.
         variants = {}
-        for name, fp32_parts in (("bf16, fp32 classifier", ("classifier",)), ("bf16, fp32 norm+head", ("head",)),
-                                 ("bf16, fp32 embeddings+norm+head", ("embeddings", "head"))):
-            m = AutoModelForImageClassification.from_pretrained(str(model_dir), dtype=torch.bfloat16,
-                                                               attn_implementation="sdpa").eval().to(DEV)
+        for name, fp32_parts in (
+            ("bf16, fp32 classifier", ("classifier",)),
+            ("bf16, fp32 norm+head", ("head",)),
+            ("bf16, fp32 embeddings+norm+head", ("embeddings", "head")),
+        ):
+            m = (
+                AutoModelForImageClassification.from_pretrained(
+                    str(model_dir), dtype=torch.bfloat16, attn_implementation="sdpa"
+                )
+                .eval()
+                .to(DEV)
+            )
             first_dtype = torch.bfloat16
             if "embeddings" in fp32_parts:
                 m.vit.embeddings.float()
@@ -367,10 +455,17 @@ def arithmetic(payloads, pre, model_dir, model32):
                 m.classifier.float()
                 m.classifier.register_forward_pre_hook(lambda mod, args: (args[0].float(),))
             variants[name] = (m, first_dtype)
-        labs = {name: torch.cat([m(pixel_values=px[i:i + 256].to(dt)).logits.argmax(-1) for i in range(0, n, 256)])
-                for name, (m, dt) in variants.items()}
+        labs = {
+            name: torch.cat(
+                [m(pixel_values=px[i : i + 256].to(dt)).logits.argmax(-1) for i in range(0, n, 256)]
+            )
+            for name, (m, dt) in variants.items()
+        }
     for name, lab in (("pure bf16", lab16), ("autocast bf16", lab_ac), ("pure fp16", lab_h), *labs.items()):
-        print(f"{name} vs fp32 on the same pixels: {100 * (lab == lab32).float().mean().item():.2f} %", flush=True)
+        print(
+            f"{name} vs fp32 on the same pixels: {100 * (lab == lab32).float().mean().item():.2f} %",
+            flush=True,
+        )
 
     x = torch.randn(256, 3, 224, 224, device=DEV)
 
@@ -379,10 +474,15 @@ def arithmetic(payloads, pre, model_dir, model32):
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=ac):
                 for _ in range(20):
                     m(pixel_values=x.to(dtype)).logits.float().softmax(-1).max(-1)
+
         return f
-    for name, m, dtype, ac in (("pure bf16", m16, torch.bfloat16, False), ("autocast bf16", m32s, torch.float32, True),
-                               ("pure fp16", m16h, torch.float16, False),
-                               *((k, m, dt, False) for k, (m, dt) in variants.items())):
+
+    for name, m, dtype, ac in (
+        ("pure bf16", m16, torch.bfloat16, False),
+        ("autocast bf16", m32s, torch.float32, True),
+        ("pure fp16", m16h, torch.float16, False),
+        *((k, m, dt, False) for k, (m, dt) in variants.items()),
+    ):
         fwd(m, dtype, ac)()
         print(f"model only, {name}: {rate(fwd(m, dtype, ac), 20 * 256):,.0f} img/s", flush=True)
 
@@ -402,7 +502,10 @@ def main() -> None:
     from transformers import AutoModelForImageClassification
 
     from worker.model import load_model
-    model32 = AutoModelForImageClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval().to(DEV)
+
+    model32 = (
+        AutoModelForImageClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval().to(DEV)
+    )
     todo = args.sections.split(",")
     if "decode" in todo:
         decode_alone(payloads, args.batch)

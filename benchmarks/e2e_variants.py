@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
+import worker.run
 from worker.bench import bench_images, trained_model
 from worker.config import WorkerConfig
 from worker.decode import CudaJpeg, GpuDecoder, HardwareJpeg
-from worker.storage import LocalStorage
-import worker.run
 from worker.run import run
+from worker.storage import LocalStorage
 
 # Each variant changes the worker's defaults (nvjpeg, the compiled forward as a CUDA graph, Pillow-exact Triton
 # resize, model on its own stream); keys starting with "_" are settings outside WorkerConfig.
@@ -72,6 +72,7 @@ class CallTimes:
             finally:
                 with self.lock:
                     self.totals[label].append(time.perf_counter() - start)
+
         return timed
 
     @contextlib.contextmanager
@@ -87,25 +88,42 @@ class CallTimes:
 
     def line(self) -> str:
         """Mean ms per call, and the means of the first 10 calls and of the second half (warm-up shows)."""
+
         def ms(t: list[float]) -> str:
             return f"{1e3 * sum(t) / len(t):.1f}" if t else "-"
-        return ", ".join(f"{label} {ms(t)} ms x {len(t)} (first 10: {ms(t[:10])}, second half: {ms(t[len(t) // 2:])})"
-                         for label, t in self.totals.items() if t)
+
+        return ", ".join(
+            f"{label} {ms(t)} ms x {len(t)} (first 10: {ms(t[:10])}, second half: {ms(t[len(t) // 2 :])})"
+            for label, t in self.totals.items()
+            if t
+        )
 
 
-CALLS = {"read a batch": (LocalStorage, "read_many"), "decode a batch": (GpuDecoder, "__call__"),
-         "nvjpeg call": (CudaJpeg, "decode"), "nvImageCodec call": (HardwareJpeg, "decode")}
+CALLS = {
+    "read a batch": (LocalStorage, "read_many"),
+    "decode a batch": (GpuDecoder, "__call__"),
+    "nvjpeg call": (CudaJpeg, "decode"),
+    "nvImageCodec call": (HardwareJpeg, "decode"),
+}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", default="/tmp/bench")
     p.add_argument("--images", type=int, default=16384)
-    p.add_argument("--only", default="", help="variant names, separated by semicolons, run in that order "
-                                               "(repeat names to interleave A/B runs)")
-    p.add_argument("--warm-up", type=int, default=1,
-                   help="unreported default runs first: a process's first run was slower on an H100, its first "
-                        "nvjpeg calls above all (benchmarks/NOTES.md)")
+    p.add_argument(
+        "--only",
+        default="",
+        help="variant names, separated by semicolons, run in that order "
+        "(repeat names to interleave A/B runs)",
+    )
+    p.add_argument(
+        "--warm-up",
+        type=int,
+        default=1,
+        help="unreported default runs first: a process's first run was slower on an H100, its first "
+        "nvjpeg calls above all (benchmarks/NOTES.md)",
+    )
     args = p.parse_args()
     work = Path(args.workdir)
     paths = bench_images(work / "images", args.images)
@@ -126,9 +144,16 @@ def main() -> None:
             worker.run.model_stream = lambda device: contextlib.nullcontext()
         out = work / "out-variant"
         shutil.rmtree(out, ignore_errors=True)
-        cfg = WorkerConfig(input=str(work / "images"), output=str(out), model=str(model_dir), device="cuda",
-                           batch_size=overrides.pop("batch_size", 256), shard_size=1024,
-                           log_interval=60, **overrides)
+        cfg = WorkerConfig(
+            input=str(work / "images"),
+            output=str(out),
+            model=str(model_dir),
+            device="cuda",
+            batch_size=overrides.pop("batch_size", 256),
+            shard_size=1024,
+            log_interval=60,
+            **overrides,
+        )
         times = CallTimes(CALLS)
         try:
             with times.installed():
@@ -138,8 +163,11 @@ def main() -> None:
             worker.run.model_stream = own_stream
             GpuDecoder._pillow_resize = triton_resize
         label = "(warm-up) " + name if i < args.warm_up else name
-        print(f"{label:40s} {summary['images_per_second']:>9,.0f} img/s, GPU busy {100 * summary['gpu_busy']:.0f} %, "
-              f"waiting for input {100 * summary['input_wait']:.0f} %; {times.line()}", flush=True)
+        print(
+            f"{label:40s} {summary['images_per_second']:>9,.0f} img/s, GPU busy {100 * summary['gpu_busy']:.0f} %, "
+            f"waiting for input {100 * summary['input_wait']:.0f} %; {times.line()}",
+            flush=True,
+        )
     sys.setswitchinterval(default_switch)
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.dev.random_model import make_model
 from worker.bench import make_dataset
-from worker.random_model import make_model
 from worker.decode import CpuDecoder, GpuDecoder, Preprocess
 from worker.model import load_model, load_preprocessor_config
 
@@ -57,6 +57,7 @@ def main() -> None:
         def f():
             for _ in range(iters):
                 m(pixel_values=x).logits.float().softmax(-1).max(-1)
+
         return f
 
     with torch.inference_mode():
@@ -66,16 +67,20 @@ def main() -> None:
             t0 = time.perf_counter()
             cm = torch.compile(model, mode=mode, dynamic=False)
             forward(cm)()
-            print(f"model compile {mode}: {timed(forward(cm), B * iters):,.0f} img/s "
-                  f"(compile {time.perf_counter() - t0:.0f}s)")
+            print(
+                f"model compile {mode}: {timed(forward(cm), B * iters):,.0f} img/s "
+                f"(compile {time.perf_counter() - t0:.0f}s)"
+            )
 
         from torchvision.io import ImageReadMode, decode_jpeg
+
         datas = [torch.frombuffer(b, dtype=torch.uint8) for b in payloads]
         decode_jpeg(datas[:B], mode=ImageReadMode.RGB, device=dev)
 
         def nvjpeg_only():
             for i in range(0, len(datas), B):
-                decode_jpeg(datas[i:i + B], mode=ImageReadMode.RGB, device=dev)
+                decode_jpeg(datas[i : i + B], mode=ImageReadMode.RGB, device=dev)
+
         print(f"nvjpeg batched decode only: {timed(nvjpeg_only, len(datas)):,.0f} img/s")
         pool = ThreadPoolExecutor(os.cpu_count())
         gpu = GpuDecoder(pre, pool, dev)
@@ -83,13 +88,15 @@ def main() -> None:
 
         def full_decode():
             for i in range(0, len(payloads), B):
-                gpu(payloads[i:i + B], out)
+                gpu(payloads[i : i + B], out)
+
         print(f"GpuDecoder (nvjpeg+resize+normalize): {timed(full_decode, len(payloads)):,.0f} img/s")
         gpu_half = GpuDecoder(pre, pool, dev, resize_dtype=torch.float16)
 
         def half_decode():
             for i in range(0, len(payloads), B):
-                gpu_half(payloads[i:i + B], out)
+                gpu_half(payloads[i : i + B], out)
+
         half_decode()
         print(f"GpuDecoder, fp16 resize: {timed(half_decode, len(payloads)):,.0f} img/s")
         outs = [torch.empty_like(out) for _ in range(4)]
@@ -97,15 +104,26 @@ def main() -> None:
         def threaded_decode(workers):
             def run():
                 with ThreadPoolExecutor(workers) as ex:
-                    list(ex.map(lambda i: (torch.inference_mode().__enter__(), gpu(payloads[i:i + B], outs[(i // B) % 4]),
-                                           torch.cuda.current_stream().synchronize()),
-                                range(0, len(payloads), B)))
+                    list(
+                        ex.map(
+                            lambda i: (
+                                torch.inference_mode().__enter__(),
+                                gpu(payloads[i : i + B], outs[(i // B) % 4]),
+                                torch.cuda.current_stream().synchronize(),
+                            ),
+                            range(0, len(payloads), B),
+                        )
+                    )
+
             return run
+
         for w in (2, 4):
             print(f"GpuDecoder, {w} threads: {timed(threaded_decode(w), len(payloads)):,.0f} img/s")
         t0 = time.perf_counter()
         n_checked = sum(1 for b in payloads if __import__("worker.decode").decode.nvjpeg_decodable(b))
-        print(f"header check: {len(payloads) / (time.perf_counter() - t0):,.0f} img/s ({n_checked} nvjpeg-able)")
+        print(
+            f"header check: {len(payloads) / (time.perf_counter() - t0):,.0f} img/s ({n_checked} nvjpeg-able)"
+        )
 
         # Overlap: decode in one thread on its own stream while the model runs in another.
         for name, m in [("eager", model)]:
@@ -125,6 +143,7 @@ def main() -> None:
                         m(pixel_values=x).logits.float().softmax(-1).max(-1)
                     torch.cuda.synchronize()
                     done["model"] = len(payloads) / (time.perf_counter() - s)
+
             t1, t2 = threading.Thread(target=dec_loop), threading.Thread(target=model_loop)
             t1.start(), t2.start(), t1.join(), t2.join()
             print(f"overlap ({name}): decode {done['dec']:,.0f} img/s while model {done['model']:,.0f} img/s")
@@ -137,11 +156,11 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
         ref_logits, bf16_pil, fp32_gpu, bf16_gpu, autocast_gpu = [], [], [], [], []
         for i in range(0, n, B):
-            d = cpu(payloads[i:i + B])
+            d = cpu(payloads[i : i + B])
             pix = d.pixels.to(dev)
             ref_logits.append(ref_model(pixel_values=pix).logits.float())
             bf16_pil.append(model(pixel_values=pix.bfloat16()).logits.argmax(-1))
-            g = gpu(payloads[i:i + B], out)
+            g = gpu(payloads[i : i + B], out)
             torch.cuda.synchronize()
             gp = g.pixels[: len(d.ok)]
             fp32_gpu.append(ref_model(pixel_values=gp.float()).logits.argmax(-1))
@@ -151,13 +170,19 @@ def main() -> None:
         ref = torch.cat(ref_logits)
         ref_label = ref.argmax(-1)
         top2 = ref.softmax(-1).topk(2, dim=-1).values
-        for name, got in [("bf16 model, Pillow pixels", bf16_pil), ("fp32 model, GPU pixels", fp32_gpu),
-                          ("bf16 model, GPU pixels", bf16_gpu), ("autocast fp32 weights, GPU pixels", autocast_gpu)]:
+        for name, got in [
+            ("bf16 model, Pillow pixels", bf16_pil),
+            ("fp32 model, GPU pixels", fp32_gpu),
+            ("bf16 model, GPU pixels", bf16_gpu),
+            ("autocast fp32 weights, GPU pixels", autocast_gpu),
+        ]:
             agree = (torch.cat(got) == ref_label).float().mean().item()
             print(f"agreement {name}: {100 * agree:.2f} %")
-        margin = (top2[:, 0] - top2[:, 1])
-        print(f"reference top-1 prob median {top2[:, 0].median():.4f}; top1-top2 prob margin median "
-              f"{margin.median():.2e}, 10th pct {margin.quantile(0.1):.2e}")
+        margin = top2[:, 0] - top2[:, 1]
+        print(
+            f"reference top-1 prob median {top2[:, 0].median():.4f}; top1-top2 prob margin median "
+            f"{margin.median():.2e}, 10th pct {margin.quantile(0.1):.2e}"
+        )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.dev.random_model import make_model
 from worker.bench import make_dataset
-from worker.random_model import make_model
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -49,8 +49,9 @@ def link_copies(files: list[Path], folder: Path, copies: range) -> None:
             os.link(f, target / f"{f.parent.name}_{f.name}")
 
 
-def build_inputs(root: Path, files: list[Path], counts: list[int], copies: int,
-                 copies_per_gpu: int) -> dict[int, Path]:
+def build_inputs(
+    root: Path, files: list[Path], counts: list[int], copies: int, copies_per_gpu: int
+) -> dict[int, Path]:
     """The input folder of each GPU count.
 
     Fixed size (``copies_per_gpu`` 0): one folder of ``copies`` copies for every count.
@@ -75,9 +76,27 @@ def build_inputs(root: Path, files: list[Path], counts: list[int], copies: int,
 
 def run(nproc: int, data: Path, out: Path, model: Path, batch: int, extra: list[str]) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "worker",
-           "--input", str(data), "--output", str(out), "--model", str(model), "--batch-size", str(batch),
-           "--assignment", "dynamic", "--log-interval", "30", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "worker",
+        "--input",
+        str(data),
+        "--output",
+        str(out),
+        "--model",
+        str(model),
+        "--batch-size",
+        str(batch),
+        "--assignment",
+        "dynamic",
+        "--log-interval",
+        "30",
+        *extra,
+    ]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, **NO_MULTICAST})
     wall = time.perf_counter() - start
@@ -91,14 +110,21 @@ def run(nproc: int, data: Path, out: Path, model: Path, batch: int, extra: list[
                 duplicates += row["uri"] in seen
                 seen.add(row["uri"])
     slowest = max(r["seconds"] for r in ranks)
-    return {"gpus": nproc, "images": images, "rows": len(seen), "duplicates": duplicates, "wall": wall,
-            "steady": images / slowest, "end_to_end": images / wall,
-            # Everything that is not processing images: torchrun, imports, process group,
-            # model load, warm-up, planning, and the exit after the last shard.
-            "startup_share": (wall - slowest) / wall,
-            "balance": min(r["seconds"] for r in ranks) / slowest,
-            "per_rank_images": [r["images"] for r in ranks],
-            "setup_done_at": [r.get("setup_done_at") for r in ranks]}
+    return {
+        "gpus": nproc,
+        "images": images,
+        "rows": len(seen),
+        "duplicates": duplicates,
+        "wall": wall,
+        "steady": images / slowest,
+        "end_to_end": images / wall,
+        # Everything that is not processing images: torchrun, imports, process group,
+        # model load, warm-up, planning, and the exit after the last shard.
+        "startup_share": (wall - slowest) / wall,
+        "balance": min(r["seconds"] for r in ranks) / slowest,
+        "per_rank_images": [r["images"] for r in ranks],
+        "setup_done_at": [r.get("setup_done_at") for r in ranks],
+    }
 
 
 def main() -> None:
@@ -106,8 +132,12 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/scaling")
     p.add_argument("--unique", type=int, default=32768)
     p.add_argument("--copies", type=int, default=16)
-    p.add_argument("--copies-per-gpu", type=int, default=0,
-                   help="give each run this many copies per GPU instead of --copies for all")
+    p.add_argument(
+        "--copies-per-gpu",
+        type=int,
+        default=0,
+        help="give each run this many copies per GPU instead of --copies for all",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--gpus", default="", help="comma-separated GPU counts (default: 1 and all)")
     p.add_argument("--json", default=None)
@@ -127,17 +157,21 @@ def main() -> None:
     base = results[0]["steady"] / results[0]["gpus"]
     per_run = f"{args.copies_per_gpu} copies per GPU" if args.copies_per_gpu else f"{args.copies} copies"
     print(f"\n{args.unique:,} unique JPEGs, {per_run}, {device_name()}\n")
-    print("| GPUs | images | img/s (slowest rank) | img/s (wall) | efficiency | efficiency (wall) | start-up share "
-          "| slowest/fastest rank | every image exactly once |\n|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| GPUs | images | img/s (slowest rank) | img/s (wall) | efficiency | efficiency (wall) | start-up share "
+        "| slowest/fastest rank | every image exactly once |\n|---|---|---|---|---|---|---|---|---|"
+    )
     wall_base = results[0]["end_to_end"] / results[0]["gpus"]
     for r in results:
         expected = len(files) * (r["gpus"] * args.copies_per_gpu if args.copies_per_gpu else args.copies)
         once = "yes" if r["rows"] == expected and r["duplicates"] == 0 and r["images"] == expected else "NO"
         r["efficiency"] = r["steady"] / (r["gpus"] * base)
         r["wall_efficiency"] = r["end_to_end"] / (r["gpus"] * wall_base)
-        print(f"| {r['gpus']} | {r['images']:,} | {r['steady']:,.0f} | {r['end_to_end']:,.0f} "
-              f"| {100 * r['efficiency']:.1f} % | {100 * r['wall_efficiency']:.1f} % "
-              f"| {100 * r['startup_share']:.1f} % | {100 * r['balance']:.1f} % | {once} |")
+        print(
+            f"| {r['gpus']} | {r['images']:,} | {r['steady']:,.0f} | {r['end_to_end']:,.0f} "
+            f"| {100 * r['efficiency']:.1f} % | {100 * r['wall_efficiency']:.1f} % "
+            f"| {100 * r['startup_share']:.1f} % | {100 * r['balance']:.1f} % | {once} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

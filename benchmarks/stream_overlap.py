@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.decoder_survey import DEV, nvimg_decoder, nvimg_tensors, resize_u8
+from pipelines.dev.random_model import make_model
 from worker.bench import make_dataset
 from worker.decode import Preprocess
 from worker.model import load_model, load_preprocessor_config
-from worker.random_model import make_model
 
 WINDOW_S = 5.0
 
@@ -56,10 +56,10 @@ def decoders(payloads, batch):
     hw = nvimg_decoder("hw")
 
     def torchvision_nvjpeg(i, stream):
-        return decode_jpeg(datas[i:i + batch], mode=ImageReadMode.RGB, device=DEV)
+        return decode_jpeg(datas[i : i + batch], mode=ImageReadMode.RGB, device=DEV)
 
     def hardware(i, stream):
-        return [a.permute(2, 0, 1) for a in nvimg_tensors(hw, payloads[i:i + batch], stream)[0]]
+        return [a.permute(2, 0, 1) for a in nvimg_tensors(hw, payloads[i : i + batch], stream)[0]]
 
     return {"torchvision nvjpeg": torchvision_nvjpeg, "nvimgcodec hardware": hardware}
 
@@ -92,7 +92,9 @@ def side_by_side(model, x, decode, pre, n, batch, model_stream, profile=False):
 
     prof = None
     if profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
         prof = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
         prof.__enter__()
     threads = [threading.Thread(target=model_loop), threading.Thread(target=decode_loop)]
@@ -142,7 +144,7 @@ def main() -> None:
     paths = sorted((work / "images").rglob("*.jpg"))
     if len(paths) < args.images:
         paths = make_dataset(work / "images", args.images)
-    paths = paths[:args.images]
+    paths = paths[: args.images]
     model_dir = work / "vit-base-patch16-224-random"
     if not (model_dir / "config.json").exists():
         make_model(model_dir)
@@ -162,24 +164,39 @@ def main() -> None:
             for paced in (False, True) if "pairs" in args.sections else ():
                 pacer.on = paced
                 m, d, _ = side_by_side(model, x, decode, pre, len(payloads), args.batch, stream)
-                print(f"{dec_name:20s} model on {stream_name:21s} {'paced' if paced else 'unpaced':8s}: "
-                      f"model {m:7,.0f} img/s, decode+resize {d:7,.0f} img/s", flush=True)
+                print(
+                    f"{dec_name:20s} model on {stream_name:21s} {'paced' if paced else 'unpaced':8s}: "
+                    f"model {m:7,.0f} img/s, decode+resize {d:7,.0f} img/s",
+                    flush=True,
+                )
             pacer.on = False
             if "profile" not in args.sections:
                 continue
             try:
-                m, d, api = side_by_side(model, x, decode, pre, len(payloads), args.batch, stream, profile=True)
+                m, d, api = side_by_side(
+                    model, x, decode, pre, len(payloads), args.batch, stream, profile=True
+                )
             except Exception:  # noqa: BLE001 - a diagnostic line, not a failure
                 traceback.print_exc()
                 continue
             for who, calls in api.items():
-                print(f"  profiled 2 s ({dec_name}, model on {stream_name}), {who}: "
-                      + ", ".join(f"{k} {v:.3f}" for k, v in calls), flush=True)
+                print(
+                    f"  profiled 2 s ({dec_name}, model on {stream_name}), {who}: "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in calls),
+                    flush=True,
+                )
     if "gil" in args.sections:
         gil_contention(decoders(payloads, args.batch), pre, len(payloads), args.batch)
     if "green" in args.sections:
-        green(model, x, decoders(payloads, args.batch), pre, len(payloads), args.batch,
-          [int(s) for s in args.green_sms.split(",")])
+        green(
+            model,
+            x,
+            decoders(payloads, args.batch),
+            pre,
+            len(payloads),
+            args.batch,
+            [int(s) for s in args.green_sms.split(",")],
+        )
 
 
 def gil_contention(decs, pre, n, batch):
@@ -192,6 +209,7 @@ def gil_contention(decs, pre, n, batch):
             def spin():
                 while not stop.is_set():
                     sum(range(1000))
+
             threads = [threading.Thread(target=spin) for _ in range(spinners)]
             for t in threads:
                 t.start()

@@ -20,11 +20,11 @@ import io
 import json
 import logging
 import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
@@ -46,7 +46,13 @@ _READ_THREADS = 16
 # Only committed files count: the local backend's in-flight temp files start with '.'.
 _PART_FILE = re.compile(r"part-\d+\.csv")
 _SUMMARY_FILE = re.compile(r"rank-\d+\.json")
-_PART_DTYPES = {"image_id": str, "classification": str, "label_index": "int64", "score": "float64", "uri": str}
+_PART_DTYPES = {
+    "image_id": str,
+    "classification": str,
+    "label_index": "int64",
+    "score": "float64",
+    "uri": str,
+}
 _ERROR_DTYPES = {"uri": str, "reason": str}
 
 
@@ -96,9 +102,11 @@ class IncompleteResultsError(RuntimeError):
         m = report.metrics
         details = [
             f"first {what}: {', '.join(sample[:NAMED_IN_ERROR])}"
-            for what, sample in (("missing", report.missing_sample),
-                                 ("duplicated", report.duplicated_sample),
-                                 ("unexpected", report.unexpected_sample))
+            for what, sample in (
+                ("missing", report.missing_sample),
+                ("duplicated", report.duplicated_sample),
+                ("unexpected", report.unexpected_sample),
+            )
             if sample
         ]
         super().__init__(
@@ -108,8 +116,9 @@ class IncompleteResultsError(RuntimeError):
         )
 
 
-def aggregate_results(results_uri: str, *, csv_path: str, parquet_path: str,
-                      html_path: str) -> AggregateReport:
+def aggregate_results(
+    results_uri: str, *, csv_path: str, parquet_path: str, html_path: str
+) -> AggregateReport:
     """Merge and check the worker's results, and write the table, the report, the manifest and the marker.
 
     The HTML report is written first, so a failed task still shows why it failed.
@@ -154,13 +163,25 @@ def aggregate_results(results_uri: str, *, csv_path: str, parquet_path: str,
     parts = _read_csvs(storage, part_uris, _PART_DTYPES)
     errors = _read_csvs(storage, error_uris, _ERROR_DTYPES)
     ranks = _read_summaries(storage, join(results_uri, "summary"))
-    run_info = json.loads(storage.read(join(results_uri, RUN_FILE))) if storage.exists(
-        join(results_uri, RUN_FILE)) else {}  # results of workers older than run.json have none
+    run_info = (
+        json.loads(storage.read(join(results_uri, RUN_FILE)))
+        if storage.exists(join(results_uri, RUN_FILE))
+        else {}
+    )  # results of workers older than run.json have none
     carried, changed, deleted = _carry_over(storage, results_uri, run_info, planned)
     table = _merged_table(parts, plan, carried)
 
-    report = _build_report(results_uri, planned, parts, errors, ranks, table, reused=len(carried),
-                           changed=changed, deleted=deleted)
+    report = _build_report(
+        results_uri,
+        planned,
+        parts,
+        errors,
+        ranks,
+        table,
+        reused=len(carried),
+        changed=changed,
+        deleted=deleted,
+    )
     report.base_uri = run_info.get("base")
     _write_local(html_path, render_report(report).encode("utf-8"))
     if not report.complete:
@@ -191,8 +212,9 @@ def aggregate_results(results_uri: str, *, csv_path: str, parquet_path: str,
     return report
 
 
-def _carry_over(storage: Storage, results_uri: str, run_info: dict,
-                planned: pd.Index) -> tuple[pd.DataFrame, int, int]:
+def _carry_over(
+    storage: Storage, results_uri: str, run_info: dict, planned: pd.Index
+) -> tuple[pd.DataFrame, int, int]:
     """The base run's rows to keep: those whose object is still listed at the same generation.
 
     Returns:
@@ -201,14 +223,16 @@ def _carry_over(storage: Storage, results_uri: str, run_info: dict,
     """
     base = run_info.get("base")
     if not base:
-        return _empty(dict(zip(MANIFEST_COLUMNS, (*_PART_DTYPES.values(), "Int64")))), 0, 0
+        return _empty(dict(zip(MANIFEST_COLUMNS, (*_PART_DTYPES.values(), "Int64"), strict=False))), 0, 0
     inventory = decode_plan(storage.read(join(results_uri, run_info.get("inventory", INVENTORY_FILE))))
     current = pd.Series({o.uri: o.generation for o in inventory}, dtype="Int64")
     try:
         rows = read_manifest(join(base, MANIFEST))
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"the base run {base} of this incremental run has no manifest any more "
-                                f"({MANIFEST}); rerun with incremental off") from exc
+        raise FileNotFoundError(
+            f"the base run {base} of this incremental run has no manifest any more "
+            f"({MANIFEST}); rerun with incremental off"
+        ) from exc
     present = rows["uri"].isin(current.index)
     now = current.reindex(rows["uri"]).set_axis(rows.index)
     same = (rows["generation"].astype("Int64") == now).fillna(False).astype(bool)
@@ -237,7 +261,7 @@ def _list_named(storage: Storage, folder: str, pattern: re.Pattern) -> list[str]
         listed = [o.uri for o in storage.list(prefix)]
     except FileNotFoundError:
         return []
-    return sorted(u for u in listed if pattern.fullmatch(u[len(prefix):]))
+    return sorted(u for u in listed if pattern.fullmatch(u[len(prefix) :]))
 
 
 def _read_all(storage: Storage, uris: Sequence[str]) -> list[bytes]:
@@ -249,7 +273,7 @@ def _read_csvs(storage: Storage, uris: Sequence[str], dtypes: dict) -> pd.DataFr
     """Concatenate CSV files that must all have exactly the columns of ``dtypes``."""
     columns = list(dtypes)
     frames = []
-    for uri, data in zip(uris, _read_all(storage, uris)):
+    for uri, data in zip(uris, _read_all(storage, uris), strict=False):
         if not data.strip():
             continue  # An empty file is an empty shard, not a malformed one.
         try:
@@ -270,9 +294,18 @@ def _read_summaries(storage: Storage, folder: str) -> list[dict]:
     return sorted((json.loads(data) for data in _read_all(storage, uris)), key=lambda s: s.get("rank", 0))
 
 
-def _build_report(results_uri: str, planned: pd.Index, parts: pd.DataFrame, errors: pd.DataFrame,
-                  ranks: list[dict], table: pd.DataFrame, *, reused: int, changed: int,
-                  deleted: int) -> AggregateReport:
+def _build_report(
+    results_uri: str,
+    planned: pd.Index,
+    parts: pd.DataFrame,
+    errors: pd.DataFrame,
+    ranks: list[dict],
+    table: pd.DataFrame,
+    *,
+    reused: int,
+    changed: int,
+    deleted: int,
+) -> AggregateReport:
     seen = pd.concat([parts["uri"], errors["uri"]], ignore_index=True)
     counts = seen.value_counts()
     repeated = counts[counts > 1]
@@ -297,7 +330,7 @@ def _build_report(results_uri: str, planned: pd.Index, parts: pd.DataFrame, erro
         # The job's wall time is that of its slowest rank.
         "images_per_second": len(planned) / wall if wall > 0 else 0.0,
         "wall_seconds": wall,
-        "gpu_seconds": sum(s for s, r in zip(seconds, ranks) if r.get("device") == "cuda"),
+        "gpu_seconds": sum(s for s, r in zip(seconds, ranks, strict=False) if r.get("device") == "cuda"),
         "ranks": len(ranks),
     }
     top = table["classification"].value_counts()
@@ -307,7 +340,9 @@ def _build_report(results_uri: str, planned: pd.Index, parts: pd.DataFrame, erro
         results_uri=results_uri,
         metrics=metrics,
         top_classes=[(str(k), int(v)) for k, v in top.items()],
-        errors_sample=list(zip(errors_sorted["uri"].tolist(), errors_sorted["reason"].tolist())),
+        errors_sample=list(
+            zip(errors_sorted["uri"].tolist(), errors_sorted["reason"].tolist(), strict=False)
+        ),
         ranks=ranks,
         missing_sample=missing[:PROBLEMS_SHOWN].tolist(),
         duplicated_sample=sorted(repeated.index)[:PROBLEMS_SHOWN],

@@ -15,9 +15,9 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Callable, Iterator
 
 import requests
 
@@ -106,7 +106,7 @@ class LineStream:
                 buffer += chunk
                 while (newline := buffer.find(b"\n")) >= 0:
                     yield buffer[:newline]
-                    buffer = buffer[newline + 1:]
+                    buffer = buffer[newline + 1 :]
             # A partial line at a clean end is real output (a log without a final newline); a
             # partial line at a dropped connection is discarded by the exception skipping this.
             if buffer and self._keep_partial:
@@ -167,10 +167,17 @@ class KubernetesApi:
             dropped (the launcher then reconnects).
     """
 
-    def __init__(self, base_url: str, token: str | None = None, *,
-                 token_provider: Callable[[], str] | None = None,
-                 verify: bool | str = True, kueue_version: str | None = None,
-                 request_timeout_s: float = 30.0, stream_read_timeout_s: float = 600.0):
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        token_provider: Callable[[], str] | None = None,
+        verify: bool | str = True,
+        kueue_version: str | None = None,
+        request_timeout_s: float = 30.0,
+        stream_read_timeout_s: float = 600.0,
+    ):
         self.base_url = base_url.rstrip("/")
         self._token = token
         self._token_provider = token_provider
@@ -201,8 +208,9 @@ class KubernetesApi:
         port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         token_path = os.path.join(sa_dir, "token")
         if not host or not os.path.exists(token_path):
-            raise RuntimeError("not running in a Kubernetes pod: KUBERNETES_SERVICE_HOST or "
-                               f"{token_path} is missing")
+            raise RuntimeError(
+                f"not running in a Kubernetes pod: KUBERNETES_SERVICE_HOST or {token_path} is missing"
+            )
         if ":" in host:  # an IPv6 service address needs brackets in a URL
             host = f"[{host}]"
 
@@ -210,12 +218,17 @@ class KubernetesApi:
             with open(token_path) as f:
                 return f.read().strip()
 
-        return cls(f"https://{host}:{port}", token_provider=read_token,
-                   verify=os.path.join(sa_dir, "ca.crt"), **kwargs)
+        return cls(
+            f"https://{host}:{port}",
+            token_provider=read_token,
+            verify=os.path.join(sa_dir, "ca.crt"),
+            **kwargs,
+        )
 
     @classmethod
-    def from_gke(cls, project: str, location: str, cluster: str, *, credentials: Any = None,
-                 **kwargs: Any) -> KubernetesApi:
+    def from_gke(
+        cls, project: str, location: str, cluster: str, *, credentials: Any = None, **kwargs: Any
+    ) -> KubernetesApi:
         """Credentials for a GKE cluster from outside it (a Vertex AI Pipelines task).
 
         The endpoint and CA come from the GKE API (``google-cloud-container`` when installed,
@@ -252,10 +265,13 @@ class KubernetesApi:
             got = container_v1.ClusterManagerClient(credentials=credentials).get_cluster(name=name)
             endpoint, ca_b64 = got.endpoint, got.master_auth.cluster_ca_certificate
         else:
-            resp = requests.get(f"{GKE_API}/{name}", timeout=30,
-                                headers={"Authorization": f"Bearer {fresh_token()}"})
+            resp = requests.get(
+                f"{GKE_API}/{name}", timeout=30, headers={"Authorization": f"Bearer {fresh_token()}"}
+            )
             if not resp.ok:
-                raise RuntimeError(f"GKE API: cannot get cluster {name}: {resp.status_code} {resp.text[:300]}")
+                raise RuntimeError(
+                    f"GKE API: cannot get cluster {name}: {resp.status_code} {resp.text[:300]}"
+                )
             body = resp.json()
             endpoint, ca_b64 = body["endpoint"], body["masterAuth"]["clusterCaCertificate"]
         # requests wants a CA bundle path, not bytes.
@@ -281,18 +297,31 @@ class KubernetesApi:
             headers["Authorization"] = f"Bearer {token}"
         return headers
 
-    def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
-                 body: Any = None) -> dict[str, Any]:
-        resp = self._session().request(method, self.base_url + path, params=params, json=body,
-                                       headers=self.request_headers(), timeout=self.request_timeout_s)
+    def _request(
+        self, method: str, path: str, *, params: dict[str, Any] | None = None, body: Any = None
+    ) -> dict[str, Any]:
+        resp = self._session().request(
+            method,
+            self.base_url + path,
+            params=params,
+            json=body,
+            headers=self.request_headers(),
+            timeout=self.request_timeout_s,
+        )
         if not resp.ok:
             raise ApiError.from_response(resp)
         return resp.json() if resp.content else {}
 
-    def _stream(self, path: str, params: dict[str, Any], read_timeout_s: float,
-                keep_partial_last_line: bool) -> LineStream:
-        resp = self._session().get(self.base_url + path, params=params, headers=self.request_headers(), stream=True,
-                                   timeout=(self.request_timeout_s, read_timeout_s))
+    def _stream(
+        self, path: str, params: dict[str, Any], read_timeout_s: float, keep_partial_last_line: bool
+    ) -> LineStream:
+        resp = self._session().get(
+            self.base_url + path,
+            params=params,
+            headers=self.request_headers(),
+            stream=True,
+            timeout=(self.request_timeout_s, read_timeout_s),
+        )
         if not resp.ok:
             try:
                 raise ApiError.from_response(resp)
@@ -341,16 +370,21 @@ class KubernetesApi:
 
     def create_pytorchjob(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         """Creates a PyTorchJob; unknown or duplicate fields are errors (``fieldValidation=Strict``)."""
-        return self._request("POST", self._jobs_path(namespace), params={"fieldValidation": "Strict"}, body=body)
+        return self._request(
+            "POST", self._jobs_path(namespace), params={"fieldValidation": "Strict"}, body=body
+        )
 
     def get_pytorchjob(self, namespace: str, name: str) -> dict[str, Any]:
         """The PyTorchJob; raises :class:`ApiError` (404) when it does not exist."""
         return self._request("GET", self._jobs_path(namespace, name))
 
-    def list_pytorchjobs(self, namespace: str, *, label_selector: str | None = None,
-                         field_selector: str | None = None) -> dict[str, Any]:
+    def list_pytorchjobs(
+        self, namespace: str, *, label_selector: str | None = None, field_selector: str | None = None
+    ) -> dict[str, Any]:
         """The PyTorchJobList (its ``metadata.resourceVersion`` is where a watch resumes)."""
-        params = {k: v for k, v in (("labelSelector", label_selector), ("fieldSelector", field_selector)) if v}
+        params = {
+            k: v for k, v in (("labelSelector", label_selector), ("fieldSelector", field_selector)) if v
+        }
         return self._request("GET", self._jobs_path(namespace), params=params)
 
     def delete_pytorchjob(self, namespace: str, name: str, propagation_policy: str = "Foreground") -> bool:
@@ -366,29 +400,46 @@ class KubernetesApi:
             False when the job was already gone.
         """
         try:
-            self._request("DELETE", self._jobs_path(namespace, name), params={"propagationPolicy": propagation_policy})
+            self._request(
+                "DELETE", self._jobs_path(namespace, name), params={"propagationPolicy": propagation_policy}
+            )
         except ApiError as e:
             if e.not_found:
                 return False
             raise
         return True
 
-    def watch_pytorchjobs(self, namespace: str, *, resource_version: str, field_selector: str | None = None,
-                          label_selector: str | None = None, timeout_seconds: int = 300) -> WatchStream:
+    def watch_pytorchjobs(
+        self,
+        namespace: str,
+        *,
+        resource_version: str,
+        field_selector: str | None = None,
+        label_selector: str | None = None,
+        timeout_seconds: int = 300,
+    ) -> WatchStream:
         """Watches PyTorchJobs from ``resource_version`` on.
 
         The server ends the stream after ``timeout_seconds``; the caller rewatches from the last
         resourceVersion it saw. Bookmarks are requested so that the resourceVersion keeps moving
         even when the watched job does not change.
         """
-        params: dict[str, Any] = {"watch": "true", "resourceVersion": resource_version,
-                                  "allowWatchBookmarks": "true", "timeoutSeconds": str(int(timeout_seconds))}
+        params: dict[str, Any] = {
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(int(timeout_seconds)),
+        }
         if field_selector:
             params["fieldSelector"] = field_selector
         if label_selector:
             params["labelSelector"] = label_selector
-        lines = self._stream(self._jobs_path(namespace), params, read_timeout_s=timeout_seconds + 30,
-                             keep_partial_last_line=False)
+        lines = self._stream(
+            self._jobs_path(namespace),
+            params,
+            read_timeout_s=timeout_seconds + 30,
+            keep_partial_last_line=False,
+        )
         return WatchStream(lines)
 
     # -- Kueue ----------------------------------------------------------------------------------
@@ -413,8 +464,11 @@ class KubernetesApi:
 
     def list_workloads(self, namespace: str, job_uid: str) -> list[dict[str, Any]]:
         """The Kueue Workloads that Kueue created for the job with this uid."""
-        return self._request("GET", self._kueue_path(namespace, "workloads"),
-                             params={"labelSelector": f"{JOB_UID_LABEL}={job_uid}"}).get("items", [])
+        return self._request(
+            "GET",
+            self._kueue_path(namespace, "workloads"),
+            params={"labelSelector": f"{JOB_UID_LABEL}={job_uid}"},
+        ).get("items", [])
 
     def get_localqueue(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The LocalQueue, or ``None`` when it does not exist (a 404 naming it, not a missing API)."""
@@ -429,25 +483,45 @@ class KubernetesApi:
 
     def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         """Pods matching the label selector."""
-        return self._request("GET", f"/api/v1/namespaces/{namespace}/pods",
-                             params={"labelSelector": label_selector}).get("items", [])
+        return self._request(
+            "GET", f"/api/v1/namespaces/{namespace}/pods", params={"labelSelector": label_selector}
+        ).get("items", [])
 
-    def read_pod_log(self, namespace: str, pod: str, container: str, *, tail_lines: int | None = None,
-                     previous: bool = False) -> str:
+    def read_pod_log(
+        self,
+        namespace: str,
+        pod: str,
+        container: str,
+        *,
+        tail_lines: int | None = None,
+        previous: bool = False,
+    ) -> str:
         """A container's log so far (not followed)."""
         params: dict[str, Any] = {"container": container}
         if tail_lines is not None:
             params["tailLines"] = str(tail_lines)
         if previous:
             params["previous"] = "true"
-        resp = self._session().get(f"{self.base_url}/api/v1/namespaces/{namespace}/pods/{pod}/log",
-                                   params=params, headers=self.request_headers(), timeout=self.request_timeout_s)
+        resp = self._session().get(
+            f"{self.base_url}/api/v1/namespaces/{namespace}/pods/{pod}/log",
+            params=params,
+            headers=self.request_headers(),
+            timeout=self.request_timeout_s,
+        )
         if not resp.ok:
             raise ApiError.from_response(resp)
         return resp.text
 
-    def stream_pod_log(self, namespace: str, pod: str, container: str, *, follow: bool = True,
-                       since_time: str | None = None, timestamps: bool = True) -> LineStream:
+    def stream_pod_log(
+        self,
+        namespace: str,
+        pod: str,
+        container: str,
+        *,
+        follow: bool = True,
+        since_time: str | None = None,
+        timestamps: bool = True,
+    ) -> LineStream:
         """A container's log as a line stream, followed while the container runs.
 
         With ``timestamps`` every line starts with its RFC 3339 (nanosecond) timestamp and a
@@ -461,5 +535,9 @@ class KubernetesApi:
             params["timestamps"] = "true"
         if since_time:
             params["sinceTime"] = since_time
-        return self._stream(f"/api/v1/namespaces/{namespace}/pods/{pod}/log", params,
-                            read_timeout_s=self.stream_read_timeout_s, keep_partial_last_line=True)
+        return self._stream(
+            f"/api/v1/namespaces/{namespace}/pods/{pod}/log",
+            params,
+            read_timeout_s=self.stream_read_timeout_s,
+            keep_partial_last_line=True,
+        )

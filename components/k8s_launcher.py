@@ -20,9 +20,9 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Callable
 
 import requests
 
@@ -60,8 +60,9 @@ class JobFailed(LauncherError):
         pod: The pod the tail comes from, if known.
     """
 
-    def __init__(self, message: str, *, reason: str, condition_message: str, log_tail: list[str],
-                 pod: str | None):
+    def __init__(
+        self, message: str, *, reason: str, condition_message: str, log_tail: list[str], pod: str | None
+    ):
         super().__init__(message)
         self.reason = reason
         self.condition_message = condition_message
@@ -113,8 +114,13 @@ def _print(line: str) -> None:
 
 # -- reading job, workload and pod objects ----------------------------------------------------
 
+
 def _true_conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {c.get("type"): c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
+    return {
+        c.get("type"): c
+        for c in (obj.get("status") or {}).get("conditions") or []
+        if c.get("status") == "True"
+    }
 
 
 def job_phase(job: dict[str, Any]) -> str:
@@ -154,9 +160,13 @@ def describe_workload(workload: dict[str, Any]) -> str:
         text = f"{c.get('type')}={c.get('status')}"
         detail = _condition_text(c)
         conditions.append(f"{text} ({detail})" if detail else text)
-    checks = [f"{c.get('name')}: {c.get('state')}" + (f" ({c['message']})" if c.get("message") else "")
-              for c in status.get("admissionChecks") or []]
-    line = f"workload {workload.get('metadata', {}).get('name')}: " + (", ".join(conditions) or "no conditions yet")
+    checks = [
+        f"{c.get('name')}: {c.get('state')}" + (f" ({c['message']})" if c.get("message") else "")
+        for c in status.get("admissionChecks") or []
+    ]
+    line = f"workload {workload.get('metadata', {}).get('name')}: " + (
+        ", ".join(conditions) or "no conditions yet"
+    )
     if checks:
         line += "; admission checks: " + ", ".join(checks)
     return line
@@ -242,6 +252,7 @@ class LogDeduplicator:
 
 # -- the two background threads ------------------------------------------------------------------
 
+
 class _JobWatcher(threading.Thread):
     """Watches one PyTorchJob and hands every new version of it to the calling thread.
 
@@ -249,8 +260,17 @@ class _JobWatcher(threading.Thread):
     410 Gone. Unexpected API errors are handed over too, and end the thread.
     """
 
-    def __init__(self, api: KubernetesApi, namespace: str, name: str, resource_version: str,
-                 out: queue.Queue[tuple[str, Any]], log: Log, retry_interval_s: float, watch_timeout_s: int):
+    def __init__(
+        self,
+        api: KubernetesApi,
+        namespace: str,
+        name: str,
+        resource_version: str,
+        out: queue.Queue[tuple[str, Any]],
+        log: Log,
+        retry_interval_s: float,
+        watch_timeout_s: int,
+    ):
         super().__init__(name=f"watch-{name}", daemon=True)
         self._api, self._namespace, self._name = api, namespace, name
         self._rv = resource_version
@@ -277,8 +297,11 @@ class _JobWatcher(threading.Thread):
                     self._out.put(("job", items[0] if items else None))
                     relist = False
                 self._stream = self._api.watch_pytorchjobs(
-                    self._namespace, resource_version=self._rv, field_selector=selector,
-                    timeout_seconds=self._watch_timeout_s)
+                    self._namespace,
+                    resource_version=self._rv,
+                    field_selector=selector,
+                    timeout_seconds=self._watch_timeout_s,
+                )
                 if self._stop_event.is_set():
                     return
                 for event in self._stream:
@@ -290,14 +313,18 @@ class _JobWatcher(threading.Thread):
             except WatchExpired:
                 if self._stop_event.is_set():
                     return
-                self._log(f"watch of PyTorchJob {self._name}: resourceVersion {self._rv} expired "
-                          "(410 Gone); relisting")
+                self._log(
+                    f"watch of PyTorchJob {self._name}: resourceVersion {self._rv} expired "
+                    "(410 Gone); relisting"
+                )
                 relist = True
             except (requests.RequestException, ValueError, OSError) as e:
                 if self._stop_event.is_set():
                     return
-                self._log(f"watch of PyTorchJob {self._name} dropped ({type(e).__name__}); "
-                          f"resuming from resourceVersion {self._rv}")
+                self._log(
+                    f"watch of PyTorchJob {self._name} dropped ({type(e).__name__}); "
+                    f"resuming from resourceVersion {self._rv}"
+                )
                 self._stop_event.wait(self._retry_interval_s)
             except ApiError as e:
                 if self._stop_event.is_set():
@@ -323,15 +350,22 @@ class _MasterLogFollower(threading.Thread):
     log; :meth:`stop` cuts it off.
     """
 
-    def __init__(self, api: KubernetesApi, namespace: str, job_name: str, log: Log, retry_interval_s: float,
-                 tail: collections.deque[str], dedupers: dict[str, LogDeduplicator]):
+    def __init__(
+        self,
+        api: KubernetesApi,
+        namespace: str,
+        job_name: str,
+        log: Log,
+        retry_interval_s: float,
+        tail: collections.deque[str],
+        dedupers: dict[str, LogDeduplicator],
+    ):
         super().__init__(name=f"log-{job_name}", daemon=True)
         self._api, self._namespace, self._job_name, self._log = api, namespace, job_name, log
         self._retry_interval_s = retry_interval_s
         self.tail = tail
         self._dedupers = dedupers
-        self._selector = (f"{JOB_NAME_LABEL}={job_name},{REPLICA_TYPE_LABEL}=master,"
-                          f"{REPLICA_INDEX_LABEL}=0")
+        self._selector = f"{JOB_NAME_LABEL}={job_name},{REPLICA_TYPE_LABEL}=master,{REPLICA_INDEX_LABEL}=0"
         self._stopping = threading.Event()
         self._finishing = threading.Event()
         self._wake = threading.Event()
@@ -380,8 +414,9 @@ class _MasterLogFollower(threading.Thread):
                     following = pod_uid
                     self._log(f"following the log of pod {pod_name}")
                 dedupe = self._dedupers.setdefault(pod_uid, LogDeduplicator())
-                self._stream = self._api.stream_pod_log(self._namespace, pod_name, CONTAINER_NAME,
-                                                        since_time=dedupe.since_time())
+                self._stream = self._api.stream_pod_log(
+                    self._namespace, pod_name, CONTAINER_NAME, since_time=dedupe.since_time()
+                )
                 if self._stopping.is_set():
                     return
                 dedupe.new_connection()
@@ -418,18 +453,35 @@ class _MasterLogFollower(threading.Thread):
 
 # -- the run ------------------------------------------------------------------------------------
 
+
 class _Run:
     """State of one ``run_pytorchjob`` call; only the calling thread touches it."""
 
-    def __init__(self, api: KubernetesApi, manifest: dict[str, Any], *, timeout_s: float, poll_interval_s: float,
-                 retry_interval_s: float, log: Log, log_tail_lines: int, deletion_wait_s: float,
-                 watch_timeout_s: int, log_drain_timeout_s: float, clock: Callable[[], float]):
+    def __init__(
+        self,
+        api: KubernetesApi,
+        manifest: dict[str, Any],
+        *,
+        timeout_s: float,
+        poll_interval_s: float,
+        retry_interval_s: float,
+        log: Log,
+        log_tail_lines: int,
+        deletion_wait_s: float,
+        watch_timeout_s: int,
+        log_drain_timeout_s: float,
+        clock: Callable[[], float],
+    ):
         self.api, self.manifest, self.log, self.clock = api, manifest, log, clock
         meta = manifest.get("metadata") or {}
         self.namespace: str = meta.get("namespace") or "default"
         self.name: str = meta["name"]
         self.labels: dict[str, str] = meta.get("labels") or {}
-        self.timeout_s, self.poll_interval_s, self.retry_interval_s = timeout_s, poll_interval_s, retry_interval_s
+        self.timeout_s, self.poll_interval_s, self.retry_interval_s = (
+            timeout_s,
+            poll_interval_s,
+            retry_interval_s,
+        )
         self.log_tail_lines, self.deletion_wait_s = log_tail_lines, deletion_wait_s
         self.watch_timeout_s, self.log_drain_timeout_s = watch_timeout_s, log_drain_timeout_s
         self.deadline = clock() + timeout_s
@@ -452,46 +504,62 @@ class _Run:
 
     def check_prerequisites(self) -> None:
         if not self.api.pytorchjob_api_available():
-            raise MissingClusterResource("PyTorchJob CRD (pytorchjobs.kubeflow.org/v1) is not installed in the "
-                                         "cluster: install the Kubeflow Training Operator")
+            raise MissingClusterResource(
+                "PyTorchJob CRD (pytorchjobs.kubeflow.org/v1) is not installed in the "
+                "cluster: install the Kubeflow Training Operator"
+            )
         if self.api.namespace_exists(self.namespace) is False:
             raise MissingClusterResource(f"namespace {self.namespace!r} does not exist")
         queue_name = self.labels.get(QUEUE_NAME_LABEL)
         if queue_name:
             if self.api.kueue_api_version() is None:
-                raise MissingClusterResource(f"Kueue is not installed (no kueue.x-k8s.io API), but the job is "
-                                             f"labelled for LocalQueue {queue_name!r}")
+                raise MissingClusterResource(
+                    f"Kueue is not installed (no kueue.x-k8s.io API), but the job is "
+                    f"labelled for LocalQueue {queue_name!r}"
+                )
             try:
                 found = self.api.get_localqueue(self.namespace, queue_name)
             except ApiError as e:
                 self.log(f"cannot check LocalQueue {queue_name!r} ({e}); submitting anyway")
             else:
                 if found is None:
-                    raise MissingClusterResource(f"LocalQueue {queue_name!r} does not exist in namespace "
-                                                 f"{self.namespace!r} (is Kueue installed and cluster/ applied?)")
+                    raise MissingClusterResource(
+                        f"LocalQueue {queue_name!r} does not exist in namespace "
+                        f"{self.namespace!r} (is Kueue installed and cluster/ applied?)"
+                    )
 
     def find_adoptable(self) -> dict[str, Any] | None:
         """A running or queued job for the same results prefix; waits out ones being deleted."""
         results_hash = self.labels.get(RESULTS_HASH_LABEL)
         if not results_hash:
             return None
-        items = self.api.list_pytorchjobs(self.namespace, label_selector=f"{RESULTS_HASH_LABEL}={results_hash}")
+        items = self.api.list_pytorchjobs(
+            self.namespace, label_selector=f"{RESULTS_HASH_LABEL}={results_hash}"
+        )
         items = items.get("items") or []
-        live = sorted((j for j in items if not _is_finished(j) and not _is_terminating(j)),
-                      key=lambda j: j["metadata"].get("creationTimestamp") or "")
+        live = sorted(
+            (j for j in items if not _is_finished(j) and not _is_terminating(j)),
+            key=lambda j: j["metadata"].get("creationTimestamp") or "",
+        )
         if live:
             if len(live) > 1:
-                self.log(f"{len(live)} live PyTorchJobs write to the same results prefix: "
-                         f"{', '.join(j['metadata']['name'] for j in live)}; adopting the oldest")
+                self.log(
+                    f"{len(live)} live PyTorchJobs write to the same results prefix: "
+                    f"{', '.join(j['metadata']['name'] for j in live)}; adopting the oldest"
+                )
             return live[0]
         for job in items:
             if _is_terminating(job):
                 # Its pods may still be writing to the same prefix: starting another now would race them.
-                self.log(f"PyTorchJob {job['metadata']['name']} for the same results prefix is being deleted; "
-                         "waiting until it is gone")
+                self.log(
+                    f"PyTorchJob {job['metadata']['name']} for the same results prefix is being deleted; "
+                    "waiting until it is gone"
+                )
                 if not self.wait_until_gone(job["metadata"]["name"], self.deadline):
-                    raise JobTimedOut(f"PyTorchJob {self.namespace}/{job['metadata']['name']} for the same results "
-                                      f"prefix was still being deleted after {self.timeout_s:g}s; created nothing")
+                    raise JobTimedOut(
+                        f"PyTorchJob {self.namespace}/{job['metadata']['name']} for the same results "
+                        f"prefix was still being deleted after {self.timeout_s:g}s; created nothing"
+                    )
         return None
 
     def submit(self) -> None:
@@ -506,8 +574,10 @@ class _Run:
             if e.status == 404:
                 if (e.details or {}).get("kind") == "namespaces":
                     raise MissingClusterResource(f"namespace {self.namespace!r} does not exist") from None
-                raise MissingClusterResource("PyTorchJob CRD (pytorchjobs.kubeflow.org/v1) is not installed in "
-                                             "the cluster: install the Kubeflow Training Operator") from None
+                raise MissingClusterResource(
+                    "PyTorchJob CRD (pytorchjobs.kubeflow.org/v1) is not installed in "
+                    "the cluster: install the Kubeflow Training Operator"
+                ) from None
             if e.status != 409:
                 raise LauncherError(f"creating {self.ref} failed: {e}") from None
             self.replace_or_adopt_same_name()
@@ -518,19 +588,23 @@ class _Run:
     def replace_or_adopt_same_name(self) -> None:
         """A job with our name exists: a retry of the same run. Adopt it if live, else replace it."""
         current = self.api.get_pytorchjob(self.namespace, self.name)
-        same_results = (current["metadata"].get("labels") or {}).get(RESULTS_HASH_LABEL) == \
-            self.labels.get(RESULTS_HASH_LABEL)
+        same_results = (current["metadata"].get("labels") or {}).get(RESULTS_HASH_LABEL) == self.labels.get(
+            RESULTS_HASH_LABEL
+        )
         if not same_results:
-            raise LauncherError(f"{self.ref} already exists and writes to another results prefix; "
-                                "choose another job name")
+            raise LauncherError(
+                f"{self.ref} already exists and writes to another results prefix; choose another job name"
+            )
         if not _is_finished(current) and not _is_terminating(current):
             self.adopt(current, "a retry of the same run")
             return
         self.log(f"{self.ref} exists from an earlier attempt ({job_phase(current)}); replacing it")
         self.api.delete_pytorchjob(self.namespace, self.name)
         if not self.wait_until_gone(self.name, self.deadline):
-            raise JobTimedOut(f"{self.ref} from an earlier attempt was still being deleted after "
-                              f"{self.timeout_s:g}s; created nothing")
+            raise JobTimedOut(
+                f"{self.ref} from an earlier attempt was still being deleted after "
+                f"{self.timeout_s:g}s; created nothing"
+            )
         self.job = self.api.create_pytorchjob(self.namespace, self.manifest)
         self.owns_live_job = True
         self.log(f"created {self.ref} (uid {self.job['metadata'].get('uid')})")
@@ -538,8 +612,10 @@ class _Run:
     def adopt(self, job: dict[str, Any], why: str) -> None:
         self.job, self.adopted, self.owns_live_job = job, True, True
         self.name = job["metadata"]["name"]
-        self.log(f"adopting existing {self.ref} (uid {job['metadata'].get('uid')}, {job_phase(job)}) "
-                 f"instead of creating a new one: {why}")
+        self.log(
+            f"adopting existing {self.ref} (uid {job['metadata'].get('uid')}, {job_phase(job)}) "
+            f"instead of creating a new one: {why}"
+        )
 
     def wait_until_gone(self, name: str, deadline: float) -> bool:
         while True:
@@ -557,8 +633,16 @@ class _Run:
 
     def follow(self) -> JobOutcome:
         assert self.job is not None
-        self.watcher = _JobWatcher(self.api, self.namespace, self.name, self.job["metadata"]["resourceVersion"],
-                                   self.events, self.log, self.retry_interval_s, self.watch_timeout_s)
+        self.watcher = _JobWatcher(
+            self.api,
+            self.namespace,
+            self.name,
+            self.job["metadata"]["resourceVersion"],
+            self.events,
+            self.log,
+            self.retry_interval_s,
+            self.watch_timeout_s,
+        )
         self.watcher.start()
         job: dict[str, Any] = self.job
         last_phase: str | None = None
@@ -581,8 +665,9 @@ class _Run:
                 next_report = now + self.poll_interval_s
             if now >= self.deadline:
                 self.delete(f"timed out after {self.timeout_s:g}s", wait=True)
-                raise JobTimedOut(f"{self.ref} did not finish within {self.timeout_s:g}s (last phase: {phase}); "
-                                  "deleted it")
+                raise JobTimedOut(
+                    f"{self.ref} did not finish within {self.timeout_s:g}s (last phase: {phase}); deleted it"
+                )
             wait = self.deadline - now
             if phase in ("Suspended", "Starting"):
                 wait = min(wait, next_report - now)
@@ -603,13 +688,17 @@ class _Run:
         self.log(f"{self.ref}: {phase}" + (f" ({detail})" if detail else ""))
         if phase == "Suspended":
             if last is None:
-                self.log(f"{self.ref} is queued in Kueue LocalQueue {self.labels.get(QUEUE_NAME_LABEL)!r}; "
-                         f"reporting every {self.poll_interval_s:g}s")
+                self.log(
+                    f"{self.ref} is queued in Kueue LocalQueue {self.labels.get(QUEUE_NAME_LABEL)!r}; "
+                    f"reporting every {self.poll_interval_s:g}s"
+                )
             elif ever_admitted:
                 # The evicted pod's last lines are still readable until it is gone: keep them.
                 self.finish_follower()
-                self.log(f"{self.ref} was suspended again after admission: Kueue evicted its workload; "
-                         "waiting for it to be readmitted")
+                self.log(
+                    f"{self.ref} was suspended again after admission: Kueue evicted its workload; "
+                    "waiting for it to be readmitted"
+                )
         elif last == "Suspended":
             self.log(f"{self.ref} was admitted by Kueue")
         if phase in ("Running", "Restarting"):
@@ -639,15 +728,19 @@ class _Run:
             if check.get("state") == "Rejected":
                 message = check.get("message") or "no message"
                 self.delete(f"admission check {check.get('name')} rejected it", wait=True)
-                raise AdmissionRejected(f"{self.ref}: admission check {check.get('name')!r} rejected the workload: "
-                                        f"{message}; deleted the job")
+                raise AdmissionRejected(
+                    f"{self.ref}: admission check {check.get('name')!r} rejected the workload: "
+                    f"{message}; deleted the job"
+                )
         evicted = _true_conditions(workload).get("Evicted")
         if evicted:
             key = f"{workload['metadata'].get('name')}@{evicted.get('lastTransitionTime')}"
             if key not in self._reported_evictions:
                 self._reported_evictions.add(key)
-                self.log(f"evicted: workload {workload['metadata'].get('name')} was evicted "
-                         f"({_condition_text(evicted)})")
+                self.log(
+                    f"evicted: workload {workload['metadata'].get('name')} was evicted "
+                    f"({_condition_text(evicted)})"
+                )
 
     def report_pods(self) -> None:
         try:
@@ -659,14 +752,17 @@ class _Run:
             for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
                 key, state = _container_state(pod)
                 reason = state.get("reason")
-                states.append(f"{pod['metadata']['name']} {(pod.get('status') or {}).get('phase', '?')}"
-                              + (f" ({reason})" if key != "running" and reason else ""))
+                states.append(
+                    f"{pod['metadata']['name']} {(pod.get('status') or {}).get('phase', '?')}"
+                    + (f" ({reason})" if key != "running" and reason else "")
+                )
             self.log("starting: pods " + ", ".join(states))
 
     def start_follower(self) -> None:
         if self.follower is None or not self.follower.is_alive():
-            self.follower = _MasterLogFollower(self.api, self.namespace, self.name, self.log, self.retry_interval_s,
-                                               self.tail, self.dedupers)
+            self.follower = _MasterLogFollower(
+                self.api, self.namespace, self.name, self.log, self.retry_interval_s, self.tail, self.dedupers
+            )
             self.follower.start()
 
     def stop_follower(self) -> None:
@@ -684,9 +780,15 @@ class _Run:
         self.owns_live_job = False
         status = job.get("status") or {}
         self.log(f"{self.ref} succeeded")
-        return JobOutcome(name=self.name, namespace=self.namespace, uid=job["metadata"].get("uid", ""),
-                          adopted=self.adopted, start_time=status.get("startTime"),
-                          completion_time=status.get("completionTime"), log_tail=list(self.tail))
+        return JobOutcome(
+            name=self.name,
+            namespace=self.namespace,
+            uid=job["metadata"].get("uid", ""),
+            adopted=self.adopted,
+            start_time=status.get("startTime"),
+            completion_time=status.get("completionTime"),
+            log_tail=list(self.tail),
+        )
 
     def failed(self, job: dict[str, Any]) -> JobFailed:
         self.finish_follower()
@@ -707,19 +809,26 @@ class _Run:
             pods = self.api.list_pods(self.namespace, f"{JOB_NAME_LABEL}={self.name}")
         except ApiError:
             pods = []
-        failing = sorted(((t, p) for p in pods if (t := _pod_failure_time(p)) is not None),
-                         key=lambda tp: (tp[0], tp[1]["metadata"]["name"]))
+        failing = sorted(
+            ((t, p) for p in pods if (t := _pod_failure_time(p)) is not None),
+            key=lambda tp: (tp[0], tp[1]["metadata"]["name"]),
+        )
         for _, pod in failing:
             name = pod["metadata"]["name"]
             running_again = _container_state(pod)[0] == "running"
             try:
-                text = self.api.read_pod_log(self.namespace, name, CONTAINER_NAME, tail_lines=self.log_tail_lines,
-                                             previous=running_again)
+                text = self.api.read_pod_log(
+                    self.namespace,
+                    name,
+                    CONTAINER_NAME,
+                    tail_lines=self.log_tail_lines,
+                    previous=running_again,
+                )
             except (ApiError, requests.RequestException):
                 continue
             lines = text.splitlines()
             if lines:
-                return f"pod {name}", lines[-self.log_tail_lines:]
+                return f"pod {name}", lines[-self.log_tail_lines :]
         if self.tail:
             return "the master pod (as streamed)", list(self.tail)
         return None, []
@@ -737,8 +846,10 @@ class _Run:
             self.owns_live_job = False
         self.log(f"deleted {self.ref} ({why})" if existed else f"{self.ref} was already gone ({why})")
         if existed and wait and not self.wait_until_gone(self.name, self.clock() + self.deletion_wait_s):
-            self.log(f"{self.ref} is still being deleted after {self.deletion_wait_s:g}s; "
-                     "the garbage collector will finish it")
+            self.log(
+                f"{self.ref} is still being deleted after {self.deletion_wait_s:g}s; "
+                "the garbage collector will finish it"
+            )
 
     def close(self) -> None:
         self.stop_follower()
@@ -764,11 +875,21 @@ def _install_sigterm_handler() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def run_pytorchjob(api: KubernetesApi, manifest: dict[str, Any], *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                   poll_interval_s: float = 60.0, retry_interval_s: float = 5.0, log: Log | None = None,
-                   log_tail_lines: int = 50, deletion_wait_s: float = 120.0, watch_timeout_s: int = 300,
-                   log_drain_timeout_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
-                   handle_sigterm: bool = True) -> JobOutcome:
+def run_pytorchjob(
+    api: KubernetesApi,
+    manifest: dict[str, Any],
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    poll_interval_s: float = 60.0,
+    retry_interval_s: float = 5.0,
+    log: Log | None = None,
+    log_tail_lines: int = 50,
+    deletion_wait_s: float = 120.0,
+    watch_timeout_s: int = 300,
+    log_drain_timeout_s: float = 30.0,
+    clock: Callable[[], float] = time.monotonic,
+    handle_sigterm: bool = True,
+) -> JobOutcome:
     """Creates (or adopts) a PyTorchJob and follows it to success, or raises.
 
     Args:
@@ -798,10 +919,19 @@ def run_pytorchjob(api: KubernetesApi, manifest: dict[str, Any], *, timeout_s: f
         JobCancelled: SIGTERM arrived (job deleted); a ``SystemExit`` with code 143.
         LauncherError: Anything else that stopped the launcher (job deleted).
     """
-    run = _Run(api, manifest, timeout_s=timeout_s, poll_interval_s=poll_interval_s,
-               retry_interval_s=retry_interval_s, log=_print if log is None else log, log_tail_lines=log_tail_lines,
-               deletion_wait_s=deletion_wait_s, watch_timeout_s=watch_timeout_s,
-               log_drain_timeout_s=log_drain_timeout_s, clock=clock)
+    run = _Run(
+        api,
+        manifest,
+        timeout_s=timeout_s,
+        poll_interval_s=poll_interval_s,
+        retry_interval_s=retry_interval_s,
+        log=_print if log is None else log,
+        log_tail_lines=log_tail_lines,
+        deletion_wait_s=deletion_wait_s,
+        watch_timeout_s=watch_timeout_s,
+        log_drain_timeout_s=log_drain_timeout_s,
+        clock=clock,
+    )
     restore_sigterm = _install_sigterm_handler() if handle_sigterm else (lambda: None)
     try:
         run.submit()
@@ -824,4 +954,3 @@ def run_pytorchjob(api: KubernetesApi, manifest: dict[str, Any], *, timeout_s: f
     finally:
         run.close()
         restore_sigterm()
-

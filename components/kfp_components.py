@@ -34,17 +34,45 @@ def upload_dataset(source: str, destination: str, workers: int, dataset: Output[
 
         report = upload(source, destination, workers=workers)
         dataset.uri = report.destination
-        dataset.metadata.update(uploaded=report.uploaded, skipped=report.skipped,
-                                objects=report.total_objects, bytes=report.total_bytes)
+        dataset.metadata.update(
+            uploaded=report.uploaded,
+            skipped=report.skipped,
+            objects=report.total_objects,
+            bytes=report.total_bytes,
+        )
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def launch_inference(images: Input[Dataset], results: Output[Dataset], run_id: str, results_root: str,
-                     results_prefix: str, incremental: bool, model: str, backend: str, batch_size: int, shard_size: int,
-                     device: str, extra_worker_args: str, local_nproc: int, nodes: int, gpus_per_node: int,
-                     namespace: str, queue: str, priority_class: str, accelerator: str,
-                     max_run_duration_seconds: int, timeout_seconds: int, rdma: bool, rdma_networks: str,
-                     image: str, service_account: str, gke_project: str, gke_location: str, gke_cluster: str):
+def launch_inference(
+    images: Input[Dataset],
+    results: Output[Dataset],
+    run_id: str,
+    results_root: str,
+    results_prefix: str,
+    incremental: bool,
+    model: str,
+    backend: str,
+    batch_size: int,
+    shard_size: int,
+    device: str,
+    extra_worker_args: str,
+    local_nproc: int,
+    nodes: int,
+    gpus_per_node: int,
+    namespace: str,
+    queue: str,
+    priority_class: str,
+    accelerator: str,
+    max_run_duration_seconds: int,
+    timeout_seconds: int,
+    rdma: bool,
+    rdma_networks: str,
+    image: str,
+    service_account: str,
+    gke_project: str,
+    gke_location: str,
+    gke_cluster: str,
+):
     """Classifies every image under a prefix, locally under torchrun or as a PyTorchJob on GKE.
 
     The parameters other than the two artifacts are those of the batch_inference pipeline
@@ -60,13 +88,19 @@ def launch_inference(images: Input[Dataset], results: Output[Dataset], run_id: s
 
     outcome = launch(LaunchRequest(images_uri=images.uri, **params))
     results.uri = outcome.results_uri
-    results.metadata.update(backend=outcome.backend, job_name=outcome.job_name,
-                            nodes=outcome.nodes, world_size=outcome.world_size)
+    results.metadata.update(
+        backend=outcome.backend, job_name=outcome.job_name, nodes=outcome.nodes, world_size=outcome.world_size
+    )
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def aggregate_results(results: Input[Dataset], results_csv: Output[Dataset], results_parquet: Output[Dataset],
-                      metrics: Output[Metrics], report: Output[HTML]):
+def aggregate_results(
+    results: Input[Dataset],
+    results_csv: Output[Dataset],
+    results_parquet: Output[Dataset],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+):
     """Merges a run's result parts, checks them against its plan and reports on them.
 
     Fails when an image of the plan has no row or more than one: the run is then incomplete.
@@ -84,9 +118,13 @@ def aggregate_results(results: Input[Dataset], results_csv: Output[Dataset], res
 
     # Extensions make the files open in the right program once downloaded (the path follows the uri).
     results_csv.uri, results_parquet.uri, report.uri = (
-        results_csv.uri + ".csv", results_parquet.uri + ".parquet", report.uri + ".html")
-    outcome = aggregate(results.uri, csv_path=results_csv.path, parquet_path=results_parquet.path,
-                        html_path=report.path)
+        results_csv.uri + ".csv",
+        results_parquet.uri + ".parquet",
+        report.uri + ".html",
+    )
+    outcome = aggregate(
+        results.uri, csv_path=results_csv.path, parquet_path=results_parquet.path, html_path=report.path
+    )
     for name, value in outcome.metrics.items():
         metrics.log_metric(name, value)
     results_csv.metadata["rows"] = results_parquet.metadata["rows"] = outcome.metrics["rows"]

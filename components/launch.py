@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from components.pytorchjob import PyTorchJobConfig, build_pytorchjob, default_network_interfaces, job_name_for
 from worker.config import WorkerConfig
@@ -95,23 +95,34 @@ class LaunchRequest:
                 if not is_gcs(uri):
                     raise ValueError(f"{name} must be a gs:// prefix for the kubernetes backend, got {uri!r}")
             if any((self.gke_project, self.gke_location, self.gke_cluster)) and not self.gke:
-                raise ValueError("gke_project, gke_location and gke_cluster go together: set all three "
-                                 "(a launcher outside the cluster) or none (in-cluster credentials)")
+                raise ValueError(
+                    "gke_project, gke_location and gke_cluster go together: set all three "
+                    "(a launcher outside the cluster) or none (in-cluster credentials)"
+                )
         self.worker_args()  # WorkerConfig checks batch size, shard size and device
 
     def worker_args(self) -> list[str]:
         """The ``python -m worker`` arguments of this run."""
-        cfg = WorkerConfig(input=self.images_uri, output=self.results_uri, model=self.model,
-                           batch_size=self.batch_size, shard_size=self.shard_size, device=self.device,
-                           incremental=self.incremental)
+        cfg = WorkerConfig(
+            input=self.images_uri,
+            output=self.results_uri,
+            model=self.model,
+            batch_size=self.batch_size,
+            shard_size=self.shard_size,
+            device=self.device,
+            incremental=self.incremental,
+        )
         # Extra flags go last: argparse keeps the last value, so they can override anything above.
         return cfg.to_args() + shlex.split(self.extra_worker_args)
 
     def job_config(self) -> PyTorchJobConfig:
         """The PyTorchJob config of this run."""
         networks = [n.strip() for n in self.rdma_networks.split(",") if n.strip()]
-        interfaces = (tuple((f"eth{i}", n) for i, n in enumerate(networks)) if networks
-                      else default_network_interfaces())
+        interfaces = (
+            tuple((f"eth{i}", n) for i, n in enumerate(networks))
+            if networks
+            else default_network_interfaces()
+        )
         return PyTorchJobConfig(
             name=job_name_for(self.run_id, self.results_uri),
             image=self.image,
@@ -144,8 +155,10 @@ def _plan_here(req: LaunchRequest, log: Callable[[str], None]) -> int:
 
     plan = load_or_create_plan(parse_args(req.worker_args()))
     info = json.loads(read_text(join(req.results_uri, RUN_FILE)))
-    log(f"incremental plan: {len(plan)} of {info.get('listed', '?')} images under {req.images_uri} are new or "
-        f"changed since {info.get('base') or 'no earlier complete run'}")
+    log(
+        f"incremental plan: {len(plan)} of {info.get('listed', '?')} images under {req.images_uri} are new or "
+        f"changed since {info.get('base') or 'no earlier complete run'}"
+    )
     return len(plan)
 
 

@@ -16,8 +16,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 # The project root, so the worker's processes import `worker` whatever the caller's cwd
 # (kfp.local and notebooks start components from wherever they happen to be).
@@ -55,8 +55,18 @@ def worker_command(worker_args: Sequence[str], nproc: int, log_dir: str | None =
         raise ValueError(f"nproc must be at least 1, got {nproc}")
     if nproc == 1:
         return [sys.executable, "-m", "worker", *worker_args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "--tee=3", *([f"--log-dir={log_dir}"] if log_dir else []), "-m", "worker", *worker_args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "--tee=3",
+        *([f"--log-dir={log_dir}"] if log_dir else []),
+        "-m",
+        "worker",
+        *worker_args,
+    ]
 
 
 def pythonpath_with_project(pythonpath: str | None) -> str:
@@ -99,8 +109,13 @@ class _Tails:
         return lines + [line for line in self.launcher if _RANK_FAILED.search(line)]
 
 
-def run_local(worker_args: Sequence[str], nproc: int, *, log: Callable[[str], None] | None = None,
-              timeout_s: float | None = None) -> None:
+def run_local(
+    worker_args: Sequence[str],
+    nproc: int,
+    *,
+    log: Callable[[str], None] | None = None,
+    timeout_s: float | None = None,
+) -> None:
     """Run the worker locally and stream its output, line by line, into ``log``.
 
     Args:
@@ -122,8 +137,16 @@ def run_local(worker_args: Sequence[str], nproc: int, *, log: Callable[[str], No
         command = worker_command(worker_args, nproc, log_dir)
         log("$ " + " ".join(command))
         # A session of its own, so a timeout or an interrupt ends torchrun and all its ranks at once.
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", bufsize=1, env=_environment(), start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            env=_environment(),
+            start_new_session=True,
+        )
         timed_out = threading.Event()
 
         def kill_tree() -> None:

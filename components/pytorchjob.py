@@ -65,8 +65,7 @@ def default_network_interfaces() -> tuple[tuple[str, str], ...]:
         ``(interface, network)`` pairs; the network names must match the cluster's
         ``Network`` objects.
     """
-    return (("eth0", "default"), ("eth1", "gvnic-1")) + tuple(
-        (f"eth{i + 2}", f"rdma-{i}") for i in range(8))
+    return (("eth0", "default"), ("eth1", "gvnic-1")) + tuple((f"eth{i + 2}", f"rdma-{i}") for i in range(8))
 
 
 @dataclass
@@ -145,12 +144,15 @@ class PyTorchJobConfig:
             ValueError: Naming the first offending field.
         """
         if not _DNS1035.match(self.name) or len(self.name) > 63:
-            raise ValueError(f"name {self.name!r} is not a DNS-1035 label "
-                             "(lowercase letters, digits and '-', starting with a letter, at most 63 chars)")
+            raise ValueError(
+                f"name {self.name!r} is not a DNS-1035 label "
+                "(lowercase letters, digits and '-', starting with a letter, at most 63 chars)"
+            )
         longest_replica = f"{self.name}-worker-{max(self.nodes - 2, 0)}"
         if len(longest_replica) > 63:
-            raise ValueError(f"name {self.name!r} is too long: replica name {longest_replica!r} "
-                             "would exceed 63 characters")
+            raise ValueError(
+                f"name {self.name!r} is too long: replica name {longest_replica!r} would exceed 63 characters"
+            )
         if not _DNS1123_LABEL.match(self.namespace) or len(self.namespace) > 63:
             raise ValueError(f"namespace {self.namespace!r} is not a DNS-1123 label")
         if not self.image:
@@ -160,19 +162,27 @@ class PyTorchJobConfig:
         if self.gpus_per_node < 1:
             raise ValueError(f"gpus_per_node must be at least 1, got {self.gpus_per_node}")
         if self.max_run_duration_seconds is not None and not (
-                0 < self.max_run_duration_seconds <= MAX_RUN_DURATION_LIMIT_S):
-            raise ValueError(f"max_run_duration_seconds must be between 1 and {MAX_RUN_DURATION_LIMIT_S} "
-                             f"(7 days), got {self.max_run_duration_seconds}")
+            0 < self.max_run_duration_seconds <= MAX_RUN_DURATION_LIMIT_S
+        ):
+            raise ValueError(
+                f"max_run_duration_seconds must be between 1 and {MAX_RUN_DURATION_LIMIT_S} "
+                f"(7 days), got {self.max_run_duration_seconds}"
+            )
         if self.restart_policy not in RESTART_POLICIES:
-            raise ValueError(f"restart_policy must be one of {', '.join(RESTART_POLICIES)}, "
-                             f"got {self.restart_policy!r}")
+            raise ValueError(
+                f"restart_policy must be one of {', '.join(RESTART_POLICIES)}, got {self.restart_policy!r}"
+            )
         if self.clean_pod_policy not in CLEAN_POD_POLICIES:
-            raise ValueError(f"clean_pod_policy must be one of {', '.join(CLEAN_POD_POLICIES)}, "
-                             f"got {self.clean_pod_policy!r}")
+            raise ValueError(
+                f"clean_pod_policy must be one of {', '.join(CLEAN_POD_POLICIES)}, "
+                f"got {self.clean_pod_policy!r}"
+            )
         if self.backoff_limit < 0:
             raise ValueError(f"backoff_limit must be >= 0, got {self.backoff_limit}")
-        for what, value in (("active_deadline_seconds", self.active_deadline_seconds),
-                            ("ttl_seconds_after_finished", self.ttl_seconds_after_finished)):
+        for what, value in (
+            ("active_deadline_seconds", self.active_deadline_seconds),
+            ("ttl_seconds_after_finished", self.ttl_seconds_after_finished),
+        ):
             if value is not None and value < 0:
                 raise ValueError(f"{what} must be >= 0, got {value}")
         if self.queue is not None and not self.queue:
@@ -243,8 +253,16 @@ def torchrun_command(cfg: PyTorchJobConfig) -> list[str]:
     Returns:
         ``["bash", "-c", script]``.
     """
-    torchrun = shlex.join(["torchrun", f"--nnodes={cfg.nodes}", f"--nproc_per_node={cfg.gpus_per_node}",
-                           "-m", "worker", *cfg.worker_args])
+    torchrun = shlex.join(
+        [
+            "torchrun",
+            f"--nnodes={cfg.nodes}",
+            f"--nproc_per_node={cfg.gpus_per_node}",
+            "-m",
+            "worker",
+            *cfg.worker_args,
+        ]
+    )
     script = f"exec {torchrun}"
     if cfg.rdma:
         # set_nccl_env.sh exports the gIB tuning (NCCL_NET=gIB, ...) into this shell, so it must be
@@ -264,7 +282,8 @@ def _pod_template(cfg: PyTorchJobConfig) -> dict[str, Any]:
     if cfg.rdma:
         annotations[DEFAULT_INTERFACE_ANNOTATION] = "eth0"
         annotations[INTERFACES_ANNOTATION] = json.dumps(
-            [{"interfaceName": iface, "network": network} for iface, network in cfg.network_interfaces])
+            [{"interfaceName": iface, "network": network} for iface, network in cfg.network_interfaces]
+        )
         volumes += [
             {"name": "gib", "hostPath": {"path": GIB_HOST_PATH}},
             {"name": "nvidia", "hostPath": {"path": NVIDIA_HOST_PATH}},
@@ -276,15 +295,22 @@ def _pod_template(cfg: PyTorchJobConfig) -> dict[str, Any]:
         env.append({"name": "LD_LIBRARY_PATH", "value": RDMA_LD_LIBRARY_PATH})
     if cfg.gcsfuse_bucket:
         annotations[GCSFUSE_ANNOTATION] = "true"
-        volumes.append({
-            "name": "gcsfuse",
-            "csi": {
-                "driver": GCSFUSE_DRIVER,
-                "readOnly": cfg.gcsfuse_read_only,
-                "volumeAttributes": {"bucketName": cfg.gcsfuse_bucket, "mountOptions": cfg.gcsfuse_mount_options},
-            },
-        })
-        mounts.append({"name": "gcsfuse", "mountPath": cfg.gcsfuse_mount_path, "readOnly": cfg.gcsfuse_read_only})
+        volumes.append(
+            {
+                "name": "gcsfuse",
+                "csi": {
+                    "driver": GCSFUSE_DRIVER,
+                    "readOnly": cfg.gcsfuse_read_only,
+                    "volumeAttributes": {
+                        "bucketName": cfg.gcsfuse_bucket,
+                        "mountOptions": cfg.gcsfuse_mount_options,
+                    },
+                },
+            }
+        )
+        mounts.append(
+            {"name": "gcsfuse", "mountPath": cfg.gcsfuse_mount_path, "readOnly": cfg.gcsfuse_read_only}
+        )
     env += [{"name": k, "value": v} for k, v in sorted(cfg.env.items())]
 
     requests: dict[str, str] = {GPU_RESOURCE: str(cfg.gpus_per_node)}
@@ -308,7 +334,12 @@ def _pod_template(cfg: PyTorchJobConfig) -> dict[str, Any]:
         "tolerations": [
             {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
             # Nodes created by queued provisioning carry this taint so that only admitted pods land.
-            {"key": "cloud.google.com/gke-queued", "operator": "Equal", "value": "true", "effect": "NoSchedule"},
+            {
+                "key": "cloud.google.com/gke-queued",
+                "operator": "Equal",
+                "value": "true",
+                "effect": "NoSchedule",
+            },
         ],
         "containers": [container],
         "volumes": volumes,
@@ -356,8 +387,11 @@ def build_pytorchjob(cfg: PyTorchJobConfig) -> dict[str, Any]:
         "Master": {"replicas": 1, "restartPolicy": cfg.restart_policy, "template": template},
     }
     if cfg.nodes > 1:
-        replica_specs["Worker"] = {"replicas": cfg.nodes - 1, "restartPolicy": cfg.restart_policy,
-                                   "template": copy.deepcopy(template)}
+        replica_specs["Worker"] = {
+            "replicas": cfg.nodes - 1,
+            "restartPolicy": cfg.restart_policy,
+            "template": copy.deepcopy(template),
+        }
 
     run_policy: dict[str, Any] = {"cleanPodPolicy": cfg.clean_pod_policy, "backoffLimit": cfg.backoff_limit}
     if cfg.active_deadline_seconds is not None:
@@ -390,4 +424,3 @@ def render_yaml(cfg: PyTorchJobConfig) -> str:
         One YAML document.
     """
     return yaml.safe_dump(build_pytorchjob(cfg), sort_keys=False, default_flow_style=False, width=1000)
-

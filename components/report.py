@@ -8,8 +8,9 @@ chart with plain CSS. Every value that came from the data is escaped.
 from __future__ import annotations
 
 import html
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # Only for the annotation: aggregate imports this module.
     from components.aggregate import AggregateReport
@@ -74,14 +75,16 @@ def render_report(report: AggregateReport) -> str:
         body.append(_problems(report))
     body += [
         "<section><h2>Results</h2>",
-        _cards([
-            ("Images planned", _int(m["images"]), ""),
-            ("Classified", _int(m["classified"]), ""),
-            ("Errors", _int(m["errors"]), "warn" if m["errors"] else ""),
-            ("Missing", _int(m["missing"]), "bad" if m["missing"] else ""),
-            ("Duplicated", _int(m["duplicated"]), "bad" if m["duplicated"] else ""),
-            ("Distinct classes", _int(m["distinct_classes"]), ""),
-        ]),
+        _cards(
+            [
+                ("Images planned", _int(m["images"]), ""),
+                ("Classified", _int(m["classified"]), ""),
+                ("Errors", _int(m["errors"]), "warn" if m["errors"] else ""),
+                ("Missing", _int(m["missing"]), "bad" if m["missing"] else ""),
+                ("Duplicated", _int(m["duplicated"]), "bad" if m["duplicated"] else ""),
+                ("Distinct classes", _int(m["distinct_classes"]), ""),
+            ]
+        ),
         "</section>",
         _incremental(report),
         _throughput(report),
@@ -125,7 +128,9 @@ def _table(headers: Sequence[tuple[str, str]], rows: Iterable[Sequence[object]])
     """A table; each header is (title, css class) and the class applies to its column."""
     head = "".join(f"<th{_cls(cls)}>{_e(title)}</th>" for title, cls in headers)
     body = "".join(
-        "<tr>" + "".join(f"<td{_cls(cls)}>{_e(cell)}</td>" for (_, cls), cell in zip(headers, row)) + "</tr>"
+        "<tr>"
+        + "".join(f"<td{_cls(cls)}>{_e(cell)}</td>" for (_, cls), cell in zip(headers, row, strict=False))
+        + "</tr>"
         for row in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -143,7 +148,7 @@ def _problems(report: AggregateReport) -> str:
             continue
         items = "".join(f"<li>{_e(uri)}</li>" for uri in sample)
         more = f'<p class="muted">First {len(sample):,} shown.</p>' if len(sample) < count else ""
-        parts.append(f"<h3>{_e(title)}: {_int(count)}</h3><ul class=\"problems\">{items}</ul>{more}")
+        parts.append(f'<h3>{_e(title)}: {_int(count)}</h3><ul class="problems">{items}</ul>{more}')
     parts.append("</section>")
     return "".join(parts)
 
@@ -153,34 +158,57 @@ def _incremental(report: AggregateReport) -> str:
     if not report.base_uri:
         return ""
     m = report.metrics
-    cards = _cards([
-        ("Rows in results", _int(m["rows"]), ""),
-        ("Reused from base", _int(m["reused"]), ""),
-        ("Changed since base", _int(m["changed"]), ""),
-        ("Deleted since base", _int(m["deleted"]), ""),
-    ])
-    note = (f'<p class="muted">Only new and changed images were classified; the other rows come from '
-            f'the base run {_e(report.base_uri)}, and rows of deleted images were dropped.</p>')
+    cards = _cards(
+        [
+            ("Rows in results", _int(m["rows"]), ""),
+            ("Reused from base", _int(m["reused"]), ""),
+            ("Changed since base", _int(m["changed"]), ""),
+            ("Deleted since base", _int(m["deleted"]), ""),
+        ]
+    )
+    note = (
+        f'<p class="muted">Only new and changed images were classified; the other rows come from '
+        f"the base run {_e(report.base_uri)}, and rows of deleted images were dropped.</p>"
+    )
     return f"<section><h2>Incremental run</h2>{note}{cards}</section>"
 
 
 def _throughput(report: AggregateReport) -> str:
     m = report.metrics
-    cards = _cards([
-        ("Images / second", _num(m["images_per_second"]), ""),
-        ("Wall time (slowest rank)", f"{_num(m['wall_seconds'])} s", ""),
-        ("GPU-seconds", _num(m["gpu_seconds"]), ""),
-        ("Ranks", _int(m["ranks"]), ""),
-    ])
+    cards = _cards(
+        [
+            ("Images / second", _num(m["images_per_second"]), ""),
+            ("Wall time (slowest rank)", f"{_num(m['wall_seconds'])} s", ""),
+            ("GPU-seconds", _num(m["gpu_seconds"]), ""),
+            ("Ranks", _int(m["ranks"]), ""),
+        ]
+    )
     if not report.ranks:
         return f'<section><h2>Throughput</h2>{cards}<p class="muted">No rank summaries found.</p></section>'
     rows = [
-        (r.get("rank", ""), r.get("device", ""), _int(r.get("images", 0)), _int(r.get("errors", 0)),
-         _int(r.get("shards", 0)), _num(r.get("seconds", 0.0)), _num(r.get("images_per_second", 0.0)))
+        (
+            r.get("rank", ""),
+            r.get("device", ""),
+            _int(r.get("images", 0)),
+            _int(r.get("errors", 0)),
+            _int(r.get("shards", 0)),
+            _num(r.get("seconds", 0.0)),
+            _num(r.get("images_per_second", 0.0)),
+        )
         for r in report.ranks
     ]
-    table = _table([("Rank", "n"), ("Device", ""), ("Images", "n"), ("Errors", "n"), ("Shards", "n"),
-                    ("Seconds", "n"), ("Img/s", "n")], rows)
+    table = _table(
+        [
+            ("Rank", "n"),
+            ("Device", ""),
+            ("Images", "n"),
+            ("Errors", "n"),
+            ("Shards", "n"),
+            ("Seconds", "n"),
+            ("Img/s", "n"),
+        ],
+        rows,
+    )
     return f"<section><h2>Throughput</h2>{cards}{table}</section>"
 
 

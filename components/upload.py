@@ -22,10 +22,10 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Iterator, Sequence
 
 from worker.storage import default_project, is_gcs, split_gcs
 
@@ -79,8 +79,9 @@ class _SourceFile:
     crc32c: str | None = None
 
 
-def upload_dataset(source: str, destination: str, *, workers: int = 16,
-                   project: str | None = None) -> UploadReport:
+def upload_dataset(
+    source: str, destination: str, *, workers: int = 16, project: str | None = None
+) -> UploadReport:
     """Copy every regular file of ``source`` under the gs:// prefix ``destination``.
 
     Args:
@@ -269,16 +270,18 @@ class _Destination:
         return self.bucket.blob(self.folder + relpath)
 
     def existing(self) -> dict[str, tuple[int, str | None]]:
-        """relpath -> (size, crc32c) of every object already there, from one listing."""
-        return {b.name[len(self.folder):]: (int(b.size or 0), b.crc32c)
-                for b in _list_blobs(self.client, self.bucket.name, self.folder)}
+        """Relpath -> (size, crc32c) of every object already there, from one listing."""
+        return {
+            b.name[len(self.folder) :]: (int(b.size or 0), b.crc32c)
+            for b in _list_blobs(self.client, self.bucket.name, self.folder)
+        }
 
 
 def _gcs_files(client, source: str) -> list[_SourceFile]:
     bucket_name, prefix = split_gcs(source)
     folder = _folder(prefix)
     return [
-        _SourceFile(b.name[len(folder):], f"gs://{bucket_name}/{b.name}", int(b.size or 0), b.crc32c)
+        _SourceFile(b.name[len(folder) :], f"gs://{bucket_name}/{b.name}", int(b.size or 0), b.crc32c)
         for b in _list_blobs(client, bucket_name, folder)
         if not b.name.endswith("/")  # Folder placeholders made by the console.
     ]
@@ -328,26 +331,42 @@ def _unchanged(f: _SourceFile, existing: dict[str, tuple[int, str | None]]) -> b
     return f.crc32c == crc32c
 
 
-def _transfer(files: list[_SourceFile], existing: dict[str, tuple[int, str | None]], dest: _Destination,
-              workers: int, run_batch: Callable[[Sequence[_SourceFile]], list], *, label: str
-              ) -> UploadReport:
+def _transfer(
+    files: list[_SourceFile],
+    existing: dict[str, tuple[int, str | None]],
+    dest: _Destination,
+    workers: int,
+    run_batch: Callable[[Sequence[_SourceFile]], list],
+    *,
+    label: str,
+) -> UploadReport:
     """Skip what is already there, move the rest in batches, and fail on any error."""
     todo = [f for f in files if not _unchanged(f, existing)]
     total_bytes = sum(f.size for f in files)
     todo_bytes = sum(f.size for f in todo)
-    log.info("%s -> %s: %d files (%.1f MB), %d to transfer, %d already present",
-             label, dest.uri, len(files), total_bytes / 1e6, len(todo), len(files) - len(todo))
+    log.info(
+        "%s -> %s: %d files (%.1f MB), %d to transfer, %d already present",
+        label,
+        dest.uri,
+        len(files),
+        total_bytes / 1e6,
+        len(todo),
+        len(files) - len(todo),
+    )
     progress = _Progress(f"{label} -> {dest.uri}", total_files=len(todo), total_bytes=todo_bytes)
     failures: list[tuple[str, BaseException]] = []
     for batch in _batches(todo, workers * _BATCH_FILES_PER_WORKER, _BATCH_MAX_BYTES):
         results = run_batch(batch)
-        failures += [(f.relpath, r) for f, r in zip(batch, results) if isinstance(r, BaseException)]
+        failures += [
+            (f.relpath, r) for f, r in zip(batch, results, strict=False) if isinstance(r, BaseException)
+        ]
         progress.add(len(batch), sum(f.size for f in batch))
     progress.done()
     if failures:
         first = "; ".join(f"{name}: {exc}" for name, exc in failures[:3])
-        raise RuntimeError(f"{len(failures)} of {len(todo)} transfers to {dest.uri} failed: {first}") \
-            from failures[0][1]
+        raise RuntimeError(
+            f"{len(failures)} of {len(todo)} transfers to {dest.uri} failed: {first}"
+        ) from failures[0][1]
     return UploadReport(
         destination=dest.uri,
         uploaded=len(todo),
@@ -397,6 +416,15 @@ class _Progress:
 
     def _log(self, what: str) -> None:
         elapsed = max(time.monotonic() - self.start, 1e-9)
-        log.info("%s %s: %d/%d files, %.1f/%.1f MB in %.1fs (%.1f files/s, %.2f MB/s)",
-                 self.label, what, self.files, self.total_files, self.bytes / 1e6, self.total_bytes / 1e6,
-                 elapsed, self.files / elapsed, self.bytes / 1e6 / elapsed)
+        log.info(
+            "%s %s: %d/%d files, %.1f/%.1f MB in %.1fs (%.1f files/s, %.2f MB/s)",
+            self.label,
+            what,
+            self.files,
+            self.total_files,
+            self.bytes / 1e6,
+            self.total_bytes / 1e6,
+            elapsed,
+            self.files / elapsed,
+            self.bytes / 1e6 / elapsed,
+        )

@@ -37,16 +37,26 @@ def _add_parameter_options(p, inputs: dict, *, defaults: bool) -> None:
         help_text += f" (default: {spec.default!r})".replace("%", "%%")
         default = spec.default if defaults else argparse.SUPPRESS
         if kind is bool:
-            p.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction,
-                           default=default, help=help_text)
+            p.add_argument(
+                f"--{name.replace('_', '-')}",
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=help_text,
+            )
         else:
-            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=default, help=help_text)
+            p.add_argument(
+                f"--{name.replace('_', '-')}", dest=name, type=kind, default=default, help=help_text
+            )
 
 
 def _add_job_options(p: argparse.ArgumentParser) -> None:
     _add_parameter_options(p, _job_inputs(), defaults=True)
-    p.add_argument("--run-id", default="dry-run",
-                   help="the pipeline run id the job name and results prefix derive from (default: %(default)r)")
+    p.add_argument(
+        "--run-id",
+        default="dry-run",
+        help="the pipeline run id the job name and results prefix derive from (default: %(default)r)",
+    )
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -69,16 +79,18 @@ def _render_job(args: argparse.Namespace) -> int:
 
 
 def _make_model(args: argparse.Namespace) -> int:
-    from pipelines.model_factory import make_model
+    from pipelines.dev.random_model import make_model
 
     path = make_model(args.out, tiny=args.tiny)
-    print(f"{path}: {'a tiny' if args.tiny else 'a ViT-B/16'} image classifier with RANDOM weights "
-          "(its classes are meaningless); use it as --model")
+    print(
+        f"{path}: {'a tiny' if args.tiny else 'a ViT-B/16'} image classifier with RANDOM weights "
+        "(its classes are meaningless); use it as --model"
+    )
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipelines.local_run import run_local_main
+    from pipelines.dev.local_run import run_local_main
 
     return run_local_main(args)
 
@@ -86,12 +98,21 @@ def _run(args: argparse.Namespace) -> int:
 def _pipeline_arguments(args: argparse.Namespace) -> dict:
     from pipelines.batch_inference import batch_inference
 
-    return {name: getattr(args, name) for name in batch_inference.component_spec.inputs if hasattr(args, name)}
+    return {
+        name: getattr(args, name) for name in batch_inference.component_spec.inputs if hasattr(args, name)
+    }
 
 
 def _vertex_target(args: argparse.Namespace) -> tuple[str, str, str]:
-    missing = [flag for flag, value in (("--project", args.project), ("--location", args.location),
-                                        ("--pipeline-root", args.pipeline_root)) if not value]
+    missing = [
+        flag
+        for flag, value in (
+            ("--project", args.project),
+            ("--location", args.location),
+            ("--pipeline-root", args.pipeline_root),
+        )
+        if not value
+    ]
     if missing:
         raise ValueError(f"--vertex needs {', '.join(missing)}")
     return args.project, args.location, args.pipeline_root
@@ -102,13 +123,28 @@ def _submit(args: argparse.Namespace) -> int:
 
     arguments = _pipeline_arguments(args)
     if args.vertex:
-        done = submit.submit_vertex(*_vertex_target(args), arguments, run_name=args.run_name,
-                                    service_account=args.run_service_account, package=args.package, wait=args.wait)
+        done = submit.submit_vertex(
+            *_vertex_target(args),
+            arguments,
+            run_name=args.run_name,
+            service_account=args.run_service_account,
+            package=args.package,
+            wait=args.wait,
+        )
     else:
-        done = submit.submit_kfp(args.kfp_host, arguments, experiment=args.experiment, run_name=args.run_name,
-                                 namespace=args.kfp_namespace, token=args.kfp_token,
-                                 service_account=args.run_service_account, package=args.package,
-                                 ui_host=args.kfp_ui_host, wait=args.wait, timeout_s=args.timeout)
+        done = submit.submit_kfp(
+            args.kfp_host,
+            arguments,
+            experiment=args.experiment,
+            run_name=args.run_name,
+            namespace=args.kfp_namespace,
+            token=args.kfp_token,
+            service_account=args.run_service_account,
+            package=args.package,
+            ui_host=args.kfp_ui_host,
+            wait=args.wait,
+            timeout_s=args.timeout,
+        )
     print(f"run: {done.url}")
     if done.state:
         print(f"state: {done.state}")
@@ -120,13 +156,27 @@ def _schedule(args: argparse.Namespace) -> int:
 
     arguments = _pipeline_arguments(args)
     if args.vertex:
-        done = submit.schedule_vertex(*_vertex_target(args), arguments, args.cron, name=args.run_name,
-                                      service_account=args.run_service_account, package=args.package)
+        done = submit.schedule_vertex(
+            *_vertex_target(args),
+            arguments,
+            args.cron,
+            name=args.run_name,
+            service_account=args.run_service_account,
+            package=args.package,
+        )
     else:
-        done = submit.schedule_kfp(args.kfp_host, arguments, args.cron, experiment=args.experiment,
-                                   name=args.run_name, namespace=args.kfp_namespace, token=args.kfp_token,
-                                   service_account=args.run_service_account, package=args.package,
-                                   ui_host=args.kfp_ui_host)
+        done = submit.schedule_kfp(
+            args.kfp_host,
+            arguments,
+            args.cron,
+            experiment=args.experiment,
+            name=args.run_name,
+            namespace=args.kfp_namespace,
+            token=args.kfp_token,
+            service_account=args.run_service_account,
+            package=args.package,
+            ui_host=args.kfp_ui_host,
+        )
     print(f"schedule: {done.url}")
     return 0
 
@@ -149,10 +199,15 @@ def _latest(args: argparse.Namespace) -> int:
         raise ValueError(f"no complete run under {args.results_root} yet")
     run = runs[-1]
     m = run.marker.get("metrics", {})
-    print(f"run:      {run.results_uri}", f"finished: {run.marker.get('aggregated_at', '?')}",
-          f"rows:     {m.get('rows', 0):g} ({m.get('classified', 0):g} classified in this run, "
-          f"{m.get('reused', 0):g} reused; {m.get('errors', 0):g} errors, {m.get('changed', 0):g} changed and "
-          f"{m.get('deleted', 0):g} deleted since the run before)", f"table:    {run.manifest_uri}", sep="\n")
+    print(
+        f"run:      {run.results_uri}",
+        f"finished: {run.marker.get('aggregated_at', '?')}",
+        f"rows:     {m.get('rows', 0):g} ({m.get('classified', 0):g} classified in this run, "
+        f"{m.get('reused', 0):g} reused; {m.get('errors', 0):g} errors, {m.get('changed', 0):g} changed and "
+        f"{m.get('deleted', 0):g} deleted since the run before)",
+        f"table:    {run.manifest_uri}",
+        sep="\n",
+    )
     if args.out:
         table = read_manifest(run.manifest_uri)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -169,99 +224,151 @@ def _add_target_options(p: argparse.ArgumentParser, *, schedule: bool) -> None:
     from pipelines.batch_inference import batch_inference
 
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--kfp-host", metavar="URL",
-                        help="Kubeflow Pipelines base URL, e.g. http://localhost:8080 "
-                             "(kubectl port-forward svc/ml-pipeline-ui 8080:80 -n kubeflow)")
+    target.add_argument(
+        "--kfp-host",
+        metavar="URL",
+        help="Kubeflow Pipelines base URL, e.g. http://localhost:8080 "
+        "(kubectl port-forward svc/ml-pipeline-ui 8080:80 -n kubeflow)",
+    )
     target.add_argument("--vertex", action="store_true", help="Vertex AI Pipelines (needs the vertex extra)")
     kfp = p.add_argument_group("Kubeflow Pipelines")
     kfp.add_argument("--experiment", default="batch-inference", help="experiment (created if missing)")
     kfp.add_argument("--kfp-namespace", help="profile namespace on a multi-user KFP")
-    kfp.add_argument("--kfp-token", default=os.environ.get("KFP_TOKEN"),
-                     help="bearer token for an authenticated endpoint (default: $KFP_TOKEN)")
-    kfp.add_argument("--kfp-ui-host", metavar="URL", help="UI base URL for the printed link, if not --kfp-host")
+    kfp.add_argument(
+        "--kfp-token",
+        default=os.environ.get("KFP_TOKEN"),
+        help="bearer token for an authenticated endpoint (default: $KFP_TOKEN)",
+    )
+    kfp.add_argument(
+        "--kfp-ui-host", metavar="URL", help="UI base URL for the printed link, if not --kfp-host"
+    )
     vertex = p.add_argument_group("Vertex AI Pipelines")
-    vertex.add_argument("--project", default=os.environ.get("GOOGLE_CLOUD_PROJECT"),
-                        help="GCP project (default: $GOOGLE_CLOUD_PROJECT)")
-    vertex.add_argument("--location", default=os.environ.get("GOOGLE_CLOUD_REGION"),
-                        help="Vertex AI region, e.g. us-central1 (default: $GOOGLE_CLOUD_REGION)")
+    vertex.add_argument(
+        "--project",
+        default=os.environ.get("GOOGLE_CLOUD_PROJECT"),
+        help="GCP project (default: $GOOGLE_CLOUD_PROJECT)",
+    )
+    vertex.add_argument(
+        "--location",
+        default=os.environ.get("GOOGLE_CLOUD_REGION"),
+        help="Vertex AI region, e.g. us-central1 (default: $GOOGLE_CLOUD_REGION)",
+    )
     vertex.add_argument("--pipeline-root", metavar="GS_URI", help="gs:// prefix for the runs' artifacts")
     both = p.add_argument_group("both targets")
     both.add_argument("--run-name", help=f"display name of the {'schedule' if schedule else 'run'}")
-    both.add_argument("--run-service-account",
-                      help="identity the run executes as: a Kubernetes service account on KFP, "
-                           "a GCP service account email on Vertex")
-    both.add_argument("--package", type=Path,
-                      help="a compiled pipeline YAML to send (default: compile the target's flavour now)")
+    both.add_argument(
+        "--run-service-account",
+        help="identity the run executes as: a Kubernetes service account on KFP, "
+        "a GCP service account email on Vertex",
+    )
+    both.add_argument(
+        "--package",
+        type=Path,
+        help="a compiled pipeline YAML to send (default: compile the target's flavour now)",
+    )
     if schedule:
-        both.add_argument("--cron", required=True,
-                          help="standard 5-field cron (minute hour day-of-month month day-of-week), e.g. "
-                               "'0 2 * * *'; KFP gets it with a seconds field added and fires in UTC; "
-                               "Vertex also takes a 'TZ=Europe/Paris ' prefix")
+        both.add_argument(
+            "--cron",
+            required=True,
+            help="standard 5-field cron (minute hour day-of-month month day-of-week), e.g. "
+            "'0 2 * * *'; KFP gets it with a seconds field added and fires in UTC; "
+            "Vertex also takes a 'TZ=Europe/Paris ' prefix",
+        )
     else:
-        both.add_argument("--wait", action="store_true", help="wait for the run to end; fail unless it succeeds")
+        both.add_argument(
+            "--wait", action="store_true", help="wait for the run to end; fail unless it succeeds"
+        )
         both.add_argument("--timeout", type=int, default=86400, help="seconds --wait waits (KFP)")
     params = p.add_argument_group("pipeline parameters", "left out: the compiled default")
     _add_parameter_options(params, dict(batch_inference.component_spec.inputs), defaults=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.local_run import add_run_arguments
+    from pipelines.dev.local_run import add_run_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m pipelines",
-                                     description="Compile, dry-run, make a model for, run, submit and "
-                                                 "schedule the batch_inference pipeline.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines",
+        description="Compile, dry-run, make a model for, run, submit and "
+        "schedule the batch_inference pipeline.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("compile", help="compile the Kubeflow and Vertex flavours of the pipeline",
-                       description="Write compiled/batch_inference_kubeflow.yaml (with the kfp-kubernetes "
-                                   "platform document) and compiled/batch_inference_vertex.yaml (one document).")
+    p = sub.add_parser(
+        "compile",
+        help="compile the Kubeflow and Vertex flavours of the pipeline",
+        description="Write compiled/batch_inference_kubeflow.yaml (with the kfp-kubernetes "
+        "platform document) and compiled/batch_inference_vertex.yaml (one document).",
+    )
     p.add_argument("--out", type=Path, default=Path("compiled"), help="output folder (default: %(default)s)")
     p.set_defaults(func=_compile)
 
-    p = sub.add_parser("render-job", help="print the PyTorchJob a run would create (no cluster needed)",
-                       description="Print the PyTorchJob YAML the launch step would create for these "
-                                   "pipeline parameters. Needs no cluster.")
+    p = sub.add_parser(
+        "render-job",
+        help="print the PyTorchJob a run would create (no cluster needed)",
+        description="Print the PyTorchJob YAML the launch step would create for these "
+        "pipeline parameters. Needs no cluster.",
+    )
     _add_job_options(p)
     p.set_defaults(func=_render_job)
 
-    p = sub.add_parser("make-model", help="create a random-weight model locally (offline)",
-                       description="Create a random-weight image classifier with the architecture of "
-                                   "google/vit-base-patch16-224 (or a tiny ViT), saved with save_pretrained.")
+    p = sub.add_parser(
+        "make-model",
+        help="create a random-weight model locally (offline)",
+        description="Create a random-weight image classifier with the architecture of "
+        "google/vit-base-patch16-224 (or a tiny ViT), saved with save_pretrained.",
+    )
     p.add_argument("--out", type=Path, required=True, help="folder to write the model into")
     p.add_argument("--tiny", action="store_true", help="a tiny 32 px ViT for tests instead of ViT-B/16")
     p.set_defaults(func=_make_model)
 
-    p = sub.add_parser("run", help="run the whole pipeline locally (--local)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Run the whole pipeline on this machine through kfp.local, with the "
-                                   "worker under torchrun, and print where the results and report are.")
+    p = sub.add_parser(
+        "run",
+        help="run the whole pipeline locally (--local)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Run the whole pipeline on this machine through kfp.local, with the "
+        "worker under torchrun, and print where the results and report are.",
+    )
     add_run_arguments(p)
     p.set_defaults(func=_run)
 
-    p = sub.add_parser("submit", help="start a run on Kubeflow Pipelines or Vertex AI Pipelines",
-                       description="Start one run of the pipeline and print its URL. Pipeline parameters "
-                                   "not given keep their compiled defaults.")
+    p = sub.add_parser(
+        "submit",
+        help="start a run on Kubeflow Pipelines or Vertex AI Pipelines",
+        description="Start one run of the pipeline and print its URL. Pipeline parameters "
+        "not given keep their compiled defaults.",
+    )
     _add_target_options(p, schedule=False)
     p.set_defaults(func=_submit)
 
-    p = sub.add_parser("schedule", help="schedule recurring runs on Kubeflow Pipelines or Vertex AI",
-                       description="Create a recurring run (KFP) or a schedule (Vertex) and print its URL. "
-                                   "At most one run of it runs at a time; pair it with --incremental for "
-                                   "nightly runs that classify only what changed.")
+    p = sub.add_parser(
+        "schedule",
+        help="schedule recurring runs on Kubeflow Pipelines or Vertex AI",
+        description="Create a recurring run (KFP) or a schedule (Vertex) and print its URL. "
+        "At most one run of it runs at a time; pair it with --incremental for "
+        "nightly runs that classify only what changed.",
+    )
     _add_target_options(p, schedule=True)
     p.set_defaults(func=_schedule)
 
-    p = sub.add_parser("latest", help="show (and fetch) the latest complete run's results under a results root",
-                       description="Find the latest run under RESULTS_ROOT whose aggregate succeeded and print "
-                                   "its prefix, counts and results table; --out downloads the table (every "
-                                   "image's latest label, carried-over rows of incremental runs included).")
-    p.add_argument("--results-root", required=True, help="the results_root the runs wrote to (gs:// or local)")
+    p = sub.add_parser(
+        "latest",
+        help="show (and fetch) the latest complete run's results under a results root",
+        description="Find the latest run under RESULTS_ROOT whose aggregate succeeded and print "
+        "its prefix, counts and results table; --out downloads the table (every "
+        "image's latest label, carried-over rows of incremental runs included).",
+    )
+    p.add_argument(
+        "--results-root", required=True, help="the results_root the runs wrote to (gs:// or local)"
+    )
     p.add_argument("--out", type=Path, help="write the table here (.csv, or .parquet)")
     p.set_defaults(func=_latest)
 
-    p = sub.add_parser("docs", help="regenerate the pipeline-parameter table in docs/running.md",
-                       description="Rewrite the parameter table of docs/running.md from the pipeline's "
-                                   "parameters, defaults and descriptions.")
+    p = sub.add_parser(
+        "docs",
+        help="regenerate the pipeline-parameter table in docs/running.md",
+        description="Rewrite the parameter table of docs/running.md from the pipeline's "
+        "parameters, defaults and descriptions.",
+    )
     p.add_argument("--check", action="store_true", help="only check; exit 2 when the table is stale")
     p.set_defaults(func=_docs)
     return parser

@@ -16,14 +16,15 @@ that account needs the RBAC in ``cluster/`` to create and watch PyTorchJobs.
 """
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Dataset, Metrics
 
 from components.kfp_components import IMAGE, aggregate_results, launch_inference, upload_dataset
-from pipelines.model_factory import DEFAULT_MODEL
+from worker.config import DEFAULT_MODEL
 
 PIPELINE_NAME = "batch-inference"
 # Python types of the pipeline's parameter types (kfp's InputSpec.type).
@@ -142,14 +143,33 @@ def make_pipeline(flavour: str) -> Callable:
         upload = upload_dataset(source=source, destination=images_uri, workers=upload_workers)
         launch = launch_inference(
             images=upload.outputs["dataset"],
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, results_root=results_root,
-            results_prefix=results_prefix, incremental=incremental, model=model, backend=backend, batch_size=batch_size,
-            shard_size=shard_size, device=device, extra_worker_args=extra_worker_args,
-            local_nproc=local_nproc, nodes=nodes, gpus_per_node=gpus_per_node, namespace=namespace,
-            queue=queue, priority_class=priority_class, accelerator=accelerator,
-            max_run_duration_seconds=max_run_duration_seconds, timeout_seconds=timeout_seconds,
-            rdma=rdma, rdma_networks=rdma_networks, image=image, service_account=service_account,
-            gke_project=gke_project, gke_location=gke_location, gke_cluster=gke_cluster)
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            results_root=results_root,
+            results_prefix=results_prefix,
+            incremental=incremental,
+            model=model,
+            backend=backend,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            device=device,
+            extra_worker_args=extra_worker_args,
+            local_nproc=local_nproc,
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            namespace=namespace,
+            queue=queue,
+            priority_class=priority_class,
+            accelerator=accelerator,
+            max_run_duration_seconds=max_run_duration_seconds,
+            timeout_seconds=timeout_seconds,
+            rdma=rdma,
+            rdma_networks=rdma_networks,
+            image=image,
+            service_account=service_account,
+            gke_project=gke_project,
+            gke_location=gke_location,
+            gke_cluster=gke_cluster,
+        )
         aggregate = aggregate_results(results=launch.outputs["results"])
         for task, role in ((upload, "upload"), (launch, "launch"), (aggregate, "aggregate")):
             task.set_display_name(role)
@@ -158,9 +178,13 @@ def make_pipeline(flavour: str) -> Callable:
             task.set_caching_options(False)
             if flavour == KUBEFLOW:
                 _kubeflow_pod_settings(task, role)
-        return Outputs(results=launch.outputs["results"], results_csv=aggregate.outputs["results_csv"],
-                       results_parquet=aggregate.outputs["results_parquet"],
-                       metrics=aggregate.outputs["metrics"], report=aggregate.outputs["report"])
+        return Outputs(
+            results=launch.outputs["results"],
+            results_csv=aggregate.outputs["results_csv"],
+            results_parquet=aggregate.outputs["results_parquet"],
+            metrics=aggregate.outputs["metrics"],
+            report=aggregate.outputs["report"],
+        )
 
     return batch_inference
 

@@ -67,8 +67,10 @@ class Cron:
             CronError: The schedule has a time zone, which KFP recurring runs cannot take.
         """
         if self.timezone:
-            raise CronError(f"KFP recurring runs take no time zone (they fire in the scheduler's, UTC on a "
-                            f"standard install): drop TZ={self.timezone} and give the time in UTC")
+            raise CronError(
+                f"KFP recurring runs take no time zone (they fire in the scheduler's, UTC on a "
+                f"standard install): drop TZ={self.timezone} and give the time in UTC"
+            )
         return "0 " + self.standard()
 
     def for_vertex(self) -> str:
@@ -88,9 +90,16 @@ def parse_cron(text: str) -> Cron:
     Raises:
         CronError: What is wrong, in one line that quotes the input.
     """
+
     def fail(why: str, *, shape: bool = False) -> CronError:
-        hint = (f" (expected 5 fields: minute hour day-of-month month day-of-week, e.g. {EXAMPLE!r} "
-                "for 02:00 daily)") if shape else ""
+        hint = (
+            (
+                f" (expected 5 fields: minute hour day-of-month month day-of-week, e.g. {EXAMPLE!r} "
+                "for 02:00 daily)"
+            )
+            if shape
+            else ""
+        )
         return CronError(f"bad cron {text!r}: {why}{hint}")
 
     rest = " ".join(text.split())
@@ -104,10 +113,12 @@ def parse_cron(text: str) -> Cron:
         raise fail(f"unknown shorthand {rest.split()[0]!r} (known: {', '.join(_SHORTHANDS)})")
     fields = rest.split()
     if len(fields) == 6:
-        raise fail("6 fields given: write standard 5-field cron; the seconds field KFP needs is added for you")
+        raise fail(
+            "6 fields given: write standard 5-field cron; the seconds field KFP needs is added for you"
+        )
     if len(fields) != 5:
         raise fail(f"{len(fields)} field{'s' if len(fields) != 1 else ''} given", shape=True)
-    normalised = tuple(_field(value, spec, fail) for value, spec in zip(fields, _FIELDS))
+    normalised = tuple(_field(value, spec, fail) for value, spec in zip(fields, _FIELDS, strict=False))
     return Cron(normalised, timezone)  # type: ignore[arg-type]
 
 
@@ -129,7 +140,9 @@ def _field(value: str, spec: tuple, fail) -> str:
     for item in value.split(","):
         match = _ITEM.fullmatch(item)
         if not match:
-            raise fail(f"{name} field {value!r} is not cron syntax (use *, N, N-M, */S, N-M/S or lists of them)")
+            raise fail(
+                f"{name} field {value!r} is not cron syntax (use *, N, N-M, */S, N-M/S or lists of them)"
+            )
         base, step = match["base"], match["step"]
         if base == "*":
             first, last, text = low, high, "*"

@@ -22,20 +22,30 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
-from pipelines.batch_inference import (KUBEFLOW, PARAMETER_TYPES, PIPELINE_NAME, PIPELINES, VERTEX, compile_pipeline,
-                                      launch_inputs)
+from pipelines.batch_inference import (
+    KUBEFLOW,
+    PARAMETER_TYPES,
+    PIPELINE_NAME,
+    PIPELINES,
+    VERTEX,
+    compile_pipeline,
+    launch_inputs,
+)
 from pipelines.cron import parse_cron
 
 DEFAULT_EXPERIMENT = PIPELINE_NAME
 VERTEX_EXTRA = "pip install 'kfp-batch-inference[vertex]'"
 _HEALTHZ = "/apis/v2beta1/healthz"
 _PROBE_TIMEOUT_S = 15
-_CONSOLE = "https://console.cloud.google.com/vertex-ai/locations/{location}/pipelines/{kind}/{id}?project={project}"
+_CONSOLE = (
+    "https://console.cloud.google.com/vertex-ai/locations/{location}/pipelines/{kind}/{id}?project={project}"
+)
 
 
 class SubmitError(RuntimeError):
@@ -84,12 +94,16 @@ def check_arguments(arguments: Mapping[str, Any], flavour: str) -> dict[str, Any
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ValueError(f"pipeline parameter {name} takes a {kind.__name__}, got {value!r}")
     launch = launch_inputs()
-    values = {name: spec.default for name, spec in launch.items()} | {k: v for k, v in arguments.items() if k in launch}
+    values = {name: spec.default for name, spec in launch.items()} | {
+        k: v for k, v in arguments.items() if k in launch
+    }
     request = LaunchRequest(run_id="submit-check", **values)
     request.validate()
     if flavour == VERTEX and request.backend == KUBERNETES and not request.gke:
-        raise ValueError("on Vertex AI the launch step runs outside your GKE cluster: set gke_project, "
-                         "gke_location and gke_cluster")
+        raise ValueError(
+            "on Vertex AI the launch step runs outside your GKE cluster: set gke_project, "
+            "gke_location and gke_cluster"
+        )
     return dict(arguments)
 
 
@@ -127,12 +141,16 @@ def _probe_kfp(host: str, token: str | None) -> None:
             body = response.read()
     except urllib.error.HTTPError as exc:
         if exc.code in (301, 302, 303, 307, 308, 401, 403):
-            raise SubmitError(f"KFP at {host} wants credentials (HTTP {exc.code}): pass --kfp-token with a "
-                              "bearer token it accepts (e.g. `gcloud auth print-identity-token` behind IAP)") from None
+            raise SubmitError(
+                f"KFP at {host} wants credentials (HTTP {exc.code}): pass --kfp-token with a "
+                "bearer token it accepts (e.g. `gcloud auth print-identity-token` behind IAP)"
+            ) from None
         if exc.code == 404:
-            raise SubmitError(f"no KFP API at {host} ({url} answered 404): give the KFP UI's base URL, "
-                              "e.g. http://localhost:8080 after `kubectl port-forward svc/ml-pipeline-ui "
-                              "8080:80 -n kubeflow`") from None
+            raise SubmitError(
+                f"no KFP API at {host} ({url} answered 404): give the KFP UI's base URL, "
+                "e.g. http://localhost:8080 after `kubectl port-forward svc/ml-pipeline-ui "
+                "8080:80 -n kubeflow`"
+            ) from None
         raise SubmitError(f"KFP at {host} is not healthy: {url} answered HTTP {exc.code}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -140,8 +158,10 @@ def _probe_kfp(host: str, token: str | None) -> None:
     try:
         json.loads(body)
     except ValueError:
-        raise SubmitError(f"{host} answered {url} with something other than KFP's JSON: is it the KFP "
-                          "endpoint, and does it want credentials (--kfp-token)?") from None
+        raise SubmitError(
+            f"{host} answered {url} with something other than KFP's JSON: is it the KFP "
+            "endpoint, and does it want credentials (--kfp-token)?"
+        ) from None
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -163,11 +183,13 @@ def _kfp_errors(host: str, action: str) -> Iterator[None]:
             warnings.simplefilter("ignore")
             yield
     except kfp_server_api.ApiException as exc:
-        raise SubmitError(f"KFP at {host} refused to {action}: HTTP {exc.status} {exc.reason}"
-                          f"{_api_message(exc.body)}") from None
+        raise SubmitError(
+            f"KFP at {host} refused to {action}: HTTP {exc.status} {exc.reason}{_api_message(exc.body)}"
+        ) from None
     except urllib3.exceptions.HTTPError as exc:
-        raise SubmitError(f"lost the connection to KFP at {host} while trying to {action}: "
-                          f"{type(exc).__name__}") from None
+        raise SubmitError(
+            f"lost the connection to KFP at {host} while trying to {action}: {type(exc).__name__}"
+        ) from None
 
 
 def _api_message(body: Any) -> str:
@@ -198,10 +220,20 @@ def _kfp_url(host: str, ui_host: str | None, route: str) -> str:
     return f"{(ui_host or host).rstrip('/')}/#/{route}"
 
 
-def submit_kfp(host: str, arguments: Mapping[str, Any], *, experiment: str = DEFAULT_EXPERIMENT,
-               run_name: str | None = None, namespace: str | None = None, token: str | None = None,
-               service_account: str | None = None, package: str | Path | None = None, ui_host: str | None = None,
-               wait: bool = False, timeout_s: int = 86400) -> Submitted:
+def submit_kfp(
+    host: str,
+    arguments: Mapping[str, Any],
+    *,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    namespace: str | None = None,
+    token: str | None = None,
+    service_account: str | None = None,
+    package: str | Path | None = None,
+    ui_host: str | None = None,
+    wait: bool = False,
+    timeout_s: int = 86400,
+) -> Submitted:
     """Start one run on Kubeflow Pipelines.
 
     Args:
@@ -228,8 +260,13 @@ def submit_kfp(host: str, arguments: Mapping[str, Any], *, experiment: str = DEF
     client = _kfp_client(host, token, namespace)
     with _package(KUBEFLOW, package) as path, _kfp_errors(host, "create the run"):
         result = client.create_run_from_pipeline_package(
-            str(path), arguments=arguments, run_name=run_name or _default_run_name(), experiment_name=experiment,
-            namespace=namespace or None, service_account=service_account or None)
+            str(path),
+            arguments=arguments,
+            run_name=run_name or _default_run_name(),
+            experiment_name=experiment,
+            namespace=namespace or None,
+            service_account=service_account or None,
+        )
     run_id = result.run_id
     url = _kfp_url(host, ui_host, f"runs/details/{run_id}")
     if not wait:
@@ -241,10 +278,19 @@ def submit_kfp(host: str, arguments: Mapping[str, Any], *, experiment: str = DEF
     return Submitted("run", run_id, url, state)
 
 
-def schedule_kfp(host: str, arguments: Mapping[str, Any], cron: str, *, experiment: str = DEFAULT_EXPERIMENT,
-                 name: str | None = None, namespace: str | None = None, token: str | None = None,
-                 service_account: str | None = None, package: str | Path | None = None,
-                 ui_host: str | None = None) -> Submitted:
+def schedule_kfp(
+    host: str,
+    arguments: Mapping[str, Any],
+    cron: str,
+    *,
+    experiment: str = DEFAULT_EXPERIMENT,
+    name: str | None = None,
+    namespace: str | None = None,
+    token: str | None = None,
+    service_account: str | None = None,
+    package: str | Path | None = None,
+    ui_host: str | None = None,
+) -> Submitted:
     """Create a KFP recurring run.
 
     At most one run of the schedule runs at a time, and missed runs are not caught up (a
@@ -277,11 +323,19 @@ def schedule_kfp(host: str, arguments: Mapping[str, Any], cron: str, *, experime
     with _package(KUBEFLOW, package) as path, _kfp_errors(host, "create the recurring run"):
         experiment_id = client.create_experiment(experiment, namespace=namespace or None).experiment_id
         created = client.create_recurring_run(
-            experiment_id, name or f"{PIPELINE_NAME} {cron}", cron_expression=kfp_cron, max_concurrency=1,
-            no_catchup=True, params=arguments, pipeline_package_path=str(path),
-            service_account=service_account or None)
+            experiment_id,
+            name or f"{PIPELINE_NAME} {cron}",
+            cron_expression=kfp_cron,
+            max_concurrency=1,
+            no_catchup=True,
+            params=arguments,
+            pipeline_package_path=str(path),
+            service_account=service_account or None,
+        )
     recurring_id = created.recurring_run_id
-    return Submitted("schedule", recurring_id, _kfp_url(host, ui_host, f"recurringrun/details/{recurring_id}"))
+    return Submitted(
+        "schedule", recurring_id, _kfp_url(host, ui_host, f"recurringrun/details/{recurring_id}")
+    )
 
 
 # --- Vertex AI Pipelines ------------------------------------------------------------------
@@ -303,8 +357,10 @@ def _google_credentials():
     try:
         credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
     except DefaultCredentialsError:
-        raise SubmitError("no Google Cloud credentials: run `gcloud auth application-default login`, or set "
-                          "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file") from None
+        raise SubmitError(
+            "no Google Cloud credentials: run `gcloud auth application-default login`, or set "
+            "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file"
+        ) from None
     return credentials
 
 
@@ -318,20 +374,25 @@ def _vertex_errors(action: str) -> Iterator[None]:
     # aiplatform's module loggers print INFO chatter and tracebacks of failures it recovers
     # from (e.g. a pipeline-root bucket it may not create) to stdout, each through its own
     # handler; the caller reports the outcome itself.
-    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
-               if name.startswith("google.cloud.aiplatform")]
+    loggers = [
+        logging.getLogger(name)
+        for name in list(logging.root.manager.loggerDict)
+        if name.startswith("google.cloud.aiplatform")
+    ]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
     try:
         yield
     except auth_exceptions.GoogleAuthError as exc:
-        raise SubmitError(f"Google Cloud credentials were refused while trying to {action}: "
-                          f"{_first_line(exc)}; run `gcloud auth application-default login`") from None
+        raise SubmitError(
+            f"Google Cloud credentials were refused while trying to {action}: "
+            f"{_first_line(exc)}; run `gcloud auth application-default login`"
+        ) from None
     except api_exceptions.GoogleAPIError as exc:
         raise SubmitError(f"Vertex AI refused to {action}: {_first_line(exc)}") from None
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=False):
             logger.setLevel(level)
 
 
@@ -340,13 +401,27 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _vertex_job(aiplatform, project: str, location: str, pipeline_root: str, arguments: Mapping[str, Any],
-                path: Path, run_name: str | None, credentials):
+def _vertex_job(
+    aiplatform,
+    project: str,
+    location: str,
+    pipeline_root: str,
+    arguments: Mapping[str, Any],
+    path: Path,
+    run_name: str | None,
+    credentials,
+):
     if not pipeline_root.startswith("gs://"):
         raise ValueError(f"--pipeline-root must be a gs:// prefix, got {pipeline_root!r}")
     return aiplatform.PipelineJob(
-        display_name=run_name or PIPELINE_NAME, template_path=str(path), pipeline_root=pipeline_root,
-        parameter_values=dict(arguments), project=project, location=location, credentials=credentials)
+        display_name=run_name or PIPELINE_NAME,
+        template_path=str(path),
+        pipeline_root=pipeline_root,
+        parameter_values=dict(arguments),
+        project=project,
+        location=location,
+        credentials=credentials,
+    )
 
 
 def _console_url(resource_name: str, kind: str) -> str:
@@ -355,9 +430,18 @@ def _console_url(resource_name: str, kind: str) -> str:
     return _CONSOLE.format(project=parts[1], location=parts[3], kind=kind, id=parts[-1])
 
 
-def submit_vertex(project: str, location: str, pipeline_root: str, arguments: Mapping[str, Any], *,
-                  run_name: str | None = None, service_account: str | None = None,
-                  package: str | Path | None = None, wait: bool = False, credentials=None) -> Submitted:
+def submit_vertex(
+    project: str,
+    location: str,
+    pipeline_root: str,
+    arguments: Mapping[str, Any],
+    *,
+    run_name: str | None = None,
+    service_account: str | None = None,
+    package: str | Path | None = None,
+    wait: bool = False,
+    credentials=None,
+) -> Submitted:
     """Start one run on Vertex AI Pipelines.
 
     Args:
@@ -382,7 +466,9 @@ def submit_vertex(project: str, location: str, pipeline_root: str, arguments: Ma
     aiplatform = _aiplatform()
     credentials = credentials or _google_credentials()
     with _package(VERTEX, package) as path, _vertex_errors("create the run"):
-        job = _vertex_job(aiplatform, project, location, pipeline_root, arguments, path, run_name, credentials)
+        job = _vertex_job(
+            aiplatform, project, location, pipeline_root, arguments, path, run_name, credentials
+        )
         job.submit(service_account=service_account or None)
     url = _console_url(job.resource_name, "runs")
     if not wait:
@@ -395,9 +481,18 @@ def submit_vertex(project: str, location: str, pipeline_root: str, arguments: Ma
     return Submitted("run", job.resource_name.rsplit("/", 1)[-1], url, state)
 
 
-def schedule_vertex(project: str, location: str, pipeline_root: str, arguments: Mapping[str, Any], cron: str, *,
-                    name: str | None = None, service_account: str | None = None,
-                    package: str | Path | None = None, credentials=None) -> Submitted:
+def schedule_vertex(
+    project: str,
+    location: str,
+    pipeline_root: str,
+    arguments: Mapping[str, Any],
+    cron: str,
+    *,
+    name: str | None = None,
+    service_account: str | None = None,
+    package: str | Path | None = None,
+    credentials=None,
+) -> Submitted:
     """Create a Vertex AI pipeline schedule (at most one run at a time).
 
     Args:
@@ -425,7 +520,14 @@ def schedule_vertex(project: str, location: str, pipeline_root: str, arguments: 
     credentials = credentials or _google_credentials()
     with _package(VERTEX, package) as path, _vertex_errors("create the schedule"):
         job = _vertex_job(aiplatform, project, location, pipeline_root, arguments, path, None, credentials)
-        schedule = job.create_schedule(cron=vertex_cron, display_name=name or f"{PIPELINE_NAME} {cron}"[:128],
-                                       max_concurrent_run_count=1, service_account=service_account or None)
-    return Submitted("schedule", schedule.resource_name.rsplit("/", 1)[-1],
-                     _console_url(schedule.resource_name, "schedules"))
+        schedule = job.create_schedule(
+            cron=vertex_cron,
+            display_name=name or f"{PIPELINE_NAME} {cron}"[:128],
+            max_concurrent_run_count=1,
+            service_account=service_account or None,
+        )
+    return Submitted(
+        "schedule",
+        schedule.resource_name.rsplit("/", 1)[-1],
+        _console_url(schedule.resource_name, "schedules"),
+    )

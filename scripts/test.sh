@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh: venv, torch, the project) and run the whole test suite.
+# Set up (scripts/setup.sh: venv, torch, the project), lint (ruff check + ruff format --check) and
+# run the whole test suite.
 #
 #   bash scripts/test.sh                 # everything under tests/
 #   bash scripts/test.sh -k exactly_once # extra arguments go to pytest
@@ -13,4 +14,7 @@ export VENV
 
 bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
+# Lint and format first: style is part of the build (configured in pyproject.toml).
+"$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
 exec "$VENV/bin/python" -m pytest -q "$@"

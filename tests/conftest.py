@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support import SHARED
+from tests.support.helpers import make_tiny_model
 
 # google-auth probes the GCE metadata server (169.254.169.254) when it looks for credentials,
 # e.g. inside google-cloud-aiplatform; tests must send nothing off this machine. Set before any
 # test module imports google.auth, which reads these once, and inherited by every subprocess.
 os.environ.update(NO_GCE_CHECK="true", GCE_METADATA_HOST="127.0.0.1:9", GCE_METADATA_IP="127.0.0.1:9")
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from helpers import make_tiny_model  # noqa: E402
 
 
 class Emulator:
@@ -43,7 +39,7 @@ class Emulator:
 
 @pytest.fixture(scope="session")
 def gcs():
-    from pipelines.gcs_emulator import gcs_emulator
+    from pipelines.dev.emulator import gcs_emulator
 
     with gcs_emulator() as url:
         yield Emulator(url)

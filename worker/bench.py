@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worker.random_model import make_model
+from pipelines.dev.random_model import make_model
 
 log = logging.getLogger("worker.bench")
 
@@ -55,8 +55,13 @@ def make_dataset(root: Path, n: int) -> list[Path]:
         d.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor() as pool:
         sizes = list(pool.map(_make_jpeg, [(i, p) for i, p in enumerate(paths)], chunksize=64))
-    log.info("generated %d JPEGs, %.0f KB mean (%.0f-%.0f KB)", n, np.mean(sizes) / 1e3,
-             min(sizes) / 1e3, max(sizes) / 1e3)
+    log.info(
+        "generated %d JPEGs, %.0f KB mean (%.0f-%.0f KB)",
+        n,
+        np.mean(sizes) / 1e3,
+        min(sizes) / 1e3,
+        max(sizes) / 1e3,
+    )
     return paths
 
 
@@ -71,7 +76,8 @@ def bench_images(root: Path, n: int) -> list[Path]:
 
 def trained_model(work: Path, paths: list[Path], device: torch.device, epochs: int) -> tuple[Path, dict]:
     """The benchmark's classifier under ``work`` (made by ``train_classifier`` unless already
-    there) and what its training reported."""
+    there) and what its training reported.
+    """
     model_dir = work / f"vit-base-patch16-224-random-fine-tuned-{epochs}"
     if not (model_dir / "config.json").exists():
         make_model(model_dir)
@@ -82,8 +88,14 @@ def trained_model(work: Path, paths: list[Path], device: torch.device, epochs: i
 TRAIN_IMAGES = 8192  # the first images train the classifier; agreement is measured on the rest
 
 
-def train_classifier(model_dir: Path, paths: list[Path], device: torch.device, epochs: int,
-                     clusters: int = 100, probe_steps: int = 300) -> dict:
+def train_classifier(
+    model_dir: Path,
+    paths: list[Path],
+    device: torch.device,
+    epochs: int,
+    clusters: int = 100,
+    probe_steps: int = 300,
+) -> dict:
     """Turn the random-weight model into a trained classifier of these images, in place.
 
     Agreement between bf16 and fp32 labels is a property of a trained classifier's decision
@@ -106,13 +118,23 @@ def train_classifier(model_dir: Path, paths: list[Path], device: torch.device, e
     from worker.model import load_preprocessor_config
 
     pre = Preprocess.from_config(load_preprocessor_config(str(model_dir)))
-    model = AutoModelForImageClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval().to(device)
+    model = (
+        AutoModelForImageClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval().to(device)
+    )
     with ThreadPoolExecutor(os.cpu_count()) as pool, torch.no_grad():
         decoder = CpuDecoder(pre, pool)
-        pixels = torch.cat([decoder([p.read_bytes() for p in paths[i:i + 256]]).pixels.to(device)
-                            for i in range(0, min(TRAIN_IMAGES, len(paths)), 256)])
-        feats = torch.cat([model.vit(pixel_values=pixels[i:i + 256]).last_hidden_state[:, 0]
-                           for i in range(0, len(pixels), 256)])
+        pixels = torch.cat(
+            [
+                decoder([p.read_bytes() for p in paths[i : i + 256]]).pixels.to(device)
+                for i in range(0, min(TRAIN_IMAGES, len(paths)), 256)
+            ]
+        )
+        feats = torch.cat(
+            [
+                model.vit(pixel_values=pixels[i : i + 256]).last_hidden_state[:, 0]
+                for i in range(0, len(pixels), 256)
+            ]
+        )
     gen = torch.Generator(device="cpu").manual_seed(0)
     targets = _kmeans_classes(feats, clusters, model.config.num_labels, gen)
     _fit_probe(model.classifier, feats, targets, probe_steps)
@@ -131,26 +153,35 @@ def train_classifier(model_dir: Path, paths: list[Path], device: torch.device, e
             log.info("fine-tuning: epoch %d of %d, loss %.3f", epoch + 1, epochs, loss.item())
         model.eval()
     with torch.no_grad():
-        logits = torch.cat([model(pixel_values=pixels[i:i + 256]).logits for i in range(0, len(pixels), 256)])
+        logits = torch.cat(
+            [model(pixel_values=pixels[i : i + 256]).logits for i in range(0, len(pixels), 256)]
+        )
         probs = logits.softmax(-1)
         top2 = probs.topk(2, dim=-1).values
         accuracy = (probs.argmax(-1) == targets).float().mean().item()
     model.save_pretrained(model_dir)
     tuned = f"whole network fine-tuned {epochs} epochs" if epochs else "random backbone, linear-probe head"
-    return {"head": f"{tuned} on {len(pixels):,} images, {clusters} k-means classes", "train_images": len(pixels),
-            "train_accuracy": accuracy, "median_top1_prob": top2[:, 0].median().item(),
-            "median_margin": (top2[:, 0] - top2[:, 1]).median().item()}
+    return {
+        "head": f"{tuned} on {len(pixels):,} images, {clusters} k-means classes",
+        "train_images": len(pixels),
+        "train_accuracy": accuracy,
+        "median_top1_prob": top2[:, 0].median().item(),
+        "median_margin": (top2[:, 0] - top2[:, 1]).median().item(),
+    }
 
 
-def _kmeans_classes(feats: torch.Tensor, clusters: int, num_labels: int, gen: torch.Generator) -> torch.Tensor:
+def _kmeans_classes(
+    feats: torch.Tensor, clusters: int, num_labels: int, gen: torch.Generator
+) -> torch.Tensor:
     """Pseudo-labels: k-means (cosine, on centred features), each cluster one of ``num_labels``."""
     centred = torch.nn.functional.normalize(feats - feats.mean(0), dim=-1)
     centroids = centred[torch.randperm(len(centred), generator=gen)[:clusters].to(feats.device)]
     for _ in range(30):
         assign = (centred @ centroids.T).argmax(-1)
         sums = torch.zeros_like(centroids).index_add_(0, assign, centred)
-        centroids = torch.nn.functional.normalize(torch.where(sums.norm(dim=-1, keepdim=True) > 0, sums, centroids),
-                                                  dim=-1)
+        centroids = torch.nn.functional.normalize(
+            torch.where(sums.norm(dim=-1, keepdim=True) > 0, sums, centroids), dim=-1
+        )
     classes = torch.randperm(num_labels, generator=gen)[:clusters].to(feats.device)
     return classes[(centred @ centroids.T).argmax(-1)]
 
@@ -158,7 +189,8 @@ def _kmeans_classes(feats: torch.Tensor, clusters: int, num_labels: int, gen: to
 def _fit_probe(head: torch.nn.Linear, feats: torch.Tensor, targets: torch.Tensor, steps: int) -> None:
     """Fit ``head`` to (feats, targets) in fp32, then temperature-scale it: trained to
     saturation a probe is near-certain, and a median top-1 probability of 0.8 is about a
-    trained ImageNet ViT's."""
+    trained ImageNet ViT's.
+    """
     probe = torch.nn.Linear(feats.shape[1], head.out_features).to(feats.device)
     torch.nn.init.zeros_(probe.weight)
     torch.nn.init.zeros_(probe.bias)
@@ -172,7 +204,9 @@ def _fit_probe(head: torch.nn.Linear, feats: torch.Tensor, targets: torch.Tensor
         low, high = 0.0, 1.0
         for _ in range(40):
             mid = (low + high) / 2
-            low, high = (mid, high) if (logits * mid).softmax(-1).max(-1).values.median() < 0.8 else (low, mid)
+            low, high = (
+                (mid, high) if (logits * mid).softmax(-1).max(-1).values.median() < 0.8 else (low, mid)
+            )
         head.weight.copy_(probe.weight * high)
         head.bias.copy_(probe.bias * high)
 
@@ -182,10 +216,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_model_only(model_dir: Path, device: torch.device, batch: int, iters: int,
-                     compile_mode: str = "default") -> dict[str, float]:
+def bench_model_only(
+    model_dir: Path, device: torch.device, batch: int, iters: int, compile_mode: str = "default"
+) -> dict[str, float]:
     """img/s of the worker's forward + top-1 on device tensors: eager, and as each CUDA graph the
-    worker can replay (the forward as it is, and compiled by torch.compile)."""
+    worker can replay (the forward as it is, and compiled by torch.compile).
+    """
     from worker.cuda_graph import COMPILE_MODES, GraphedForward
     from worker.model import load_model
     from worker.run import top1
@@ -215,8 +251,9 @@ def bench_model_only(model_dir: Path, device: torch.device, batch: int, iters: i
     return rates
 
 
-def bench_decode_only(paths: list[Path], model_dir: Path, device: torch.device, batch: int,
-                      jpeg: str = "cuda") -> float:
+def bench_decode_only(
+    paths: list[Path], model_dir: Path, device: torch.device, batch: int, jpeg: str = "cuda"
+) -> float:
     from worker.decode import CpuDecoder, GpuDecoder, Preprocess
     from worker.model import load_preprocessor_config
 
@@ -230,25 +267,43 @@ def bench_decode_only(paths: list[Path], model_dir: Path, device: torch.device, 
             torch.cuda.synchronize(device)
             start = time.perf_counter()
             for i in range(0, len(payloads), batch):
-                dec(payloads[i:i + batch], out)
+                dec(payloads[i : i + batch], out)
             torch.cuda.synchronize(device)
         else:
             dec = CpuDecoder(pre, pool)
             start = time.perf_counter()
             for i in range(0, len(payloads), batch):
-                dec(payloads[i:i + batch])
+                dec(payloads[i : i + batch])
     return len(payloads) / (time.perf_counter() - start)
 
 
-def run_worker(data: Path, out: Path, model_dir: Path, device: str, decode: str, batch: int,
-               gpu_jpeg: str = "cuda", compile_mode: str = "default") -> dict:
+def run_worker(
+    data: Path,
+    out: Path,
+    model_dir: Path,
+    device: str,
+    decode: str,
+    batch: int,
+    gpu_jpeg: str = "cuda",
+    compile_mode: str = "default",
+) -> dict:
     from worker.config import WorkerConfig
     from worker.run import run
 
     shutil.rmtree(out, ignore_errors=True)
-    cfg = WorkerConfig(input=str(data), output=str(out), model=str(model_dir), device=device, decode=decode,
-                       gpu_jpeg=gpu_jpeg, compile=compile_mode, batch_size=batch, shard_size=4 * batch, prefetch_batches=6,
-                       log_interval=5.0)
+    cfg = WorkerConfig(
+        input=str(data),
+        output=str(out),
+        model=str(model_dir),
+        device=device,
+        decode=decode,
+        gpu_jpeg=gpu_jpeg,
+        compile=compile_mode,
+        batch_size=batch,
+        shard_size=4 * batch,
+        prefetch_batches=6,
+        log_interval=5.0,
+    )
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     return run(cfg)
@@ -265,18 +320,22 @@ def read_labels(out: Path) -> dict[str, int]:
     return labels
 
 
-def fp32_labels(paths: list[Path], model_dir: Path, device: torch.device, batch: int,
-                gpu_jpeg: str | None = None) -> dict[str, int]:
+def fp32_labels(
+    paths: list[Path], model_dir: Path, device: torch.device, batch: int, gpu_jpeg: str | None = None
+) -> dict[str, int]:
     """The model in float32 on Pillow's pixels (the HF processor's arithmetic, validated in
     tests): the reference. With ``gpu_jpeg``, on that GPU decoder's pixels instead, in float32:
-    what the bf16 run would label with float32 arithmetic alone."""
+    what the bf16 run would label with float32 arithmetic alone.
+    """
     from transformers import AutoModelForImageClassification
 
     from worker.decode import CpuDecoder, GpuDecoder, Preprocess
     from worker.model import load_preprocessor_config
 
     pre = Preprocess.from_config(load_preprocessor_config(str(model_dir)))
-    model = AutoModelForImageClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval().to(device)
+    model = (
+        AutoModelForImageClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval().to(device)
+    )
     labels = {}
     with ThreadPoolExecutor(os.cpu_count()) as pool, torch.inference_mode():
         if gpu_jpeg is None:
@@ -286,45 +345,70 @@ def fp32_labels(paths: list[Path], model_dir: Path, device: torch.device, batch:
             out = torch.empty((batch, 3, *pre.output_hw), device=device)
             decode = lambda data: gpu(data, out)  # noqa: E731
         for i in range(0, len(paths), batch):
-            chunk = paths[i:i + batch]
+            chunk = paths[i : i + batch]
             decoded = decode([p.read_bytes() for p in chunk])
             pred = model(pixel_values=decoded.pixels.to(device)).logits.argmax(-1).tolist()
-            labels.update({str(chunk[k]): pred[k if decoded.rows_aligned else j] for j, k in enumerate(decoded.ok)})
+            labels.update(
+                {str(chunk[k]): pred[k if decoded.rows_aligned else j] for j, k in enumerate(decoded.ok)}
+            )
     return labels
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m worker.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m worker.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--images", type=int, default=8192, help="JPEGs to generate")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--workdir", default=None, help="where to put images, model and outputs (default: a temp dir)")
+    p.add_argument(
+        "--workdir", default=None, help="where to put images, model and outputs (default: a temp dir)"
+    )
     p.add_argument("--model-iters", type=int, default=30)
-    p.add_argument("--repeats", type=int, default=2,
-                   help="end-to-end runs per decoder, in one process; each is printed, and their mean is the "
-                        "headline (single runs of one setting spread by +-5 %% on an H100)")
-    p.add_argument("--compile", choices=("none", "default", "max-autotune"), default="default",
-                   help="the worker's --compile, for the end-to-end runs and the compiled model-only row")
-    p.add_argument("--fine-tune-epochs", type=int, default=None,
-                   help="epochs of fine-tuning the whole network before measuring (default: 3 on GPU, 0 on CPU, "
-                        "where it would take hours); 0 keeps the random backbone under a trained linear probe")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="end-to-end runs per decoder, in one process; each is printed, and their mean is the "
+        "headline (single runs of one setting spread by +-5 %% on an H100)",
+    )
+    p.add_argument(
+        "--compile",
+        choices=("none", "default", "max-autotune"),
+        default="default",
+        help="the worker's --compile, for the end-to-end runs and the compiled model-only row",
+    )
+    p.add_argument(
+        "--fine-tune-epochs",
+        type=int,
+        default=None,
+        help="epochs of fine-tuning the whole network before measuring (default: 3 on GPU, 0 on CPU, "
+        "where it would take hours); 0 keeps the random backbone under a trained linear probe",
+    )
     p.add_argument("--skip-cpu-decode", action="store_true", help="skip the end-to-end Pillow-decode run")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     work = Path(args.workdir or tempfile.mkdtemp(prefix="worker-bench-"))
     data = work / "images"
     paths = bench_images(data, args.images)
-    epochs = args.fine_tune_epochs if args.fine_tune_epochs is not None else (3 if device.type == "cuda" else 0)
+    epochs = (
+        args.fine_tune_epochs if args.fine_tune_epochs is not None else (3 if device.type == "cuda" else 0)
+    )
     model_dir, head = trained_model(work, paths, device, epochs)
-    held_out = paths[head["train_images"]:] or paths
+    held_out = paths[head["train_images"] :] or paths
 
-    figures: dict[str, float | str] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                                       else "cpu", "images": len(paths), "batch_size": args.batch_size}
+    figures: dict[str, float | str] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "images": len(paths),
+        "batch_size": args.batch_size,
+    }
     model_rates = bench_model_only(model_dir, device, args.batch_size, args.model_iters, args.compile)
     figures.update({f"model_only {name}": rate for name, rate in model_rates.items()})
     # The ratio is taken against the faster forward, whichever the worker ends up using.
@@ -338,14 +422,18 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for name, decode, jpeg in variants:
         if decode == "gpu":
-            figures[f"decode_only {name}"] = bench_decode_only(paths, model_dir, device, args.batch_size, jpeg)
+            figures[f"decode_only {name}"] = bench_decode_only(
+                paths, model_dir, device, args.batch_size, jpeg
+            )
         elif device.type != "cuda":
             figures[f"decode_only {name}"] = bench_decode_only(paths, model_dir, device, args.batch_size)
         out = work / f"out-{decode}-{jpeg}"
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        summaries = [run_worker(data, out, model_dir, device.type, decode, args.batch_size, jpeg, args.compile)
-                     for _ in range(args.repeats)]
+        summaries = [
+            run_worker(data, out, model_dir, device.type, decode, args.batch_size, jpeg, args.compile)
+            for _ in range(args.repeats)
+        ]
         runs[name] = out
         figures[f"e2e runs {name}"] = [s["images_per_second"] for s in summaries]
         figures[f"gpu_busy runs {name}"] = [s["gpu_busy"] for s in summaries]
@@ -361,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     expected = {str(p) for p in paths}
     for name, decode, jpeg in variants:
         got = read_labels(runs[name])
-        figures[f"exactly_once {name}"] = "yes" if set(got) == expected and len(got) == len(expected) else "NO"
+        figures[f"exactly_once {name}"] = (
+            "yes" if set(got) == expected and len(got) == len(expected) else "NO"
+        )
         figures[f"label_agreement {name}"] = agreement(got, reference)
         if decode == "gpu":
             # Pillow's pixels and the GPU decoder's differ (nvjpeg's chroma upsampling is not
@@ -379,26 +469,54 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((f"decode only, {name}, img/s", f"{figures[f'decode_only {name}']:,.0f}", ""))
     for name in runs:
         if args.repeats > 1:
-            rows.append((f"end to end, {name}, mean of {args.repeats} runs, img/s", f"{figures[f'e2e {name}']:,.0f}",
-                         f"{figures[f'e2e {name}'] / figures['model_only']:.3f} of the faster model only"))
-        for repeat, (rate, busy) in enumerate(zip(figures[f"e2e runs {name}"], figures[f"gpu_busy runs {name}"])):
-            rows.append((f"end to end, {name}, run {repeat + 1} of {args.repeats}, img/s", f"{rate:,.0f}",
-                         f"{rate / figures['model_only']:.3f} of the faster model only" +
-                         (f"; GPU busy {100 * busy:.0f} %" if device.type == "cuda" else "")))
+            rows.append(
+                (
+                    f"end to end, {name}, mean of {args.repeats} runs, img/s",
+                    f"{figures[f'e2e {name}']:,.0f}",
+                    f"{figures[f'e2e {name}'] / figures['model_only']:.3f} of the faster model only",
+                )
+            )
+        for repeat, (rate, busy) in enumerate(
+            zip(figures[f"e2e runs {name}"], figures[f"gpu_busy runs {name}"], strict=False)
+        ):
+            rows.append(
+                (
+                    f"end to end, {name}, run {repeat + 1} of {args.repeats}, img/s",
+                    f"{rate:,.0f}",
+                    f"{rate / figures['model_only']:.3f} of the faster model only"
+                    + (f"; GPU busy {100 * busy:.0f} %" if device.type == "cuda" else ""),
+                )
+            )
     for name in runs:
         if f"peak_gpu_memory_gib {name}" in figures:
-            rows.append((f"peak GPU memory, {name}, GiB", f"{figures[f'peak_gpu_memory_gib {name}']:.2f}", ""))
+            rows.append(
+                (f"peak GPU memory, {name}, GiB", f"{figures[f'peak_gpu_memory_gib {name}']:.2f}", "")
+            )
     unseen = f"the {len(held_out):,} images not trained on" if len(held_out) < len(paths) else "all images"
     for name in runs:
         rows.append((f"every image exactly once, {name}", figures[f"exactly_once {name}"], ""))
-        rows.append((f"labels agree with fp32 reference, {name}", f"{100 * figures[f'label_agreement {name}']:.2f} %",
-                     f"float32 model on Pillow's pixels; {unseen}"))
+        rows.append(
+            (
+                f"labels agree with fp32 reference, {name}",
+                f"{100 * figures[f'label_agreement {name}']:.2f} %",
+                f"float32 model on Pillow's pixels; {unseen}",
+            )
+        )
         if f"label_agreement_same_pixels {name}" in figures:
-            rows.append((f"labels agree with fp32 on the same pixels, {name}",
-                         f"{100 * figures[f'label_agreement_same_pixels {name}']:.2f} %",
-                         f"float32 model on this decoder's pixels (bf16 arithmetic alone); {unseen}"))
-    rows.append(("classifier", head["head"],
-                 f"median top-1 prob {head['median_top1_prob']:.3f}, margin {head['median_margin']:.3f}"))
+            rows.append(
+                (
+                    f"labels agree with fp32 on the same pixels, {name}",
+                    f"{100 * figures[f'label_agreement_same_pixels {name}']:.2f} %",
+                    f"float32 model on this decoder's pixels (bf16 arithmetic alone); {unseen}",
+                )
+            )
+    rows.append(
+        (
+            "classifier",
+            head["head"],
+            f"median top-1 prob {head['median_top1_prob']:.3f}, margin {head['median_margin']:.3f}",
+        )
+    )
     width = max(len(r[0]) for r in rows)
     print("\n| what | figure | note |\n|---|---|---|")
     for name, value, note in rows:

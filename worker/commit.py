@@ -69,8 +69,9 @@ class Committer:
         # are replaced; the part, written last and only if absent, is the commit point.
         if result.errors or self.storage.exists(errors_uri):
             self.storage.write(errors_uri, _csv_bytes(ERROR_COLUMNS, result.errors))
-        won = self.storage.write(join(self.output, "parts", name), _csv_bytes(PART_COLUMNS, result.rows),
-                                 if_absent=True)
+        won = self.storage.write(
+            join(self.output, "parts", name), _csv_bytes(PART_COLUMNS, result.rows), if_absent=True
+        )
         if not won:
             log.warning("shard %d was already committed by another writer; keeping theirs", shard_index)
         return won
@@ -116,5 +117,7 @@ class Progress:
         # With dynamic assignment the total is an estimate (the job's share per rank): a fast
         # rank may pass it, so the percentage stops at 100.
         pct = min(100.0, 100.0 * self.done / self.total) if self.total else 100.0
-        return (f"rank {self.rank}: {self.done}/{self.total} images ({pct:.1f}%), "
-                f"{self.errors} errors, {rate:.1f} img/s, ETA {eta}")
+        return (
+            f"rank {self.rank}: {self.done}/{self.total} images ({pct:.1f}%), "
+            f"{self.errors} errors, {rate:.1f} img/s, ETA {eta}"
+        )

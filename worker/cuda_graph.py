@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -73,8 +73,9 @@ class GraphedForward:
     copy them (the worker copies to pinned host memory on the same stream) before then.
     """
 
-    def __init__(self, forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], model,
-                 example: torch.Tensor):
+    def __init__(
+        self, forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], model, example: torch.Tensor
+    ):
         self.static_input = example.clone()
         # The mask override covers the warm-up too: a compiled forward is traced on its first call.
         with unpadded_attention_without_mask(model):
@@ -114,8 +115,14 @@ def _seconds_per_call(fn: Callable[[], object], device: torch.device, calls: int
     return (time.perf_counter() - start) / calls
 
 
-def same_decisions(reference_logits: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-                   tie: float = 0.1, score_tolerance: float = 0.05, share: float = 0.99) -> bool:
+def same_decisions(
+    reference_logits: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    tie: float = 0.1,
+    score_tolerance: float = 0.05,
+    share: float = 0.99,
+) -> bool:
     """Whether a forward's (top-1 score, label) rows make the reference logits' decisions.
 
     A row agrees when its label's reference logit is within ``tie`` logit standard deviations
@@ -127,13 +134,20 @@ def same_decisions(reference_logits: torch.Tensor, scores: torch.Tensor, labels:
     top = reference.max(-1).values
     chosen = reference.gather(-1, labels.view(-1, 1).to(reference.device)).squeeze(-1)
     near_top = chosen >= top - tie * reference.std(-1)
-    close = (scores.float().to(reference.device) - reference.softmax(-1).max(-1).values).abs() <= score_tolerance
+    close = (
+        scores.float().to(reference.device) - reference.softmax(-1).max(-1).values
+    ).abs() <= score_tolerance
     return (near_top & close).float().mean().item() >= share
 
 
 @torch.inference_mode()
-def fastest_graph(forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], model,
-                  example: torch.Tensor, compile_mode: str = "none", timing_calls: int = 5) -> GraphedForward | None:
+def fastest_graph(
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    model,
+    example: torch.Tensor,
+    compile_mode: str = "none",
+    timing_calls: int = 5,
+) -> GraphedForward | None:
     """The fastest right CUDA graph of ``forward(pixels) -> (scores, labels)``, or None for eager.
 
     Candidates: the forward compiled by ``torch.compile`` (``compile_mode``, a key of
@@ -152,7 +166,8 @@ def fastest_graph(forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Te
         # dynamo's cache limit across runs in one process (the benchmark's).
         torch.compiler.reset()
         candidates[f"compiled ({compile_mode})"] = lambda: torch.compile(
-            forward, mode=COMPILE_MODES[compile_mode], dynamic=False)
+            forward, mode=COMPILE_MODES[compile_mode], dynamic=False
+        )
     candidates["as is"] = lambda: forward
     best: tuple[float, str, GraphedForward] | None = None
     for name, make in candidates.items():
@@ -164,10 +179,17 @@ def fastest_graph(forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Te
             continue
         prepared = time.perf_counter() - start
         if not same_decisions(reference, *graphed(example)):
-            log.warning("the CUDA graph of the forward %s does not give the eager forward's labels: not used", name)
+            log.warning(
+                "the CUDA graph of the forward %s does not give the eager forward's labels: not used", name
+            )
             continue
-        seconds = _seconds_per_call(lambda: graphed(example), device, timing_calls)
-        log.info("CUDA graph of the forward %s: %.2f ms a batch (prepared in %.1f s)", name, 1e3 * seconds, prepared)
+        seconds = _seconds_per_call(lambda graphed=graphed: graphed(example), device, timing_calls)
+        log.info(
+            "CUDA graph of the forward %s: %.2f ms a batch (prepared in %.1f s)",
+            name,
+            1e3 * seconds,
+            prepared,
+        )
         if best is None or seconds < best[0]:
             best = (seconds, name, graphed)
     if best is None:
@@ -175,8 +197,12 @@ def fastest_graph(forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Te
         return None
     seconds, name, graphed = best
     if seconds > 1.1 * eager:  # a margin, so that timing noise alone never switches paths
-        log.warning("the CUDA graph is slower than the eager forward (%.2f vs %.2f ms a batch): the forward runs "
-                    "eagerly", 1e3 * seconds, 1e3 * eager)
+        log.warning(
+            "the CUDA graph is slower than the eager forward (%.2f vs %.2f ms a batch): the forward runs "
+            "eagerly",
+            1e3 * seconds,
+            1e3 * eager,
+        )
         return None
     log.info("forward: the CUDA graph %s, %.2f ms a batch (eager %.2f ms)", name, 1e3 * seconds, 1e3 * eager)
     return graphed

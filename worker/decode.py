@@ -18,9 +18,9 @@ import io
 import logging
 import threading
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ class Preprocess:
     std: tuple[float, ...] | None
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "Preprocess":
+    def from_config(cls, cfg: dict) -> Preprocess:
         size = cfg.get("size") or {"height": 224, "width": 224}
         if isinstance(size, int):
             size = {"height": size, "width": size}
@@ -134,7 +134,7 @@ def pil_resized(data: bytes, pre: Preprocess) -> np.ndarray:
     if pre.crop:
         top, left = pre.crop_box(h, w)
         ch, cw = pre.crop
-        arr = arr[top:top + ch, left:left + cw]
+        arr = arr[top : top + ch, left : left + cw]
     return arr
 
 
@@ -203,7 +203,11 @@ def resize_like_pillow(x: torch.Tensor, size: tuple[int, int], mode: str) -> tor
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest")
     for step in ((x.shape[-2], size[1]), size):
-        x = F.interpolate(x, size=step, mode=mode, antialias=True, align_corners=False).round_().clamp_(0, 255)
+        x = (
+            F.interpolate(x, size=step, mode=mode, antialias=True, align_corners=False)
+            .round_()
+            .clamp_(0, 255)
+        )
     return x
 
 
@@ -235,7 +239,8 @@ def nvjpeg_decodable(data: bytes) -> bool:
 
 def photo_like_jpeg(height: int, width: int, seed: int, quality: int) -> bytes:
     """A JPEG with a photo's statistics (smooth colour regions plus sensor-like noise), not a flat
-    or pure-noise image, whose sizes and decode costs are not a photo's."""
+    or pure-noise image, whose sizes and decode costs are not a photo's.
+    """
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -303,7 +308,9 @@ class HardwareJpeg:
         self.device = device
         self._local = threading.local()
         # Pillow (the CPU path and the float32 reference) ignores EXIF orientation: so does this.
-        self.params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB)
+        self.params = nvimgcodec.DecodeParams(
+            apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB
+        )
         probe, _ = self.decode([_probe_jpeg()], torch.cuda.current_stream(device))
         if probe[0] is None or tuple(probe[0].shape) != (3, 16, 16):
             raise RuntimeError(f"{torch.cuda.get_device_name(device)} has no hardware JPEG decoder")
@@ -314,15 +321,18 @@ class HardwareJpeg:
         decoder = getattr(self._local, "decoder", None)
         if decoder is None:
             nv = self._nv
-            decoder = self._local.decoder = nv.Decoder(device_id=self.device.index or 0,
-                                                       backends=[nv.Backend(nv.BackendKind.HW_GPU_ONLY)])
+            decoder = self._local.decoder = nv.Decoder(
+                device_id=self.device.index or 0, backends=[nv.Backend(nv.BackendKind.HW_GPU_ONLY)]
+            )
         return decoder
 
     def decode(self, payloads: list[bytes], stream) -> tuple[list[torch.Tensor | None], object]:
-        images = self.decoder.decode([self._nv.CodeStream(b) for b in payloads], params=self.params,
-                                     cuda_stream=stream.cuda_stream)
-        tensors = [None if im is None else torch.as_tensor(im, device=self.device).permute(2, 0, 1)
-                   for im in images]
+        images = self.decoder.decode(
+            [self._nv.CodeStream(b) for b in payloads], params=self.params, cuda_stream=stream.cuda_stream
+        )
+        tensors = [
+            None if im is None else torch.as_tensor(im, device=self.device).permute(2, 0, 1) for im in images
+        ]
         # The Images own the pixels; freeing them while kernels still read them would be a race.
         return tensors, images
 
@@ -339,8 +349,15 @@ class GpuDecoder:
     model kernels instead of queueing behind them.
     """
 
-    def __init__(self, pre: Preprocess, pool: Executor, device: torch.device, dtype=torch.bfloat16,
-                 jpeg: str | None = "cuda", resize_dtype=torch.float32):
+    def __init__(
+        self,
+        pre: Preprocess,
+        pool: Executor,
+        device: torch.device,
+        dtype=torch.bfloat16,
+        jpeg: str | None = "cuda",
+        resize_dtype=torch.float32,
+    ):
         """``jpeg``: "cuda" or "hardware" (a key of ``JPEG_DECODERS``), or None for Pillow only."""
         self.jpeg = JPEG_DECODERS[jpeg](device) if jpeg else None
         self.pre = pre
@@ -361,7 +378,8 @@ class GpuDecoder:
 
     def _pillow_resize(self, pre: Preprocess, device: torch.device):
         """Pillow's exact resize as Triton kernels, compiled here on a dummy image; None (the
-        torch resize instead) where the filter has no fixed-point form or Triton can't run."""
+        torch resize instead) where the filter has no fixed-point form or Triton can't run.
+        """
         from worker.pillow_resize import FILTERS, PillowResize
 
         if pre.resample not in FILTERS:
@@ -373,10 +391,15 @@ class GpuDecoder:
         resize = PillowResize(pre.resample, self.mul, self.add, pre.resize_hw, crop)
         try:
             scratch = torch.empty((1, 3, *pre.output_hw), device=device, dtype=self.dtype)
-            resize(torch.zeros((1, 3, 480, 640), dtype=torch.uint8, device=device),
-                   torch.zeros(1, dtype=torch.long, device=device), scratch)
+            resize(
+                torch.zeros((1, 3, 480, 640), dtype=torch.uint8, device=device),
+                torch.zeros(1, dtype=torch.long, device=device),
+                scratch,
+            )
         except Exception as exc:  # noqa: BLE001 - no Triton or no compiler: the torch resize still works
-            log.warning("Pillow-exact GPU resize unavailable (%s: %s); using torch's resize", type(exc).__name__, exc)
+            log.warning(
+                "Pillow-exact GPU resize unavailable (%s: %s); using torch's resize", type(exc).__name__, exc
+            )
             return None
         return resize
 
@@ -390,8 +413,12 @@ class GpuDecoder:
         """
         if self.jpeg is None:
             return
-        photos = [photo_like_jpeg(h, w, seed, quality) for seed, (h, w, quality) in
-                  enumerate(((480, 640, 95), (640, 480, 95), (960, 1280, 90), (1280, 960, 90)))]
+        photos = [
+            photo_like_jpeg(h, w, seed, quality)
+            for seed, (h, w, quality) in enumerate(
+                ((480, 640, 95), (640, 480, 95), (960, 1280, 90), (1280, 960, 90))
+            )
+        ]
         payloads = [photos[i % len(photos)] for i in range(batch_size)]
         scratch = torch.empty((batch_size, 3, *self.pre.output_hw), device=self.device, dtype=self.dtype)
         for _ in range(calls):
@@ -416,7 +443,7 @@ class GpuDecoder:
         if self.pre.crop:
             top, left = self.pre.crop_box(h, w)
             ch, cw = self.pre.crop
-            x = x[:, :, top:top + ch, left:left + cw]
+            x = x[:, :, top : top + ch, left : left + cw]
         return x
 
     def __call__(self, payloads: Sequence[bytes], out: torch.Tensor) -> DecodedBatch:
@@ -427,7 +454,9 @@ class GpuDecoder:
         errors: dict[int, str] = {}
         stream = self.stream
         with torch.cuda.stream(stream):
-            decoded, keepalive = self.jpeg.decode([payloads[i] for i in gpu_idx], stream) if gpu_idx else ([], None)
+            decoded, keepalive = (
+                self.jpeg.decode([payloads[i] for i in gpu_idx], stream) if gpu_idx else ([], None)
+            )
             by_shape: dict[tuple[int, int], list[int]] = {}
             for pos, img in enumerate(decoded):
                 if img is None:
@@ -457,5 +486,11 @@ class GpuDecoder:
                         valid[cpu_idx[k]] = True
             done = torch.cuda.Event()
             done.record(stream)
-        return DecodedBatch(out, [i for i, v in enumerate(valid) if v], errors, rows_aligned=True, ready=done,
-                            keepalive=keepalive)
+        return DecodedBatch(
+            out,
+            [i for i, v in enumerate(valid) if v],
+            errors,
+            rows_aligned=True,
+            ready=done,
+            keepalive=keepalive,
+        )

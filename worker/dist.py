@@ -10,13 +10,15 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
 
 def _next_shard_key() -> str:
     # torchrun keeps its store across worker restarts; a fresh counter per attempt
@@ -72,8 +74,9 @@ def init(device: str) -> Topology:
         return Topology(0, 1, 0, 1)
     if device == "cuda" and local_world <= torch.cuda.device_count():
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", timeout=datetime.timedelta(hours=2),
-                                device_id=torch.device("cuda", local_rank))
+        dist.init_process_group(
+            "nccl", timeout=datetime.timedelta(hours=2), device_id=torch.device("cuda", local_rank)
+        )
         control = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
     elif device == "cuda":
         # More ranks than GPUs (several ranks share a GPU, one GIL each): NCCL refuses two
@@ -84,8 +87,14 @@ def init(device: str) -> Topology:
     else:
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
         control = dist.group.WORLD
-    log.info("rank %d/%d (local %d/%d) joined the %s process group",
-             rank, world_size, local_rank, local_world, dist.get_backend())
+    log.info(
+        "rank %d/%d (local %d/%d) joined the %s process group",
+        rank,
+        world_size,
+        local_rank,
+        local_world,
+        dist.get_backend(),
+    )
     return Topology(rank, world_size, local_rank, local_world, control)
 
 

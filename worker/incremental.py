@@ -99,23 +99,32 @@ def completed_runs(results_root: str, *, project: str | None = None) -> list[Com
         listed = [o.uri for o in storage.list(prefix)]
     except FileNotFoundError:
         return []
-    marker_uris = [u for u in listed if _MARKER_UNDER_ROOT.fullmatch(u[len(prefix):])]
+    marker_uris = [u for u in listed if _MARKER_UNDER_ROOT.fullmatch(u[len(prefix) :])]
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
         markers = list(pool.map(lambda u: json.loads(storage.read(u)), marker_uris))
-    runs = [CompletedRun(uri[: -len(MARKER) - 1], marker) for uri, marker in zip(marker_uris, markers)
-            # Runs aggregated before manifests existed cannot seed an incremental run.
-            if marker.get("manifest") == MANIFEST]
+    runs = [
+        CompletedRun(uri[: -len(MARKER) - 1], marker)
+        for uri, marker in zip(marker_uris, markers, strict=False)
+        # Runs aggregated before manifests existed cannot seed an incremental run.
+        if marker.get("manifest") == MANIFEST
+    ]
     # ISO-8601 UTC timestamps of one format sort in time order; the URI breaks ties deterministically.
     return sorted(runs, key=lambda r: (r.marker.get("aggregated_at", ""), r.results_uri))
 
 
-def latest_base(results_uri: str, input_uri: str, model: str, *, project: str | None = None) -> CompletedRun | None:
+def latest_base(
+    results_uri: str, input_uri: str, model: str, *, project: str | None = None
+) -> CompletedRun | None:
     """The run an incremental run at ``results_uri`` builds on: the latest complete incremental
     sibling that classified the same input with the same model (another model's labels are not
-    reusable, and only an incremental run recorded the generation each row was classified at)."""
+    reusable, and only an incremental run recorded the generation each row was classified at).
+    """
     own = results_uri.rstrip("/")
-    candidates = [r for r in completed_runs(results_root_of(results_uri), project=project)
-                  if r.results_uri != own and r.incremental and r.input == input_uri and r.model == model]
+    candidates = [
+        r
+        for r in completed_runs(results_root_of(results_uri), project=project)
+        if r.results_uri != own and r.incremental and r.input == input_uri and r.model == model
+    ]
     return candidates[-1] if candidates else None
 
 
@@ -156,15 +165,32 @@ def plan_incremental(cfg: WorkerConfig) -> tuple[list[ObjectInfo], dict]:
         import pandas as pd
 
         rows = read_manifest(join(base_uri, MANIFEST), ["uri", "generation"], project=cfg.project)
-        done = {u: None if pd.isna(g) else int(g) for u, g in zip(rows["uri"], rows["generation"])}
+        done = {
+            u: None if pd.isna(g) else int(g) for u, g in zip(rows["uri"], rows["generation"], strict=False)
+        }
     present = {o.uri for o in inventory}
     # A generation-less entry can never be proven unchanged, so it is always replanned.
     plan = [o for o in inventory if o.generation is None or done.get(o.uri) != o.generation]
     reused = len(inventory) - len(plan)
     changed = sum(1 for o in plan if o.uri in done)
-    info = {"input": cfg.input, "model": cfg.model, "incremental": True, "base": base_uri,
-            "inventory": INVENTORY_FILE, "listed": len(inventory), "planned": len(plan), "reused": reused,
-            "changed": changed, "deleted": sum(1 for u in done if u not in present)}
-    log.info("incremental plan: %d of %d images are new or changed since %s (%d reused, %d deleted)",
-             len(plan), len(inventory), base_uri or "no earlier complete run", reused, info["deleted"])
+    info = {
+        "input": cfg.input,
+        "model": cfg.model,
+        "incremental": True,
+        "base": base_uri,
+        "inventory": INVENTORY_FILE,
+        "listed": len(inventory),
+        "planned": len(plan),
+        "reused": reused,
+        "changed": changed,
+        "deleted": sum(1 for u in done if u not in present),
+    }
+    log.info(
+        "incremental plan: %d of %d images are new or changed since %s (%d reused, %d deleted)",
+        len(plan),
+        len(inventory),
+        base_uri or "no earlier complete run",
+        reused,
+        info["deleted"],
+    )
     return plan, info

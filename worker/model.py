@@ -37,7 +37,7 @@ def _download_gcs_dir(model_uri: str, target: Path, project: str | None) -> None
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         for obj in objects:
-            rel = obj.uri[len(prefix):]
+            rel = obj.uri[len(prefix) :]
             dest = staging / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(storage.read(obj.uri))
@@ -88,7 +88,8 @@ def load_model(path: str, device: torch.device):
 
     if device.type == "cuda":
         model = AutoModelForImageClassification.from_pretrained(
-            path, dtype=torch.bfloat16, attn_implementation="sdpa")
+            path, dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
     else:
         model = AutoModelForImageClassification.from_pretrained(path, dtype=torch.float32)
     model.eval().to(device)
@@ -112,8 +113,11 @@ def keep_classifier_in_fp32(model) -> None:
     if not isinstance(head, torch.nn.Module):
         return
     head.float()
-    head.register_forward_pre_hook(lambda module, args: tuple(
-        a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args))
+    head.register_forward_pre_hook(
+        lambda module, args: tuple(
+            a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+        )
+    )
 
 
 def load_preprocessor_config(path: str) -> dict:

@@ -69,8 +69,13 @@ def _hamming(x: float) -> float:
     return math.sin(x) / x * (_F32_054 + _F32_046 * math.cos(x))
 
 
-FILTERS = {BILINEAR: (_bilinear, 1.0), BICUBIC: (_bicubic, 2.0), LANCZOS: (_lanczos, 3.0),
-           BOX: (_box, 0.5), HAMMING: (_hamming, 1.0)}
+FILTERS = {
+    BILINEAR: (_bilinear, 1.0),
+    BICUBIC: (_bicubic, 2.0),
+    LANCZOS: (_lanczos, 3.0),
+    BOX: (_box, 0.5),
+    HAMMING: (_hamming, 1.0),
+}
 
 
 def resample_coefficients(in_size: int, out_size: int, resample: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,8 +101,10 @@ def resample_coefficients(in_size: int, out_size: int, resample: int) -> tuple[n
         total = sum(w)
         if total != 0.0:
             w = [v / total for v in w]
-        weights[xx, :xmax] = [int(-0.5 + v * (1 << PRECISION_BITS)) if v < 0 else int(0.5 + v * (1 << PRECISION_BITS))
-                              for v in w]
+        weights[xx, :xmax] = [
+            int(-0.5 + v * (1 << PRECISION_BITS)) if v < 0 else int(0.5 + v * (1 << PRECISION_BITS))
+            for v in w
+        ]
         first[xx] = xmin
     return first, weights
 
@@ -121,7 +128,9 @@ def vertical_first(height: int, width: int, out_height: int, out_width: int, res
     from PIL import Image
 
     noise = np.random.default_rng(height * 7919 + width).integers(0, 256, (height, width), dtype=np.uint8)
-    want = np.asarray(Image.fromarray(noise).resize((out_width, out_height), resample=resample, reducing_gap=None))
+    want = np.asarray(
+        Image.fromarray(noise).resize((out_width, out_height), resample=resample, reducing_gap=None)
+    )
     hfirst, hweights = resample_coefficients(width, out_width, resample)
     vfirst, vweights = resample_coefficients(height, out_height, resample)
     across = resample_pass(resample_pass(noise, hfirst, hweights).T, vfirst, vweights).T
@@ -130,8 +139,9 @@ def vertical_first(height: int, width: int, out_height: int, out_width: int, res
     down = resample_pass(resample_pass(noise.T, vfirst, vweights).T, hfirst, hweights)
     if np.array_equal(down, want):
         return True
-    raise RuntimeError(f"neither pass order reproduces this Pillow's resize of {width}x{height} to "
-                       f"{out_width}x{out_height}")
+    raise RuntimeError(
+        f"neither pass order reproduces this Pillow's resize of {width}x{height} to {out_width}x{out_height}"
+    )
 
 
 def _kernels():
@@ -165,9 +175,11 @@ class PillowResize:
         key = (in_size, out_size, start, length, str(device))
         if key not in self._tables:
             first, weights = resample_coefficients(in_size, out_size, self.resample)
-            self._tables[key] = (torch.from_numpy(first[start:start + length].copy()).to(device),
-                                 torch.from_numpy(weights[start:start + length].copy()).to(device),
-                                 weights.shape[1])
+            self._tables[key] = (
+                torch.from_numpy(first[start : start + length].copy()).to(device),
+                torch.from_numpy(weights[start : start + length].copy()).to(device),
+                weights.shape[1],
+            )
         return self._tables[key]
 
     def __call__(self, images: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
@@ -183,13 +195,39 @@ class PillowResize:
         grid_cols = -(-cw // self.BLOCK)
         if vertical_first(h, w, rh, rw, self.resample):
             mid = torch.empty((n, 3, ch, w), dtype=torch.uint8, device=device)
-            vertical[(n * 3 * ch, -(-w // self.BLOCK))](images, *images.stride(), *lines, w, ch, mid, *mid.stride()[:3],
-                                                        rows, self.mul, self.add, FINAL=False, BLOCK=self.BLOCK)
-            horizontal[(n * 3 * ch, grid_cols)](mid, *mid.stride(), *cols, cw, ch, *final, FINAL=True,
-                                                BLOCK=self.BLOCK)
+            vertical[(n * 3 * ch, -(-w // self.BLOCK))](
+                images,
+                *images.stride(),
+                *lines,
+                w,
+                ch,
+                mid,
+                *mid.stride()[:3],
+                rows,
+                self.mul,
+                self.add,
+                FINAL=False,
+                BLOCK=self.BLOCK,
+            )
+            horizontal[(n * 3 * ch, grid_cols)](
+                mid, *mid.stride(), *cols, cw, ch, *final, FINAL=True, BLOCK=self.BLOCK
+            )
         else:
             mid = torch.empty((n, 3, h, cw), dtype=torch.uint8, device=device)
-            horizontal[(n * 3 * h, grid_cols)](images, *images.stride(), *cols, cw, h, mid, *mid.stride()[:3],
-                                               rows, self.mul, self.add, FINAL=False, BLOCK=self.BLOCK)
-            vertical[(n * 3 * ch, grid_cols)](mid, *mid.stride(), *lines, cw, ch, *final, FINAL=True,
-                                              BLOCK=self.BLOCK)
+            horizontal[(n * 3 * h, grid_cols)](
+                images,
+                *images.stride(),
+                *cols,
+                cw,
+                h,
+                mid,
+                *mid.stride()[:3],
+                rows,
+                self.mul,
+                self.add,
+                FINAL=False,
+                BLOCK=self.BLOCK,
+            )
+            vertical[(n * 3 * ch, grid_cols)](
+                mid, *mid.stride(), *lines, cw, ch, *final, FINAL=True, BLOCK=self.BLOCK
+            )

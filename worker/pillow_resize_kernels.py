@@ -32,8 +32,27 @@ def _program(rows_per_plane, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def horizontal(src, s_n, s_c, s_y, s_x, first, weights, taps, width_out, height,
-               dst, d_n, d_c, d_y, rows, mul, add, FINAL: tl.constexpr, BLOCK: tl.constexpr):
+def horizontal(
+    src,
+    s_n,
+    s_c,
+    s_y,
+    s_x,
+    first,
+    weights,
+    taps,
+    width_out,
+    height,
+    dst,
+    d_n,
+    d_c,
+    d_y,
+    rows,
+    mul,
+    add,
+    FINAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     n, c, y, xs = _program(height, BLOCK)
     live = xs < width_out
     x0 = tl.load(first + xs, mask=live, other=0)
@@ -47,8 +66,27 @@ def horizontal(src, s_n, s_c, s_y, s_x, first, weights, taps, width_out, height,
 
 
 @triton.jit
-def vertical(src, s_n, s_c, s_y, s_x, first, weights, taps, width, height_out,
-             dst, d_n, d_c, d_y, rows, mul, add, FINAL: tl.constexpr, BLOCK: tl.constexpr):
+def vertical(
+    src,
+    s_n,
+    s_c,
+    s_y,
+    s_x,
+    first,
+    weights,
+    taps,
+    width,
+    height_out,
+    dst,
+    d_n,
+    d_c,
+    d_y,
+    rows,
+    mul,
+    add,
+    FINAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     n, c, y, xs = _program(height_out, BLOCK)
     live = xs < width
     y0 = tl.load(first + y)

@@ -49,7 +49,8 @@ def list_input(cfg: WorkerConfig) -> list[ObjectInfo]:
         listed = storage.fast_list(cfg.input, processes=cfg.list_processes)
     output_prefix = cfg.output.rstrip("/") + "/"
     images = [
-        o for o in listed
+        o
+        for o in listed
         if is_image(o.uri) and DATAFLUX_COMPOSITES not in o.uri and not o.uri.startswith(output_prefix)
     ]
     images.sort(key=lambda o: o.uri)
@@ -63,7 +64,8 @@ def encode_plan(objects: list[ObjectInfo]) -> bytes:
     # and plans run to millions of lines.
     quote = json.JSONEncoder(ensure_ascii=False).encode
     lines = [
-        f'{{"uri": {quote(o.uri)}, "size": {int(o.size)}}}' if o.generation is None
+        f'{{"uri": {quote(o.uri)}, "size": {int(o.size)}}}'
+        if o.generation is None
         else f'{{"uri": {quote(o.uri)}, "size": {int(o.size)}, "generation": {int(o.generation)}}}'
         for o in objects
     ]
@@ -93,8 +95,11 @@ def load_or_create_plan(cfg: WorkerConfig) -> list[ObjectInfo]:
         plan = list_input(cfg)
         info = {"input": cfg.input, "model": cfg.model, "incremental": False, "base": None}
     # if_absent: on a rerun after a crash the first record stands (the plan derives from it).
-    out.write(join(cfg.output, RUN_FILE), (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8"),
-              if_absent=True)
+    out.write(
+        join(cfg.output, RUN_FILE),
+        (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8"),
+        if_absent=True,
+    )
     if not out.write(plan_uri, encode_plan(plan), if_absent=True):
         # Another job won the race to write the plan: theirs is the contract.
         return decode_plan(out.read(plan_uri))
@@ -105,14 +110,15 @@ def load_or_create_plan(cfg: WorkerConfig) -> list[ObjectInfo]:
 @dataclass(frozen=True)
 class PlanColumns(Sequence[ObjectInfo]):
     """A plan as three parallel lists: cheap to pickle and broadcast to every rank, and an
-    ObjectInfo is built only when a rank reads it, not a million of them up front."""
+    ObjectInfo is built only when a rank reads it, not a million of them up front.
+    """
 
     uris: list[str]
     sizes: list[int]
     generations: list[int | None]
 
     @classmethod
-    def of(cls, plan: Sequence[ObjectInfo]) -> "PlanColumns":
+    def of(cls, plan: Sequence[ObjectInfo]) -> PlanColumns:
         return cls([o.uri for o in plan], [o.size for o in plan], [o.generation for o in plan])
 
     def __len__(self) -> int:
@@ -126,8 +132,10 @@ class PlanColumns(Sequence[ObjectInfo]):
 
 def make_shards(n_images: int, shard_size: int) -> list[Shard]:
     """Fixed-size shards covering [0, n) exactly: no padding, no drops."""
-    return [Shard(i, start, min(start + shard_size, n_images))
-            for i, start in enumerate(range(0, n_images, shard_size))]
+    return [
+        Shard(i, start, min(start + shard_size, n_images))
+        for i, start in enumerate(range(0, n_images, shard_size))
+    ]
 
 
 def static_assignment(shards: list[Shard], rank: int, world_size: int) -> list[Shard]:

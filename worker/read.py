@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 from worker.plan import Shard
 from worker.storage import ObjectInfo, ReadError, Storage

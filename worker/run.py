@@ -9,9 +9,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -83,8 +83,10 @@ class Utilization:
 
     def shares(self, seconds: float) -> dict[str, float]:
         """The summary's ``gpu_busy`` and ``input_wait``: fractions of ``seconds`` of processing."""
+
         def share(part: float) -> float:
             return round(part / seconds, 4) if seconds else 0.0
+
         return {"gpu_busy": share(self.gpu_seconds), "input_wait": share(self.input_wait_seconds)}
 
 
@@ -108,8 +110,11 @@ class BlockPacer:
         lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
         self.depth = depth
         self.events: collections.deque = collections.deque()
-        self.handles = [block.register_forward_hook(self._after_block) for block in max(lists, key=len)] \
-            if lists and depth > 0 else []
+        self.handles = (
+            [block.register_forward_hook(self._after_block) for block in max(lists, key=len)]
+            if lists and depth > 0
+            else []
+        )
 
     def _after_block(self, module, inputs, output) -> None:
         event = torch.cuda.Event()
@@ -122,7 +127,9 @@ class BlockPacer:
 class Inference:
     """Stage 4: the model under inference_mode; top-1 label and its softmax score."""
 
-    def __init__(self, model, device: torch.device, queued_blocks: int = 0, graph: GraphedForward | None = None):
+    def __init__(
+        self, model, device: torch.device, queued_blocks: int = 0, graph: GraphedForward | None = None
+    ):
         self.model = model
         self.device = device
         self.graph = graph
@@ -203,10 +210,12 @@ def process_age() -> float:
 
 
 def import_model_code_in_background() -> threading.Thread:
-    """transformers takes seconds to import; do it while the process group forms, not after.
+    """Transformers takes seconds to import; do it while the process group forms, not after.
 
     Join the thread before touching transformers: its lazy module is not safe to import
-    from two threads at once."""
+    from two threads at once.
+    """
+
     def load() -> None:
         from transformers import AutoModelForImageClassification  # noqa: F401
 
@@ -231,7 +240,8 @@ class Worker:
     # Stage 1
     def start_planning(self) -> Future | None:
         """Rank 0 lists the input in a background thread, while every rank loads the model:
-        on a large local dataset the listing takes seconds that would otherwise be start-up."""
+        on a large local dataset the listing takes seconds that would otherwise be start-up.
+        """
         if self.topo.rank != 0:
             return None
         pool = ThreadPoolExecutor(1, thread_name_prefix="plan")
@@ -255,8 +265,11 @@ class Worker:
     def my_shards(self, shards: list[Shard], committed: set[int]) -> tuple[Iterator[Shard], int]:
         """This rank's shards, and an estimate of its image count (exact for static assignment)."""
         if self.cfg.assignment == "static":
-            mine = [s for s in static_assignment(shards, self.topo.rank, self.topo.world_size)
-                    if s.index not in committed]
+            mine = [
+                s
+                for s in static_assignment(shards, self.topo.rank, self.topo.world_size)
+                if s.index not in committed
+            ]
             return iter(mine), sum(len(s) for s in mine)
         todo = sum(len(s) for s in shards if s.index not in committed)
         claimed = (shards[i] for i in self.topo.claim_shards(len(shards)) if i not in committed)
@@ -292,10 +305,12 @@ class Worker:
         kill_after = int(os.environ.get(FAULT_KILL_AFTER_SHARDS, "0"))
         shards_done = 0
 
-        with model_stream(self.device), \
-                ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="read") as read_pool, \
-                ThreadPoolExecutor(decode_threads, thread_name_prefix="pil") as pil_pool, \
-                ThreadPoolExecutor(decode_workers, thread_name_prefix="decode") as decode_pool:
+        with (
+            model_stream(self.device),
+            ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="read") as read_pool,
+            ThreadPoolExecutor(decode_threads, thread_name_prefix="pil") as pil_pool,
+            ThreadPoolExecutor(decode_workers, thread_name_prefix="decode") as decode_pool,
+        ):
             decode = self._decode_stage(pre, pil_pool, decode_pool)
             startup["decoder_ready"] = self._since_start()
             progress = Progress(topo.rank, expected, cfg.log_interval)
@@ -339,24 +354,37 @@ class Worker:
             **self.utilization.shares(progress.seconds),
         }
         committer.write_summary(topo.rank, summary)
-        busy = f"GPU busy with the model {100 * summary['gpu_busy']:.0f} % of the time, " \
-            if self.device.type == "cuda" else ""
-        log.info("%s — done: %d shards; %swaiting for input %.0f %%", progress.line(), shards_done, busy,
-                 100 * summary["input_wait"])
+        busy = (
+            f"GPU busy with the model {100 * summary['gpu_busy']:.0f} % of the time, "
+            if self.device.type == "cuda"
+            else ""
+        )
+        log.info(
+            "%s — done: %d shards; %swaiting for input %.0f %%",
+            progress.line(),
+            shards_done,
+            busy,
+            100 * summary["input_wait"],
+        )
         return summary
 
     @torch.inference_mode()
     def _warm_up(self, model, pre: Preprocess) -> GraphedForward | None:
         """One forward at the working batch shape: kernel selection and allocator growth happen
         here, not in the first timed batch, and a batch size that doesn't fit fails fast.
-        Then the forward as a CUDA graph, compiled where asked, where it checks out (``fastest_graph``)."""
+        Then the forward as a CUDA graph, compiled where asked, where it checks out (``fastest_graph``).
+        """
         shape = (self.cfg.batch_size, 3, *pre.output_hw)
         top1(model, torch.zeros(shape, device=self.device, dtype=torch.bfloat16))
         torch.cuda.synchronize(self.device)
         if not self.cfg.cuda_graph:
             return None
-        example = torch.randn(shape, device=self.device, dtype=torch.bfloat16,
-                              generator=torch.Generator(self.device).manual_seed(0))
+        example = torch.randn(
+            shape,
+            device=self.device,
+            dtype=torch.bfloat16,
+            generator=torch.Generator(self.device).manual_seed(0),
+        )
         return fastest_graph(lambda pixels: top1(model, pixels), model, example, self.cfg.compile)
 
     def _decode_stage(self, pre: Preprocess, pil_pool, decode_pool):
@@ -368,7 +396,9 @@ class Worker:
         cfg = self.cfg
         use_gpu = self.device.type == "cuda"
         if use_gpu:
-            gpu = GpuDecoder(pre, pil_pool, self.device, jpeg=cfg.gpu_jpeg if cfg.decode in ("auto", "gpu") else None)
+            gpu = GpuDecoder(
+                pre, pil_pool, self.device, jpeg=cfg.gpu_jpeg if cfg.decode in ("auto", "gpu") else None
+            )
             log.info("decode: %s", f"JPEG on {gpu.jpeg.name} + Pillow fallback" if gpu.jpeg else "Pillow")
             # Slots in use at once: the decode look-ahead (one per worker and DECODE_LOOKAHEAD), the
             # batch in the model and those in flight behind it; spare ones for the workers' next calls.
@@ -393,8 +423,14 @@ class Worker:
 
         return decode
 
-    def _collect(self, pred: Prediction, results: dict[int, ShardResult], label_names: list[str],
-                 committer: Committer, progress: Progress) -> bool:
+    def _collect(
+        self,
+        pred: Prediction,
+        results: dict[int, ShardResult],
+        label_names: list[str],
+        committer: Committer,
+        progress: Progress,
+    ) -> bool:
         """Turn one batch's predictions into rows; commit the shard at its last batch."""
         if pred.ready is not None:
             pred.ready.synchronize()
@@ -406,8 +442,9 @@ class Worker:
         for k, i in enumerate(decoded.ok):
             row = i if decoded.rows_aligned else k
             obj = batch.objects[i]
-            result.rows.append((image_id(obj.uri), label_names[labels[row]], labels[row],
-                                f"{scores[row]:.6f}", obj.uri))
+            result.rows.append(
+                (image_id(obj.uri), label_names[labels[row]], labels[row], f"{scores[row]:.6f}", obj.uri)
+            )
         for i, reason in sorted(decoded.errors.items()):
             result.errors.append((batch.objects[i].uri, reason))
         progress.update(len(batch.objects), len(decoded.errors))

@@ -12,10 +12,11 @@ import multiprocessing
 import os
 import tempfile
 import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Iterator, NamedTuple, Protocol, Sequence
+from typing import NamedTuple, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def split_gcs(uri: str) -> tuple[str, str]:
     """``gs://bucket/a/b`` -> ``("bucket", "a/b")``."""
     if not is_gcs(uri):
         raise ValueError(f"not a gs:// URI: {uri!r}")
-    bucket, _, path = uri[len(GCS_SCHEME):].partition("/")
+    bucket, _, path = uri[len(GCS_SCHEME) :].partition("/")
     if not bucket:
         raise ValueError(f"gs:// URI has no bucket: {uri!r}")
     return bucket, path
@@ -172,7 +173,8 @@ class LocalStorage:
 
 def _split_tree(root: str, parts: int, max_depth: int = 4) -> list[tuple[str, bool]]:
     """(folder, recursive) tasks covering the tree once: a folder is opened up, its own files
-    becoming a non-recursive task, until there are ``parts`` recursive tasks or no deeper folders."""
+    becoming a non-recursive task, until there are ``parts`` recursive tasks or no deeper folders.
+    """
     tasks = [(root, True)]
     for _ in range(max_depth):
         recursive = [folder for folder, deep in tasks if deep]
@@ -183,8 +185,11 @@ def _split_tree(root: str, parts: int, max_depth: int = 4) -> list[tuple[str, bo
             opened.append((folder, False))
             if deep:
                 with os.scandir(folder) as it:
-                    opened.extend((e.path, True) for e in sorted(it, key=lambda e: e.path)
-                                  if e.is_dir(follow_symlinks=False))
+                    opened.extend(
+                        (e.path, True)
+                        for e in sorted(it, key=lambda e: e.path)
+                        if e.is_dir(follow_symlinks=False)
+                    )
         if len(opened) == len(tasks):
             break  # no folder had subfolders left to open
         tasks = opened
@@ -210,7 +215,9 @@ def _list_folder(task: tuple[str, bool]) -> tuple[list[str], list[int]]:
 
 
 def default_project() -> str:
-    return os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("CLOUDSDK_CORE_PROJECT") or "local-project"
+    return (
+        os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("CLOUDSDK_CORE_PROJECT") or "local-project"
+    )
 
 
 class GCSStorage:
@@ -320,9 +327,11 @@ class GCSStorage:
                 retry_config=self.retry,
             )
         except Exception as exc:  # noqa: BLE001
-            log.warning("DataFlux batch read of %d objects failed (%s); re-reading one by one", len(objects), exc)
+            log.warning(
+                "DataFlux batch read of %d objects failed (%s); re-reading one by one", len(objects), exc
+            )
             return None
-        if len(got) != len(objects) or any(len(b) != o.size for b, o in zip(got, objects)):
+        if len(got) != len(objects) or any(len(b) != o.size for b, o in zip(got, objects, strict=False)):
             log.warning(
                 "DataFlux returned %d of %d objects (or sizes changed); re-reading one by one",
                 len(got),
@@ -334,7 +343,7 @@ class GCSStorage:
     def read_many(self, objects: Sequence[ObjectInfo]) -> list[bytes | ReadError]:
         out: list[bytes | ReadError] = []
         for start in range(0, len(objects), self.COMPOSE_MAX_OBJECTS):
-            chunk = objects[start:start + self.COMPOSE_MAX_OBJECTS]
+            chunk = objects[start : start + self.COMPOSE_MAX_OBJECTS]
             buckets = {split_gcs(o.uri)[0] for o in chunk}
             got = self._dataflux_read(buckets.pop(), chunk) if len(buckets) == 1 else None
             out.extend(got if got is not None else self._read_each(chunk))

@@ -1,0 +1,267 @@
+"""The whole pipeline on this machine: kfp.local runs each component as a subprocess.
+
+``run_pipeline_locally`` is the library call (tests and notebooks use it);
+``run_local_main`` is ``python -m pipelines run --local``: it prepares a model and
+images, optionally serves the GCS emulator, runs the pipeline with the ``local``
+backend (torchrun on this machine) and says where everything went.
+
+Two data modes:
+
+* **GCS emulator** (default): the images are uploaded to a fake-gcs-server on loopback,
+  so the upload, the worker's DataFlux reads and the aggregate all talk the GCS API.
+  Its storage lives in memory: the worker's raw results are gone when the command
+  ends, while the CSV, Parquet and HTML artifacts stay under the pipeline root.
+* **Local paths** (``--results-root PATH``): no GCS; the worker reads the image folder
+  directly and the upload is skipped (its destination must be gs://).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from components.launch import LOCAL
+from components.local_launcher import pythonpath_with_project
+from pipelines.dev.emulator import gcs_emulator
+from worker.storage import is_gcs, split_gcs
+
+EMULATOR_IMAGES_URI = "gs://batch-inference-images/images"
+EMULATOR_RESULTS_ROOT = "gs://batch-inference-results/runs"
+DEFAULT_WORKDIR = Path(".local-runs")
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    """Where a local run put its outputs."""
+
+    results_uri: str  # the worker's raw output prefix (plan, parts, errors, summaries)
+    results_csv: str
+    results_parquet: str
+    report_html: str
+    metrics: dict[str, Any]
+    pipeline_root: str
+
+
+def run_pipeline_locally(
+    *,
+    pipeline_root: str | Path,
+    images_uri: str,
+    results_root: str,
+    source: str = "",
+    model: str,
+    nproc: int = 1,
+    **params: Any,
+) -> LocalRun:
+    """Run the batch_inference pipeline through kfp.local with the local backend.
+
+    Args:
+        pipeline_root: Local folder for kfp.local's task outputs (the CSV, Parquet and HTML).
+        images_uri: The images' prefix: gs:// (the emulator or GCS) or a local folder.
+        results_root: Where the worker writes, as ``<results_root>/<run id>``.
+        source: Uploaded to ``images_uri`` first when set (then ``images_uri`` must be gs://).
+        model: A hub id or a model directory.
+        nproc: Worker processes (torchrun ``--nproc_per_node``).
+        **params: Any other pipeline parameter (batch_size, shard_size, device, ...).
+
+    Returns:
+        The outputs' locations and the metrics.
+
+    Raises:
+        RuntimeError: A task failed (kfp.local has printed its log).
+    """
+    import kfp.local
+
+    from pipelines.batch_inference import batch_inference
+
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
+    with _project_on_pythonpath(), warnings.catch_warnings():
+        # kfp.local warns that the project's image is not a "python" image and that display
+        # names mean nothing locally; both are expected here.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+        task = batch_inference(
+            source=source,
+            images_uri=images_uri,
+            results_root=results_root,
+            model=model,
+            backend=LOCAL,
+            local_nproc=nproc,
+            **params,
+        )
+    out = task.outputs
+    return LocalRun(
+        results_uri=out["results"].uri,
+        results_csv=out["results_csv"].path,
+        results_parquet=out["results_parquet"].path,
+        report_html=out["report"].path,
+        metrics=dict(out["metrics"].metadata),
+        pipeline_root=str(pipeline_root),
+    )
+
+
+@contextlib.contextmanager
+def _project_on_pythonpath() -> Iterator[None]:
+    """The components import this project's packages; kfp.local starts them from this
+    interpreter, which finds them through PYTHONPATH whatever the current directory.
+    """
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = pythonpath_with_project(previous)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = previous
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``python -m pipelines run``."""
+    p.add_argument(
+        "--local",
+        action="store_true",
+        required=True,
+        help="run the whole pipeline on this machine through kfp.local, with the local backend",
+    )
+    p.add_argument(
+        "--source",
+        help="a folder of images (default: a generated sample set), or with the "
+        "emulator also an http(s) URL of a zip to upload",
+    )
+    p.add_argument(
+        "--num-images",
+        type=int,
+        default=64,
+        help="size of the generated sample set (one file of it is deliberately corrupt)",
+    )
+    p.add_argument(
+        "--model",
+        help="hub id or model directory (default: google/vit-base-patch16-224, or "
+        "when the hub is unreachable a local random-weight model of its architecture)",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--gcs-emulator",
+        action="store_true",
+        help="(the default) data goes through a GCS emulator on loopback",
+    )
+    mode.add_argument(
+        "--results-root",
+        help="no emulator: the worker writes under this local path or gs:// "
+        "prefix, and reads --images-uri (default: the images folder)",
+    )
+    p.add_argument(
+        "--images-uri",
+        help="where the images are (or are uploaded to); default: "
+        f"{EMULATOR_IMAGES_URI} with the emulator, else the images folder",
+    )
+    p.add_argument("--nproc", type=int, default=2, help="worker processes under torchrun")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--shard-size", type=int, default=16, help="images per shard")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="worker device")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=DEFAULT_WORKDIR,
+        help="folder for sample images, the random model and each run's pipeline root",
+    )
+
+
+def _resolve_model(model: str | None, workdir: Path) -> str:
+    from pipelines.dev import random_model as model_factory
+
+    if model:
+        return model
+    if model_factory.hub_model_cached(model_factory.DEFAULT_MODEL) or model_factory.hub_reachable():
+        return model_factory.DEFAULT_MODEL
+    path = model_factory.cached_random_model(workdir / "models")
+    print(
+        f"The Hugging Face hub is unreachable: using {path}, a RANDOM-WEIGHT model with the "
+        f"architecture of {model_factory.DEFAULT_MODEL}; its classes are meaningless.",
+        flush=True,
+    )
+    return str(path)
+
+
+def _sample_images(workdir: Path, n: int) -> Path:
+    from pipelines.dev.sample_images import make_sample_images
+
+    root = workdir / f"sample-images-{n}"
+    if not root.is_dir():  # deterministic content: a folder of the same size can be reused
+        staging = workdir / f".sample-images-{n}-{os.getpid()}"
+        make_sample_images(staging, n)
+        staging.rename(root)
+    return root
+
+
+def run_local_main(args: argparse.Namespace) -> int:
+    """``python -m pipelines run --local``: prepare, run, and print where the outputs are."""
+    workdir: Path = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.nproc < 1:
+        raise ValueError("--nproc must be at least 1")
+    folder_source = bool(args.source) and "://" not in args.source
+    if folder_source and not Path(args.source).is_dir():
+        raise ValueError(f"--source {args.source}: no such folder")
+    model = _resolve_model(args.model, workdir)
+    # Absolute, because the worker runs wherever kfp.local starts it.
+    source = (
+        str(Path(args.source).resolve())
+        if folder_source
+        else args.source or str(_sample_images(workdir, args.num_images))
+    )
+    use_emulator = not args.results_root
+    if use_emulator:
+        images_uri, results_root = args.images_uri or EMULATOR_IMAGES_URI, EMULATOR_RESULTS_ROOT
+        upload = source
+    else:
+        results_root = args.results_root
+        # Without GCS the worker reads the folder itself; a gs:// --images-uri gets the upload.
+        images_uri = args.images_uri or source
+        upload = source if is_gcs(images_uri) and images_uri != source else ""
+    for name, uri in (("--images-uri", images_uri), ("--results-root", results_root)):
+        if use_emulator and not is_gcs(uri):
+            raise ValueError(f"{name} must be gs:// with the GCS emulator, got {uri}")
+    if not upload and "://" in images_uri and not is_gcs(images_uri):
+        raise ValueError(
+            f"the worker reads a folder or gs:// prefix, not {images_uri}: use --source to upload it"
+        )
+    pipeline_root = workdir / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    print(f"images: {images_uri}" + (f" (uploaded from {upload})" if upload else ""), flush=True)
+    if use_emulator:
+        serve = gcs_emulator(tuple(dict.fromkeys(split_gcs(uri)[0] for uri in (images_uri, results_root))))
+    else:
+        serve = contextlib.nullcontext()
+    with serve:
+        run = run_pipeline_locally(
+            pipeline_root=pipeline_root,
+            images_uri=images_uri,
+            results_root=results_root,
+            source=upload,
+            model=model,
+            nproc=args.nproc,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            device=args.device,
+        )
+    # KFP stores every metric as a float: 20.0 images reads better as 20.
+    metrics = " ".join(f"{k}={v:g}" for k, v in sorted(run.metrics.items()))
+    print(
+        "\nbatch inference finished",
+        f"  results CSV:     {run.results_csv}",
+        f"  results Parquet: {run.results_parquet}",
+        f"  HTML report:     {run.report_html}",
+        f"  metrics:         {metrics}",
+        f"  raw results:     {run.results_uri}"
+        + (" (in the GCS emulator: gone now that it has stopped)" if use_emulator else ""),
+        f"  pipeline root:   {run.pipeline_root}",
+        sep="\n",
+    )
+    return 0

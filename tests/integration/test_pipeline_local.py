@@ -1,0 +1,153 @@
+"""The whole pipeline through kfp.local (real subprocess components, real torchrun), and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipelines.dev.local_run import run_pipeline_locally
+from pipelines.dev.sample_images import CORRUPT_NAME, make_sample_images
+from tests.support import ROOT
+
+N_IMAGES = 24
+
+
+def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "BATCH_INFERENCE_DEBUG"}
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines", *args],
+        cwd=ROOT,
+        env=env,
+        check=check,
+        capture_output=True,
+        text=True,
+    )
+
+
+def _assert_one_row_per_image(
+    csv_path: str, parquet_path: str, metrics: dict, image_uris: set[str], corrupt_uri: str
+) -> None:
+    table = pd.read_csv(csv_path)
+    # Every image that decoded has exactly one row; the corrupt one is an error, not a row.
+    assert table["uri"].is_unique
+    assert set(table["uri"]) == image_uris - {corrupt_uri}
+    assert metrics["images"] == len(image_uris) == len(table) + metrics["errors"]
+    assert metrics["classified"] == len(table)
+    assert metrics["errors"] == 1
+    assert metrics["missing"] == metrics["duplicated"] == 0
+    assert metrics["distinct_classes"] == table["classification"].nunique()
+    assert metrics["ranks"] == 2
+    assert pd.read_parquet(parquet_path).equals(table.astype(pd.read_parquet(parquet_path).dtypes))
+
+
+@pytest.mark.slow
+def test_whole_pipeline_through_the_gcs_emulator(gcs, tiny_model, tmp_path):
+    sample = make_sample_images(tmp_path / "images", N_IMAGES)
+    bucket = gcs.new_bucket("pipeline")
+    images_uri = f"gs://{bucket}/images"
+
+    run = run_pipeline_locally(
+        pipeline_root=tmp_path / "root",
+        source=str(sample.root),
+        images_uri=images_uri,
+        results_root=f"gs://{bucket}/results",
+        model=str(tiny_model),
+        nproc=2,
+        batch_size=4,
+        shard_size=5,
+        device="cpu",
+    )
+
+    uploaded = {f"gs://{bucket}/{name}" for name in gcs.object_names(bucket, "images/")}
+    expected = {f"{images_uri}/{p.relative_to(sample.root).as_posix()}" for p in sample.images}
+    assert uploaded == expected
+    assert run.results_uri.startswith(f"gs://{bucket}/results/")
+    _assert_one_row_per_image(
+        run.results_csv, run.results_parquet, run.metrics, expected, f"{images_uri}/{CORRUPT_NAME}"
+    )
+    assert "<html" in Path(run.report_html).read_text().lower()
+    assert gcs.object_names(bucket, run.results_uri.split("/", 3)[3] + "/plan.jsonl")
+
+
+@pytest.mark.slow
+def test_cli_makes_a_model_and_runs_on_local_paths(tmp_path):
+    model = tmp_path / "tiny"
+    made = _cli("make-model", "--out", str(model), "--tiny")
+    assert "RANDOM" in made.stdout
+    labels = json.loads((model / "config.json").read_text())["id2label"]
+    assert set(labels.values()) == {f"random_class_{i}" for i in range(10)}
+
+    done = _cli(
+        "run",
+        "--local",
+        "--model",
+        str(model),
+        "--results-root",
+        str(tmp_path / "results"),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--num-images",
+        "12",
+        "--nproc",
+        "2",
+        "--device",
+        "cpu",
+    )
+    printed = {
+        key.strip(): value.strip()
+        for key, value in (
+            line.split(": ", 1) for line in done.stdout.splitlines() if line.startswith("  ") and ": " in line
+        )
+    }
+    metrics = {k: float(v) for k, v in (kv.split("=") for kv in printed["metrics"].split())}
+    images = tmp_path / "work" / "sample-images-12"
+    uris = {str(p) for p in images.rglob("*") if p.is_file()}
+    _assert_one_row_per_image(
+        printed["results CSV"], printed["results Parquet"], metrics, uris, str(images / CORRUPT_NAME)
+    )
+    assert printed["HTML report"].endswith(".html") and Path(printed["HTML report"]).exists()
+    assert printed["raw results"].startswith(str(tmp_path / "results"))
+
+
+def test_render_job_prints_a_pytorchjob():
+    done = _cli(
+        "render-job",
+        "--images-uri",
+        "gs://b/images",
+        "--results-root",
+        "gs://b/results",
+        "--nodes",
+        "3",
+        "--gpus-per-node",
+        "4",
+        "--no-rdma",
+        "--run-id",
+        "run-123",
+    )
+    job = yaml.safe_load(done.stdout)
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
+    assert job["spec"]["nprocPerNode"] == "4"
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
+    container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    command = " ".join(container["command"])
+    assert "--input gs://b/images --output gs://b/results/run-123" in command
+    assert "set_nccl_env.sh" not in command
+
+
+def test_user_errors_are_one_line():
+    for args in (
+        ["render-job"],
+        ["render-job", "--images-uri", "/local/images", "--results-root", "gs://b/r"],
+        ["run", "--local", "--source", "/no/such/folder", "--results-root", "/tmp/x"],
+    ):
+        done = _cli(*args, check=False)
+        assert done.returncode == 2, args
+        assert "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
