@@ -7,6 +7,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from worker.storage import absolute, is_gcs
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # worker.cuda_graph.COMPILE_MODES' keys; kept here so that parsing a config never imports torch.
 COMPILE_CHOICES = ("none", "default", "max-autotune")
@@ -49,10 +51,8 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         # Plans and result rows carry absolute local paths, whatever the working directory.
-        if not self.input.startswith("gs://"):
-            self.input = os.path.abspath(self.input)
-        if not self.output.startswith("gs://"):
-            self.output = os.path.abspath(self.output)
+        self.input = absolute(self.input)
+        self.output = absolute(self.output)
         if self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
         if self.queued_blocks < 0:
@@ -69,7 +69,7 @@ class WorkerConfig:
             raise ValueError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}")
         if self.gpu_jpeg not in ("cuda", "hardware"):
             raise ValueError("--gpu-jpeg must be cuda or hardware")
-        if self.incremental and not self.input.startswith("gs://"):
+        if self.incremental and not is_gcs(self.input):
             raise ValueError(
                 "--incremental needs a gs:// --input: changes are found by GCS object generation"
             )

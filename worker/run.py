@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from worker import dist
-from worker.commit import Committer, Progress, ShardResult, image_id
+from worker.commit import Committer, Progress, ShardResult
 from worker.config import WorkerConfig
 from worker.cuda_graph import GraphedForward, fastest_graph
 from worker.decode import CpuDecoder, DecodedBatch, GpuDecoder, Preprocess
 from worker.model import fetch_model_once_per_node, load_model, load_preprocessor_config
 from worker.plan import PlanColumns, Shard, load_or_create_plan, make_shards, static_assignment
 from worker.read import Batch, batches, prefetch_map, read_batches
+from worker.results import image_id
 from worker.storage import ReadError, open_storage
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from typing import Any
 from components.launch import LOCAL
 from components.local_launcher import pythonpath_with_project
 from pipelines.dev.emulator import gcs_emulator
-from worker.storage import is_gcs, split_gcs
+from worker.storage import is_gcs, split_uri
 
 EMULATOR_IMAGES_URI = "gs://batch-inference-images/images"
 EMULATOR_RESULTS_ROOT = "gs://batch-inference-results/runs"
@@ -236,7 +236,7 @@ def run_local_main(args: argparse.Namespace) -> int:
     pipeline_root = workdir / "runs" / time.strftime("%Y%m%d-%H%M%S")
     print(f"images: {images_uri}" + (f" (uploaded from {upload})" if upload else ""), flush=True)
     if use_emulator:
-        serve = gcs_emulator(tuple(dict.fromkeys(split_gcs(uri)[0] for uri in (images_uri, results_root))))
+        serve = gcs_emulator(tuple(dict.fromkeys(split_uri(uri)[0] for uri in (images_uri, results_root))))
     else:
         serve = contextlib.nullcontext()
     with serve:

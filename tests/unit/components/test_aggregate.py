@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components.aggregate import MANIFEST, MARKER, IncompleteResultsError, aggregate_results
+from components.aggregate import IncompleteResultsError, aggregate_results
 from tests.support.html import parse_html
-from worker.incremental import read_manifest
+from worker.results import MANIFEST, MARKER, read_manifest
 from worker.storage import join, open_storage, read_text, write_text
 
 COLUMNS = ["image_id", "classification", "label_index", "score", "uri"]
