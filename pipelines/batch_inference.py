@@ -23,7 +23,10 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Dataset, Metrics
 
-from components.kfp_components import IMAGE, aggregate_results, launch_inference, upload_dataset
+from components.aggregate.component import aggregate_results
+from components.images import IMAGE
+from components.launch.component import classify_images
+from components.upload.component import upload_images
 from worker.config import DEFAULT_MODEL
 
 PIPELINE_NAME = "batch-inference"
@@ -140,8 +143,8 @@ def make_pipeline(flavour: str) -> Callable:
         # Always one upload task, which copies nothing when source is empty. A dsl.If/Else with
         # an importer and dsl.OneOf would skip the pod too, but kfp.local 2.17 cannot resolve an
         # artifact OneOf, and the local run must execute this very graph.
-        upload = upload_dataset(source=source, destination=images_uri, workers=upload_workers)
-        launch = launch_inference(
+        upload = upload_images(source=source, destination=images_uri, workers=upload_workers)
+        launch = classify_images(
             images=upload.outputs["dataset"],
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             results_root=results_root,
@@ -200,7 +203,7 @@ def launch_inputs() -> dict:
     They are ``LaunchRequest``'s fields except ``run_id`` (KFP fills it in), with the
     pipeline's defaults and descriptions, so dry runs and tests need not repeat them.
     """
-    from components.launch import LaunchRequest
+    from components.launch.launch import LaunchRequest
 
     names = {f.name for f in dataclasses.fields(LaunchRequest)}
     return {name: spec for name, spec in batch_inference.component_spec.inputs.items() if name in names}

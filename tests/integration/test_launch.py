@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from components.k8s_api import KubernetesApi
-from components.launch import LaunchRequest, launch
+from components.launch.launch import LaunchRequest, launch
 from pipelines.batch_inference import launch_inputs
 from tests.support.k8s_stand_in import KubeApiStandIn, Step, followed_log_of, listed_workloads
 
