@@ -25,7 +25,6 @@ def test_plan_file_round_trips_and_stays_one_json_object_per_line():
     assert encode_plan([]) == b"" and decode_plan(b"") == []
 
 
-
 def test_part_names_round_trip_and_temp_files_are_not_parts():
     assert [shard_of(part_name(i)) for i in (0, 7, 99999, 123456)] == [0, 7, 99999, 123456]
     assert shard_of(".part-00001.csv.abc.tmp") is None and shard_of("rank-0.json") is None

@@ -59,7 +59,9 @@ def test_write_create_only_stat_list_copy_and_upload(root, tmp_path):
     a = join(root, "d", "a.bin")
     assert storage.stat(a) is None and not storage.exists(a)
     assert storage.write(a, b"first", if_absent=True)
-    assert not storage.write(a, b"second", if_absent=True), "a create-only write must lose to an existing object"
+    assert not storage.write(a, b"second", if_absent=True), (
+        "a create-only write must lose to an existing object"
+    )
     assert storage.read(a) == b"first"
     first = storage.stat(a)
     assert first.uri == a and first.size == 5
