@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 
 from worker.results import (
@@ -67,45 +66,3 @@ class Committer:
     def write_summary(self, rank: int, summary: dict) -> None:
         uri = join(self.output, SUMMARY_DIR, summary_name(rank))
         self.storage.write(uri, json.dumps(summary, indent=2, sort_keys=True).encode("utf-8"))
-
-
-class Progress:
-    """Images done, img/s and ETA, logged at a steady interval."""
-
-    def __init__(self, rank: int, total: int, interval: float, clock=time.monotonic):
-        self.rank = rank
-        self.total = total
-        self.interval = interval
-        self.clock = clock
-        self.start = clock()
-        self.last_log = self.start
-        self.done = 0
-        self.errors = 0
-
-    def update(self, images: int, errors: int) -> None:
-        self.done += images
-        self.errors += errors
-        now = self.clock()
-        if now - self.last_log >= self.interval:
-            self.last_log = now
-            log.info("%s", self.line())
-
-    @property
-    def seconds(self) -> float:
-        return self.clock() - self.start
-
-    @property
-    def rate(self) -> float:
-        return self.done / self.seconds if self.seconds > 0 else 0.0
-
-    def line(self) -> str:
-        rate = self.rate
-        remaining = max(self.total - self.done, 0)
-        eta = f"{remaining / rate:.0f}s" if rate > 0 else "?"
-        # With dynamic assignment the total is an estimate (the job's share per rank): a fast
-        # rank may pass it, so the percentage stops at 100.
-        pct = min(100.0, 100.0 * self.done / self.total) if self.total else 100.0
-        return (
-            f"rank {self.rank}: {self.done}/{self.total} images ({pct:.1f}%), "
-            f"{self.errors} errors, {rate:.1f} img/s, ETA {eta}"
-        )
