@@ -17,12 +17,9 @@ from dataclasses import dataclass
 from worker.config import IMAGE_EXTENSIONS, WorkerConfig
 from worker.incremental import plan_incremental
 from worker.results import PLAN_FILE, decode_plan, encode_plan, run_record, write_run_record
-from worker.storage import ObjectInfo, is_gcs, join, open_storage
+from worker.storage import ObjectInfo, folder, is_gcs, join, open_storage
 
 log = logging.getLogger(__name__)
-
-# DataFlux composes temporary objects here; they are never inputs.
-DATAFLUX_COMPOSITES = "dataflux-composed-objects/"
 
 
 @dataclass(frozen=True)
@@ -40,21 +37,21 @@ def is_image(uri: str) -> bool:
 
 
 def list_input(cfg: WorkerConfig) -> list[ObjectInfo]:
-    """Every image under the input, sorted by URI (with GCS generations for incremental runs)."""
+    """Every image in the input folder, sorted by URI (with GCS generations for incremental runs).
+
+    ``gs://bucket/pre`` is the folder ``pre/``: ``pre2/a.jpg`` and ``preview.jpg`` are not in it.
+    """
     storage = open_storage(cfg.input, project=cfg.project)
+    root = folder(cfg.input)
     if cfg.incremental:
-        listed = list(storage.list(cfg.input))  # with GCS generations, which fast_list lacks
+        listed = list(storage.list(root))  # with GCS generations, which fast_list lacks
     else:
-        listed = storage.fast_list(cfg.input, processes=cfg.list_processes)
-    output_prefix = cfg.output.rstrip("/") + "/"
-    images = [
-        o
-        for o in listed
-        if is_image(o.uri) and DATAFLUX_COMPOSITES not in o.uri and not o.uri.startswith(output_prefix)
-    ]
+        listed = storage.fast_list(root, processes=cfg.list_processes)
+    output_prefix = folder(cfg.output)
+    images = [o for o in listed if is_image(o.uri) and not o.uri.startswith(output_prefix)]
     images.sort(key=lambda o: o.uri)
     if is_gcs(cfg.input) and not listed:
-        log.warning("no objects at all under %s (check the prefix)", cfg.input)
+        log.warning("no objects at all under %s (check the prefix)", root)
     return images
 
 

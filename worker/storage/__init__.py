@@ -13,7 +13,10 @@ import importlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from worker.storage.reading import BatchReader, ReadSettings, ReadStats
 
 GCS_SCHEME = "gs://"
 LOCAL = "file"
@@ -101,11 +104,12 @@ class StorageOptions:
 
     Attributes:
         project: GCP project for GCS clients (default: from the environment).
-        compose: Read small GCS objects in DataFlux composed downloads.
+        compose: Read small GCS objects as composites of 32 (3 requests per 32 objects, but
+            writes to the input bucket); else one request per object from the native reader.
     """
 
     project: str | None = None
-    compose: bool = True
+    compose: bool = False
 
 
 class Storage(Protocol):
@@ -123,6 +127,10 @@ class Storage(Protocol):
 
     def read_many(self, objects: Sequence[ObjectInfo]) -> list[bytes | ReadError]:
         """The objects' bytes in order; an object that could not be read is a ``ReadError``."""
+        ...
+
+    def reader(self, settings: ReadSettings, stats: ReadStats) -> BatchReader:
+        """The batch reader the read stage submits batches to (``worker.storage.reading``)."""
         ...
 
     def write(self, uri: str, data: bytes, *, if_absent: bool = False) -> bool:

@@ -13,6 +13,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from worker.storage import ObjectInfo, ReadError, StorageOptions
+from worker.storage.reading import BatchReader, ReadSettings, ReadStats, ThreadedReader
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ class LocalStorage:
             except OSError as exc:
                 out.append(ReadError(f"read failed: {exc.strerror or exc}"))
         return out
+
+    def reader(self, settings: ReadSettings, stats: ReadStats) -> BatchReader:
+        return ThreadedReader(self.read_many, settings.threads, stats)
 
     def write(self, uri: str, data: bytes, *, if_absent: bool = False) -> bool:
         target = Path(uri)
