@@ -86,6 +86,18 @@ class GCSReader:
             env={**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root},
         )
         theirs.close()
+        # The child says it is ready once obstore is imported: a missing or broken install fails
+        # here, at start-up, and no read is timed against the child's imports.
+        ready = _recv_exactly(self._sock, _HEADER.size)
+        if (
+            ready is None
+            or pickle.loads(_recv_exactly(self._sock, _HEADER.unpack(ready)[0]) or b"N.") != "ready"
+        ):
+            code = self._proc.wait()
+            self._sock.close()
+            raise RuntimeError(
+                f"the GCS reader process did not start (exit code {code}); see its error above"
+            )
         self._receiver = threading.Thread(target=self._receive, name="gcs-reader", daemon=True)
         self._receiver.start()
 
@@ -194,6 +206,32 @@ def _retryable(exc: BaseException) -> bool:
     return status is None or status == 429 or status >= 500
 
 
+def emulator_credentials(endpoint: str) -> str:
+    """A service-account file that points obstore at an emulator without OAuth; returns its path."""
+    fd, path = tempfile.mkstemp(prefix="gcs-emulator-", suffix=".json")
+    url = endpoint if "://" in endpoint else f"http://{endpoint}"
+    with os.fdopen(fd, "w") as fh:
+        json.dump(
+            {
+                "gcs_base_url": url,
+                "disable_oauth": True,
+                "client_email": "",
+                "private_key": "",
+                "private_key_id": "",
+            },
+            fh,
+        )
+    return path
+
+
+def emulator_store_options(endpoint: str, credentials: str) -> dict:
+    """``GCSStore`` keyword arguments for the emulator at ``endpoint``."""
+    return {
+        "service_account_path": credentials,
+        "client_options": {"allow_http": not endpoint.startswith("https://")},
+    }
+
+
 class _Child:
     def __init__(self, config: dict):
         self.concurrency = asyncio.Semaphore(max(1, int(config["concurrency"])))
@@ -209,24 +247,9 @@ class _Child:
 
             options = {"retry_config": {"max_retries": 0}}  # retried here, where retries are counted
             if self.endpoint:
-                url = self.endpoint if "://" in self.endpoint else f"http://{self.endpoint}"
                 if self._credentials is None:
-                    fd, self._credentials = tempfile.mkstemp(prefix="gcs-emulator-", suffix=".json")
-                    with os.fdopen(fd, "w") as fh:
-                        json.dump(
-                            {
-                                "gcs_base_url": url,
-                                "disable_oauth": True,
-                                "client_email": "",
-                                "private_key": "",
-                                "private_key_id": "",
-                            },
-                            fh,
-                        )
-                options |= {
-                    "service_account_path": self._credentials,
-                    "client_options": {"allow_http": url.startswith("http://")},
-                }
+                    self._credentials = emulator_credentials(self.endpoint)
+                options |= emulator_store_options(self.endpoint, self._credentials)
             self.stores[bucket] = GCSStore(bucket, **options)
         return self.stores[bucket]
 
@@ -273,7 +296,12 @@ class _Child:
             os._exit(1)
 
     async def serve(self, sock: socket.socket) -> None:
+        import obstore  # noqa: F401 - imported before "ready", so that a broken install fails at start-up
+
         reader, writer = await asyncio.open_connection(sock=sock)
+        ready = pickle.dumps("ready")
+        writer.write(_HEADER.pack(len(ready)) + ready)
+        await writer.drain()
         tasks: set[asyncio.Task] = set()
         try:
             while True:
