@@ -342,11 +342,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<46} {latency:>6} {value:>9.0f}  {extra}", flush=True)
 
     local = end_to_end(str(work / "images"), work / "out-local", model, args)
-    row("worker end to end, local disk (img/s)", "-", local["rate"], f"GPU busy {local['gpu_busy']:.0%}")
+    row(
+        "worker end to end, local disk (img/s)",
+        "-",
+        local["rate"],
+        f"GPU busy {local['gpu_busy']:.0%}; host {local['cores']:.1f} cores busy",
+    )
     with gcs_emulator() as emulator:
         objects = upload(paths, work / "images")
         few = objects[: args.compare_images]
-        row("native obstore, 512 in flight, no proxy", "0 ms", native_rate(emulator, objects, 512))
+        direct = max(native_rate(emulator, objects, c) for c in (64, 512))
+        row("native obstore ceiling, no proxy", "0 ms", direct)
+        stage = read_stage_rate(objects, args, model)
+        row("worker read stage, no proxy", "0 ms", stage["rate"], f"{stage['rate'] / direct:.2f} of ceiling")
+        e2e = end_to_end(f"gs://{BUCKET}/{PREFIX}", work / "out-gcs", model, args)
+        row(
+            "worker end to end from gs://, no proxy",
+            "0 ms",
+            e2e["rate"],
+            f"{e2e['rate'] / min(local['rate'], direct):.2f} of min(local, ceiling); "
+            f"GPU busy {e2e['gpu_busy']:.0%}; host {e2e['cores']:.1f} cores busy",
+        )
         for latency in [float(x) for x in args.latencies.split(",")]:
             tag = f"{latency:.0f} ms"
             with proxy(emulator, latency, args.proxy_processes) as url, storage_at(url):
@@ -362,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                     stage["rate"],
                     f"{stage['rate'] / ceiling:.2f} of ceiling",
                 )
+                fixed = read_stage_rate(objects, args, model, read_concurrency=64)
+                row("worker read stage, 64 in flight", tag, fixed["rate"], f"{fixed['rate'] / ceiling:.2f}")
                 composed = read_stage_rate(few, args, model, compose=True)
                 row("worker read stage --compose", tag, composed["rate"], f"{composed['rate'] / ceiling:.2f}")
                 e2e = end_to_end(f"gs://{BUCKET}/{PREFIX}", work / "out-gcs", model, args)
