@@ -191,6 +191,18 @@ def _status_of(exc: BaseException) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
+def _reason(exc: BaseException, attempts: int) -> str:
+    """An error row's reason: one short line."""
+    from obstore.exceptions import NotFoundError
+
+    if isinstance(exc, (NotFoundError, FileNotFoundError)):  # obstore raises either, by version
+        return "read failed: object not found (deleted or replaced since planning)"
+    status = _status_of(exc)
+    what = f"HTTP {status}" if status else str(exc).split("\n", 1)[0][:200]
+    tries = f" after {attempts} attempts" if attempts > 1 else ""
+    return f"read failed{tries}: {type(exc).__name__}: {what}"
+
+
 def _retryable(exc: BaseException) -> bool:
     """429, 5xx, timeouts and dropped or refused connections are retried; other answers are final."""
     from obstore.exceptions import (
@@ -200,7 +212,8 @@ def _retryable(exc: BaseException) -> bool:
         UnauthenticatedError,
     )
 
-    if isinstance(exc, (NotFoundError, PermissionDeniedError, UnauthenticatedError, PreconditionError)):
+    final = (NotFoundError, PermissionDeniedError, UnauthenticatedError, PreconditionError)
+    if isinstance(exc, (*final, FileNotFoundError, PermissionError)):
         return False
     status = _status_of(exc)
     return status is None or status == 429 or status >= 500
@@ -270,10 +283,7 @@ class _Child:
                     return await result.bytes_async()
             except Exception as exc:  # noqa: BLE001 - every failure becomes a retry or an error row
                 if not _retryable(exc) or time.monotonic() >= give_up:
-                    reason = str(exc).split("\n", 1)[0]
-                    if attempts > 1:
-                        reason = f"gave up after {attempts} attempts: {reason}"
-                    return ReadError(f"read failed: {type(exc).__name__}: {reason}")
+                    return ReadError(_reason(exc, attempts))
                 counts[1] += 1
                 await asyncio.sleep(min(next(delays), max(0.0, give_up - time.monotonic())))
 
