@@ -11,12 +11,13 @@ base run the plan is the difference to: see ``worker.incremental``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from worker.config import IMAGE_EXTENSIONS, WorkerConfig
 from worker.incremental import plan_incremental
-from worker.results import PLAN_FILE, decode_plan, encode_plan, run_record, write_run_record
+from worker.results import PLAN_FILE, encode_plan, iter_plan, run_record, write_run_record
 from worker.storage import ObjectInfo, folder, is_gcs, join, open_storage
 
 log = logging.getLogger(__name__)
@@ -55,48 +56,75 @@ def list_input(cfg: WorkerConfig) -> list[ObjectInfo]:
     return images
 
 
-def load_or_create_plan(cfg: WorkerConfig) -> list[ObjectInfo]:
+def load_or_create_plan(cfg: WorkerConfig) -> PlanColumns:
     """Reuse OUTPUT/plan.jsonl when present (resume), else list, write it atomically, and return it."""
     plan_uri = join(cfg.output, PLAN_FILE)
     out = open_storage(plan_uri, project=cfg.project)
     if out.exists(plan_uri):
-        plan = decode_plan(out.read(plan_uri))
+        plan = PlanColumns.of(iter_plan(out.read(plan_uri)))
         log.info("reusing the existing plan %s: %d images", plan_uri, len(plan))
         return plan
     if cfg.incremental:
-        plan, record = plan_incremental(cfg, list_input)
+        listed, record = plan_incremental(cfg, list_input)
     else:
-        plan = list_input(cfg)
+        listed = list_input(cfg)
         record = run_record(cfg.input, cfg.model, incremental=False)
     write_run_record(cfg.output, record, project=cfg.project)
-    if not out.write(plan_uri, encode_plan(plan), if_absent=True):
+    if not out.write(plan_uri, encode_plan(listed), if_absent=True):
         # Another job won the race to write the plan: theirs is the contract.
-        return decode_plan(out.read(plan_uri))
-    log.info("planned %d images from %s -> %s", len(plan), cfg.input, plan_uri)
-    return plan
+        return PlanColumns.of(iter_plan(out.read(plan_uri)))
+    log.info("planned %d images from %s -> %s", len(listed), cfg.input, plan_uri)
+    return PlanColumns.of(listed)
+
+
+_NO_GENERATION = -1  # GCS generations are positive
 
 
 @dataclass(frozen=True)
 class PlanColumns(Sequence[ObjectInfo]):
-    """A plan as three parallel lists: cheap to pickle and broadcast to every rank, and an
-    ObjectInfo is built only when a rank reads it, not a million of them up front.
+    """A plan in compact columns: the URIs as one UTF-8 buffer with their end offsets, the sizes
+    and generations as machine integers. A million images take ~70 MB instead of ~300 MB of
+    Python objects, pickle fast for the broadcast to every rank, and an ``ObjectInfo`` is built
+    only when a rank reads it.
     """
 
-    uris: list[str]
-    sizes: list[int]
-    generations: list[int | None]
+    uris: bytearray
+    ends: array
+    sizes: array
+    generations: array
 
     @classmethod
-    def of(cls, plan: Sequence[ObjectInfo]) -> PlanColumns:
-        return cls([o.uri for o in plan], [o.size for o in plan], [o.generation for o in plan])
+    def of(cls, plan: Iterable[ObjectInfo]) -> PlanColumns:
+        if isinstance(plan, PlanColumns):
+            return plan
+        uris, ends, sizes, generations = bytearray(), array("Q"), array("q"), array("q")
+        for o in plan:
+            uris += o.uri.encode("utf-8")
+            ends.append(len(uris))
+            sizes.append(o.size)
+            generations.append(_NO_GENERATION if o.generation is None else o.generation)
+        return cls(uris, ends, sizes, generations)
 
     def __len__(self) -> int:
-        return len(self.uris)
+        return len(self.ends)
+
+    def _get(self, i: int) -> ObjectInfo:
+        start = self.ends[i - 1] if i else 0
+        generation = self.generations[i]
+        return ObjectInfo(
+            self.uris[start : self.ends[i]].decode("utf-8"),
+            self.sizes[i],
+            None if generation == _NO_GENERATION else generation,
+        )
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return list(map(ObjectInfo, self.uris[index], self.sizes[index], self.generations[index]))
-        return ObjectInfo(self.uris[index], self.sizes[index], self.generations[index])
+            return [self._get(i) for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("plan index out of range")
+        return self._get(index)
 
 
 def make_shards(n_images: int, shard_size: int) -> list[Shard]:

@@ -21,7 +21,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -102,11 +102,17 @@ def encode_plan(objects: list[ObjectInfo]) -> bytes:
     return ("\n".join(lines) + "\n" if lines else "").encode("utf-8")
 
 
+def iter_plan(data: bytes) -> Iterator[ObjectInfo]:
+    """The plan's entries one by one, so that a million of them are never all dicts at once."""
+    loads = json.JSONDecoder().decode
+    for line in io.BytesIO(data):
+        if line.strip():
+            d = loads(line.decode("utf-8"))
+            yield ObjectInfo(d["uri"], int(d["size"]), d.get("generation"))
+
+
 def decode_plan(data: bytes) -> list[ObjectInfo]:
-    lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
-    # One parse of the whole file as a JSON array, not one json.loads call per line.
-    entries = json.loads("[" + ",".join(lines) + "]")
-    return [ObjectInfo(d["uri"], int(d["size"]), d.get("generation")) for d in entries]
+    return list(iter_plan(data))
 
 
 # The run record (run.json): written once, before the plan, which derives from it.
