@@ -84,7 +84,7 @@ def launch_inference(
     """
     # The parameters are LaunchRequest's fields one for one (a test holds them in step).
     params = {k: v for k, v in locals().items() if k not in ("images", "results")}
-    from components.launch import LaunchRequest, launch
+    from components.launch.launch import LaunchRequest, launch
 
     outcome = launch(LaunchRequest(images_uri=images.uri, **params))
     results.uri = outcome.results_uri

@@ -200,7 +200,7 @@ def launch_inputs() -> dict:
     They are ``LaunchRequest``'s fields except ``run_id`` (KFP fills it in), with the
     pipeline's defaults and descriptions, so dry runs and tests need not repeat them.
     """
-    from components.launch import LaunchRequest
+    from components.launch.launch import LaunchRequest
 
     names = {f.name for f in dataclasses.fields(LaunchRequest)}
     return {name: spec for name, spec in batch_inference.component_spec.inputs.items() if name in names}

@@ -82,7 +82,7 @@ def check_arguments(arguments: Mapping[str, Any], flavour: str) -> dict[str, Any
     Raises:
         ValueError: An unknown parameter, or one the launch step would reject.
     """
-    from components.launch import KUBERNETES, LaunchRequest
+    from components.launch.launch import KUBERNETES, LaunchRequest
 
     inputs = PIPELINES[flavour].component_spec.inputs
     unknown = sorted(set(arguments) - set(inputs))

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.launch import LOCAL
-from components.local_launcher import pythonpath_with_project
+from components.launch.launch import LOCAL
+from components.launch.local import pythonpath_with_project
 from pipelines.dev.emulator import gcs_emulator
 from worker.storage import is_gcs, split_gcs
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from components.aggregate import MANIFEST, MARKER, aggregate_results
-from components.launch import LaunchRequest, launch
+from components.launch.launch import LaunchRequest, launch
 from pipelines.__main__ import main
 from pipelines.batch_inference import launch_inputs
 from tests.support.helpers import jpeg_bytes

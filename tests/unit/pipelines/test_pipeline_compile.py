@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from components.kfp_components import DEFAULT_IMAGE, launch_inference
-from components.launch import LaunchRequest
+from components.launch.launch import LaunchRequest
 from pipelines.batch_inference import KUBEFLOW, PIPELINES, VERTEX, compiled_filename
 from tests.support import ROOT
 
