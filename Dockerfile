@@ -1,7 +1,7 @@
 # The project's image. It runs:
 #   - the worker in the PyTorchJob's pods:  bash -c "... exec torchrun ... -m worker ..."
 #   - the three KFP components:              python3 -m kfp.dsl.executor_main ... (kfp's own command)
-# Both flavours of the compiled pipeline name it (DEFAULT_IMAGE in components/kfp_components.py,
+# Both flavours of the compiled pipeline name it (DEFAULT_IMAGE in components/images.py,
 # ghcr.io/example/kfp-batch-inference:0.1.0; override at compile time with BATCH_INFERENCE_IMAGE).
 #
 #   docker build -t REGISTRY/kfp-batch-inference:0.1.0 .
@@ -64,7 +64,7 @@ RUN BEFORE="$(python3 -c 'import torch, torchvision; print(torch.__version__, to
  && echo "torch torchvision before: ${BEFORE}; after: ${AFTER}" && test "${BEFORE}" = "${AFTER}" \
  && cd / \
  && python3 -c "import torchvision.io, kfp, kfp.kubernetes, dataflux_pytorch, google.cloud.storage, google.cloud.container_v1, transformers, \
-        worker, components.kfp_components, pipelines" \
+        worker, components.upload.component, components.launch.component, components.aggregate.component, pipelines" \
  && python3 -m worker --help > /dev/null \
  && rm -rf /opt/kfp-batch-inference
 

@@ -22,36 +22,10 @@ def _job_inputs() -> dict:
     return {name: spec for name, spec in launch_inputs().items() if name not in _NOT_IN_JOB}
 
 
-def _add_parameter_options(p, inputs: dict, *, defaults: bool) -> None:
-    """One option per pipeline parameter, e.g. ``--images-uri`` for ``images_uri``.
-
-    The pipeline is the one place where parameters get defaults and descriptions. With
-    ``defaults=False`` an option left out is absent from the parsed namespace, so a
-    submission sends only what was given and the compiled defaults apply to the rest.
-    """
-    from pipelines.batch_inference import PARAMETER_TYPES
-
-    for name, spec in inputs.items():
-        kind = PARAMETER_TYPES[spec.type]
-        help_text = " ".join((spec.description or "").split()).replace("%", "%%")
-        help_text += f" (default: {spec.default!r})".replace("%", "%%")
-        default = spec.default if defaults else argparse.SUPPRESS
-        if kind is bool:
-            p.add_argument(
-                f"--{name.replace('_', '-')}",
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=help_text,
-            )
-        else:
-            p.add_argument(
-                f"--{name.replace('_', '-')}", dest=name, type=kind, default=default, help=help_text
-            )
-
-
 def _add_job_options(p: argparse.ArgumentParser) -> None:
-    _add_parameter_options(p, _job_inputs(), defaults=True)
+    from pipelines.options import add_parameter_options
+
+    add_parameter_options(p, _job_inputs(), defaults=True)
     p.add_argument(
         "--run-id",
         default="dry-run",
@@ -222,6 +196,7 @@ def _latest(args: argparse.Namespace) -> int:
 def _add_target_options(p: argparse.ArgumentParser, *, schedule: bool) -> None:
     """Where to submit, how to authenticate, and every pipeline parameter."""
     from pipelines.batch_inference import batch_inference
+    from pipelines.options import add_parameter_options
 
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument(
@@ -280,7 +255,7 @@ def _add_target_options(p: argparse.ArgumentParser, *, schedule: bool) -> None:
         )
         both.add_argument("--timeout", type=int, default=86400, help="seconds --wait waits (KFP)")
     params = p.add_argument_group("pipeline parameters", "left out: the compiled default")
-    _add_parameter_options(params, dict(batch_inference.component_spec.inputs), defaults=False)
+    add_parameter_options(params, dict(batch_inference.component_spec.inputs), defaults=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,7 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="run the whole pipeline locally (--local)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Run the whole pipeline on this machine through kfp.local, with the "
         "worker under torchrun, and print where the results and report are.",
     )

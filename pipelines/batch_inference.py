@@ -23,7 +23,10 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Dataset, Metrics
 
-from components.kfp_components import IMAGE, aggregate_results, launch_inference, upload_dataset
+from components.aggregate.component import aggregate_results
+from components.images import IMAGE
+from components.launch.component import classify_images
+from components.upload.component import upload_images
 from worker.config import DEFAULT_MODEL
 
 PIPELINE_NAME = "batch-inference"
@@ -140,8 +143,8 @@ def make_pipeline(flavour: str) -> Callable:
         # Always one upload task, which copies nothing when source is empty. A dsl.If/Else with
         # an importer and dsl.OneOf would skip the pod too, but kfp.local 2.17 cannot resolve an
         # artifact OneOf, and the local run must execute this very graph.
-        upload = upload_dataset(source=source, destination=images_uri, workers=upload_workers)
-        launch = launch_inference(
+        upload = upload_images(source=source, destination=images_uri, workers=upload_workers)
+        launch = classify_images(
             images=upload.outputs["dataset"],
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             results_root=results_root,

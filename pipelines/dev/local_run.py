@@ -30,11 +30,28 @@ from typing import Any
 from components.launch.launch import LOCAL
 from components.launch.local import pythonpath_with_project
 from pipelines.dev.emulator import gcs_emulator
+from pipelines.options import add_parameter_options
+from worker.config import DEFAULT_MODEL
 from worker.storage import is_gcs, split_gcs
 
 EMULATOR_IMAGES_URI = "gs://batch-inference-images/images"
 EMULATOR_RESULTS_ROOT = "gs://batch-inference-results/runs"
 DEFAULT_WORKDIR = Path(".local-runs")
+# The pipeline parameters that mean something on this machine; the others shape the GKE job.
+LOCAL_PARAMETERS = (
+    "results_prefix",
+    "incremental",
+    "upload_workers",
+    "batch_size",
+    "shard_size",
+    "device",
+    "extra_worker_args",
+    "local_nproc",
+    "timeout_seconds",
+)
+# Where a local run's defaults differ from a cluster run's: a sample set of a few dozen
+# images spreads over two ranks in small shards, and a CPU forward pass takes smaller batches.
+LOCAL_DEFAULTS = {"local_nproc": 2, "shard_size": 16, "batch_size": 32}
 
 
 @dataclass(frozen=True)
@@ -54,9 +71,7 @@ def run_pipeline_locally(
     pipeline_root: str | Path,
     images_uri: str,
     results_root: str,
-    source: str = "",
     model: str,
-    nproc: int = 1,
     **params: Any,
 ) -> LocalRun:
     """Run the batch_inference pipeline through kfp.local with the local backend.
@@ -65,10 +80,9 @@ def run_pipeline_locally(
         pipeline_root: Local folder for kfp.local's task outputs (the CSV, Parquet and HTML).
         images_uri: The images' prefix: gs:// (the emulator or GCS) or a local folder.
         results_root: Where the worker writes, as ``<results_root>/<run id>``.
-        source: Uploaded to ``images_uri`` first when set (then ``images_uri`` must be gs://).
         model: A hub id or a model directory.
-        nproc: Worker processes (torchrun ``--nproc_per_node``).
-        **params: Any other pipeline parameter (batch_size, shard_size, device, ...).
+        **params: Any other pipeline parameter (source, local_nproc, batch_size, shard_size,
+            device, ...); left out, the pipeline's default.
 
     Returns:
         The outputs' locations and the metrics.
@@ -87,13 +101,7 @@ def run_pipeline_locally(
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         task = batch_inference(
-            source=source,
-            images_uri=images_uri,
-            results_root=results_root,
-            model=model,
-            backend=LOCAL,
-            local_nproc=nproc,
-            **params,
+            images_uri=images_uri, results_root=results_root, model=model, backend=LOCAL, **params
         )
     out = task.outputs
     return LocalRun(
@@ -139,11 +147,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "--num-images",
         type=int,
         default=64,
-        help="size of the generated sample set (one file of it is deliberately corrupt)",
+        help="size of the generated sample set (one file of it is deliberately corrupt; default: %(default)s)",
     )
     p.add_argument(
         "--model",
-        help="hub id or model directory (default: google/vit-base-patch16-224, or "
+        help=f"hub id or model directory (default: {DEFAULT_MODEL}, or "
         "when the hub is unreachable a local random-weight model of its architecture)",
     )
     mode = p.add_mutually_exclusive_group()
@@ -162,16 +170,23 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="where the images are (or are uploaded to); default: "
         f"{EMULATOR_IMAGES_URI} with the emulator, else the images folder",
     )
-    p.add_argument("--nproc", type=int, default=2, help="worker processes under torchrun")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--shard-size", type=int, default=16, help="images per shard")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="worker device")
+    params = p.add_argument_group(
+        "pipeline parameters", "as in a submitted run (python -m pipelines submit --help), for this machine"
+    )
+    add_parameter_options(params, _local_inputs(), defaults=True, overrides=LOCAL_DEFAULTS)
     p.add_argument(
         "--workdir",
         type=Path,
         default=DEFAULT_WORKDIR,
-        help="folder for sample images, the random model and each run's pipeline root",
+        help="folder for sample images, the random model and each run's pipeline root (default: %(default)s)",
     )
+
+
+def _local_inputs() -> dict:
+    from pipelines.batch_inference import batch_inference
+
+    inputs = batch_inference.component_spec.inputs
+    return {name: inputs[name] for name in LOCAL_PARAMETERS}
 
 
 def _resolve_model(model: str | None, workdir: Path) -> str:
@@ -205,8 +220,6 @@ def run_local_main(args: argparse.Namespace) -> int:
     """``python -m pipelines run --local``: prepare, run, and print where the outputs are."""
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    if args.nproc < 1:
-        raise ValueError("--nproc must be at least 1")
     folder_source = bool(args.source) and "://" not in args.source
     if folder_source and not Path(args.source).is_dir():
         raise ValueError(f"--source {args.source}: no such folder")
@@ -246,10 +259,7 @@ def run_local_main(args: argparse.Namespace) -> int:
             results_root=results_root,
             source=upload,
             model=model,
-            nproc=args.nproc,
-            batch_size=args.batch_size,
-            shard_size=args.shard_size,
-            device=args.device,
+            **{name: getattr(args, name) for name in _local_inputs()},
         )
     # KFP stores every metric as a float: 20.0 images reads better as 20.
     metrics = " ".join(f"{k}={v:g}" for k, v in sorted(run.metrics.items()))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components.aggregate import MANIFEST, MARKER, aggregate_results
+from components.aggregate.aggregate import MANIFEST, MARKER, aggregate
 from components.launch.launch import LaunchRequest, launch
 from pipelines.__main__ import main
 from pipelines.batch_inference import launch_inputs
@@ -38,7 +38,7 @@ def _put(client, bucket: str, name: str, data: bytes) -> int:
 
 def _aggregate(results_uri: str, tmp_path: Path, name: str) -> tuple[dict, pd.DataFrame]:
     csv_path = tmp_path / name / "results.csv"
-    report = aggregate_results(
+    report = aggregate(
         results_uri,
         csv_path=str(csv_path),
         parquet_path=str(tmp_path / name / "r.parquet"),

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.kfp_components import DEFAULT_IMAGE, launch_inference
+from components.images import DEFAULT_IMAGE
+from components.launch.component import classify_images
 from components.launch.launch import LaunchRequest
 from pipelines.batch_inference import KUBEFLOW, PIPELINES, VERTEX, compiled_filename
 from tests.support import ROOT
@@ -66,7 +67,7 @@ def test_kubeflow_flavour_has_the_launcher_pod_settings(fresh):
     spec, platform = _docs(fresh / compiled_filename(KUBEFLOW))
     assert "pipelineInfo" in spec
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    launcher = executors["exec-launch-inference"]["podMetadata"]
+    launcher = executors["exec-classify-images"]["podMetadata"]
     assert launcher["labels"]["app.kubernetes.io/component"] == "launch"
     assert launcher["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
 
@@ -100,7 +101,7 @@ def test_every_parameter_has_a_default_and_a_description(fresh, flavour):
 def test_components_run_the_project_image_without_installing_anything(fresh, flavour):
     spec = _docs(fresh / compiled_filename(flavour))[0]
     executors = spec["deploymentSpec"]["executors"]
-    assert set(executors) == {"exec-upload-dataset", "exec-launch-inference", "exec-aggregate-results"}
+    assert set(executors) == {"exec-upload-images", "exec-classify-images", "exec-aggregate-results"}
     for name, executor in executors.items():
         container = executor["container"]
         assert container["image"] == DEFAULT_IMAGE, name
@@ -109,13 +110,13 @@ def test_components_run_the_project_image_without_installing_anything(fresh, fla
 
 def test_results_prefix_is_unique_per_run(fresh):
     spec = _docs(fresh / compiled_filename(VERTEX))[0]
-    run_id = spec["root"]["dag"]["tasks"]["launch-inference"]["inputs"]["parameters"]["run_id"]
+    run_id = spec["root"]["dag"]["tasks"]["classify-images"]["inputs"]["parameters"]["run_id"]
     assert run_id == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
 
 
 def test_launch_component_parameters_are_the_launch_request_fields():
     # The component forwards its parameters to LaunchRequest by name; keep the two in step.
-    inputs = set(launch_inference.component_spec.inputs)
+    inputs = set(classify_images.component_spec.inputs)
     fields = {f.name for f in dataclasses.fields(LaunchRequest)}
     assert inputs - {"images"} == fields - {"images_uri"}
 
@@ -129,5 +130,5 @@ def test_both_flavours_take_the_same_parameters():
 def test_no_task_is_cached(fresh, flavour):
     # Each task depends on GCS state its inputs do not capture; a cache hit would skip real work.
     tasks = _docs(fresh / compiled_filename(flavour))[0]["root"]["dag"]["tasks"]
-    assert set(tasks) == {"upload-dataset", "launch-inference", "aggregate-results"}
+    assert set(tasks) == {"upload-images", "classify-images", "aggregate-results"}
     assert all(not task.get("cachingOptions", {}).get("enableCache") for task in tasks.values())

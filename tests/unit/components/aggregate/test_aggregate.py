@@ -1,4 +1,4 @@
-"""aggregate_results on hand-built result layouts, local and on the GCS emulator."""
+"""aggregate on hand-built result layouts, local and on the GCS emulator."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components.aggregate import MANIFEST, MARKER, IncompleteResultsError, aggregate_results
+from components.aggregate.aggregate import MANIFEST, MARKER, IncompleteResultsError, aggregate
 from tests.support.html import parse_html
 from worker.incremental import read_manifest
 from worker.storage import join, open_storage, read_text, write_text
@@ -112,7 +112,7 @@ def test_complete_results(results_root, tmp_path):
     )
     out = _outputs(tmp_path)
 
-    report = aggregate_results(results_root, **out)
+    report = aggregate(results_root, **out)
 
     assert report.complete
     assert report.metrics == {
@@ -219,7 +219,7 @@ def test_incomplete_results_raise_after_writing_the_report(results_root, tmp_pat
     out = _outputs(tmp_path)
 
     with pytest.raises(IncompleteResultsError, match=expected) as err:
-        aggregate_results(results_root, **out)
+        aggregate(results_root, **out)
 
     assert not err.value.report.complete
     page = parse_html(Path(out["html_path"]))
@@ -242,14 +242,14 @@ def test_error_file_of_uncommitted_shard_does_not_count(tmp_path):
     write_layout(root, [0, 1, 2], parts={0: [0, 1]}, errors={1: [2]})
 
     with pytest.raises(IncompleteResultsError, match=r"1 missing.*000000000002\.jpg"):
-        aggregate_results(root, **_outputs(tmp_path))
+        aggregate(root, **_outputs(tmp_path))
 
 
 def test_empty_plan(results_root, tmp_path):
     write_text(join(results_root, "plan.jsonl"), "")
     out = _outputs(tmp_path)
 
-    report = aggregate_results(results_root, **out)
+    report = aggregate(results_root, **out)
 
     assert report.complete and report.top_classes == [] and report.errors_sample == []
     assert report.metrics["images"] == report.metrics["classified"] == report.metrics["ranks"] == 0
@@ -267,9 +267,9 @@ def test_part_with_wrong_columns_is_named(tmp_path):
     write_text(join(root, "parts", "part-00000.csv"), "image_id,classification\nx,cat\n")
 
     with pytest.raises(ValueError, match="part-00000.csv"):
-        aggregate_results(root, **_outputs(tmp_path))
+        aggregate(root, **_outputs(tmp_path))
 
 
 def test_missing_plan_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="no plan at .*plan.jsonl"):
-        aggregate_results(str(tmp_path / "nothing"), **_outputs(tmp_path))
+        aggregate(str(tmp_path / "nothing"), **_outputs(tmp_path))

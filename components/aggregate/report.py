@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # Only for the annotation: aggregate imports this module.
-    from components.aggregate import AggregateReport
+    from components.aggregate.aggregate import AggregateReport
 
 _CSS = """
 :root { --fg:#1f2933; --muted:#616e7c; --line:#e4e7eb; --bg:#f5f7fa; --card:#fff;
@@ -56,7 +56,7 @@ def render_report(report: AggregateReport) -> str:
     """Render an aggregate report as one self-contained HTML page.
 
     Args:
-        report: The output of ``aggregate_results`` (complete or not).
+        report: The output of ``aggregate`` (complete or not).
 
     Returns:
         The HTML document.

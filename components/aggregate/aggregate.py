@@ -1,4 +1,4 @@
-"""aggregate_results: merge the worker's CSV parts, prove exactly-once, and report.
+"""aggregate: merge the worker's CSV parts, prove exactly-once, and report.
 
 The worker writes one CSV part per shard under ``OUTPUT/parts/`` (the part is the
 shard's commit point), error rows under ``OUTPUT/errors/`` and one summary per rank
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.report import render_report
+from components.aggregate.report import render_report
 from worker.commit import PART_COLUMNS
 from worker.incremental import INVENTORY_FILE, MANIFEST, MARKER, read_manifest
 from worker.plan import PLAN_FILE, RUN_FILE, decode_plan
@@ -116,9 +116,7 @@ class IncompleteResultsError(RuntimeError):
         )
 
 
-def aggregate_results(
-    results_uri: str, *, csv_path: str, parquet_path: str, html_path: str
-) -> AggregateReport:
+def aggregate(results_uri: str, *, csv_path: str, parquet_path: str, html_path: str) -> AggregateReport:
     """Merge and check the worker's results, and write the table, the report, the manifest and the marker.
 
     The HTML report is written first, so a failed task still shows why it failed.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from components.upload import UnsafeArchiveError, extract_zip, upload_dataset
+from components.upload.upload import UnsafeArchiveError, extract_zip, upload_dataset
 from tests.support.helpers import jpeg_bytes, upload_images, write_images
 
 
@@ -66,7 +66,7 @@ def test_local_dir_upload_is_complete_and_idempotent(gcs, tmp_path, caplog):
     bucket = gcs.new_bucket()
     dest = f"gs://{bucket}/data/coco"
 
-    with caplog.at_level(logging.INFO, logger="components.upload"):
+    with caplog.at_level(logging.INFO, logger="components.upload.upload"):
         first = upload_dataset(str(src), dest, workers=4)
     assert first.destination == dest
     assert (first.uploaded, first.skipped, first.total_objects) == (8, 0, 8)
