@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from components.launch.launch import LOCAL
-from components.local_launcher import pythonpath_with_project
+from components.launch.local import pythonpath_with_project
 from pipelines.dev.emulator import gcs_emulator
 from pipelines.options import add_parameter_options
 from worker.config import DEFAULT_MODEL

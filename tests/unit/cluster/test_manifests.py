@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.k8s_api import KubernetesApi
-from components.k8s_launcher import JobTimedOut, run_pytorchjob
-from components.pytorchjob import PyTorchJobConfig, build_pytorchjob, job_name_for
+from components.launch.kubernetes.api import KubernetesApi
+from components.launch.kubernetes.errors import JobTimedOut
+from components.launch.kubernetes.kinds import JobConfig, job_name_for
+from components.launch.kubernetes.pytorchjob import KIND
+from components.launch.kubernetes.supervisor import run_job
 from tests.support import ROOT
 from tests.support.k8s_stand_in import KubeApiStandIn, Step, followed_log_of, listed_workloads
 from tests.support.schemas import assert_valid_for_crd, assert_valid_for_kubernetes, crd_schema
@@ -129,7 +131,7 @@ def test_kustomizations_list_exactly_the_files_beside_them(kustomization):
 
 
 def test_kueue_objects_reference_each_other_and_match_the_job_defaults():
-    defaults = PyTorchJobConfig(name="x", image="i", worker_args=[])
+    defaults = JobConfig(name="x", image="i", worker_args=[])
     local_queue = one("LocalQueue", defaults.queue)
     assert local_queue["metadata"]["namespace"] == defaults.namespace == NAMESPACE
     cluster_queue = one("ClusterQueue", local_queue["spec"]["clusterQueue"])
@@ -223,8 +225,8 @@ def needed_grant(request) -> tuple[str, str, str] | None:
 
 def test_the_role_covers_every_call_the_launcher_makes():
     results = "gs://results/runs/rbac"
-    manifest = build_pytorchjob(
-        PyTorchJobConfig(
+    manifest = KIND.build(
+        JobConfig(
             name=job_name_for("run-rbac", results),
             image="img",
             worker_args=["--input", "x"],
@@ -249,12 +251,18 @@ def test_the_role_covers_every_call_the_launcher_makes():
         )
         api = KubernetesApi(stand_in.url, token="t", request_timeout_s=10)
         with pytest.raises(Exception, match="PyTorchJobFailed"):
-            run_pytorchjob(
-                api, manifest, log=lambda _: None, poll_interval_s=0.05, retry_interval_s=0.02, timeout_s=30
+            run_job(
+                api,
+                KIND,
+                manifest,
+                log=lambda _: None,
+                poll_interval_s=0.05,
+                retry_interval_s=0.02,
+                timeout_s=30,
             )
         ticks = itertools.count(0, 100)
-        second = build_pytorchjob(
-            PyTorchJobConfig(
+        second = KIND.build(
+            JobConfig(
                 name=job_name_for("run-rbac-2", results + "-2"),
                 image="img",
                 worker_args=[],
@@ -262,8 +270,9 @@ def test_the_role_covers_every_call_the_launcher_makes():
             )
         )
         with pytest.raises(JobTimedOut):  # the path that deletes
-            run_pytorchjob(
+            run_job(
                 api,
+                KIND,
                 second,
                 log=lambda _: None,
                 poll_interval_s=0.01,

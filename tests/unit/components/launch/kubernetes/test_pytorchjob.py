@@ -21,17 +21,17 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from components.pytorchjob import (
+from components.launch.kubernetes.kinds import (
     MAX_RUN_DURATION_ANNOTATION,
     PRIORITY_CLASS_LABEL,
     QUEUE_NAME_LABEL,
     RESULTS_HASH_LABEL,
-    PyTorchJobConfig,
-    build_pytorchjob,
+    JobConfig,
     job_name_for,
     render_yaml,
     results_hash,
 )
+from components.launch.kubernetes.pytorchjob import KIND
 from tests.support.schemas import (
     CrdValidator,
     assert_valid_for_crd,
@@ -53,7 +53,7 @@ WORKER_ARGS = WorkerConfig(
 ).to_args()
 
 
-def config(**overrides) -> PyTorchJobConfig:
+def config(**overrides) -> JobConfig:
     values = dict(
         name=job_name_for("run-1", RESULTS),
         image="us-docker.pkg.dev/p/r/worker:1",
@@ -61,7 +61,7 @@ def config(**overrides) -> PyTorchJobConfig:
         results_uri=RESULTS,
     )
     values.update(overrides)
-    return PyTorchJobConfig(**values)
+    return JobConfig(**values)
 
 
 CONFIGS = {
@@ -69,9 +69,8 @@ CONFIGS = {
     "two-nodes": dict(),
     "rdma-off": dict(rdma=False),
     "gcsfuse": dict(gcsfuse_bucket="images-bucket", gcsfuse_mount_path="/data/images"),
-    "sixteen-nodes-exitcode": dict(
+    "sixteen-nodes": dict(
         nodes=16,
-        restart_policy="ExitCode",
         priority_class="batch-low",
         active_deadline_seconds=36000,
         ttl_seconds_after_finished=600,
@@ -87,6 +86,9 @@ CONFIGS = {
 @pytest.fixture(params=sorted(CONFIGS))
 def manifest(request) -> dict:
     return build_pytorchjob(config(**CONFIGS[request.param]))
+
+
+build_pytorchjob = KIND.build
 
 
 def replica_templates(manifest: dict) -> dict[str, dict]:
@@ -365,8 +367,7 @@ def test_job_names_are_unique_per_run_and_stable_per_retry():
         (dict(name="1st-job"), "is not a DNS-1035 label"),
         (dict(name="a" * 60), "would exceed 63 characters"),
         (dict(max_run_duration_seconds=7 * 24 * 3600 + 1), "7 days"),
-        (dict(restart_policy="Always"), "restart_policy must be one of"),
-        (dict(clean_pod_policy="Some"), "clean_pod_policy must be one of"),
+        (dict(env={"PET_NNODES": "2"}), "PET_* variables are torchrun's"),
         (dict(image=""), "image is required"),
         (dict(namespace="Batch"), "namespace 'Batch' is not a DNS-1123 label"),
         (dict(network_interfaces=(("eth1", "gvnic-1"),)), "must map eth0"),
@@ -379,8 +380,8 @@ def test_invalid_configs_are_rejected_with_a_clear_message(overrides, message):
 
 
 def test_render_yaml_is_the_manifest():
-    cfg = config(gcsfuse_bucket="images-bucket")
-    assert yaml.safe_load(render_yaml(cfg)) == build_pytorchjob(cfg)
+    manifest = build_pytorchjob(config(gcsfuse_bucket="images-bucket"))
+    assert yaml.safe_load(render_yaml(manifest)) == manifest
 
 
 def test_building_does_not_share_state_between_manifests():

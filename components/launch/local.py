@@ -21,7 +21,7 @@ from pathlib import Path
 
 # The project root, so the worker's processes import `worker` whatever the caller's cwd
 # (kfp.local and notebooks start components from wherever they happen to be).
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TAIL_LINES = 40
 # torchrun's --tee prefix, and its log line for each rank that exited non-zero.
 _RANK_LINE = re.compile(r"^\[default(\d+)\]:")

@@ -1,4 +1,4 @@
-"""components.launch: a run's parameters become the worker's arguments and the PyTorchJob.
+"""components.launch.launch: a run's parameters become the worker's arguments and the PyTorchJob.
 
 The kubernetes backend runs against the Kubernetes API stand-in of the launcher tests; the
 local backend runs in the pipeline tests.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from components.k8s_api import KubernetesApi
+from components.launch.kubernetes.api import KubernetesApi
 from components.launch.launch import LaunchRequest, launch
 from pipelines.batch_inference import launch_inputs
 from tests.support.k8s_stand_in import KubeApiStandIn, Step, followed_log_of, listed_workloads
@@ -100,4 +100,4 @@ def test_kubernetes_backend_creates_the_job_and_waits_for_it():
         -1
     ]
     assert "--input gs://images/coco/val2017 --output gs://results/runs/run-1" in command
-    assert "[master] all shards done" in lines
+    assert "[master-0] all shards done" in lines

@@ -1,19 +1,17 @@
 """The narrow seam between the launcher and the Kubernetes API server.
 
-Only the calls :mod:`components.k8s_launcher` needs, over plain HTTP (``requests``): the same
-code talks to a real API server (bearer token + cluster CA) and to the local HTTP stand-in the
-tests run. Permissions needed are namespaced only (see ``cluster/rbac.yaml``); the two
-cluster-level questions (is the PyTorchJob API installed, does the namespace exist) are asked in
-ways that work without cluster-wide grants.
+Only the calls the job supervisor needs, over plain HTTP (``requests``): custom resources by
+group/version/plural (whatever the job kind), Kueue objects, pods and their logs. The same code
+talks to a real API server (bearer token + cluster CA) and to the local HTTP stand-in the tests
+run. Permissions needed are namespaced only (see ``cluster/``); the two cluster-level questions
+(is the job kind's API installed, does the namespace exist) are asked in ways that work without
+cluster-wide grants.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
-import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,15 +19,39 @@ from typing import Any
 
 import requests
 
-PYTORCHJOB_GROUP = "kubeflow.org"
-PYTORCHJOB_VERSION = "v1"
-PYTORCHJOB_PLURAL = "pytorchjobs"
 KUEUE_GROUP = "kueue.x-k8s.io"
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 
-IN_CLUSTER_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-GKE_API = "https://container.googleapis.com/v1"
-CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+
+@dataclass(frozen=True)
+class Resource:
+    """A namespaced resource type of the API, e.g. ``kubeflow.org/v1`` ``pytorchjobs``.
+
+    Attributes:
+        group: API group (``""`` for the core group).
+        version: API version of the group.
+        plural: The resource's plural name, as in its URL.
+        kind: The object kind, as in manifests.
+    """
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+
+    @property
+    def api_version(self) -> str:
+        """The manifests' ``apiVersion``."""
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str, name: str | None = None) -> str:
+        """The URL path of the collection in ``namespace``, or of one object in it."""
+        root = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        path = f"{root}/namespaces/{namespace}/{self.plural}"
+        return f"{path}/{name}" if name else path
+
+    def __str__(self) -> str:
+        return f"{self.plural}.{self.group}/{self.version}" if self.group else f"{self.plural}/{self.version}"
 
 
 class ApiError(Exception):
@@ -152,7 +174,7 @@ class WatchStream:
 
 
 class KubernetesApi:
-    """Exactly the Kubernetes calls the PyTorchJob launcher makes.
+    """Exactly the Kubernetes calls the job supervisor makes.
 
     Args:
         base_url: API server URL, e.g. ``https://10.0.0.1:443`` or ``http://127.0.0.1:PORT``.
@@ -188,96 +210,6 @@ class KubernetesApi:
         # requests.Session is not documented as thread-safe; the launcher watches, follows logs
         # and polls from different threads, so each thread gets its own connection pool.
         self._local = threading.local()
-
-    # -- credentials -----------------------------------------------------------------------
-
-    @classmethod
-    def from_in_cluster(cls, sa_dir: str = IN_CLUSTER_DIR, **kwargs: Any) -> KubernetesApi:
-        """Credentials of the pod's service account (a KFP task running in the cluster).
-
-        The token file is re-read per request because the kubelet rotates projected tokens.
-
-        Args:
-            sa_dir: Where the service account token and CA are mounted.
-            **kwargs: Passed to the constructor.
-
-        Raises:
-            RuntimeError: Not running in a pod (no service host or token).
-        """
-        host = os.environ.get("KUBERNETES_SERVICE_HOST")
-        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        token_path = os.path.join(sa_dir, "token")
-        if not host or not os.path.exists(token_path):
-            raise RuntimeError(
-                f"not running in a Kubernetes pod: KUBERNETES_SERVICE_HOST or {token_path} is missing"
-            )
-        if ":" in host:  # an IPv6 service address needs brackets in a URL
-            host = f"[{host}]"
-
-        def read_token() -> str:
-            with open(token_path) as f:
-                return f.read().strip()
-
-        return cls(
-            f"https://{host}:{port}",
-            token_provider=read_token,
-            verify=os.path.join(sa_dir, "ca.crt"),
-            **kwargs,
-        )
-
-    @classmethod
-    def from_gke(
-        cls, project: str, location: str, cluster: str, *, credentials: Any = None, **kwargs: Any
-    ) -> KubernetesApi:
-        """Credentials for a GKE cluster from outside it (a Vertex AI Pipelines task).
-
-        The endpoint and CA come from the GKE API (``google-cloud-container`` when installed,
-        else its REST endpoint); the bearer token is the caller's Google identity, which GKE
-        maps to Kubernetes RBAC. Needs ``container.clusters.get`` on the cluster.
-
-        Args:
-            project: GCP project id.
-            location: Cluster region or zone.
-            cluster: Cluster name.
-            credentials: google-auth credentials; default ``google.auth.default()``.
-            **kwargs: Passed to the constructor.
-        """
-        import google.auth
-        import google.auth.transport.requests
-
-        if credentials is None:
-            credentials, _ = google.auth.default(scopes=[CLOUD_PLATFORM_SCOPE])
-        auth_request = google.auth.transport.requests.Request()
-        lock = threading.Lock()
-
-        def fresh_token() -> str:
-            with lock:
-                if not credentials.valid:
-                    credentials.refresh(auth_request)
-                return credentials.token
-
-        name = f"projects/{project}/locations/{location}/clusters/{cluster}"
-        try:
-            from google.cloud import container_v1
-        except ImportError:
-            container_v1 = None
-        if container_v1 is not None:
-            got = container_v1.ClusterManagerClient(credentials=credentials).get_cluster(name=name)
-            endpoint, ca_b64 = got.endpoint, got.master_auth.cluster_ca_certificate
-        else:
-            resp = requests.get(
-                f"{GKE_API}/{name}", timeout=30, headers={"Authorization": f"Bearer {fresh_token()}"}
-            )
-            if not resp.ok:
-                raise RuntimeError(
-                    f"GKE API: cannot get cluster {name}: {resp.status_code} {resp.text[:300]}"
-                )
-            body = resp.json()
-            endpoint, ca_b64 = body["endpoint"], body["masterAuth"]["clusterCaCertificate"]
-        # requests wants a CA bundle path, not bytes.
-        with tempfile.NamedTemporaryFile("wb", prefix="gke-ca-", suffix=".crt", delete=False) as ca_file:
-            ca_file.write(base64.b64decode(ca_b64))
-        return cls(f"https://{endpoint}", token_provider=fresh_token, verify=ca_file.name, **kwargs)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -329,26 +261,21 @@ class KubernetesApi:
                 resp.close()
         return LineStream(resp, keep_partial_last_line)
 
-    @staticmethod
-    def _jobs_path(namespace: str, name: str | None = None) -> str:
-        path = f"/apis/{PYTORCHJOB_GROUP}/{PYTORCHJOB_VERSION}/namespaces/{namespace}/{PYTORCHJOB_PLURAL}"
-        return f"{path}/{name}" if name else path
+    # -- custom resources ---------------------------------------------------------------------
 
-    # -- cluster-level checks -----------------------------------------------------------------
-
-    def pytorchjob_api_available(self) -> bool:
-        """Whether the PyTorchJob CRD is installed (served at ``kubeflow.org/v1``).
+    def serves(self, resource: Resource) -> bool:
+        """Whether the API server serves ``resource`` (its CRD is installed at that version).
 
         Asked through API discovery, which every authenticated identity may read, rather than
         by reading the CRD object, which would need a cluster-wide grant.
         """
         try:
-            resources = self._request("GET", f"/apis/{PYTORCHJOB_GROUP}/{PYTORCHJOB_VERSION}")
+            listing = self._request("GET", f"/apis/{resource.group}/{resource.version}")
         except ApiError as e:
             if e.not_found:
                 return False
             raise
-        return any(r.get("name") == PYTORCHJOB_PLURAL for r in resources.get("resources", []))
+        return any(r.get("name") == resource.plural for r in listing.get("resources", []))
 
     def namespace_exists(self, namespace: str) -> bool | None:
         """Whether the namespace exists; ``None`` when this identity may not read namespaces.
@@ -366,42 +293,48 @@ class KubernetesApi:
             raise
         return True
 
-    # -- PyTorchJobs --------------------------------------------------------------------------
-
-    def create_pytorchjob(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Creates a PyTorchJob; unknown or duplicate fields are errors (``fieldValidation=Strict``)."""
+    def create(self, resource: Resource, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Creates an object; unknown or duplicate fields are errors (``fieldValidation=Strict``)."""
         return self._request(
-            "POST", self._jobs_path(namespace), params={"fieldValidation": "Strict"}, body=body
+            "POST", resource.path(namespace), params={"fieldValidation": "Strict"}, body=body
         )
 
-    def get_pytorchjob(self, namespace: str, name: str) -> dict[str, Any]:
-        """The PyTorchJob; raises :class:`ApiError` (404) when it does not exist."""
-        return self._request("GET", self._jobs_path(namespace, name))
+    def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any]:
+        """The object; raises :class:`ApiError` (404) when it does not exist."""
+        return self._request("GET", resource.path(namespace, name))
 
-    def list_pytorchjobs(
-        self, namespace: str, *, label_selector: str | None = None, field_selector: str | None = None
+    def list(
+        self,
+        resource: Resource,
+        namespace: str,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
     ) -> dict[str, Any]:
-        """The PyTorchJobList (its ``metadata.resourceVersion`` is where a watch resumes)."""
+        """The list object (its ``metadata.resourceVersion`` is where a watch resumes)."""
         params = {
             k: v for k, v in (("labelSelector", label_selector), ("fieldSelector", field_selector)) if v
         }
-        return self._request("GET", self._jobs_path(namespace), params=params)
+        return self._request("GET", resource.path(namespace), params=params)
 
-    def delete_pytorchjob(self, namespace: str, name: str, propagation_policy: str = "Foreground") -> bool:
-        """Deletes a PyTorchJob and, through garbage collection, its pods and services.
+    def delete(
+        self, resource: Resource, namespace: str, name: str, propagation_policy: str = "Foreground"
+    ) -> bool:
+        """Deletes an object and, through garbage collection, what it owns (pods, services).
 
         Args:
-            namespace: Job namespace.
-            name: Job name.
-            propagation_policy: ``Foreground`` keeps the job visible until its pods are gone;
-                ``Background`` removes it at once and lets the collector follow.
+            resource: What kind of object.
+            namespace: Its namespace.
+            name: Its name.
+            propagation_policy: ``Foreground`` keeps the object visible until its dependents are
+                gone; ``Background`` removes it at once and lets the collector follow.
 
         Returns:
-            False when the job was already gone.
+            False when the object was already gone.
         """
         try:
             self._request(
-                "DELETE", self._jobs_path(namespace, name), params={"propagationPolicy": propagation_policy}
+                "DELETE", resource.path(namespace, name), params={"propagationPolicy": propagation_policy}
             )
         except ApiError as e:
             if e.not_found:
@@ -409,8 +342,9 @@ class KubernetesApi:
             raise
         return True
 
-    def watch_pytorchjobs(
+    def watch(
         self,
+        resource: Resource,
         namespace: str,
         *,
         resource_version: str,
@@ -418,11 +352,11 @@ class KubernetesApi:
         label_selector: str | None = None,
         timeout_seconds: int = 300,
     ) -> WatchStream:
-        """Watches PyTorchJobs from ``resource_version`` on.
+        """Watches objects from ``resource_version`` on.
 
         The server ends the stream after ``timeout_seconds``; the caller rewatches from the last
         resourceVersion it saw. Bookmarks are requested so that the resourceVersion keeps moving
-        even when the watched job does not change.
+        even when the watched object does not change.
         """
         params: dict[str, Any] = {
             "watch": "true",
@@ -435,7 +369,7 @@ class KubernetesApi:
         if label_selector:
             params["labelSelector"] = label_selector
         lines = self._stream(
-            self._jobs_path(namespace),
+            resource.path(namespace),
             params,
             read_timeout_s=timeout_seconds + 30,
             keep_partial_last_line=False,

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from components.local_launcher import LocalRunError, run_local, worker_command
+from components.launch.local import LocalRunError, run_local, worker_command
 
 
 def test_command_uses_torchrun_only_for_several_processes():

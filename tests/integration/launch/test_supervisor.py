@@ -1,4 +1,4 @@
-"""The PyTorchJob launcher against a local HTTP stand-in for the Kubernetes API server.
+"""The job supervisor against a local HTTP stand-in for the Kubernetes API server.
 
 The launcher, its HTTP seam, sockets, threads and the SIGTERM path are real; only the API server
 (and the controllers behind it) is played by ``tests/support/k8s_stand_in.py``. Each test scripts what
@@ -14,23 +14,19 @@ import signal
 
 import pytest
 
-from components.k8s_api import KubernetesApi
-from components.k8s_launcher import (
+from components.launch.kubernetes.api import KubernetesApi
+from components.launch.kubernetes.credentials import in_cluster_api
+from components.launch.kubernetes.errors import (
     AdmissionRejected,
     JobCancelled,
     JobFailed,
     JobTimedOut,
     LauncherError,
     MissingClusterResource,
-    run_pytorchjob,
 )
-from components.pytorchjob import (
-    RESULTS_HASH_LABEL,
-    PyTorchJobConfig,
-    build_pytorchjob,
-    job_name_for,
-    results_hash,
-)
+from components.launch.kubernetes.kinds import RESULTS_HASH_LABEL, JobConfig, job_name_for, results_hash
+from components.launch.kubernetes.pytorchjob import KIND
+from components.launch.kubernetes.supervisor import run_job
 from tests.support.k8s_stand_in import KubeApiStandIn, Step, followed_log_of, listed_workloads
 from worker.config import WorkerConfig
 
@@ -58,7 +54,7 @@ def make_manifest(run_id: str = "run-1", results: str = RESULTS, **overrides) ->
     worker = WorkerConfig(
         input="gs://images/coco/val2017", output=results, model="google/vit-base-patch16-224"
     )
-    cfg = PyTorchJobConfig(
+    cfg = JobConfig(
         name=job_name_for(run_id, results),
         image="us-docker.pkg.dev/p/r/worker:1",
         worker_args=worker.to_args(),
@@ -66,7 +62,7 @@ def make_manifest(run_id: str = "run-1", results: str = RESULTS, **overrides) ->
         results_uri=results,
         **overrides,
     )
-    return build_pytorchjob(cfg)
+    return KIND.build(cfg)
 
 
 @pytest.fixture
@@ -81,7 +77,7 @@ def launch(stand_in: KubeApiStandIn, manifest: dict, log: CollectedLog, **kwargs
     # Short intervals keep the test fast; the 30 s timeout is only a safety net against a hang.
     options = dict(timeout_s=30, poll_interval_s=0.05, retry_interval_s=0.02, log_drain_timeout_s=10)
     options.update(kwargs)
-    return run_pytorchjob(api, manifest, log=log, **options)
+    return run_job(api, KIND, manifest, log=log, **options)
 
 
 def master(name: str) -> str:
@@ -129,11 +125,11 @@ def test_queued_job_reports_dws_wait_then_streams_master_log_and_succeeds(stand_
     assert log.has("QuotaReserved=True")
     assert log.has("was admitted by Kueue")
     for line in ("loading model", "shard 0 committed", "done: 5000 images"):
-        assert log.count(f"[master] {line}") == 1, log
+        assert log.count(f"[master-0] {line}") == 1, log
     assert not log.has("worker up")  # only the master's log is followed
     assert log.index(
         f"PyTorchJob {NS}/{name}: Running (PyTorchJobRunning: PyTorchJob is running.)"
-    ) < log.index("[master] loading model")
+    ) < log.index("[master-0] loading model")
     pod_list = stand_in.calls("GET", f"/namespaces/{NS}/pods")[0]
     assert pod_list.query["labelSelector"] == (
         f"training.kubeflow.org/job-name={name},"
@@ -183,7 +179,7 @@ def test_eviction_is_reported_and_the_readmitted_job_is_followed_again(stand_in)
     assert log.has("(PodsReadyTimeout: Exceeded the PodsReady timeout")
     assert log.count("was admitted by Kueue") == 2
     for line in ("first attempt", "second attempt", "all shards done"):
-        assert log.count(f"[master] {line}") == 1, log
+        assert log.count(f"[master-0] {line}") == 1, log
     assert stand_in.steps_left() == 0
 
 
@@ -277,7 +273,7 @@ def test_failed_job_raises_with_condition_reason_and_the_failing_pods_log_tail(s
     assert failure.value.log_tail[-1] == "RuntimeError: NCCL error: unhandled system error"
     tail_read = stand_in.calls("GET", f"/pods/{name}-worker-0/log")
     assert tail_read and tail_read[0].query.get("tailLines") == "50"
-    assert log.count("[master] rank 0: waiting for peers") == 1
+    assert log.count("[master-0] rank 0: waiting for peers") == 1
     # A failed job is finished, not left running: it is kept for inspection, not deleted.
     assert stand_in.calls("DELETE") == []
 
@@ -309,7 +305,7 @@ def test_failed_job_falls_back_to_the_streamed_master_log_when_pods_are_gone(sta
         launch(stand_in, manifest, CollectedLog())
 
     assert "ValueError: bad model config" in str(failure.value)
-    assert "the master pod (as streamed)" in str(failure.value)
+    assert "master-0 (as streamed)" in str(failure.value)
     assert stand_in.steps_left() == 0
 
 
@@ -456,7 +452,7 @@ def test_dropped_log_stream_reconnects_without_duplicating_or_losing_lines(stand
     outcome = launch(stand_in, manifest, log)
 
     expected = ["line 1", "line 2", "line 3a", "line 3b", "line 4", "line 5"]
-    assert [line[len("[master] ") :] for line in log if line.startswith("[master] ")] == expected
+    assert [line[len("[master-0] ") :] for line in log if line.startswith("[master-0] ")] == expected
     assert outcome.log_tail == expected
     streams = stand_in.calls("GET", f"/pods/{master(name)}/log", follow="true")
     assert "sinceTime" not in streams[0].query
@@ -464,7 +460,7 @@ def test_dropped_log_stream_reconnects_without_duplicating_or_losing_lines(stand
         streams[1].query["sinceTime"] == "2026-11-24T20:00:00Z"
     )  # whole seconds: the replay is de-duplicated
     assert streams[1].query["timestamps"] == "true" and streams[1].query["container"] == "pytorch"
-    assert log.has("log stream of the master pod dropped")
+    assert log.has("log stream of master-0 dropped")
 
 
 def test_rerun_for_the_same_results_prefix_adopts_the_running_job(stand_in):
@@ -496,7 +492,7 @@ def test_rerun_for_the_same_results_prefix_adopts_the_running_job(stand_in):
     lookup = stand_in.calls("GET", JOBS)[0]
     assert lookup.query == {"labelSelector": f"{RESULTS_HASH_LABEL}={results_hash(RESULTS)}"}
     assert log.has(f"adopting existing PyTorchJob {NS}/{first_name}")
-    assert log.count("[master] shard 7 committed") == 1
+    assert log.count("[master-0] shard 7 committed") == 1
 
 
 def test_rerun_waits_for_a_job_still_being_deleted_before_creating(stand_in):
@@ -623,7 +619,7 @@ def test_in_cluster_credentials_reread_the_rotated_token(tmp_path, monkeypatch):
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
 
-    api = KubernetesApi.from_in_cluster(sa_dir=str(tmp_path))
+    api = in_cluster_api(sa_dir=str(tmp_path))
     first = api.request_headers()["Authorization"]
     (tmp_path / "token").write_text("rotated-token")  # the kubelet refreshes projected tokens in place
 
@@ -635,4 +631,4 @@ def test_in_cluster_credentials_reread_the_rotated_token(tmp_path, monkeypatch):
 def test_in_cluster_credentials_outside_a_pod_say_so(tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(RuntimeError, match="not running in a Kubernetes pod"):
-        KubernetesApi.from_in_cluster(sa_dir=str(tmp_path))
+        in_cluster_api(sa_dir=str(tmp_path))
