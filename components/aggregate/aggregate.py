@@ -15,7 +15,6 @@ covers the images this run planned, and the table is the union described in
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -42,8 +41,10 @@ from worker.results import (
     PLAN_FILE,
     SUMMARY_DIR,
     SUMMARY_FILE,
+    check_parts,
     completion_marker,
     decode_plan,
+    plan_digest,
     read_manifest,
     read_run_record,
 )
@@ -137,6 +138,8 @@ def aggregate(results_uri: str, *, csv_path: str, parquet_path: str, html_path: 
     Raises:
         FileNotFoundError: There is no plan under ``results_uri``, or the base run of an
             incremental run lost its manifest.
+        MixedResultsError: A part was computed for another run than ``run.json``'s (it is
+            named), or ``run.json`` was made for another plan.
         ValueError: A part or error file does not have the documented columns.
         IncompleteResultsError: Some planned image is missing or appears more than
             once, or the results hold an image the plan does not; nothing but the
@@ -152,6 +155,9 @@ def aggregate(results_uri: str, *, csv_path: str, parquet_path: str, html_path: 
     planned = pd.Index(sorted({o.uri for o in plan}), dtype=str)
 
     part_uris = _list_named(storage, join(results_uri, PARTS_DIR), PART_FILE)
+    run_info = read_run_record(results_uri)
+    # Parts of another run (another input, model, plan...) are rejected by name, never merged.
+    check_parts(results_uri, run_info, plan_digest(plan_bytes), part_uris)
     error_uris = _list_named(storage, join(results_uri, ERRORS_DIR), PART_FILE)
     # Errors are written before their part, and the part is the commit point: an
     # error file without its part belongs to an attempt that never committed.
@@ -164,7 +170,6 @@ def aggregate(results_uri: str, *, csv_path: str, parquet_path: str, html_path: 
     parts = _read_csvs(storage, part_uris, PART_DTYPES)
     errors = _read_csvs(storage, error_uris, ERROR_DTYPES)
     ranks = _read_summaries(storage, join(results_uri, SUMMARY_DIR))
-    run_info = read_run_record(results_uri)
     carried, changed, deleted = _carry_over(storage, results_uri, run_info, planned)
     table = _merged_table(parts, plan, carried)
 
@@ -198,7 +203,7 @@ def aggregate(results_uri: str, *, csv_path: str, parquet_path: str, html_path: 
         results_uri,
         run_info,
         report.metrics,
-        plan_sha256=hashlib.sha256(plan_bytes).hexdigest(),
+        plan_sha256=plan_digest(plan_bytes),
         parts=len(part_uris),
     )
     write_text(join(results_uri, MARKER), json.dumps(marker, indent=2, sort_keys=True) + "\n")

@@ -163,20 +163,16 @@ def _plan_here(req: LaunchRequest, log: Callable[[str], None]) -> int:
     A nightly run often finds nothing new; planning here lets it skip provisioning GPU nodes
     just to learn that. The worker then finds the plan in place and uses it (the resume path).
     """
-    import json
-
     from worker.config import parse_args
-    from worker.plan import load_or_create_plan
-    from worker.results import RUN_FILE
-    from worker.storage import read_text
+    from worker.fingerprint import prepare_plan
 
-    plan = load_or_create_plan(parse_args(req.worker_args()))
-    info = json.loads(read_text(join(req.results_uri, RUN_FILE)))
+    plan = prepare_plan(parse_args(req.worker_args()))
+    info = plan.record
     log(
-        f"incremental plan: {len(plan)} of {info.get('listed', '?')} images under {req.images_uri} are new or "
-        f"changed since {info.get('base') or 'no earlier complete run'}"
+        f"incremental plan: {len(plan.objects)} of {info.get('listed', '?')} images under {req.images_uri} are "
+        f"new or changed since {info.get('base') or 'no earlier complete run'}"
     )
-    return len(plan)
+    return len(plan.objects)
 
 
 @dataclass(frozen=True)
