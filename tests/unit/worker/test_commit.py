@@ -38,7 +38,9 @@ def test_a_second_write_of_the_same_bytes_is_a_retry_and_other_bytes_another_wri
         caplog.clear()
         assert not committer.commit(4, ShardResult(rows=[("a", "dog", 5, 0.9, "gs://in/a.jpg")]))
     assert "another writer" in caplog.text
-    assert b"cat" in (tmp_path / "out" / "parts" / part_name(4, FINGERPRINT)).read_bytes(), "the first part stays"
+    assert b"cat" in (tmp_path / "out" / "parts" / part_name(4, FINGERPRINT)).read_bytes(), (
+        "the first part stays"
+    )
 
 
 def test_gcs_create_only_write_whose_response_was_lost_is_logged_as_a_retry(gcs, caplog):

@@ -44,7 +44,9 @@ def test_part_names_round_trip_and_temp_files_are_not_parts():
     names = [part_name(i, fingerprint) for i in (0, 7, 99999, 123456)]
     assert [parse_part(n) for n in names] == [(i, fingerprint) for i in (0, 7, 99999, 123456)]
     assert parse_part("part-00003.csv") == (3, None), "an older worker's part is still a part"
-    assert parse_part(".part-00001-0123456789abcdef.csv.abc.tmp") is None and parse_part("rank-0.json") is None
+    assert (
+        parse_part(".part-00001-0123456789abcdef.csv.abc.tmp") is None and parse_part("rank-0.json") is None
+    )
 
 
 def _record(**changes) -> dict:
@@ -80,7 +82,9 @@ def test_check_parts_names_the_parts_of_another_run():
     ours = f"gs://b/out/parts/{part_name(0, record['fingerprint'])}"
     others = [f"gs://b/out/parts/{part_name(1, '00000000ffffffff')}", "gs://b/out/parts/part-00002.csv"]
     check_parts("gs://b/out", record, record["plan_sha256"], [ours])
-    with pytest.raises(MixedResultsError, match=r"2 part\(s\).*part-00001-00000000ffffffff\.csv.*part-00002\.csv"):
+    with pytest.raises(
+        MixedResultsError, match=r"2 part\(s\).*part-00001-00000000ffffffff\.csv.*part-00002\.csv"
+    ):
         check_parts("gs://b/out", record, record["plan_sha256"], [ours, *others])
     with pytest.raises(MixedResultsError, match="is not the plan"):
         check_parts("gs://b/out", record, plan_digest(b"another plan"), [ours])
