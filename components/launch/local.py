@@ -34,12 +34,17 @@ _RANK_FAILED = re.compile(r"failed \(exitcode: -?\d+\) local_rank: \d+")
 class LocalRunError(RuntimeError):
     """The worker exited non-zero (or ran out of time); carries its exit code and log tail."""
 
-    def __init__(self, returncode: int, tail: Sequence[str], *, timed_out: bool = False):
+    def __init__(
+        self, returncode: int, tail: Sequence[str], *, cause: str | None = None, timed_out: bool = False
+    ):
         self.returncode = returncode
         self.tail = list(tail)
+        self.cause = cause
         self.timed_out = timed_out
         what = "timed out and was killed" if timed_out else f"failed with exit code {returncode}"
-        super().__init__(f"the local worker {what}:\n" + "\n".join(self.tail))
+        # The cause opens the message (where a UI shows one line) and ends it (where a log shows the end).
+        head = f"the local worker {what}: {cause}" if cause else f"the local worker {what}; last log lines:"
+        super().__init__("\n".join([head, *self.tail]))
 
 
 def _print_line(line: str) -> None:
@@ -101,8 +106,8 @@ class _Tails:
     def lines(self) -> list[str]:
         return [line for _, line in sorted(entry for kept in self._lines.values() for entry in kept)]
 
-    def explain(self) -> list[str]:
-        """The first failing rank's error and its excerpt (last); else every rank's last lines.
+    def explain(self) -> tuple[str | None, list[str]]:
+        """The first failing rank's error, and lines ending with it; else every rank's last lines.
 
         torchrun's "first observed failure" is a race: a rank that hit the real error often
         exits after the peers it left hanging in a collective, so the cause is told from its
@@ -117,13 +122,17 @@ class _Tails:
             who = f"rank {first.process}" if first.process else "the worker"
             echoes = [f"rank {e.process} failed too: {e.cause}" for e in errors if e is not first]
             excerpt = [f"--- {who} ---", *first.excerpt] if len(first.excerpt) > 1 else []
-            return [*echoes, f"{who} failed first: {first.cause}", *excerpt]
+            return f"{who} failed first: {first.cause}", [
+                *echoes,
+                f"{who} failed first: {first.cause}",
+                *excerpt,
+            ]
         processes = [p for p in self._lines if p]
         if not processes:  # a lone process: everything it printed is "launcher" output
-            return lines[-TAIL_LINES:]
+            return None, lines[-TAIL_LINES:]
         per_process = max(5, TAIL_LINES // len(processes))
         tails = [line for p in sorted(processes, key=int) for _, line in list(self._lines[p])[-per_process:]]
-        return tails + [line for _, line in self._lines.get("", ()) if _RANK_FAILED.search(line)]
+        return None, tails + [line for _, line in self._lines.get("", ()) if _RANK_FAILED.search(line)]
 
 
 def run_local(
@@ -187,7 +196,8 @@ def run_local(
                 _kill_group(proc)
                 proc.wait()
     if returncode != 0 or timed_out.is_set():
-        raise LocalRunError(returncode, tails.explain(), timed_out=timed_out.is_set())
+        cause, lines = tails.explain()
+        raise LocalRunError(returncode, lines, cause=cause, timed_out=timed_out.is_set())
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -104,12 +104,18 @@ def failure_message(ref: str, state: JobState, failure: Failure, tail_lines: int
     if first is None:
         return text + "\n(no log lines could be read from its pods)", []
     tail = first.lines[-tail_lines:]
-    lines = [text, f"--- last {len(tail)} log lines of {first.source} ---", *tail]
-    lines += [f"{rank} failed too: {cause}" for rank, cause in failure.echoes]
     error = failure.error
+    process = f", process {error.process}" if error and error.process else ""
+    verdict = f"{first.rank} ({first.source}{process}) failed first: {error.cause}" if error else ""
+    # The cause opens the message (where a UI shows one line) and ends it (where a log shows the end).
+    lines = [
+        f"{text}: {verdict}" if verdict else text,
+        f"--- last {len(tail)} log lines of {first.source} ---",
+        *tail,
+    ]
+    lines += [f"{rank} failed too: {cause}" for rank, cause in failure.echoes]
     if error is not None:
-        process = f", process {error.process}" if error.process else ""
-        lines.append(f"{first.rank} ({first.source}{process}) failed first: {error.cause}")
+        lines.append(verdict)
         if len(error.excerpt) > 1 and not _within(error.excerpt, tail):
             lines += [f"--- {first.rank}{process} ---", *error.excerpt]
     return "\n".join(lines), tail

@@ -280,7 +280,11 @@ def test_failed_job_ends_with_the_first_failing_ranks_error_not_its_peers_echo(s
     assert message.splitlines()[-1].startswith(f"{NODE_1[stand_in.controller.name]} (pod {node1}")
     echo_line = next(line for line in message.splitlines() if "failed too" in line)
     assert echo_line.startswith(node0(stand_in)) and "Connection closed by peer" in echo_line
-    assert message.index(echo_line) < message.index("failed first")
+    assert message.index(echo_line) < message.rindex("failed first")
+    first_line = message.splitlines()[0]  # what a UI showing one line shows
+    assert condition_reason in first_line and first_line.endswith(
+        "failed first: RuntimeError: NCCL error: unhandled system error"
+    )
     assert failure.value.log_tail[-1] == "[default0]:RuntimeError: NCCL error: unhandled system error"
     tail_reads = stand_in.calls("GET", f"/pods/{node1}/log")
     assert [r for r in tail_reads if r.query.get("tailLines") == "2000"]
