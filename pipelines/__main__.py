@@ -178,7 +178,7 @@ def _docs(args: argparse.Namespace) -> int:
 
 
 def _latest(args: argparse.Namespace) -> int:
-    from worker.incremental import completed_runs, read_manifest
+    from worker.results import completed_runs, read_manifest
 
     runs = completed_runs(args.results_root)
     if not runs:

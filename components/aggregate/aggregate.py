@@ -23,37 +23,40 @@ import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
 from components.aggregate.report import render_report
-from worker.commit import PART_COLUMNS
-from worker.incremental import INVENTORY_FILE, MANIFEST, MARKER, read_manifest
-from worker.plan import PLAN_FILE, RUN_FILE, decode_plan
-from worker.storage import ObjectInfo, Storage, join, open_storage, write_text
+from worker.results import (
+    ERROR_DTYPES,
+    ERRORS_DIR,
+    INVENTORY_FILE,
+    MANIFEST,
+    MANIFEST_COLUMNS,
+    MARKER,
+    PART_COLUMNS,
+    PART_DTYPES,
+    PART_FILE,
+    PARTS_DIR,
+    PLAN_FILE,
+    SUMMARY_DIR,
+    SUMMARY_FILE,
+    completion_marker,
+    decode_plan,
+    read_manifest,
+    read_run_record,
+)
+from worker.storage import ObjectInfo, Storage, folder, join, open_storage, write_text
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = (*PART_COLUMNS, "generation")
 TOP_CLASSES = 20
 ERRORS_SHOWN = 100
 # How many offending URIs the exception message names; the report shows more.
 NAMED_IN_ERROR = 5
 PROBLEMS_SHOWN = 100
 _READ_THREADS = 16
-# Only committed files count: the local backend's in-flight temp files start with '.'.
-_PART_FILE = re.compile(r"part-\d+\.csv")
-_SUMMARY_FILE = re.compile(r"rank-\d+\.json")
-_PART_DTYPES = {
-    "image_id": str,
-    "classification": str,
-    "label_index": "int64",
-    "score": "float64",
-    "uri": str,
-}
-_ERROR_DTYPES = {"uri": str, "reason": str}
 
 
 @dataclass
@@ -148,8 +151,8 @@ def aggregate(results_uri: str, *, csv_path: str, parquet_path: str, html_path: 
     plan = decode_plan(plan_bytes)
     planned = pd.Index(sorted({o.uri for o in plan}), dtype=str)
 
-    part_uris = _list_named(storage, join(results_uri, "parts"), _PART_FILE)
-    error_uris = _list_named(storage, join(results_uri, "errors"), _PART_FILE)
+    part_uris = _list_named(storage, join(results_uri, PARTS_DIR), PART_FILE)
+    error_uris = _list_named(storage, join(results_uri, ERRORS_DIR), PART_FILE)
     # Errors are written before their part, and the part is the commit point: an
     # error file without its part belongs to an attempt that never committed.
     committed = {u.rsplit("/", 1)[1] for u in part_uris}
@@ -158,14 +161,10 @@ def aggregate(results_uri: str, *, csv_path: str, parquet_path: str, html_path: 
         log.warning("ignoring %d error files of uncommitted shards, e.g. %s", len(orphans), orphans[0])
         error_uris = [u for u in error_uris if u.rsplit("/", 1)[1] in committed]
 
-    parts = _read_csvs(storage, part_uris, _PART_DTYPES)
-    errors = _read_csvs(storage, error_uris, _ERROR_DTYPES)
-    ranks = _read_summaries(storage, join(results_uri, "summary"))
-    run_info = (
-        json.loads(storage.read(join(results_uri, RUN_FILE)))
-        if storage.exists(join(results_uri, RUN_FILE))
-        else {}
-    )  # results of workers older than run.json have none
+    parts = _read_csvs(storage, part_uris, PART_DTYPES)
+    errors = _read_csvs(storage, error_uris, ERROR_DTYPES)
+    ranks = _read_summaries(storage, join(results_uri, SUMMARY_DIR))
+    run_info = read_run_record(results_uri)
     carried, changed, deleted = _carry_over(storage, results_uri, run_info, planned)
     table = _merged_table(parts, plan, carried)
 
@@ -195,16 +194,13 @@ def aggregate(results_uri: str, *, csv_path: str, parquet_path: str, html_path: 
 
     # Written last: its presence means the results were complete and aggregated, and that the
     # manifest is there for the next incremental run.
-    marker = {
-        "results_uri": results_uri,
-        "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(),
-        "parts": len(part_uris),
-        # Microseconds: incremental runs pick the latest complete run by this time.
-        "aggregated_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-        "manifest": MANIFEST,
-        "run": run_info,
-        "metrics": report.metrics,
-    }
+    marker = completion_marker(
+        results_uri,
+        run_info,
+        report.metrics,
+        plan_sha256=hashlib.sha256(plan_bytes).hexdigest(),
+        parts=len(part_uris),
+    )
     write_text(join(results_uri, MARKER), json.dumps(marker, indent=2, sort_keys=True) + "\n")
     log.info("aggregated %s: %s", results_uri, report.metrics)
     return report
@@ -221,7 +217,7 @@ def _carry_over(
     """
     base = run_info.get("base")
     if not base:
-        return _empty(dict(zip(MANIFEST_COLUMNS, (*_PART_DTYPES.values(), "Int64"), strict=False))), 0, 0
+        return _empty(dict(zip(MANIFEST_COLUMNS, (*PART_DTYPES.values(), "Int64"), strict=True))), 0, 0
     inventory = decode_plan(storage.read(join(results_uri, run_info.get("inventory", INVENTORY_FILE))))
     current = pd.Series({o.uri: o.generation for o in inventory}, dtype="Int64")
     try:
@@ -252,9 +248,9 @@ def _empty(dtypes: dict) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})
 
 
-def _list_named(storage: Storage, folder: str, pattern: re.Pattern) -> list[str]:
-    """The files directly in ``folder`` whose name matches ``pattern``, sorted; none if it is absent."""
-    prefix = folder.rstrip("/") + "/"
+def _list_named(storage: Storage, directory: str, pattern: re.Pattern) -> list[str]:
+    """The files directly in ``directory`` whose name matches ``pattern``, sorted; none if it is absent."""
+    prefix = folder(directory)
     try:
         listed = [o.uri for o in storage.list(prefix)]
     except FileNotFoundError:
@@ -287,8 +283,8 @@ def _read_csvs(storage: Storage, uris: Sequence[str], dtypes: dict) -> pd.DataFr
     return _empty(dtypes)
 
 
-def _read_summaries(storage: Storage, folder: str) -> list[dict]:
-    uris = _list_named(storage, folder, _SUMMARY_FILE)
+def _read_summaries(storage: Storage, directory: str) -> list[dict]:
+    uris = _list_named(storage, directory, SUMMARY_FILE)
     return sorted((json.loads(data) for data in _read_all(storage, uris)), key=lambda s: s.get("rank", 0))
 
 

@@ -168,7 +168,8 @@ def _plan_here(req: LaunchRequest, log: Callable[[str], None]) -> int:
     import json
 
     from worker.config import parse_args
-    from worker.plan import RUN_FILE, load_or_create_plan
+    from worker.plan import load_or_create_plan
+    from worker.results import RUN_FILE
     from worker.storage import read_text
 
     plan = load_or_create_plan(parse_args(req.worker_args()))

@@ -32,7 +32,7 @@ from components.launch.local import pythonpath_with_project
 from pipelines.dev.emulator import gcs_emulator
 from pipelines.options import add_parameter_options
 from worker.config import DEFAULT_MODEL
-from worker.storage import is_gcs, split_gcs
+from worker.storage import is_gcs, split_uri
 
 EMULATOR_IMAGES_URI = "gs://batch-inference-images/images"
 EMULATOR_RESULTS_ROOT = "gs://batch-inference-results/runs"
@@ -249,7 +249,7 @@ def run_local_main(args: argparse.Namespace) -> int:
     pipeline_root = workdir / "runs" / time.strftime("%Y%m%d-%H%M%S")
     print(f"images: {images_uri}" + (f" (uploaded from {upload})" if upload else ""), flush=True)
     if use_emulator:
-        serve = gcs_emulator(tuple(dict.fromkeys(split_gcs(uri)[0] for uri in (images_uri, results_root))))
+        serve = gcs_emulator(tuple(dict.fromkeys(split_uri(uri)[0] for uri in (images_uri, results_root))))
     else:
         serve = contextlib.nullcontext()
     with serve:

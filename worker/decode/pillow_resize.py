@@ -6,8 +6,8 @@ weights exactly as Pillow's ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` do
 kernels reproduce ``Image.resize`` exactly rather than approximately.
 
 Why kernels of our own: the torch version (cast to float32, two antialiased interpolations,
-rounding and clamping, normalize, scatter) made ~12 passes over full-size float images, and
-on an H100 it was the largest GPU cost of the JPEG path beside the model. Here the first pass
+rounding and clamping, normalize, scatter) made a dozen passes over full-size float images, the
+largest GPU cost of the JPEG path beside the model (benchmarks/NOTES.md). Here the first pass
 reads the decoded uint8 image once and writes uint8; the second also crops, normalizes and
 writes the model's dtype straight into the batch buffer's rows.
 """
@@ -146,7 +146,7 @@ def vertical_first(height: int, width: int, out_height: int, out_width: int, res
 
 def _kernels():
     """The Triton kernels; imported on first use, since only the GPU path needs Triton."""
-    from worker import pillow_resize_kernels
+    from worker.decode import pillow_resize_kernels
 
     return pillow_resize_kernels.horizontal, pillow_resize_kernels.vertical
 

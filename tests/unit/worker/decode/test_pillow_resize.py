@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.decode import Preprocess
-from worker.pillow_resize import (
+from worker.decode.pillow_resize import (
     BICUBIC,
     BILINEAR,
     BOX,
@@ -25,6 +24,7 @@ from worker.pillow_resize import (
     resample_pass,
     vertical_first,
 )
+from worker.decode.spec import Preprocess
 
 pytest.importorskip("triton")
 

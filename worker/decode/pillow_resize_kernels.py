@@ -1,4 +1,4 @@
-"""The Triton kernels behind ``worker.pillow_resize.PillowResize`` (Pillow's fixed-point resample).
+"""The Triton kernels behind ``worker.decode.pillow_resize.PillowResize`` (Pillow's fixed-point resample).
 
 Both passes accumulate ``uint8 pixel * int32 weight`` from a rounding offset of half of
 ``1 << 22`` and clip ``acc >> 22`` to 0..255, as Pillow's ``ImagingResample*_8bpc`` do. The
