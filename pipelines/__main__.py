@@ -34,10 +34,13 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
 
 
 def _compile(args: argparse.Namespace) -> int:
+    from components.images import TASK_IMAGE, WORKER_IMAGE
     from pipelines.batch_inference import compile_pipelines
 
     for path in compile_pipelines(args.out):
         print(path)
+    print(f"task image (the three KFP tasks): {TASK_IMAGE}")
+    print(f"worker image (the job's pods, the image parameter's default): {WORKER_IMAGE}")
     return 0
 
 
