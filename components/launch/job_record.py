@@ -14,19 +14,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 # The launch parameters the report shows beside the results: those that shape them or their cost.
-RECORDED_PARAMETERS = (
-    "incremental",
-    "batch_size",
-    "shard_size",
-    "device",
-    "extra_worker_args",
-    "backend",
-    "local_nproc",
-    "nodes",
-    "gpus_per_node",
-    "accelerator",
-    "queue",
-)
+RECORDED_PARAMETERS = ("incremental", "batch_size", "shard_size", "device", "extra_worker_args")
+# ... and those of the backend that ran it.
+BACKEND_PARAMETERS = {
+    "local": ("local_nproc",),
+    "kubernetes": ("nodes", "gpus_per_node", "accelerator", "queue", "namespace"),
+}
 
 
 @dataclass(frozen=True)
@@ -91,7 +84,8 @@ def record_job(request, result, started: datetime, finished: datetime) -> JobRec
     Returns:
         The record.
     """
-    parameters = {name: getattr(request, name) for name in RECORDED_PARAMETERS}
+    names = RECORDED_PARAMETERS + BACKEND_PARAMETERS.get(result.backend, ())
+    parameters = {name: getattr(request, name) for name in names}
     return JobRecord(
         backend=result.backend,
         job_name=result.job_name,
