@@ -52,6 +52,7 @@ def connect(scratch: Path):
     con.execute(f"SET threads = {max(1, min(4, os.cpu_count() or 1))}")
     # Row order comes from ORDER BY alone; keeping insertion order would hold whole tables.
     con.execute("SET preserve_insertion_order = false")
+    con.execute("SET enable_progress_bar = false")  # a task log is no terminal
     return con
 
 
