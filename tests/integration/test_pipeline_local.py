@@ -190,3 +190,52 @@ def test_user_errors_are_one_line():
         assert done.returncode == 2, args
         assert "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--results-root", "s3://bucket/runs"], "results_root"),
+        (["--images-uri", "gs://Not_A_Bucket/images"], "images_uri"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--shard-size", "-4"], "shard_size"),
+    ],
+)
+def test_a_bad_parameter_fails_before_any_upload_naming_it(tiny_model, tmp_path, args, named):
+    done = _cli(
+        "run",
+        "--local",
+        "--model",
+        str(tiny_model),
+        "--workdir",
+        str(tmp_path),
+        "--num-images",
+        "2",
+        *args,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
+    assert named in done.stderr
+    assert "images:" not in done.stdout  # the run never started: nothing was uploaded
+
+
+def test_an_input_without_images_fails_before_the_run(tiny_model, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("not an image\n")
+    done = _cli(
+        "run",
+        "--local",
+        "--model",
+        str(tiny_model),
+        "--workdir",
+        str(tmp_path),
+        "--source",
+        str(empty),
+        "--results-root",
+        str(tmp_path / "results"),
+        check=False,
+    )
+    assert done.returncode == 2 and "holds no images" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
