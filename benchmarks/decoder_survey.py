@@ -1,7 +1,7 @@
 """Survey of JPEG decoders and model precisions on a GPU machine (issue 6's open leads).
 
 ``python benchmarks/decoder_survey.py --workdir /tmp/bench`` reuses (or makes) the images and
-the fine-tuned random-weight model of ``python -m worker.bench`` and prints, one line each:
+the fine-tuned random-weight model of ``python -m benchmarks.gpu_throughput`` and prints, one line each:
 
 - decode throughput alone: torchvision nvjpeg, nvImageCodec's hardware engine (NVJPG), its
   CUDA decoder, and Pillow / OpenCV on all CPU cores (full size, and DCT-scaled);
@@ -27,9 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from worker.bench import bench_images, trained_model
-from worker.decode import Preprocess, pil_resized, resize_like_pillow
-from worker.model import load_preprocessor_config
+from benchmarks.classifier import bench_images, trained_model
+from worker.decode.cpu import pil_resized
+from worker.decode.gpu import resize_like_pillow
+from worker.decode.spec import Preprocess
+from worker.tasks.classification import load_preprocessor_config
 
 DEV = torch.device("cuda")
 
@@ -40,7 +42,7 @@ def section(name):
             t0 = time.perf_counter()
             try:
                 fn(*a, **k)
-            except Exception:  # noqa: BLE001 - a survey goes on past a broken probe
+            except Exception:  # a survey goes on past a broken probe, whatever broke it
                 print(f"[{name}] FAILED\n{traceback.format_exc()}", flush=True)
             print(f"[{name}] took {time.perf_counter() - t0:.1f}s", flush=True)
 
@@ -150,7 +152,7 @@ def decode_alone(payloads, batch):
                 f"nvimgcodec {kind_name}: {rate(go, n):,.0f} img/s  (shape {tuple(t[0].shape)}, {t[0].dtype})",
                 flush=True,
             )
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # nvImageCodec's errors have no common type: a survey line each
             print(f"nvimgcodec {kind_name}: failed: {exc}", flush=True)
 
 
@@ -358,7 +360,7 @@ def fidelity(payloads, pre, model32):
                 chw += [a.to(DEV).permute(2, 0, 1) for a in t]
             torch.cuda.synchronize()
             report(f"nvimgcodec {kind} {opts}", chw)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # nvImageCodec's errors have no common type: a survey line each
             print(f"nvimgcodec {kind} {opts}: failed: {exc}", flush=True)
     # Pillow decode, GPU resize: isolates the resize's share.
     with ThreadPoolExecutor(os.cpu_count()) as pool:
@@ -496,12 +498,12 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.workdir)
     paths = bench_images(work / "images", args.images)
-    model_dir, _ = trained_model(work, paths, DEV, epochs=3)  # as python -m worker.bench does
+    model_dir, _ = trained_model(work, paths, DEV, epochs=3)  # as python -m benchmarks.gpu_throughput does
     pre = Preprocess.from_config(load_preprocessor_config(str(model_dir)))
     payloads = [p.read_bytes() for p in paths]
     from transformers import AutoModelForImageClassification
 
-    from worker.model import load_model
+    from worker.tasks.classification import load_model
 
     model32 = (
         AutoModelForImageClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval().to(DEV)

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 
+import worker.infer
 import worker.run
-from worker.bench import bench_images, trained_model
+from benchmarks.classifier import bench_images, trained_model
 from worker.config import WorkerConfig
-from worker.decode import CudaJpeg, GpuDecoder, HardwareJpeg
+from worker.decode.gpu import GpuDecoder
+from worker.decode.jpeg import CudaJpeg, HardwareJpeg
 from worker.run import run
-from worker.storage import LocalStorage
+from worker.storage.local import LocalStorage
 
 # Each variant changes the worker's defaults (nvjpeg, the compiled forward as a CUDA graph, Pillow-exact Triton
 # resize, model on its own stream); keys starting with "_" are settings outside WorkerConfig.
@@ -107,6 +109,12 @@ CALLS = {
 }
 
 
+def set_queue_depths(lookahead: int, in_flight: int) -> None:
+    """The worker's decode look-ahead and batches in flight, in every module that reads them."""
+    for module in (worker.infer, worker.run):
+        module.DECODE_LOOKAHEAD, module.GPU_BATCHES_IN_FLIGHT = lookahead, in_flight
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", default="/tmp/bench")
@@ -137,9 +145,8 @@ def main() -> None:
         triton_resize = GpuDecoder._pillow_resize
         if overrides.pop("_torch_resize", False):
             GpuDecoder._pillow_resize = lambda self, pre, device: None
-        lookahead, in_flight = worker.run.DECODE_LOOKAHEAD, worker.run.GPU_BATCHES_IN_FLIGHT
-        worker.run.DECODE_LOOKAHEAD = overrides.pop("_lookahead", lookahead)
-        worker.run.GPU_BATCHES_IN_FLIGHT = overrides.pop("_in_flight", in_flight)
+        lookahead, in_flight = worker.infer.DECODE_LOOKAHEAD, worker.infer.GPU_BATCHES_IN_FLIGHT
+        set_queue_depths(overrides.pop("_lookahead", lookahead), overrides.pop("_in_flight", in_flight))
         if overrides.pop("_legacy_stream", False):
             worker.run.model_stream = lambda device: contextlib.nullcontext()
         out = work / "out-variant"
@@ -159,7 +166,7 @@ def main() -> None:
             with times.installed():
                 summary = run(cfg)
         finally:
-            worker.run.DECODE_LOOKAHEAD, worker.run.GPU_BATCHES_IN_FLIGHT = lookahead, in_flight
+            set_queue_depths(lookahead, in_flight)
             worker.run.model_stream = own_stream
             GpuDecoder._pillow_resize = triton_resize
         label = "(warm-up) " + name if i < args.warm_up else name

@@ -1,7 +1,7 @@
 """Where the GPU time goes: model variants, decode stages, decode+model overlap, and label drift.
 
 Run on a GPU machine: ``python benchmarks/gpu_breakdown.py --workdir /tmp/bench``. It reuses the
-images and model that ``python -m worker.bench`` generates there. Notes from runs are in
+images and model that ``python -m benchmarks.gpu_throughput`` generates there. Notes from runs are in
 benchmarks/NOTES.md.
 """
 
@@ -16,10 +16,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.classifier import make_dataset
 from pipelines.dev.random_model import make_model
-from worker.bench import make_dataset
-from worker.decode import CpuDecoder, GpuDecoder, Preprocess
-from worker.model import load_model, load_preprocessor_config
+from worker.decode.cpu import CpuDecoder
+from worker.decode.gpu import GpuDecoder
+from worker.decode.jpeg import nvjpeg_decodable
+from worker.decode.spec import Preprocess
+from worker.tasks.classification import load_model, load_preprocessor_config
 
 
 def timed(fn, n_items: int, reps: int = 1) -> float:
@@ -120,7 +123,7 @@ def main() -> None:
         for w in (2, 4):
             print(f"GpuDecoder, {w} threads: {timed(threaded_decode(w), len(payloads)):,.0f} img/s")
         t0 = time.perf_counter()
-        n_checked = sum(1 for b in payloads if __import__("worker.decode").decode.nvjpeg_decodable(b))
+        n_checked = sum(1 for b in payloads if nvjpeg_decodable(b))
         print(
             f"header check: {len(payloads) / (time.perf_counter() - t0):,.0f} img/s ({n_checked} nvjpeg-able)"
         )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end img/s with K worker processes sharing one GPU (one GIL each), dynamic shard assignment.
-# Needs the images and model that `python -m worker.bench --workdir $1` made.
+# Needs the images and model that `python -m benchmarks.gpu_throughput --workdir $1` made.
 # Usage: bash benchmarks/ranks_per_gpu.sh /tmp/bench "1 2 3"
 set -euo pipefail
 work=${1:-/tmp/bench}

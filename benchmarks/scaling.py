@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.classifier import make_dataset
 from pipelines.dev.random_model import make_model
-from worker.bench import make_dataset
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 

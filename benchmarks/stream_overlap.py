@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.classifier import make_dataset
 from benchmarks.decoder_survey import DEV, nvimg_decoder, nvimg_tensors, resize_u8
 from pipelines.dev.random_model import make_model
-from worker.bench import make_dataset
-from worker.decode import Preprocess
-from worker.model import load_model, load_preprocessor_config
+from worker.decode.spec import Preprocess
+from worker.tasks.classification import load_model, load_preprocessor_config
 
 WINDOW_S = 5.0
 
@@ -176,7 +176,7 @@ def main() -> None:
                 m, d, api = side_by_side(
                     model, x, decode, pre, len(payloads), args.batch, stream, profile=True
                 )
-            except Exception:  # noqa: BLE001 - a diagnostic line, not a failure
+            except Exception:  # any failure of one setting is a diagnostic line; the others still run
                 traceback.print_exc()
                 continue
             for who, calls in api.items():
@@ -240,7 +240,7 @@ def green(model, x, decs, pre, n, batch, sm_counts):
         try:
             ctx = GreenContext.create(num_sms=sms, device_id=DEV.index or 0)
             stream = ctx.Stream()
-        except Exception as exc:  # noqa: BLE001 - a survey line, not a failure
+        except Exception as exc:  # green contexts are new and fail in many ways: a survey line each
             print(f"green context of {sms} SMs: {type(exc).__name__}: {exc}", flush=True)
             continue
         with torch.inference_mode(), torch.cuda.stream(stream):

@@ -45,13 +45,13 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _render_job(args: argparse.Namespace) -> int:
+    from components.launch.kubernetes.kinds import render_yaml
     from components.launch.launch import KUBERNETES, LaunchRequest
-    from components.pytorchjob import render_yaml
 
     values = {name: getattr(args, name) for name in _job_inputs()}
     request = LaunchRequest(run_id=args.run_id, backend=KUBERNETES, local_nproc=1, **values)
     request.validate()
-    sys.stdout.write(render_yaml(request.job_config()))
+    sys.stdout.write(render_yaml(request.job_manifest()))
     return 0
 
 
@@ -171,7 +171,7 @@ def _docs(args: argparse.Namespace) -> int:
 
 
 def _latest(args: argparse.Namespace) -> int:
-    from worker.incremental import completed_runs, read_manifest
+    from worker.results import completed_runs, read_manifest
 
     runs = completed_runs(args.results_root)
     if not runs:

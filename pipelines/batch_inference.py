@@ -28,7 +28,7 @@ from components.aggregate.component import aggregate_results
 from components.images import WORKER_IMAGE
 from components.launch.component import classify_images
 from components.upload.component import upload_images
-from worker.config import DEFAULT_MODEL
+from worker.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
 
 PIPELINE_NAME = "batch-inference"
 # Python types of the pipeline's parameter types (kfp's InputSpec.type).
@@ -130,7 +130,7 @@ def make_pipeline(flavour: str) -> Callable:
         upload_workers: int = 16,
         model: str = DEFAULT_MODEL,
         backend: str = "kubernetes",
-        batch_size: int = 256,
+        batch_size: int = DEFAULT_BATCH_SIZE["cuda"],
         shard_size: int = 1024,
         device: str = "auto",
         extra_worker_args: str = "",

@@ -39,6 +39,7 @@ from pipelines.batch_inference import (
     launch_inputs,
 )
 from pipelines.cron import parse_cron
+from worker.storage import is_gcs
 
 DEFAULT_EXPERIMENT = PIPELINE_NAME
 VERTEX_EXTRA = "pip install 'kfp-batch-inference[vertex]'"
@@ -361,7 +362,6 @@ def check_network(network: str | None) -> str | None:
     return network
 
 
-
 def _aiplatform():
     try:
         from google.cloud import aiplatform
@@ -432,7 +432,7 @@ def _vertex_job(
     run_name: str | None,
     credentials,
 ):
-    if not pipeline_root.startswith("gs://"):
+    if not is_gcs(pipeline_root):
         raise ValueError(f"--pipeline-root must be a gs:// prefix, got {pipeline_root!r}")
     return aiplatform.PipelineJob(
         display_name=run_name or PIPELINE_NAME,

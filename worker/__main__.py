@@ -1,4 +1,9 @@
-"""Entry point: ``python -m worker --input ... --output ... --model ...`` (see --help)."""
+"""Entry point: ``python -m worker --input ... --output ... --model ...`` (see --help).
+
+A bad input (a flag, a path, a model the worker can't run) ends the process with one line on
+stderr and exit code 2, before any image is read; a PyTorchJob's ExitCode policy does not
+retry it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ import logging
 import os
 import sys
 
-from worker.config import parse_args
+from worker.config import PROG, ConfigError, parse_args
+
+BAD_INPUT = 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,14 +23,14 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
-    cfg = parse_args(argv)
-    from worker.run import run  # heavy imports (torch, transformers) only after --help
-
     try:
+        cfg = parse_args(argv)
+        from worker.run import run  # heavy imports (torch, transformers) only after --help
+
         run(cfg)
-    except FileNotFoundError as exc:
-        logging.getLogger("worker").error("%s", exc)
-        return 2
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return BAD_INPUT
     return 0
 
 

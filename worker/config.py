@@ -1,231 +1,338 @@
-"""The worker's whole configuration: one dataclass, built from the command line."""
+"""The worker's whole configuration: one dataclass; the command line is derived from its fields.
+
+Each field's ``metadata`` (made by ``_option``) holds its help text and, where it has them, its
+choices and lower bound. ``build_parser`` turns the fields into flags (``batch_size`` ->
+``--batch-size``, a bool -> ``--x/--no-x``) and ``WorkerConfig.validate`` checks the same
+choices and bounds, so a flag's default, choices and limits are each written once, here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import re
+import typing
 from dataclasses import dataclass, field
+from typing import Any
+
+from worker.storage import is_gcs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # worker.cuda_graph.COMPILE_MODES' keys; kept here so that parsing a config never imports torch.
 COMPILE_CHOICES = ("none", "default", "max-autotune")
-
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# worker.tasks.TASKS' keys, for the same reason.
+TASK_CHOICES = ("image-classification",)
 
 # The model a pipeline run classifies with unless told otherwise (and the architecture the
 # dev-only random-weight models copy).
 DEFAULT_MODEL = "google/vit-base-patch16-224"
 
+# Images per forward pass when --batch-size is not given, by the device the rank runs on: on a
+# GPU large enough to keep it busy between the host's launches, on a CPU small enough that
+# progress shows on a laptop. The pipeline and `run --local` leave the batch size to this.
+DEFAULT_BATCH_SIZE = {"cuda": 256, "cpu": 32}
+
+PROG = "python -m worker"
+
+
+class ConfigError(ValueError):
+    """A bad worker parameter; the message is one line naming the flag.
+
+    ``parameter`` is the ``WorkerConfig`` field at fault (None for an unknown flag), so a
+    caller that names things differently (the pipeline's parameters) can say which of its own.
+    """
+
+    def __init__(self, message: str, parameter: str | None = None):
+        super().__init__(message)
+        self.parameter = parameter
+
+
+def _option(
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    minimum: float | None = None,
+    forwarded: bool = True,
+) -> dict[str, Any]:
+    """A field's command-line metadata.
+
+    Args:
+        help: The flag's help text (its default is appended by ``build_parser``).
+        choices: The values the field accepts.
+        minimum: The smallest value a number accepts.
+        forwarded: Whether ``to_args`` passes the field on; False for what only means something
+            on the machine that parsed it.
+    """
+    return {"help": help, "choices": choices, "minimum": minimum, "forwarded": forwarded}
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a ``WorkerConfig`` field."""
+    return "--" + name.replace("_", "-")
+
+
+def _default_model_cache() -> str:
+    return os.environ.get(
+        "BATCH_INFERENCE_MODEL_CACHE",
+        os.path.join(os.path.expanduser("~"), ".cache", "batch-inference", "models"),
+    )
+
 
 @dataclass
 class WorkerConfig:
-    input: str
-    output: str
-    model: str
-    batch_size: int = 64
-    shard_size: int = 1024
-    device: str = "auto"
-    assignment: str = "static"
-    decode: str = "auto"
-    gpu_jpeg: str = "cuda"
-    read_threads: int = 4
-    decode_threads: int = 0
-    decode_workers: int = 1
-    prefetch_batches: int = 8
-    queued_blocks: int = 2
-    cuda_graph: bool = True
-    compile: str = "default"
-    list_processes: int = 8
-    compose: bool = True
-    project: str | None = None
-    log_interval: float = 10.0
-    incremental: bool = False
-    model_cache: str = field(
-        default_factory=lambda: os.environ.get(
-            "BATCH_INFERENCE_MODEL_CACHE",
-            os.path.join(os.path.expanduser("~"), ".cache", "batch-inference", "models"),
+    input: str = field(
+        metadata=_option(
+            "gs://bucket/prefix or a local directory holding the images "
+            f"({', '.join(IMAGE_EXTENSIONS)}); other files are ignored"
         )
+    )
+    output: str = field(
+        metadata=_option(
+            "gs://bucket/prefix or a local directory for run.json, plan.jsonl, parts/, errors/ "
+            "and summary/ (and inventory.jsonl with --incremental); nothing is written anywhere else"
+        )
+    )
+    model: str = field(
+        metadata=_option(
+            "a Hugging Face hub id, a local directory, or a gs:// directory holding a "
+            "save_pretrained() image-classification model and its preprocessor_config.json"
+        )
+    )
+    task: str = field(
+        default="image-classification",
+        metadata=_option("what the model does with each image", choices=TASK_CHOICES),
+    )
+    batch_size: int | None = field(
+        default=None,
+        metadata=_option(
+            "images per forward pass; unset: "
+            + ", ".join(f"{n} on {device}" for device, n in DEFAULT_BATCH_SIZE.items()),
+            minimum=1,
+        ),
+    )
+    shard_size: int = field(
+        default=1024,
+        metadata=_option("images per shard: the unit of assignment, commit and resume", minimum=1),
+    )
+    device: str = field(
+        default="auto",
+        metadata=_option(
+            "auto picks cuda when a GPU is visible (bf16 + SDPA), else cpu (fp32)", choices=DEVICE_CHOICES
+        ),
+    )
+    assignment: str = field(
+        default="static",
+        metadata=_option(
+            "static: shard i goes to rank i mod world (deterministic); dynamic: ranks claim the "
+            "next shard from a shared counter, so fast ranks take more (best balance)",
+            choices=("static", "dynamic"),
+        ),
+    )
+    decode: str = field(
+        default="auto",
+        metadata=_option(
+            "gpu: batched JPEG decode + resize on the GPU (Pillow fallback for what it can't read); "
+            "cpu: Pillow only; auto: gpu on cuda where the model's preprocessing allows it, cpu otherwise",
+            choices=("auto", "cpu", "gpu"),
+        ),
+    )
+    gpu_jpeg: str = field(
+        default="cuda",
+        metadata=_option(
+            "where GPU decode runs: cuda = nvjpeg on CUDA cores (torchvision, any GPU); hardware = the "
+            "GPU's JPEG engines (A100/H100/H200, needs the hardware-jpeg extra: nvidia-nvimgcodec), "
+            "pixel-identical to Pillow's decode (benchmarks/NOTES.md compares the two)",
+            choices=("cuda", "hardware"),
+        ),
+    )
+    read_threads: int = field(
+        default=4, metadata=_option("background threads reading bytes ahead of compute", minimum=1)
+    )
+    decode_threads: int = field(
+        default=0,
+        metadata=_option("threads for Pillow decode (0: one per CPU core available to this rank)", minimum=0),
+    )
+    decode_workers: int = field(
+        default=1,
+        metadata=_option(
+            "batches decoded concurrently on GPU runs, each thread on its own high-priority CUDA stream "
+            "(torchvision's nvjpeg decoder serializes its calls, so more workers mostly add GIL contention)",
+            minimum=1,
+        ),
+    )
+    prefetch_batches: int = field(default=8, metadata=_option("batches read ahead of the GPU", minimum=1))
+    queued_blocks: int = field(
+        default=2,
+        metadata=_option(
+            "on GPU, the most model blocks (encoder layers) queued ahead of the host, so the JPEG "
+            "decoder's kernels never wait behind a whole forward; 0: no limit",
+            minimum=0,
+        ),
+    )
+    cuda_graph: bool = field(
+        default=True,
+        metadata=_option(
+            "on GPU, replay the forward as one CUDA graph (checked against the eager forward's logits "
+            "and speed at start-up; the eager forward where it fails either); --queued-blocks then "
+            "does not apply"
+        ),
+    )
+    compile: str = field(
+        default="default",
+        metadata=_option(
+            "with --cuda-graph, first compile the forward with torch.compile (fused kernels, at the cost "
+            "of start-up time; max-autotune searches longer); the compiled graph is used only where it "
+            "gives the eager forward's labels and is the faster graph",
+            choices=COMPILE_CHOICES,
+        ),
+    )
+    list_processes: int = field(
+        default=8,
+        metadata=_option(
+            "processes that list the input (DataFlux on GCS; folders split between them on local disk)",
+            minimum=1,
+        ),
+    )
+    compose: bool = field(
+        default=True,
+        metadata=_option(
+            "use DataFlux composed downloads on GCS (temporary composites under "
+            "dataflux-composed-objects/ in the input bucket, deleted after use); "
+            "--no-compose reads objects one by one and never writes to the input bucket"
+        ),
+    )
+    project: str | None = field(
+        default=None, metadata=_option("GCP project for GCS clients (unset: from the environment)")
+    )
+    log_interval: float = field(default=10.0, metadata=_option("seconds between progress lines", minimum=0))
+    incremental: bool = field(
+        default=False,
+        metadata=_option(
+            "classify only images that are new or changed (by GCS generation) since the latest "
+            "complete run among OUTPUT's sibling folders with the same input and model; the "
+            "aggregate carries that run's rows over for the rest (needs a gs:// input)"
+        ),
+    )
+    model_cache: str = field(
+        default_factory=_default_model_cache,
+        metadata=_option(
+            "where this machine caches gs:// models (unset: $BATCH_INFERENCE_MODEL_CACHE, else "
+            "~/.cache/batch-inference/models)",
+            forwarded=False,
+        ),
     )
 
     def __post_init__(self) -> None:
         # Plans and result rows carry absolute local paths, whatever the working directory.
-        if not self.input.startswith("gs://"):
+        if self.input and not is_gcs(self.input):
             self.input = os.path.abspath(self.input)
-        if not self.output.startswith("gs://"):
+        if self.output and not is_gcs(self.output):
             self.output = os.path.abspath(self.output)
-        if self.batch_size < 1:
-            raise ValueError("--batch-size must be at least 1")
-        if self.queued_blocks < 0:
-            raise ValueError("--queued-blocks must be 0 (no limit) or more")
-        if self.shard_size < 1:
-            raise ValueError("--shard-size must be at least 1")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError("--device must be auto, cpu or cuda")
-        if self.assignment not in ("static", "dynamic"):
-            raise ValueError("--assignment must be static or dynamic")
-        if self.decode not in ("auto", "cpu", "gpu"):
-            raise ValueError("--decode must be auto, cpu or gpu")
-        if self.compile not in COMPILE_CHOICES:
-            raise ValueError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}")
-        if self.gpu_jpeg not in ("cuda", "hardware"):
-            raise ValueError("--gpu-jpeg must be cuda or hardware")
-        if self.incremental and not self.input.startswith("gs://"):
-            raise ValueError(
-                "--incremental needs a gs:// --input: changes are found by GCS object generation"
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every scalar parameter against its field's choices and bounds.
+
+        Paths are only checked for being given; whether they exist is the worker's start-up
+        check (``worker.run.check_paths``), and whether the model is one it can run is the
+        task's (``worker.tasks.classification.check_model``).
+
+        Raises:
+            ConfigError: The first bad parameter, in one line naming its flag.
+        """
+        for f in dataclasses.fields(self):
+            value, flag = getattr(self, f.name), flag_of(f.name)
+            if f.name in ("input", "output", "model") and not value:
+                raise ConfigError(f"{flag} is empty: {f.metadata['help']}", f.name)
+            choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
+            if choices and value not in choices:
+                raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}", f.name)
+            if minimum is not None and value is not None and value < minimum:
+                raise ConfigError(f"{flag} must be at least {minimum}, got {value}", f.name)
+        if self.incremental and not is_gcs(self.input):
+            raise ConfigError(
+                "--incremental needs a gs:// --input: changes are found by GCS object generation",
+                "incremental",
             )
+
+    def batch_size_on(self, device_type: str) -> int:
+        """The batch size on ``device_type`` ("cuda" or "cpu"): the one given, else that device's default."""
+        return self.batch_size or DEFAULT_BATCH_SIZE[device_type]
 
     def to_args(self) -> list[str]:
         """The command-line arguments that rebuild this config (used by the launchers)."""
-        defaults = WorkerConfig(input=self.input, output=self.output, model=self.model)
-        args = ["--input", self.input, "--output", self.output, "--model", self.model]
+        defaults = {f.name: _default_of(f) for f in dataclasses.fields(self)}
+        args = []
         for f in dataclasses.fields(self):
-            if f.name in ("input", "output", "model", "model_cache"):
-                continue
             value = getattr(self, f.name)
-            if value == getattr(defaults, f.name):
+            required = defaults[f.name] is dataclasses.MISSING
+            if not f.metadata["forwarded"] or (not required and value == defaults[f.name]):
                 continue
-            flag = "--" + f.name.replace("_", "-")
+            flag = flag_of(f.name)
             if isinstance(value, bool):
-                args.append(flag if value else "--no-" + f.name.replace("_", "-"))
+                args.append(flag if value else "--no-" + flag[2:])
             else:
                 args += [flag, str(value)]
         return args
 
 
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are ``ConfigError``s, not a usage dump and SystemExit."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        named = re.match(r"argument (--[\w-]+)", message)
+        parameter = named.group(1)[2:].replace("-", "_") if named else None
+        raise ConfigError(f"{message} (see {self.prog} --help)", parameter)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m worker",
+    """The worker's command line, one flag per ``WorkerConfig`` field.
+
+    Flags left out stay out of the parsed namespace (``argparse.SUPPRESS``), so the dataclass's
+    own defaults apply: argparse never holds a default of its own.
+    """
+    p = _Parser(
+        prog=PROG,
         description=(
             "Classify every image under INPUT exactly once and write CSV parts under OUTPUT. "
             "Run it directly for one process, or as `torchrun --nproc_per_node=K -m worker ...` "
             "for K ranks (inside a PyTorchJob torchrun reads the PET_* environment). "
             "A rerun with the same OUTPUT resumes: committed shards are skipped."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
     )
-    p.add_argument(
-        "--input",
-        required=True,
-        help="gs://bucket/prefix or a local directory holding the images "
-        f"({', '.join(IMAGE_EXTENSIONS)}); other files are ignored",
-    )
-    p.add_argument(
-        "--output",
-        required=True,
-        help="gs://bucket/prefix or a local directory for run.json, plan.jsonl, parts/, errors/ "
-        "and summary/ (and inventory.jsonl with --incremental); nothing is written anywhere else",
-    )
-    p.add_argument(
-        "--model",
-        required=True,
-        help="a Hugging Face hub id, a local directory, or a gs:// directory holding a "
-        "save_pretrained() image-classification model and its preprocessor_config.json",
-    )
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument(
-        "--shard-size",
-        type=int,
-        default=1024,
-        help="images per shard: the unit of assignment, commit and resume",
-    )
-    p.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="auto picks cuda when a GPU is visible (bf16 + SDPA), else cpu (fp32)",
-    )
-    p.add_argument(
-        "--assignment",
-        choices=("static", "dynamic"),
-        default="static",
-        help="static: shard i goes to rank i mod world (deterministic); dynamic: ranks claim the "
-        "next shard from a shared counter, so fast ranks take more (best balance)",
-    )
-    p.add_argument(
-        "--decode",
-        choices=("auto", "cpu", "gpu"),
-        default="auto",
-        help="gpu: batched JPEG decode + resize on the GPU (Pillow fallback for what it can't read); "
-        "cpu: Pillow only; auto: gpu on cuda, cpu otherwise",
-    )
-    p.add_argument(
-        "--gpu-jpeg",
-        choices=("cuda", "hardware"),
-        default="cuda",
-        help="where GPU decode runs: cuda = nvjpeg on CUDA cores (torchvision, any GPU; the fastest "
-        "end to end on an H100); hardware = the GPU's JPEG engines (A100/H100/H200, needs the "
-        "hardware-jpeg extra: nvidia-nvimgcodec), pixel-identical to Pillow's decode",
-    )
-    p.add_argument(
-        "--read-threads", type=int, default=4, help="background threads reading bytes ahead of compute"
-    )
-    p.add_argument(
-        "--decode-threads",
-        type=int,
-        default=0,
-        help="threads for Pillow decode (0: one per CPU core available to this rank)",
-    )
-    p.add_argument(
-        "--decode-workers",
-        type=int,
-        default=1,
-        help="batches decoded concurrently on GPU runs, each thread on its own high-priority CUDA stream "
-        "(torchvision's nvjpeg decoder serializes its calls, and on an H100 a second worker cost "
-        "throughput in GIL contention)",
-    )
-    p.add_argument(
-        "--queued-blocks",
-        type=int,
-        default=2,
-        help="on GPU, the most model blocks (encoder layers) queued ahead of the host, so the JPEG "
-        "decoder's kernels never wait behind a whole forward; 0: no limit",
-    )
-    p.add_argument(
-        "--cuda-graph",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="on GPU, replay the forward as one CUDA graph (checked against the eager forward's logits "
-        "and speed at start-up; the eager forward where it fails either); --queued-blocks then "
-        "does not apply",
-    )
-    p.add_argument(
-        "--compile",
-        choices=COMPILE_CHOICES,
-        default="default",
-        help="with --cuda-graph, first compile the forward with torch.compile (fused kernels; ~13 s "
-        "at start-up on an H100 for ViT-B/16, max-autotune ~140 s for ~3 %% more); the compiled "
-        "graph is used only where it gives the eager forward's labels and is the faster graph",
-    )
-    p.add_argument("--prefetch-batches", type=int, default=8, help="batches read ahead of the GPU")
-    p.add_argument(
-        "--list-processes",
-        type=int,
-        default=8,
-        help="processes that list the input (DataFlux on GCS; folders split between them on local disk)",
-    )
-    p.add_argument(
-        "--compose",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="use DataFlux composed downloads on GCS (temporary composites under "
-        "dataflux-composed-objects/ in the input bucket, deleted after use); "
-        "--no-compose reads objects one by one and never writes to the input bucket",
-    )
-    p.add_argument(
-        "--project", default=None, help="GCP project for GCS clients (default: from the environment)"
-    )
-    p.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines")
-    p.add_argument(
-        "--incremental",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="classify only images that are new or changed (by GCS generation) since the latest "
-        "complete run among OUTPUT's sibling folders with the same input and model; the "
-        "aggregate carries that run's rows over for the rest (needs a gs:// input)",
-    )
+    hints = typing.get_type_hints(WorkerConfig)
+    for f in dataclasses.fields(WorkerConfig):
+        meta, default = f.metadata, _default_of(f)
+        kwargs: dict[str, Any] = {"dest": f.name}
+        shown = default not in (dataclasses.MISSING, None) and f.default_factory is dataclasses.MISSING
+        text = f"{meta['help']} (default: {default})" if shown else meta["help"]
+        kwargs["help"] = text.replace("%", "%%")  # argparse formats help with %
+        if default is dataclasses.MISSING:
+            kwargs["required"] = True
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=kind, metavar=f.name.upper())
+            if meta["choices"]:
+                kwargs.update(choices=meta["choices"], metavar=None)
+        p.add_argument(flag_of(f.name), **kwargs)
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> WorkerConfig:
-    ns = build_parser().parse_args(argv)
-    return WorkerConfig(**vars(ns))
+    """The config of a worker command line.
+
+    Raises:
+        ConfigError: An unknown or malformed flag, a missing required one, or a bad value.
+    """
+    return WorkerConfig(**vars(build_parser().parse_args(argv)))

@@ -1,12 +1,12 @@
 """Stage 4 on GPU: the whole forward (and top-1) as one CUDA graph, replayed per batch.
 
-Why: eager, a ViT-B/16 forward is ~300 kernel launches issued by Python, a few ms of
+Why: eager, a ViT-B/16 forward is hundreds of kernel launches issued by Python, milliseconds of
 host time under the GIL that the readers, the decode threads and the row builder need
 too; and while the host waits for the GIL, the GPU runs dry. A replay queues the same
 kernels with one call. The batch shape is fixed (the decode ring's buffers are always
 ``batch_size`` rows), which is what a graph needs. By default the forward is first compiled
-by ``torch.compile`` (the fused kernels made ViT-B/16 ~8 % faster on an H100) and the
-compiled forward is captured.
+by ``torch.compile`` (fused kernels; benchmarks/NOTES.md has the gain) and the compiled
+forward is captured.
 
 The graph is only used where it is right and pays: at start-up each candidate's labels are
 checked against the eager forward's logits and timed; any failure or a slower graph keeps the
@@ -32,8 +32,8 @@ def unpadded_attention_without_mask(model) -> Iterator[None]:
     transformers leaves that mask out (so SDPA picks its fused kernels) only when it is not
     tracing, and some versions (5.17) count CUDA stream capture as tracing, as they do
     torch.compile: they build an all-visible mask with a broadcast last dimension, which no
-    fused SDPA kernel accepts, and attention falls back to the fp32 math path (a 3x slower
-    forward on an H100). An image classifier never pads, so "no mask" is exactly the eager
+    fused SDPA kernel accepts, and attention falls back to the fp32 math path (a forward
+    several times slower). An image classifier never pads, so "no mask" is exactly the eager
     forward's attention. Any other mask request (causal, padded, windowed) is passed through untouched.
     """
     try:
@@ -174,7 +174,9 @@ def fastest_graph(
         start = time.perf_counter()
         try:
             graphed = GraphedForward(make(), model, example)
-        except Exception as exc:  # noqa: BLE001 - a failed compile or capture leaves the other candidates
+        # torch.compile's backends and graph capture fail in many types (dynamo's, inductor's,
+        # Triton's, CUDA's RuntimeError): any failure only drops this candidate.
+        except Exception as exc:
             log.warning("CUDA graph of the forward %s failed (%s: %s)", name, type(exc).__name__, exc)
             continue
         prepared = time.perf_counter() - start

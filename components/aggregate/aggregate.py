@@ -24,28 +24,34 @@ import logging
 import re
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from components.aggregate import tables
 from components.aggregate.report import render_report
 from components.launch.job_record import JobRecord
-from worker.commit import PART_COLUMNS
-from worker.incremental import INVENTORY_FILE, MANIFEST, MARKER
-from worker.plan import PLAN_FILE, RUN_FILE
-from worker.storage import ObjectInfo, Storage, join, open_storage, write_text
+from worker.results import (
+    ERRORS_DIR,
+    INVENTORY_FILE,
+    MANIFEST,
+    MARKER,
+    PART_COLUMNS,
+    PART_FILE,
+    PARTS_DIR,
+    PLAN_FILE,
+    SUMMARY_DIR,
+    SUMMARY_FILE,
+    completion_marker,
+    read_run_record,
+)
+from worker.storage import ObjectInfo, Storage, folder, join, open_storage, write_text
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = tables.MANIFEST_COLUMNS
 TOP_CLASSES = 20
 ERRORS_SHOWN = 100
 # How many offending URIs the exception message names; the report shows more.
 NAMED_IN_ERROR = 5
 PROBLEMS_SHOWN = 100
-# Only committed files count: the local backend's in-flight temp files start with '.'.
-_PART_FILE = re.compile(r"part-\d+\.csv")
-_SUMMARY_FILE = re.compile(r"rank-\d+\.json")
 _USER_COLUMNS = ", ".join(PART_COLUMNS)
 
 
@@ -190,8 +196,8 @@ def _aggregate(
 ) -> AggregateReport:
     csv_path, parquet_path, html_path, errors_path = outputs
     tables.load_jsonl_listing(con, "plan", plan_path)
-    part_files = _list_named(storage, join(results_uri, "parts"), _PART_FILE)
-    error_files = _list_named(storage, join(results_uri, "errors"), _PART_FILE)
+    part_files = _list_named(storage, join(results_uri, PARTS_DIR), PART_FILE)
+    error_files = _list_named(storage, join(results_uri, ERRORS_DIR), PART_FILE)
     # Errors are written before their part, and the part is the commit point: an
     # error file without its part belongs to an attempt that never committed.
     committed = {f.uri.rsplit("/", 1)[1] for f in part_files}
@@ -201,10 +207,8 @@ def _aggregate(
         error_files = [f for f in error_files if f.uri.rsplit("/", 1)[1] in committed]
     tables.load_csv_files(con, "parts", storage, part_files, errors=False)
     tables.load_csv_files(con, "errors", storage, error_files, errors=True)
-    ranks = _read_summaries(storage, join(results_uri, "summary"))
-    run_uri = join(results_uri, RUN_FILE)
-    # Results of workers older than run.json have none.
-    run_info = json.loads(storage.read(run_uri)) if storage.exists(run_uri) else {}
+    ranks = _read_summaries(storage, join(results_uri, SUMMARY_DIR))
+    run_info = read_run_record(results_uri)
     reused, changed, deleted = _carry_over(con, storage, results_uri, run_info, scratch)
     con.execute(
         f"CREATE VIEW merged AS SELECT {_USER_COLUMNS}, plan.generation FROM parts "
@@ -230,16 +234,9 @@ def _aggregate(
 
     # Written last: its presence means the results were complete and aggregated, and that the
     # manifest is there for the next incremental run.
-    marker = {
-        "results_uri": results_uri,
-        "plan_sha256": plan_sha256,
-        "parts": len(part_files),
-        # Microseconds: incremental runs pick the latest complete run by this time.
-        "aggregated_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-        "manifest": MANIFEST,
-        "run": run_info,
-        "metrics": report.metrics,
-    }
+    marker = completion_marker(
+        results_uri, run_info, report.metrics, plan_sha256=plan_sha256, parts=len(part_files)
+    )
     write_text(join(results_uri, MARKER), json.dumps(marker, indent=2, sort_keys=True) + "\n")
     log.info("aggregated %s: %s", results_uri, report.metrics)
     return report
@@ -262,9 +259,8 @@ def _carry_over(
         object changed or was deleted; zeros without a base run.
     """
     base = run_info.get("base")
-    columns = ", ".join(f"{name} {kind}" for name, kind in _MANIFEST_SQL_TYPES.items())
     if not base:
-        con.execute(f"CREATE TABLE carried ({columns})")
+        con.execute(f"CREATE TABLE carried ({tables.MANIFEST_SQL_COLUMNS})")
         return 0, 0, 0
     inventory, _ = _fetch(
         storage, join(results_uri, run_info.get("inventory", INVENTORY_FILE)), scratch / "inventory.jsonl"
@@ -292,19 +288,9 @@ def _carry_over(
     return tables.scalar(con, "SELECT count(*) FROM carried"), changed, deleted
 
 
-_MANIFEST_SQL_TYPES = {
-    "image_id": "VARCHAR",
-    "classification": "VARCHAR",
-    "label_index": "BIGINT",
-    "score": "DOUBLE",
-    "uri": "VARCHAR",
-    "generation": "BIGINT",
-}
-
-
-def _list_named(storage: Storage, folder: str, pattern: re.Pattern) -> list[ObjectInfo]:
-    """The files directly in ``folder`` whose name matches ``pattern``, by URI; none if it is absent."""
-    prefix = folder.rstrip("/") + "/"
+def _list_named(storage: Storage, directory: str, pattern: re.Pattern) -> list[ObjectInfo]:
+    """The files directly in ``directory`` whose name matches ``pattern``, by URI; none if it is absent."""
+    prefix = folder(directory)
     try:
         listed = list(storage.list(prefix))
     except FileNotFoundError:
@@ -312,8 +298,8 @@ def _list_named(storage: Storage, folder: str, pattern: re.Pattern) -> list[Obje
     return sorted((o for o in listed if pattern.fullmatch(o.uri[len(prefix) :])), key=lambda o: o.uri)
 
 
-def _read_summaries(storage: Storage, folder: str) -> list[dict]:
-    files = _list_named(storage, folder, _SUMMARY_FILE)
+def _read_summaries(storage: Storage, directory: str) -> list[dict]:
+    files = _list_named(storage, directory, SUMMARY_FILE)
     return sorted(
         (json.loads(data) for data in storage.read_many(files) if isinstance(data, bytes)),
         key=lambda s: s.get("rank", 0),

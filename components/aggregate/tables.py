@@ -17,20 +17,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from worker.commit import PART_COLUMNS
+from worker.results import ERROR_DTYPES, PART_DTYPES
 from worker.storage import ObjectInfo, ReadError, Storage
 
-ERROR_COLUMNS = ("uri", "reason")
-MANIFEST_COLUMNS = (*PART_COLUMNS, "generation")
-_PART_TYPES = {
-    "image_id": pa.string(),
-    "classification": pa.string(),
-    "label_index": pa.int64(),
-    "score": pa.float64(),
-    "uri": pa.string(),
-}
-_ERROR_TYPES = {"uri": pa.string(), "reason": pa.string()}
+# The contract's column types (pandas dtypes) as Arrow and SQL types.
+_ARROW = {str: pa.string(), "int64": pa.int64(), "float64": pa.float64()}
 _SQL_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.float64(): "DOUBLE"}
+_PART_TYPES = {name: _ARROW[kind] for name, kind in PART_DTYPES.items()}
+_ERROR_TYPES = {name: _ARROW[kind] for name, kind in ERROR_DTYPES.items()}
+# The manifest: a part row and the generation its image was read at (null where none).
+MANIFEST_SQL_COLUMNS = ", ".join(
+    [f"{name} {_SQL_TYPES[kind]}" for name, kind in _PART_TYPES.items()] + ["generation BIGINT"]
+)
 # Files read and parsed per batch: enough to keep the reads parallel, few enough to stay small.
 _FILES_PER_BATCH = 256
 # DuckDB's share of the task's memory; the rest is Python, pyarrow and the report.

@@ -1,10 +1,10 @@
-"""launch: run the worker over a run's images, on this machine or as a PyTorchJob on GKE.
+"""launch: run the worker over a run's images, on this machine or as a Kubernetes job on GKE.
 
 This is the logic behind the ``launch_inference`` KFP component and the
 ``python -m pipelines render-job`` dry run; it knows nothing about KFP. A
 ``LaunchRequest`` holds the run's parameters exactly as the pipeline passes them
 (strings and numbers, with "" and 0 meaning "not set"), and turns them into the
-worker's arguments and, for the ``kubernetes`` backend, the PyTorchJob config.
+worker's arguments and, for the ``kubernetes`` backend, the job's config and manifest.
 """
 
 from __future__ import annotations
@@ -14,7 +14,14 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from components.pytorchjob import PyTorchJobConfig, build_pytorchjob, default_network_interfaces, job_name_for
+from components.launch.kubernetes.kinds import (
+    DEFAULT_JOB_KIND,
+    JobConfig,
+    JobKind,
+    default_network_interfaces,
+    job_kind,
+    job_name_for,
+)
 from worker.config import WorkerConfig
 from worker.storage import is_gcs, join
 
@@ -115,15 +122,24 @@ class LaunchRequest:
         # Extra flags go last: argparse keeps the last value, so they can override anything above.
         return cfg.to_args() + shlex.split(self.extra_worker_args)
 
-    def job_config(self) -> PyTorchJobConfig:
-        """The PyTorchJob config of this run."""
+    @property
+    def kind(self) -> JobKind:
+        """The Kubernetes job kind that runs the worker."""
+        return job_kind(DEFAULT_JOB_KIND)
+
+    def job_manifest(self) -> dict:
+        """The manifest of this run's job."""
+        return self.kind.build(self.job_config())
+
+    def job_config(self) -> JobConfig:
+        """The job config of this run, whatever the job kind."""
         networks = [n.strip() for n in self.rdma_networks.split(",") if n.strip()]
         interfaces = (
             tuple((f"eth{i}", n) for i, n in enumerate(networks))
             if networks
             else default_network_interfaces()
         )
-        return PyTorchJobConfig(
+        return JobConfig(
             name=job_name_for(self.run_id, self.results_uri),
             image=self.image,
             worker_args=self.worker_args(),
@@ -150,7 +166,8 @@ def _plan_here(req: LaunchRequest, log: Callable[[str], None]) -> int:
     import json
 
     from worker.config import parse_args
-    from worker.plan import RUN_FILE, load_or_create_plan
+    from worker.plan import load_or_create_plan
+    from worker.results import RUN_FILE
     from worker.storage import read_text
 
     plan = load_or_create_plan(parse_args(req.worker_args()))
@@ -178,34 +195,34 @@ def launch(req: LaunchRequest, *, log: Callable[[str], None] | None = None, api=
         req: The run's parameters; validated first.
         log: Receives progress lines (the worker's output locally, the job's events and
             logs on Kubernetes); default: print them.
-        api: The Kubernetes API seam (``components.k8s_api.KubernetesApi``) for the kubernetes
-            backend; default: from ``gke_*`` when set, else the pod's service account.
+        api: The Kubernetes API client (``components.launch.kubernetes.api.KubernetesApi``) for
+            the kubernetes backend; default: from ``gke_*`` when set, else the pod's service account.
 
     Returns:
         Where the results are and what ran.
 
     Raises:
         ValueError: The request is invalid.
-        components.local_launcher.LocalRunError: The local worker failed.
-        components.k8s_launcher.LauncherError: The job failed, was rejected or timed out.
+        components.launch.local.LocalRunError: The local worker failed.
+        components.launch.kubernetes.errors.LauncherError: The job failed, was rejected or timed out.
     """
     req.validate()
     if req.incremental and not _plan_here(req, log or print):
         # Nothing new or changed: no job, no GPUs; the aggregate carries every row over.
         return LaunchResult(req.backend, req.results_uri, "", 0, 0)
     if req.backend == LOCAL:
-        from components.local_launcher import run_local
+        from components.launch.local import run_local
 
         run_local(req.worker_args(), req.local_nproc, log=log, timeout_s=req.timeout_seconds or None)
         return LaunchResult(LOCAL, req.results_uri, "", 1, req.local_nproc)
 
     # Imported here: the local backend (and kfp.local) never needs the Kubernetes client.
-    from components.k8s_api import KubernetesApi
-    from components.k8s_launcher import run_pytorchjob
+    from components.launch.kubernetes.credentials import gke_api, in_cluster_api
+    from components.launch.kubernetes.supervisor import run_job
 
     cfg = req.job_config()
     if api is None:
-        api = KubernetesApi.from_gke(*req.gke) if req.gke else KubernetesApi.from_in_cluster()
-    outcome = run_pytorchjob(api, build_pytorchjob(cfg), timeout_s=req.timeout_seconds or math.inf, log=log)
+        api = gke_api(*req.gke) if req.gke else in_cluster_api()
+    outcome = run_job(api, req.kind, req.kind.build(cfg), timeout_s=req.timeout_seconds or math.inf, log=log)
     # An adopted job (a retry of this run found its job still running) keeps its own name.
     return LaunchResult(KUBERNETES, req.results_uri, outcome.name, cfg.nodes, cfg.nodes * cfg.gpus_per_node)

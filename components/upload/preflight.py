@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
-from worker.config import IMAGE_EXTENSIONS
-from worker.storage import is_gcs, open_storage, split_gcs
+from worker.config import IMAGE_EXTENSIONS, ConfigError, WorkerConfig
+from worker.storage import is_gcs, open_storage, split_uri
 
 # GCS bucket names: 3-63 characters of lowercase letters, digits, '-', '_' and '.', starting
 # and ending with a letter or digit.
@@ -28,7 +28,7 @@ def check_uri(name: str, uri: str, *, local_ok: bool = True) -> None:
     if uri != uri.strip():
         raise ValueError(f"{name} {uri!r} has leading or trailing blanks")
     if is_gcs(uri):
-        bucket, _ = split_gcs(uri)
+        bucket, _ = split_uri(uri)
         if not _BUCKET.fullmatch(bucket):
             raise ValueError(f"{name} {uri!r} does not name a valid GCS bucket: gs://BUCKET/prefix")
     elif "://" in uri or uri.startswith("gs:"):
@@ -60,11 +60,19 @@ def check_run(
         raise ValueError("results_root is empty: set it (or results_prefix) to where results go")
     else:
         check_uri("results_root", results_root)
-    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
     if not model or model != model.strip():
         raise ValueError(f"model {model!r}: set it to a hub id or a gs:// or local model directory")
+    try:
+        # The worker's own bounds and choices, checked where they are declared.
+        WorkerConfig(
+            input=images_uri,
+            output=results_prefix or results_root,
+            model=model,
+            batch_size=batch_size,
+            shard_size=shard_size,
+        )
+    except ConfigError as exc:
+        raise ValueError(f"{exc.parameter or 'parameter'}: {exc}") from None
 
 
 def check_images_present(images_uri: str) -> None:

@@ -24,12 +24,12 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from worker.storage import default_project, is_gcs, split_gcs
+from worker.storage import Storage, folder, is_gcs, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -105,18 +105,15 @@ def upload_dataset(
     """
     if not is_gcs(destination):
         raise ValueError(f"destination must be a gs:// prefix, got {destination!r}")
-    from google.cloud import storage
-
-    client = storage.Client(project=project or default_project())
-    dest = _Destination(destination, client)
+    dest = _Destination(destination, open_storage(destination, project=project))
     # The destination is listed first: it fails fast on a missing bucket, before a
     # long download, and needs only object-list permission (unlike a bucket GET).
     existing = dest.existing()
     workers = max(1, workers)
     with contextlib.ExitStack() as stack:
         if is_gcs(source):
-            files = _gcs_files(client, source)
-            run_batch = _copier(client, dest, workers)
+            files = _gcs_files(dest.storage, source)
+            run_batch = _copier(dest, workers)
         else:
             root = Path(source)
             is_url = source.startswith(("http://", "https://"))
@@ -243,81 +240,45 @@ def _file_crc32c(path: str) -> str:
     return base64.b64encode(checksum.digest()).decode("ascii")
 
 
-def _list_blobs(client, bucket_name: str, folder: str) -> Iterator:
-    """All blobs under ``folder``; a missing bucket becomes FileNotFoundError."""
-    from google.api_core import exceptions
-
-    try:
-        yield from client.list_blobs(bucket_name, prefix=folder or None)
-    except exceptions.NotFound as exc:
-        raise FileNotFoundError(f"GCS bucket does not exist: gs://{bucket_name}") from exc
-
-
-def _folder(prefix: str) -> str:
-    """``a/b`` -> ``a/b/``: a prefix names a folder, so ``imgs`` must not match ``imgs2/``."""
-    return f"{prefix.strip('/')}/" if prefix.strip("/") else ""
-
-
 class _Destination:
-    """The bucket and folder that files are written under."""
+    """The folder that files are written under, and the storage that holds it."""
 
-    def __init__(self, uri: str, client):
+    def __init__(self, uri: str, storage: Storage):
         self.uri = uri
-        bucket_name, prefix = split_gcs(uri)
-        self.client = client
-        self.bucket = client.bucket(bucket_name)
-        self.folder = _folder(prefix)
+        self.storage = storage
+        # A prefix names a folder, so ``imgs`` must not match ``imgs2/``.
+        self.folder = folder(uri)
 
-    def blob(self, relpath: str):
-        return self.bucket.blob(self.folder + relpath)
+    def uri_of(self, relpath: str) -> str:
+        return self.folder + relpath
 
     def existing(self) -> dict[str, tuple[int, str | None]]:
         """Relpath -> (size, crc32c) of every object already there, from one listing."""
-        return {
-            b.name[len(self.folder) :]: (int(b.size or 0), b.crc32c)
-            for b in _list_blobs(self.client, self.bucket.name, self.folder)
-        }
+        return {o.uri[len(self.folder) :]: (o.size, o.crc32c) for o in self.storage.list(self.folder)}
 
 
-def _gcs_files(client, source: str) -> list[_SourceFile]:
-    bucket_name, prefix = split_gcs(source)
-    folder = _folder(prefix)
+def _gcs_files(storage: Storage, source: str) -> list[_SourceFile]:
+    prefix = folder(source)
     return [
-        _SourceFile(b.name[len(folder) :], f"gs://{bucket_name}/{b.name}", int(b.size or 0), b.crc32c)
-        for b in _list_blobs(client, bucket_name, folder)
-        if not b.name.endswith("/")  # Folder placeholders made by the console.
+        _SourceFile(o.uri[len(prefix) :], o.uri, o.size, o.crc32c)
+        for o in storage.list(prefix)
+        if not o.uri.endswith("/")  # Folder placeholders made by the console.
     ]
 
 
 def _uploader(dest: _Destination, workers: int) -> Callable[[Sequence[_SourceFile]], list]:
-    from google.cloud.storage import transfer_manager
-
     def upload_batch(batch: Sequence[_SourceFile]) -> list:
-        # THREAD workers: process workers re-create the client from a pickle, which
-        # loses the emulator setup in tests and is heavy inside KFP containers.
-        return transfer_manager.upload_many(
-            [(f.location, dest.blob(f.relpath)) for f in batch],
-            worker_type=transfer_manager.THREAD,
-            max_workers=workers,
+        return dest.storage.upload_files(
+            [(f.location, dest.uri_of(f.relpath)) for f in batch], workers=workers
         )
 
     return upload_batch
 
 
-def _copier(client, dest: _Destination, workers: int) -> Callable[[Sequence[_SourceFile]], list]:
-    def copy_one(f: _SourceFile) -> None:
-        bucket_name, name = split_gcs(f.location)
-        src = client.bucket(bucket_name).blob(name)
-        dst = dest.blob(f.relpath)
-        # rewrite() rather than copy_blob(): across locations or storage classes a
-        # large object takes several calls, chained by the token.
-        token, _, _ = dst.rewrite(src)
-        while token is not None:
-            token, _, _ = dst.rewrite(src, token=token)
-
+def _copier(dest: _Destination, workers: int) -> Callable[[Sequence[_SourceFile]], list]:
     def copy_batch(batch: Sequence[_SourceFile]) -> list:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(copy_one, f) for f in batch]
+            futures = [pool.submit(dest.storage.copy, f.location, dest.uri_of(f.relpath)) for f in batch]
         return [fut.exception() for fut in futures]
 
     return copy_batch

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from components.launch.launch import LOCAL
-from components.local_launcher import pythonpath_with_project
+from components.launch.local import pythonpath_with_project
 from components.upload.preflight import check_images_present, check_run
 from pipelines.dev.emulator import gcs_emulator
 from pipelines.dev.launcher_rules import launcher_rules
 from pipelines.options import add_parameter_options
-from worker.config import DEFAULT_MODEL
-from worker.storage import is_gcs, split_gcs
+from worker.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
+from worker.storage import is_gcs, split_uri
 
 EMULATOR_IMAGES_URI = "gs://batch-inference-images/images"
 EMULATOR_RESULTS_ROOT = "gs://batch-inference-results/runs"
@@ -53,8 +53,8 @@ LOCAL_PARAMETERS = (
     "timeout_seconds",
 )
 # Where a local run's defaults differ from a cluster run's: a sample set of a few dozen
-# images spreads over two ranks in small shards, and a CPU forward pass takes smaller batches.
-LOCAL_DEFAULTS = {"local_nproc": 2, "shard_size": 16, "batch_size": 32}
+# images spreads over two ranks in small shards, and the worker runs on this machine's CPU.
+LOCAL_DEFAULTS = {"local_nproc": 2, "shard_size": 16, "batch_size": DEFAULT_BATCH_SIZE["cpu"]}
 
 
 @dataclass(frozen=True)
@@ -287,7 +287,7 @@ def run_local_main(args: argparse.Namespace) -> int:
     pipeline_root = workdir / "runs" / time.strftime("%Y%m%d-%H%M%S")
     print(f"images: {images_uri}" + (f" (uploaded from {upload})" if upload else ""), flush=True)
     if use_emulator:
-        serve = gcs_emulator(tuple(dict.fromkeys(split_gcs(uri)[0] for uri in (images_uri, results_root))))
+        serve = gcs_emulator(tuple(dict.fromkeys(split_uri(uri)[0] for uri in (images_uri, results_root))))
     else:
         serve = contextlib.nullcontext()
     with serve:

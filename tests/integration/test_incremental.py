@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components.aggregate.aggregate import MANIFEST, MARKER, aggregate
+from components.aggregate.aggregate import aggregate
 from components.launch.launch import LaunchRequest, launch
 from pipelines.__main__ import main
 from pipelines.batch_inference import launch_inputs
@@ -22,7 +22,8 @@ from tests.support.helpers import jpeg_bytes
 from tests.support.html import parse_html
 from tests.support.worker_harness import read_results, run_worker
 from worker.config import WorkerConfig
-from worker.incremental import completed_runs, latest_base, read_manifest
+from worker.incremental import latest_base
+from worker.results import MANIFEST, MARKER, completed_runs, read_manifest
 from worker.storage import join, open_storage, read_text, write_text
 
 pytestmark = pytest.mark.timeout(240)

@@ -1,7 +1,7 @@
 """A local HTTP stand-in for the Kubernetes API server (the only part that cannot run here).
 
 Everything else in the launcher tests is real: the launcher, its HTTP seam
-(:class:`components.k8s_api.KubernetesApi`), ``requests``, sockets, threads and signals. This
+(:class:`components.launch.kubernetes.api.KubernetesApi`), ``requests``, sockets, threads and signals. This
 module plays the API server, together with the controllers behind it (Kueue suspending a queued
 job and creating its Workload, the Training Operator's pods, garbage collection on delete), and
 serves exactly the paths the seam uses:
@@ -203,7 +203,7 @@ class KubeApiStandIn:
             step = self._steps.popleft()
             try:
                 step.then(self)
-            except BaseException as e:  # noqa: BLE001 - surfaced by the test through step_errors
+            except BaseException as e:  # surfaced by the test through step_errors
                 self.step_errors.append(e)
 
     def steps_left(self) -> int:

@@ -11,10 +11,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from components.aggregate.aggregate import MANIFEST, MARKER, IncompleteResultsError, aggregate
+from components.aggregate.aggregate import IncompleteResultsError, aggregate
 from components.launch.job_record import JobRecord
 from tests.support.html import parse_html
-from worker.incremental import read_manifest
+from worker.results import MANIFEST, MARKER, read_manifest
 from worker.storage import join, open_storage, read_text, write_text
 
 COLUMNS = ["image_id", "classification", "label_index", "score", "uri"]

@@ -1,0 +1,80 @@
+"""The model's files on this node: fetched once per node into a local cache.
+
+MODEL is a Hugging Face hub id, a local directory, or a gs:// directory. Local rank 0 of
+each node fetches it into a node-local cache; the other local ranks wait at a barrier and
+then load from that cache, so a node never downloads twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from worker.dist import Topology
+from worker.storage import is_gcs, open_storage, split_uri
+
+log = logging.getLogger(__name__)
+
+
+def _gcs_cache_dir(model_uri: str, cache_root: str) -> Path:
+    digest = hashlib.sha256(model_uri.encode()).hexdigest()[:16]
+    return Path(cache_root) / f"gcs-{digest}"
+
+
+def _download_gcs_dir(model_uri: str, target: Path, project: str | None) -> None:
+    storage = open_storage(model_uri, project=project)
+    prefix = model_uri.rstrip("/") + "/"
+    objects = [o for o in storage.list(prefix)]
+    if not objects:
+        raise FileNotFoundError(f"no model files under {model_uri}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        for obj in objects:
+            rel = obj.uri[len(prefix) :]
+            dest = staging / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(storage.read(obj.uri))
+        # A rename publishes the whole folder at once: a reader never sees half a model.
+        os.rename(staging, target)
+    except OSError:
+        if target.exists():  # Someone else published it first; theirs is identical.
+            return
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def fetch_model(model: str, cache_root: str, *, download: bool, project: str | None = None) -> str:
+    """A local directory (or hub id resolvable offline) holding the model."""
+    if is_gcs(model):
+        split_uri(model)  # validates the URI early
+        target = _gcs_cache_dir(model, cache_root)
+        if download and not target.exists():
+            log.info("downloading %s to %s", model, target)
+            _download_gcs_dir(model, target, project)
+        if not target.exists():
+            raise FileNotFoundError(f"model {model} was not fetched into {target}")
+        return str(target)
+    if Path(model).is_dir():
+        return model
+    if model.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"model directory does not exist: {model}")
+    # A hub id: snapshot_download fills the shared HF cache; other ranks then read it offline.
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model, local_files_only=not download)
+
+
+def fetch_model_once_per_node(model: str, topo: Topology, cache_root: str, project: str | None) -> str:
+    path = None
+    if topo.local_rank == 0:
+        path = fetch_model(model, cache_root, download=True, project=project)
+    topo.barrier()
+    if path is None:
+        path = fetch_model(model, cache_root, download=False, project=project)
+    return path

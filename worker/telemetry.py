@@ -1,0 +1,119 @@
+"""What a rank tells its user: start-up steps, progress (img/s, ETA), where the time went."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+def process_age() -> float:
+    """Seconds since this process started, so that start-up counts the imports before main() too."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+            return max(0.0, float(uptime.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0  # not Linux: start-up is then counted from here
+
+
+class StartupClock:
+    """When each start-up step was done, in seconds since the process started."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.started = clock() - process_age()
+        self.steps: dict[str, float] = {}
+
+    def since_start(self) -> float:
+        return round(self.clock() - self.started, 3)
+
+    def mark(self, step: str) -> float:
+        self.steps[step] = self.since_start()
+        return self.steps[step]
+
+
+class Progress:
+    """Images done, img/s and ETA, logged at a steady interval."""
+
+    def __init__(self, rank: int, total: int, interval: float, clock=time.monotonic):
+        self.rank = rank
+        self.total = total
+        self.interval = interval
+        self.clock = clock
+        self.start = clock()
+        self.last_log = self.start
+        self.done = 0
+        self.errors = 0
+
+    def update(self, images: int, errors: int) -> None:
+        self.done += images
+        self.errors += errors
+        now = self.clock()
+        if now - self.last_log >= self.interval:
+            self.last_log = now
+            log.info("%s", self.line())
+
+    @property
+    def seconds(self) -> float:
+        return self.clock() - self.start
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        rate = self.rate
+        remaining = max(self.total - self.done, 0)
+        eta = f"{remaining / rate:.0f}s" if rate > 0 else "?"
+        # With dynamic assignment the total is an estimate (the job's share per rank): a fast
+        # rank may pass it, so the percentage stops at 100.
+        pct = min(100.0, 100.0 * self.done / self.total) if self.total else 100.0
+        return (
+            f"rank {self.rank}: {self.done}/{self.total} images ({pct:.1f}%), "
+            f"{self.errors} errors, {rate:.1f} img/s, ETA {eta}"
+        )
+
+
+@dataclass
+class Utilization:
+    """Where a rank's processing time went: the user's answer to "input-bound or GPU-bound?"."""
+
+    gpu_seconds: float = 0.0  # the batches' GPU work on the model's stream, decode waits excluded
+    input_wait_seconds: float = 0.0  # the main loop waiting for the next decoded batch
+    clock: Callable[[], float] = time.monotonic
+
+    def waiting(self, items: Iterator) -> Iterator:
+        """``items``, adding the time spent waiting for each to ``input_wait_seconds``."""
+        while True:
+            start = self.clock()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            finally:
+                self.input_wait_seconds += self.clock() - start
+            yield item
+
+    def shares(self, seconds: float) -> dict[str, float]:
+        """The summary's ``gpu_busy`` and ``input_wait``: fractions of ``seconds`` of processing."""
+
+        def share(part: float) -> float:
+            return round(part / seconds, 4) if seconds else 0.0
+
+        return {"gpu_busy": share(self.gpu_seconds), "input_wait": share(self.input_wait_seconds)}
+
+
+def log_done(progress: Progress, shards: int, shares: dict[str, float], on_gpu: bool) -> None:
+    busy = f"GPU busy with the model {100 * shares['gpu_busy']:.0f} % of the time, " if on_gpu else ""
+    log.info(
+        "%s — done: %d shards; %swaiting for input %.0f %%",
+        progress.line(),
+        shards,
+        busy,
+        100 * shares["input_wait"],
+    )
