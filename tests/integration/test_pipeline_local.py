@@ -199,9 +199,14 @@ def test_user_errors_are_one_line():
         (["--images-uri", "gs://Not_A_Bucket/images"], "images_uri"),
         (["--batch-size", "0"], "batch_size"),
         (["--shard-size", "-4"], "shard_size"),
+        # A folder without a single image: zero images planned is an error (the run is not incremental).
+        (["--source", "{tmp}/empty", "--results-root", "{tmp}/results"], "holds no images"),
     ],
 )
 def test_a_bad_parameter_fails_before_any_upload_naming_it(tiny_model, tmp_path, args, named):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "notes.txt").write_text("not an image\n")
+    args = [arg.format(tmp=tmp_path) for arg in args]
     done = _cli(
         "run",
         "--local",
@@ -218,24 +223,3 @@ def test_a_bad_parameter_fails_before_any_upload_naming_it(tiny_model, tmp_path,
     assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
     assert named in done.stderr
     assert "images:" not in done.stdout  # the run never started: nothing was uploaded
-
-
-def test_an_input_without_images_fails_before_the_run(tiny_model, tmp_path):
-    empty = tmp_path / "empty"
-    (empty / "sub").mkdir(parents=True)
-    (empty / "sub" / "notes.txt").write_text("not an image\n")
-    done = _cli(
-        "run",
-        "--local",
-        "--model",
-        str(tiny_model),
-        "--workdir",
-        str(tmp_path),
-        "--source",
-        str(empty),
-        "--results-root",
-        str(tmp_path / "results"),
-        check=False,
-    )
-    assert done.returncode == 2 and "holds no images" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
