@@ -45,10 +45,13 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
 
 
 def _compile(args: argparse.Namespace) -> int:
+    from components.images import TASK_IMAGE, WORKER_IMAGE
     from pipelines.batch_inference import compile_pipelines
 
     for path in compile_pipelines(args.out):
         print(path)
+    print(f"task image (the three KFP tasks): {TASK_IMAGE}")
+    print(f"worker image (the job's pods, the image parameter's default): {WORKER_IMAGE}")
     return 0
 
 
@@ -114,6 +117,7 @@ def _submit(args: argparse.Namespace) -> int:
             arguments,
             run_name=args.run_name,
             service_account=args.run_service_account,
+            network=args.network,
             package=args.package,
             wait=args.wait,
         )
@@ -148,6 +152,7 @@ def _schedule(args: argparse.Namespace) -> int:
             args.cron,
             name=args.run_name,
             service_account=args.run_service_account,
+            network=args.network,
             package=args.package,
         )
     else:
@@ -241,6 +246,12 @@ def _add_target_options(p: argparse.ArgumentParser, *, schedule: bool) -> None:
         help="Vertex AI region, e.g. us-central1 (default: $GOOGLE_CLOUD_REGION)",
     )
     vertex.add_argument("--pipeline-root", metavar="GS_URI", help="gs:// prefix for the runs' artifacts")
+    vertex.add_argument(
+        "--network",
+        metavar="projects/NUMBER/global/networks/NAME",
+        help="VPC network to peer the run's tasks with, so the launch step reaches a GKE control "
+        "plane with only a private endpoint (docs/running.md)",
+    )
     both = p.add_argument_group("both targets")
     both.add_argument("--run-name", help=f"display name of the {'schedule' if schedule else 'run'}")
     both.add_argument(
