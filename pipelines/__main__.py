@@ -1,4 +1,4 @@
-"""``python -m pipelines``: compile, dry-run the PyTorchJob, make a model, run locally, submit, schedule.
+"""``python -m pipelines``: compile, dry-run the Kubernetes job, make a model, run locally, submit, schedule.
 
 User errors (a bad option, a missing folder, a failed task) end in a one-line
 ``error: ...`` and exit status 2; set ``BATCH_INFERENCE_DEBUG=1`` for the traceback.
@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-# Launch parameters that do not shape the PyTorchJob.
+# Launch parameters that do not shape the Kubernetes job.
 _NOT_IN_JOB = {"backend", "local_nproc"}
 
 
@@ -25,7 +25,18 @@ def _job_inputs() -> dict:
 def _add_job_options(p: argparse.ArgumentParser) -> None:
     from pipelines.options import add_parameter_options
 
-    add_parameter_options(p, _job_inputs(), defaults=True)
+    inputs = _job_inputs()
+    add_parameter_options(p, inputs, defaults=True)
+    if "job_kind" not in inputs:  # until the pipeline has the parameter
+        from components.launch.kubernetes.kinds import DEFAULT_JOB_KIND, JOB_KINDS
+
+        p.add_argument(
+            "--job-kind",
+            dest="job_kind",
+            choices=JOB_KINDS,
+            default=DEFAULT_JOB_KIND,
+            help="the Kubernetes resource that runs the worker (default: %(default)r)",
+        )
     p.add_argument(
         "--run-id",
         default="dry-run",
@@ -49,6 +60,7 @@ def _render_job(args: argparse.Namespace) -> int:
     from components.launch.launch import KUBERNETES, LaunchRequest
 
     values = {name: getattr(args, name) for name in _job_inputs()}
+    values["job_kind"] = args.job_kind
     request = LaunchRequest(run_id=args.run_id, backend=KUBERNETES, local_nproc=1, **values)
     request.validate()
     sys.stdout.write(render_yaml(request.job_manifest()))
