@@ -28,6 +28,7 @@ from components.aggregate.component import aggregate_results
 from components.check.component import check_parameters
 from components.images import WORKER_IMAGE
 from components.launch.component import classify_images
+from components.launch.kubernetes.kinds import DEFAULT_JOB_KIND
 from components.upload.component import upload_images
 from worker.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
 
@@ -134,6 +135,7 @@ def make_pipeline(flavour: str) -> Callable:
         upload_workers: int = 16,
         model: str = DEFAULT_MODEL,
         backend: str = "kubernetes",
+        job_kind: str = DEFAULT_JOB_KIND,
         batch_size: int = DEFAULT_BATCH_SIZE["cuda"],
         shard_size: int = 1024,
         device: str = "auto",
@@ -177,6 +179,9 @@ def make_pipeline(flavour: str) -> Callable:
                 image-classification model and its preprocessor_config.json.
             backend: Where the worker runs: kubernetes (a PyTorchJob on GKE) or local (torchrun
                 inside the launcher's own container).
+            job_kind: The Kubernetes resource that runs the worker on the kubernetes backend:
+                pytorchjob (Kubeflow Training Operator v1), trainjob (Kubeflow Trainer v2) or
+                jobset (JobSet), each queued through Kueue.
             batch_size: Images per forward pass on each GPU.
             shard_size: Images per shard, the unit of work assignment, commit and resume.
             device: auto (cuda when a GPU is visible, else cpu), cpu or cuda.
@@ -227,6 +232,7 @@ def make_pipeline(flavour: str) -> Callable:
             incremental=incremental,
             model=model,
             backend=backend,
+            job_kind=job_kind,
             batch_size=batch_size,
             shard_size=shard_size,
             device=device,

@@ -49,7 +49,8 @@ def check_run(
         images_uri: The images' prefix.
         results_root: Where the run's results go (unless ``results_prefix`` is set).
         results_prefix: The run's exact results prefix, or empty.
-        model: A hub id, or a gs:// or local model directory.
+        model: A hub id, or a gs:// or local model directory: it must hold an image
+            classifier whose preprocessing the worker reproduces.
         batch_size: Images per forward pass.
         shard_size: Images per shard.
 
@@ -74,6 +75,10 @@ def check_run(
             batch_size=batch_size,
             shard_size=shard_size,
         )
+        # Last: it reads the model's config files (from GCS or the hub) and imports transformers.
+        from worker.tasks.classification import check_model
+
+        check_model(model)
     except ConfigError as exc:
         raise ValueError(f"{exc.parameter or 'parameter'}: {exc}") from None
 

@@ -39,10 +39,19 @@ def test_a_bad_parameter_is_named_in_one_line(change, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_good_parameters_and_local_paths_pass(tmp_path):
-    check_run(**GOOD)
-    check_run(**(GOOD | {"images_uri": str(tmp_path), "results_root": str(tmp_path / "out")}))
-    check_run(**(GOOD | {"results_root": "", "results_prefix": "gs://my-results/runs/r1"}))
+def test_good_parameters_and_local_paths_pass(tmp_path, tiny_model):
+    good = GOOD | {"model": str(tiny_model)}
+    check_run(**good)
+    check_run(**(good | {"images_uri": str(tmp_path), "results_root": str(tmp_path / "out")}))
+    check_run(**(good | {"results_root": "", "results_prefix": "gs://my-results/runs/r1"}))
+
+
+def test_a_model_the_worker_cannot_run_is_named(tmp_path):
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(ValueError) as caught:
+        check_run(**(GOOD | {"model": str(tmp_path / "not-a-model")}))
+    message = str(caught.value)
+    assert message.startswith("model: ") and "not-a-model" in message and "\n" not in message
 
 
 def test_an_input_needs_at_least_one_image(tmp_path, gcs):
