@@ -96,11 +96,11 @@ def _vertex_target(args: argparse.Namespace) -> tuple[str, str, str]:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pipelines import submit
+    from pipelines import submit, vertex
 
     arguments = _pipeline_arguments(args)
     if args.vertex:
-        done = submit.submit_vertex(
+        done = vertex.submit_vertex(
             *_vertex_target(args),
             arguments,
             run_name=args.run_name,
@@ -130,11 +130,11 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    from pipelines import submit
+    from pipelines import submit, vertex
 
     arguments = _pipeline_arguments(args)
     if args.vertex:
-        done = submit.schedule_vertex(
+        done = vertex.schedule_vertex(
             *_vertex_target(args),
             arguments,
             args.cron,
