@@ -87,6 +87,7 @@ class Worker:
         self.topo = dist.init(self.device.type)
         self.startup.mark("process_group")
         self.model_fetched: Future[str] | None = None  # rank 0: where load_task found the model
+        self.planning: Future | None = None  # rank 0's planning thread
 
     # Stage 1
     def start_planning(self) -> Future | None:
@@ -107,9 +108,9 @@ class Worker:
             fingerprint, committed = guard.seal(plan, self.model_fetched.result())
             return PlanColumns.of(plan.objects), fingerprint, committed
 
-        planning = pool.submit(plan_on_rank0)
+        self.planning = pool.submit(plan_on_rank0)
         pool.shutdown(wait=False)
-        return planning
+        return self.planning
 
     def finish_planning(self, planning: Future | None) -> tuple[PlanColumns, str, list[Shard], set[int]]:
         plan, fingerprint, committed = self.topo.broadcast(planning.result() if planning else None)
@@ -144,6 +145,8 @@ class Worker:
         startup.mark("model_fetched")
         task = task.load(model_path, self.device)
         startup.mark("model_loaded")
+        if self.planning is not None and self.planning.done():
+            self.planning.result()  # a refusal to add to OUTPUT stops the job before the GPU warm-up
         graph = None
         if self.device.type == "cuda":
             shape = (self.batch_size, 3, *task.preprocess.output_hw)
