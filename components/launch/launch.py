@@ -43,6 +43,7 @@ class LaunchRequest:
     results_root: str
     results_prefix: str
     incremental: bool
+    overwrite: bool
     model: str
     backend: str
     batch_size: int
@@ -120,6 +121,7 @@ class LaunchRequest:
             shard_size=self.shard_size,
             device=self.device,
             incremental=self.incremental,
+            overwrite=self.overwrite,
         )
         # Extra flags go last: argparse keeps the last value, so they can override anything above.
         return cfg.to_args() + shlex.split(self.extra_worker_args)

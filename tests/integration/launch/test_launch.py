@@ -41,6 +41,7 @@ def test_worker_args_carry_the_run_and_extra_flags_win():
         "google/vit-base-patch16-224",
     ]
     assert args[-4:] == ["--assignment", "dynamic", "--batch-size", "64"]
+    assert "--overwrite" not in args and "--overwrite" in request(overwrite=True).worker_args()
 
 
 def test_job_config_maps_empty_to_unset_and_names_networks():
