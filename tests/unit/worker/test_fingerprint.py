@@ -17,12 +17,9 @@ from worker.storage import join, open_storage, write_text
 RESULT = ShardResult(rows=[("x", "cat", 0, 0.5, "/in/x.jpg")], errors=[("/in/y.jpg", "empty file")])
 
 
-@pytest.fixture(params=["local", "gcs"])
-def out(request, tmp_path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "out")
-    gcs = request.getfixturevalue("gcs")
-    return f"gs://{gcs.new_bucket('guard')}/runs/r1"
+@pytest.fixture
+def out(any_prefix) -> str:
+    return any_prefix
 
 
 @pytest.fixture

@@ -119,12 +119,9 @@ def _outputs(tmp_path: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(params=["local", "gcs"])
-def results_root(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "results")
-    bucket = request.getfixturevalue("gcs").new_bucket("results")
-    return f"gs://{bucket}/runs/r1"
+@pytest.fixture
+def results_root(any_prefix) -> str:
+    return any_prefix
 
 
 def test_complete_results(results_root, tmp_path):
