@@ -24,7 +24,7 @@ from worker.config import WorkerConfig
 from worker.decode.gpu import GpuDecoder
 from worker.decode.jpeg import CudaJpeg, HardwareJpeg
 from worker.run import run
-from worker.storage import LocalStorage
+from worker.storage.local import LocalStorage
 
 # Each variant changes the worker's defaults (nvjpeg, the compiled forward as a CUDA graph, Pillow-exact Triton
 # resize, model on its own stream); keys starting with "_" are settings outside WorkerConfig.

@@ -1,4 +1,4 @@
-"""``python -m pipelines``: compile, dry-run the PyTorchJob, make a model, run locally, submit, schedule.
+"""``python -m pipelines``: compile, dry-run the Kubernetes job, make a model, run locally, submit, schedule.
 
 User errors (a bad option, a missing folder, a failed task) end in a one-line
 ``error: ...`` and exit status 2; set ``BATCH_INFERENCE_DEBUG=1`` for the traceback.
@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-# Launch parameters that do not shape the PyTorchJob.
+# Launch parameters that do not shape the Kubernetes job.
 _NOT_IN_JOB = {"backend", "local_nproc"}
 
 
@@ -22,36 +22,21 @@ def _job_inputs() -> dict:
     return {name: spec for name, spec in launch_inputs().items() if name not in _NOT_IN_JOB}
 
 
-def _add_parameter_options(p, inputs: dict, *, defaults: bool) -> None:
-    """One option per pipeline parameter, e.g. ``--images-uri`` for ``images_uri``.
-
-    The pipeline is the one place where parameters get defaults and descriptions. With
-    ``defaults=False`` an option left out is absent from the parsed namespace, so a
-    submission sends only what was given and the compiled defaults apply to the rest.
-    """
-    from pipelines.batch_inference import PARAMETER_TYPES
-
-    for name, spec in inputs.items():
-        kind = PARAMETER_TYPES[spec.type]
-        help_text = " ".join((spec.description or "").split()).replace("%", "%%")
-        help_text += f" (default: {spec.default!r})".replace("%", "%%")
-        default = spec.default if defaults else argparse.SUPPRESS
-        if kind is bool:
-            p.add_argument(
-                f"--{name.replace('_', '-')}",
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=help_text,
-            )
-        else:
-            p.add_argument(
-                f"--{name.replace('_', '-')}", dest=name, type=kind, default=default, help=help_text
-            )
-
-
 def _add_job_options(p: argparse.ArgumentParser) -> None:
-    _add_parameter_options(p, _job_inputs(), defaults=True)
+    from pipelines.options import add_parameter_options
+
+    inputs = _job_inputs()
+    add_parameter_options(p, inputs, defaults=True)
+    if "job_kind" not in inputs:  # until the pipeline has the parameter
+        from components.launch.kubernetes.kinds import DEFAULT_JOB_KIND, JOB_KINDS
+
+        p.add_argument(
+            "--job-kind",
+            dest="job_kind",
+            choices=JOB_KINDS,
+            default=DEFAULT_JOB_KIND,
+            help="the Kubernetes resource that runs the worker (default: %(default)r)",
+        )
     p.add_argument(
         "--run-id",
         default="dry-run",
@@ -60,21 +45,25 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
 
 
 def _compile(args: argparse.Namespace) -> int:
+    from components.images import TASK_IMAGE, WORKER_IMAGE
     from pipelines.batch_inference import compile_pipelines
 
     for path in compile_pipelines(args.out):
         print(path)
+    print(f"task image (the three KFP tasks): {TASK_IMAGE}")
+    print(f"worker image (the job's pods, the image parameter's default): {WORKER_IMAGE}")
     return 0
 
 
 def _render_job(args: argparse.Namespace) -> int:
-    from components.launch import KUBERNETES, LaunchRequest
-    from components.pytorchjob import render_yaml
+    from components.launch.kubernetes.kinds import render_yaml
+    from components.launch.launch import KUBERNETES, LaunchRequest
 
     values = {name: getattr(args, name) for name in _job_inputs()}
+    values["job_kind"] = args.job_kind
     request = LaunchRequest(run_id=args.run_id, backend=KUBERNETES, local_nproc=1, **values)
     request.validate()
-    sys.stdout.write(render_yaml(request.job_config()))
+    sys.stdout.write(render_yaml(request.job_manifest()))
     return 0
 
 
@@ -128,6 +117,7 @@ def _submit(args: argparse.Namespace) -> int:
             arguments,
             run_name=args.run_name,
             service_account=args.run_service_account,
+            network=args.network,
             package=args.package,
             wait=args.wait,
         )
@@ -162,6 +152,7 @@ def _schedule(args: argparse.Namespace) -> int:
             args.cron,
             name=args.run_name,
             service_account=args.run_service_account,
+            network=args.network,
             package=args.package,
         )
     else:
@@ -192,7 +183,7 @@ def _docs(args: argparse.Namespace) -> int:
 
 
 def _latest(args: argparse.Namespace) -> int:
-    from worker.incremental import completed_runs, read_manifest
+    from worker.results import completed_runs, read_manifest
 
     runs = completed_runs(args.results_root)
     if not runs:
@@ -222,6 +213,7 @@ def _latest(args: argparse.Namespace) -> int:
 def _add_target_options(p: argparse.ArgumentParser, *, schedule: bool) -> None:
     """Where to submit, how to authenticate, and every pipeline parameter."""
     from pipelines.batch_inference import batch_inference
+    from pipelines.options import add_parameter_options
 
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument(
@@ -254,6 +246,12 @@ def _add_target_options(p: argparse.ArgumentParser, *, schedule: bool) -> None:
         help="Vertex AI region, e.g. us-central1 (default: $GOOGLE_CLOUD_REGION)",
     )
     vertex.add_argument("--pipeline-root", metavar="GS_URI", help="gs:// prefix for the runs' artifacts")
+    vertex.add_argument(
+        "--network",
+        metavar="projects/NUMBER/global/networks/NAME",
+        help="VPC network to peer the run's tasks with, so the launch step reaches a GKE control "
+        "plane with only a private endpoint (docs/running.md)",
+    )
     both = p.add_argument_group("both targets")
     both.add_argument("--run-name", help=f"display name of the {'schedule' if schedule else 'run'}")
     both.add_argument(
@@ -280,7 +278,7 @@ def _add_target_options(p: argparse.ArgumentParser, *, schedule: bool) -> None:
         )
         both.add_argument("--timeout", type=int, default=86400, help="seconds --wait waits (KFP)")
     params = p.add_argument_group("pipeline parameters", "left out: the compiled default")
-    _add_parameter_options(params, dict(batch_inference.component_spec.inputs), defaults=False)
+    add_parameter_options(params, dict(batch_inference.component_spec.inputs), defaults=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,7 +322,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="run the whole pipeline locally (--local)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Run the whole pipeline on this machine through kfp.local, with the "
         "worker under torchrun, and print where the results and report are.",
     )

@@ -24,92 +24,28 @@ Rows of deleted objects are dropped because their URI is not in the inventory.
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import re
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from worker.plan import RUN_FILE, decode_plan, encode_plan, list_input
+from worker.results import (
+    INVENTORY_FILE,
+    MANIFEST,
+    CompletedRun,
+    completed_runs,
+    decode_plan,
+    encode_plan,
+    read_manifest,
+    read_run_record,
+    results_root_of,
+    run_record,
+)
 from worker.storage import ObjectInfo, join, open_storage
 
-if TYPE_CHECKING:  # pandas is imported only where a manifest is read or written
-    import pandas as pd
-
+if TYPE_CHECKING:
     from worker.config import WorkerConfig
 
 log = logging.getLogger(__name__)
-
-INVENTORY_FILE = "inventory.jsonl"
-MARKER = "aggregate/metrics.json"
-MANIFEST = "aggregate/results.parquet"
-_MARKER_UNDER_ROOT = re.compile(r"[^/]+/" + re.escape(MARKER))
-_READ_THREADS = 16
-
-
-def results_root_of(results_uri: str) -> str:
-    """The folder that holds a run's results prefix and those of its sibling runs."""
-    return results_uri.rstrip("/").rsplit("/", 1)[0]
-
-
-@dataclass(frozen=True)
-class CompletedRun:
-    """A sibling run whose aggregate succeeded.
-
-    Attributes:
-        results_uri: The run's results prefix.
-        marker: Its ``aggregate/metrics.json``: metrics, ``aggregated_at``, and ``run`` (its ``run.json``).
-    """
-
-    results_uri: str
-    marker: dict
-
-    @property
-    def manifest_uri(self) -> str:
-        return join(self.results_uri, MANIFEST)
-
-    @property
-    def input(self) -> str | None:
-        return self.marker.get("run", {}).get("input")
-
-    @property
-    def model(self) -> str | None:
-        return self.marker.get("run", {}).get("model")
-
-    @property
-    def incremental(self) -> bool:
-        return bool(self.marker.get("run", {}).get("incremental"))
-
-
-def completed_runs(results_root: str, *, project: str | None = None) -> list[CompletedRun]:
-    """Every complete run directly under ``results_root`` that has a manifest, oldest first.
-
-    Args:
-        results_root: The folder whose sub-folders are runs (gs:// or local).
-        project: GCP project for the GCS client.
-
-    Returns:
-        The runs in the order their aggregates finished; none if the root does not exist.
-    """
-    storage = open_storage(results_root, project=project)
-    prefix = results_root.rstrip("/") + "/"
-    try:
-        listed = [o.uri for o in storage.list(prefix)]
-    except FileNotFoundError:
-        return []
-    marker_uris = [u for u in listed if _MARKER_UNDER_ROOT.fullmatch(u[len(prefix) :])]
-    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-        markers = list(pool.map(lambda u: json.loads(storage.read(u)), marker_uris))
-    runs = [
-        CompletedRun(uri[: -len(MARKER) - 1], marker)
-        for uri, marker in zip(marker_uris, markers, strict=False)
-        # Runs aggregated before manifests existed cannot seed an incremental run.
-        if marker.get("manifest") == MANIFEST
-    ]
-    # ISO-8601 UTC timestamps of one format sort in time order; the URI breaks ties deterministically.
-    return sorted(runs, key=lambda r: (r.marker.get("aggregated_at", ""), r.results_uri))
 
 
 def latest_base(
@@ -128,34 +64,29 @@ def latest_base(
     return candidates[-1] if candidates else None
 
 
-def read_manifest(uri: str, columns: list[str] | None = None, *, project: str | None = None) -> pd.DataFrame:
-    """A run's manifest as a DataFrame (``generation`` is a nullable integer)."""
-    import pandas as pd
-
-    data = open_storage(uri, project=project).read(uri)
-    return pd.read_parquet(io.BytesIO(data), columns=columns, engine="pyarrow")
-
-
-def plan_incremental(cfg: WorkerConfig) -> tuple[list[ObjectInfo], dict]:
+def plan_incremental(
+    cfg: WorkerConfig, list_input: Callable[[WorkerConfig], list[ObjectInfo]]
+) -> tuple[list[ObjectInfo], dict]:
     """Plan an incremental run: the inventory minus what the base run already classified.
 
     Args:
         cfg: The worker config (``cfg.incremental`` is set, the input is gs://).
+        list_input: Lists the input's images with their generations (stage 1's listing).
 
     Returns:
         The plan, and the ``run.json`` content to record with it.
     """
     out = open_storage(cfg.output, project=cfg.project)
     inventory_uri = join(cfg.output, INVENTORY_FILE)
-    run_uri = join(cfg.output, RUN_FILE)
     if out.exists(inventory_uri):  # a rerun after a crash: the recorded inventory is the contract
         inventory = decode_plan(out.read(inventory_uri))
     else:
         inventory = list_input(cfg)
         if not out.write(inventory_uri, encode_plan(inventory), if_absent=True):
             inventory = decode_plan(out.read(inventory_uri))
-    if out.exists(run_uri):
-        base_uri = json.loads(out.read(run_uri))["base"]
+    recorded = read_run_record(cfg.output, project=cfg.project)
+    if recorded:
+        base_uri = recorded["base"]
     else:
         base = latest_base(cfg.output, cfg.input, cfg.model, project=cfg.project)
         base_uri = base.results_uri if base else None
@@ -173,18 +104,18 @@ def plan_incremental(cfg: WorkerConfig) -> tuple[list[ObjectInfo], dict]:
     plan = [o for o in inventory if o.generation is None or done.get(o.uri) != o.generation]
     reused = len(inventory) - len(plan)
     changed = sum(1 for o in plan if o.uri in done)
-    info = {
-        "input": cfg.input,
-        "model": cfg.model,
-        "incremental": True,
-        "base": base_uri,
-        "inventory": INVENTORY_FILE,
-        "listed": len(inventory),
-        "planned": len(plan),
-        "reused": reused,
-        "changed": changed,
-        "deleted": sum(1 for u in done if u not in present),
-    }
+    info = run_record(
+        cfg.input,
+        cfg.model,
+        incremental=True,
+        base=base_uri,
+        inventory=INVENTORY_FILE,
+        listed=len(inventory),
+        planned=len(plan),
+        reused=reused,
+        changed=changed,
+        deleted=sum(1 for u in done if u not in present),
+    )
     log.info(
         "incremental plan: %d of %d images are new or changed since %s (%d reused, %d deleted)",
         len(plan),

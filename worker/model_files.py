@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from worker.dist import Topology
-from worker.storage import is_gcs, open_storage, split_gcs
+from worker.storage import is_gcs, open_storage, split_uri
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _download_gcs_dir(model_uri: str, target: Path, project: str | None) -> None
 def fetch_model(model: str, cache_root: str, *, download: bool, project: str | None = None) -> str:
     """A local directory (or hub id resolvable offline) holding the model."""
     if is_gcs(model):
-        split_gcs(model)  # validates the URI early
+        split_uri(model)  # validates the URI early
         target = _gcs_cache_dir(model, cache_root)
         if download and not target.exists():
             log.info("downloading %s to %s", model, target)

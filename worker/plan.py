@@ -10,18 +10,17 @@ base run the plan is the difference to: see ``worker.incremental``).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from worker.config import IMAGE_EXTENSIONS, WorkerConfig
+from worker.incremental import plan_incremental
+from worker.results import PLAN_FILE, decode_plan, encode_plan, run_record, write_run_record
 from worker.storage import ObjectInfo, is_gcs, join, open_storage
 
 log = logging.getLogger(__name__)
 
-PLAN_FILE = "plan.jsonl"
-RUN_FILE = "run.json"
 # DataFlux composes temporary objects here; they are never inputs.
 DATAFLUX_COMPOSITES = "dataflux-composed-objects/"
 
@@ -59,26 +58,6 @@ def list_input(cfg: WorkerConfig) -> list[ObjectInfo]:
     return images
 
 
-def encode_plan(objects: list[ObjectInfo]) -> bytes:
-    # One JSON object per line, built by hand: json.dumps of a dict per entry is 3x slower,
-    # and plans run to millions of lines.
-    quote = json.JSONEncoder(ensure_ascii=False).encode
-    lines = [
-        f'{{"uri": {quote(o.uri)}, "size": {int(o.size)}}}'
-        if o.generation is None
-        else f'{{"uri": {quote(o.uri)}, "size": {int(o.size)}, "generation": {int(o.generation)}}}'
-        for o in objects
-    ]
-    return ("\n".join(lines) + "\n" if lines else "").encode("utf-8")
-
-
-def decode_plan(data: bytes) -> list[ObjectInfo]:
-    lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
-    # One parse of the whole file as a JSON array, not one json.loads call per line.
-    entries = json.loads("[" + ",".join(lines) + "]")
-    return [ObjectInfo(d["uri"], int(d["size"]), d.get("generation")) for d in entries]
-
-
 def load_or_create_plan(cfg: WorkerConfig) -> list[ObjectInfo]:
     """Reuse OUTPUT/plan.jsonl when present (resume), else list, write it atomically, and return it."""
     plan_uri = join(cfg.output, PLAN_FILE)
@@ -88,18 +67,11 @@ def load_or_create_plan(cfg: WorkerConfig) -> list[ObjectInfo]:
         log.info("reusing the existing plan %s: %d images", plan_uri, len(plan))
         return plan
     if cfg.incremental:
-        from worker.incremental import plan_incremental
-
-        plan, info = plan_incremental(cfg)
+        plan, record = plan_incremental(cfg, list_input)
     else:
         plan = list_input(cfg)
-        info = {"input": cfg.input, "model": cfg.model, "incremental": False, "base": None}
-    # if_absent: on a rerun after a crash the first record stands (the plan derives from it).
-    out.write(
-        join(cfg.output, RUN_FILE),
-        (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8"),
-        if_absent=True,
-    )
+        record = run_record(cfg.input, cfg.model, incremental=False)
+    write_run_record(cfg.output, record, project=cfg.project)
     if not out.write(plan_uri, encode_plan(plan), if_absent=True):
         # Another job won the race to write the plan: theirs is the contract.
         return decode_plan(out.read(plan_uri))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import time
 import warnings
@@ -27,14 +28,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.launch import LOCAL
-from components.local_launcher import pythonpath_with_project
+from components.launch.launch import LOCAL
+from components.launch.local import pythonpath_with_project
+from components.upload.preflight import check_images_present, check_run
 from pipelines.dev.emulator import gcs_emulator
-from worker.storage import is_gcs, split_gcs
+from pipelines.dev.launcher_rules import launcher_rules
+from pipelines.options import add_parameter_options
+from worker.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
+from worker.storage import is_gcs, split_uri
 
 EMULATOR_IMAGES_URI = "gs://batch-inference-images/images"
 EMULATOR_RESULTS_ROOT = "gs://batch-inference-results/runs"
 DEFAULT_WORKDIR = Path(".local-runs")
+# The pipeline parameters that mean something on this machine; the others shape the GKE job.
+LOCAL_PARAMETERS = (
+    "results_prefix",
+    "incremental",
+    "upload_workers",
+    "batch_size",
+    "shard_size",
+    "device",
+    "extra_worker_args",
+    "local_nproc",
+    "timeout_seconds",
+)
+# Where a local run's defaults differ from a cluster run's: a sample set of a few dozen
+# images spreads over two ranks in small shards, and the worker runs on this machine's CPU.
+LOCAL_DEFAULTS = {"local_nproc": 2, "shard_size": 16, "batch_size": DEFAULT_BATCH_SIZE["cpu"]}
 
 
 @dataclass(frozen=True)
@@ -44,7 +64,9 @@ class LocalRun:
     results_uri: str  # the worker's raw output prefix (plan, parts, errors, summaries)
     results_csv: str
     results_parquet: str
+    errors_csv: str
     report_html: str
+    job: dict[str, Any]  # the launch step's job record
     metrics: dict[str, Any]
     pipeline_root: str
 
@@ -54,53 +76,60 @@ def run_pipeline_locally(
     pipeline_root: str | Path,
     images_uri: str,
     results_root: str,
-    source: str = "",
     model: str,
-    nproc: int = 1,
+    package: str | Path | None = None,
     **params: Any,
 ) -> LocalRun:
     """Run the batch_inference pipeline through kfp.local with the local backend.
+
+    Every task runs under the KFP launcher's artifact rules (``pipelines.dev.launcher_rules``),
+    so a run that passes here passes them on a Kubeflow server too.
 
     Args:
         pipeline_root: Local folder for kfp.local's task outputs (the CSV, Parquet and HTML).
         images_uri: The images' prefix: gs:// (the emulator or GCS) or a local folder.
         results_root: Where the worker writes, as ``<results_root>/<run id>``.
-        source: Uploaded to ``images_uri`` first when set (then ``images_uri`` must be gs://).
         model: A hub id or a model directory.
-        nproc: Worker processes (torchrun ``--nproc_per_node``).
-        **params: Any other pipeline parameter (batch_size, shard_size, device, ...).
+        package: A compiled pipeline YAML to run (``compiled/batch_inference_*.yaml``) instead of
+            the pipeline as this checkout defines it.
+        **params: Any other pipeline parameter (source, local_nproc, batch_size, shard_size,
+            device, ...); left out, the pipeline's default.
 
     Returns:
         The outputs' locations and the metrics.
 
     Raises:
-        RuntimeError: A task failed (kfp.local has printed its log).
+        RuntimeError: A task failed (kfp.local has printed its log), or broke a launcher rule
+            (the message says which).
     """
     import kfp.local
+    from kfp import components
 
     from pipelines.batch_inference import batch_inference
 
+    pipeline = components.load_component_from_file(str(package)) if package else batch_inference
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
-    with _project_on_pythonpath(), warnings.catch_warnings():
+    with _project_on_pythonpath(), warnings.catch_warnings(), launcher_rules(pipeline_root) as rules:
         # kfp.local warns that the project's image is not a "python" image and that display
-        # names mean nothing locally; both are expected here.
+        # names and resources mean nothing locally; both are expected here.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-        task = batch_inference(
-            source=source,
-            images_uri=images_uri,
-            results_root=results_root,
-            model=model,
-            backend=LOCAL,
-            local_nproc=nproc,
-            **params,
-        )
+        try:
+            task = pipeline(
+                images_uri=images_uri, results_root=results_root, model=model, backend=LOCAL, **params
+            )
+        except RuntimeError as exc:
+            if rules.violations:
+                raise RuntimeError(f"KFP launcher rule broken: {rules.violations[0]}") from exc
+            raise
     out = task.outputs
     return LocalRun(
-        results_uri=out["results"].uri,
+        results_uri=out["results_uri"],
         results_csv=out["results_csv"].path,
         results_parquet=out["results_parquet"].path,
+        errors_csv=out["errors_csv"].path,
         report_html=out["report"].path,
+        job=json.loads(Path(out["job"].path).read_text()),
         metrics=dict(out["metrics"].metadata),
         pipeline_root=str(pipeline_root),
     )
@@ -139,11 +168,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "--num-images",
         type=int,
         default=64,
-        help="size of the generated sample set (one file of it is deliberately corrupt)",
+        help="size of the generated sample set (one file of it is deliberately corrupt; default: %(default)s)",
     )
     p.add_argument(
         "--model",
-        help="hub id or model directory (default: google/vit-base-patch16-224, or "
+        help=f"hub id or model directory (default: {DEFAULT_MODEL}, or "
         "when the hub is unreachable a local random-weight model of its architecture)",
     )
     mode = p.add_mutually_exclusive_group()
@@ -162,16 +191,29 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="where the images are (or are uploaded to); default: "
         f"{EMULATOR_IMAGES_URI} with the emulator, else the images folder",
     )
-    p.add_argument("--nproc", type=int, default=2, help="worker processes under torchrun")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--shard-size", type=int, default=16, help="images per shard")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="worker device")
+    params = p.add_argument_group(
+        "pipeline parameters", "as in a submitted run (python -m pipelines submit --help), for this machine"
+    )
+    add_parameter_options(params, _local_inputs(), defaults=True, overrides=LOCAL_DEFAULTS)
+    p.add_argument(
+        "--package",
+        type=Path,
+        help="run this compiled pipeline YAML (e.g. compiled/batch_inference_kubeflow.yaml) "
+        "instead of the pipeline as defined in pipelines/batch_inference.py",
+    )
     p.add_argument(
         "--workdir",
         type=Path,
         default=DEFAULT_WORKDIR,
-        help="folder for sample images, the random model and each run's pipeline root",
+        help="folder for sample images, the random model and each run's pipeline root (default: %(default)s)",
     )
+
+
+def _local_inputs() -> dict:
+    from pipelines.batch_inference import batch_inference
+
+    inputs = batch_inference.component_spec.inputs
+    return {name: inputs[name] for name in LOCAL_PARAMETERS}
 
 
 def _resolve_model(model: str | None, workdir: Path) -> str:
@@ -205,8 +247,6 @@ def run_local_main(args: argparse.Namespace) -> int:
     """``python -m pipelines run --local``: prepare, run, and print where the outputs are."""
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    if args.nproc < 1:
-        raise ValueError("--nproc must be at least 1")
     folder_source = bool(args.source) and "://" not in args.source
     if folder_source and not Path(args.source).is_dir():
         raise ValueError(f"--source {args.source}: no such folder")
@@ -233,10 +273,21 @@ def run_local_main(args: argparse.Namespace) -> int:
         raise ValueError(
             f"the worker reads a folder or gs:// prefix, not {images_uri}: use --source to upload it"
         )
+    # The checks the upload task makes first, made here before the emulator even starts.
+    check_run(
+        images_uri=images_uri,
+        results_root=results_root,
+        results_prefix=args.results_prefix,
+        model=model,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+    )
+    if not args.incremental:
+        check_images_present(upload or images_uri)
     pipeline_root = workdir / "runs" / time.strftime("%Y%m%d-%H%M%S")
     print(f"images: {images_uri}" + (f" (uploaded from {upload})" if upload else ""), flush=True)
     if use_emulator:
-        serve = gcs_emulator(tuple(dict.fromkeys(split_gcs(uri)[0] for uri in (images_uri, results_root))))
+        serve = gcs_emulator(tuple(dict.fromkeys(split_uri(uri)[0] for uri in (images_uri, results_root))))
     else:
         serve = contextlib.nullcontext()
     with serve:
@@ -246,10 +297,8 @@ def run_local_main(args: argparse.Namespace) -> int:
             results_root=results_root,
             source=upload,
             model=model,
-            nproc=args.nproc,
-            batch_size=args.batch_size,
-            shard_size=args.shard_size,
-            device=args.device,
+            package=args.package,
+            **{name: getattr(args, name) for name in _local_inputs()},
         )
     # KFP stores every metric as a float: 20.0 images reads better as 20.
     metrics = " ".join(f"{k}={v:g}" for k, v in sorted(run.metrics.items()))
@@ -257,6 +306,7 @@ def run_local_main(args: argparse.Namespace) -> int:
         "\nbatch inference finished",
         f"  results CSV:     {run.results_csv}",
         f"  results Parquet: {run.results_parquet}",
+        f"  errors CSV:      {run.errors_csv}",
         f"  HTML report:     {run.report_html}",
         f"  metrics:         {metrics}",
         f"  raw results:     {run.results_uri}"

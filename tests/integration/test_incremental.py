@@ -14,15 +14,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components.aggregate import MANIFEST, MARKER, aggregate_results
-from components.launch import LaunchRequest, launch
+from components.aggregate.aggregate import aggregate
+from components.launch.launch import LaunchRequest, launch
 from pipelines.__main__ import main
 from pipelines.batch_inference import launch_inputs
 from tests.support.helpers import jpeg_bytes
 from tests.support.html import parse_html
 from tests.support.worker_harness import read_results, run_worker
 from worker.config import WorkerConfig
-from worker.incremental import completed_runs, latest_base, read_manifest
+from worker.incremental import latest_base
+from worker.results import MANIFEST, MARKER, completed_runs, read_manifest
 from worker.storage import join, open_storage, read_text, write_text
 
 pytestmark = pytest.mark.timeout(240)
@@ -38,7 +39,7 @@ def _put(client, bucket: str, name: str, data: bytes) -> int:
 
 def _aggregate(results_uri: str, tmp_path: Path, name: str) -> tuple[dict, pd.DataFrame]:
     csv_path = tmp_path / name / "results.csv"
-    report = aggregate_results(
+    report = aggregate(
         results_uri,
         csv_path=str(csv_path),
         parquet_path=str(tmp_path / name / "r.parquet"),

@@ -11,7 +11,8 @@ import pytest
 
 from tests.support.helpers import jpeg_bytes, upload_images, write_images
 from tests.support.worker_harness import assert_exactly_once, read_results, run_worker
-from worker.storage import GCSStorage, ObjectInfo, ReadError
+from worker.storage import ObjectInfo, ReadError
+from worker.storage.gcs import GCSStorage
 
 pytestmark = pytest.mark.slow
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from worker.commit import PART_COLUMNS, image_id
 from worker.config import ConfigError
 from worker.decode.spec import Preprocess, load_preprocess
+from worker.results import PART_COLUMNS, image_id
 from worker.storage import ObjectInfo, is_gcs, join, open_storage
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,225 @@
+"""The results-prefix contract: what a run writes under its OUTPUT prefix, and how it is read back.
+
+Everything that the worker writes and the aggregate, incremental planning or a user reads is
+named and encoded here, once::
+
+    OUTPUT/run.json              the run record: what the plan was made from
+    OUTPUT/inventory.jsonl       incremental runs: every input image with its generation
+    OUTPUT/plan.jsonl            the plan: one JSON object per image, sorted by URI
+    OUTPUT/parts/part-NNNNN.csv  one per shard, PART_COLUMNS; its existence commits the shard
+    OUTPUT/errors/part-NNNNN.csv the shard's error rows, ERROR_COLUMNS, written before its part
+    OUTPUT/summary/rank-R.json   one per rank: images, seconds, start-up and read figures
+    OUTPUT/aggregate/results.parquet  the manifest: every row with its GCS generation
+    OUTPUT/aggregate/metrics.json     the marker, written last: the run is complete
+
+A run is *complete* once its marker exists; runs sharing a results root are sibling folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
+
+from worker.storage import ObjectInfo, folder, join, open_storage
+
+if TYPE_CHECKING:  # pandas is imported only where a manifest is read
+    import pandas as pd
+
+PLAN_FILE = "plan.jsonl"
+RUN_FILE = "run.json"
+INVENTORY_FILE = "inventory.jsonl"
+PARTS_DIR = "parts"
+ERRORS_DIR = "errors"
+SUMMARY_DIR = "summary"
+MANIFEST = "aggregate/results.parquet"
+MARKER = "aggregate/metrics.json"
+
+# Only committed files match: the local backend's in-flight temp files start with '.'.
+PART_FILE = re.compile(r"part-(\d+)\.csv")
+SUMMARY_FILE = re.compile(r"rank-\d+\.json")
+_MARKER_UNDER_ROOT = re.compile(r"[^/]+/" + re.escape(MARKER))
+_READ_THREADS = 16
+
+# A part row: the image, its top-1 class name, that class's index and softmax score, and its URI.
+PART_COLUMNS = ("image_id", "classification", "label_index", "score", "uri")
+PART_DTYPES = {"image_id": str, "classification": str, "label_index": "int64", "score": "float64", "uri": str}
+# An error row: an image that has no part row, and why.
+ERROR_COLUMNS = ("uri", "reason")
+ERROR_DTYPES = {"uri": str, "reason": str}
+# The manifest: the part rows with the generation each image was read at (nullable).
+MANIFEST_COLUMNS = (*PART_COLUMNS, "generation")
+
+
+def part_name(shard_index: int) -> str:
+    return f"part-{shard_index:05d}.csv"
+
+
+def summary_name(rank: int) -> str:
+    return f"rank-{rank}.json"
+
+
+def shard_of(name: str) -> int | None:
+    """The shard index of a part or error file name; None for any other file."""
+    m = PART_FILE.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def image_id(uri: str) -> str:
+    """The object's stem, as the reference system writes it."""
+    return PurePosixPath(uri.rsplit("/", 1)[-1]).stem
+
+
+def encode_rows(header: tuple[str, ...], rows: Iterable[tuple]) -> bytes:
+    """A part or error file: CSV with a header line and LF line ends, in UTF-8."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue().encode("utf-8")
+
+
+# The plan codec (also the inventory's).
+
+
+def encode_plan(objects: list[ObjectInfo]) -> bytes:
+    # One JSON object per line, built by hand: json.dumps of a dict per entry is 3x slower,
+    # and plans run to millions of lines.
+    quote = json.JSONEncoder(ensure_ascii=False).encode
+    lines = [
+        f'{{"uri": {quote(o.uri)}, "size": {int(o.size)}}}'
+        if o.generation is None
+        else f'{{"uri": {quote(o.uri)}, "size": {int(o.size)}, "generation": {int(o.generation)}}}'
+        for o in objects
+    ]
+    return ("\n".join(lines) + "\n" if lines else "").encode("utf-8")
+
+
+def decode_plan(data: bytes) -> list[ObjectInfo]:
+    lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
+    # One parse of the whole file as a JSON array, not one json.loads call per line.
+    entries = json.loads("[" + ",".join(lines) + "]")
+    return [ObjectInfo(d["uri"], int(d["size"]), d.get("generation")) for d in entries]
+
+
+# The run record (run.json): written once, before the plan, which derives from it.
+
+
+def run_record(input_uri: str, model: str, *, incremental: bool, base: str | None = None, **facts) -> dict:
+    """What a run's plan was made from: its input and model, and for incremental runs its base
+    run and the counts of the difference (``facts``).
+    """
+    return {"input": input_uri, "model": model, "incremental": incremental, "base": base, **facts}
+
+
+def write_run_record(results_uri: str, record: dict, *, project: str | None = None) -> None:
+    """Write ``run.json`` unless one is there: on a rerun after a crash the first record stands."""
+    open_storage(results_uri, project=project).write(
+        join(results_uri, RUN_FILE),
+        (json.dumps(record, indent=2, sort_keys=True) + "\n").encode("utf-8"),
+        if_absent=True,
+    )
+
+
+def read_run_record(results_uri: str, *, project: str | None = None) -> dict:
+    """The run's ``run.json``; empty for results of workers older than the record."""
+    storage = open_storage(results_uri, project=project)
+    uri = join(results_uri, RUN_FILE)
+    try:
+        return json.loads(storage.read(uri))
+    except FileNotFoundError:
+        return {}
+
+
+# Completed runs: the marker the aggregate writes last, and the manifest beside it.
+
+
+def completion_marker(results_uri: str, run: dict, metrics: dict, **facts) -> dict:
+    """The marker's content: a complete run's record, metrics and manifest, and when it was aggregated."""
+    return {
+        "results_uri": results_uri,
+        # Microseconds: incremental runs pick the latest complete run by this time.
+        "aggregated_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        "manifest": MANIFEST,
+        "run": run,
+        "metrics": metrics,
+        **facts,
+    }
+
+
+def results_root_of(results_uri: str) -> str:
+    """The folder that holds a run's results prefix and those of its sibling runs."""
+    return results_uri.rstrip("/").rsplit("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class CompletedRun:
+    """A sibling run whose aggregate succeeded.
+
+    Attributes:
+        results_uri: The run's results prefix.
+        marker: Its ``aggregate/metrics.json``: metrics, ``aggregated_at``, and ``run`` (its ``run.json``).
+    """
+
+    results_uri: str
+    marker: dict
+
+    @property
+    def manifest_uri(self) -> str:
+        return join(self.results_uri, MANIFEST)
+
+    @property
+    def input(self) -> str | None:
+        return self.marker.get("run", {}).get("input")
+
+    @property
+    def model(self) -> str | None:
+        return self.marker.get("run", {}).get("model")
+
+    @property
+    def incremental(self) -> bool:
+        return bool(self.marker.get("run", {}).get("incremental"))
+
+
+def completed_runs(results_root: str, *, project: str | None = None) -> list[CompletedRun]:
+    """Every complete run directly under ``results_root`` that has a manifest, oldest first.
+
+    Args:
+        results_root: The folder whose sub-folders are runs (gs:// or local).
+        project: GCP project for the GCS client.
+
+    Returns:
+        The runs in the order their aggregates finished; none if the root does not exist.
+    """
+    storage = open_storage(results_root, project=project)
+    prefix = folder(results_root)
+    try:
+        listed = [o.uri for o in storage.list(prefix)]
+    except FileNotFoundError:
+        return []
+    marker_uris = [u for u in listed if _MARKER_UNDER_ROOT.fullmatch(u[len(prefix) :])]
+    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+        markers = list(pool.map(lambda u: json.loads(storage.read(u)), marker_uris))
+    runs = [
+        CompletedRun(uri[: -len(MARKER) - 1], marker)
+        for uri, marker in zip(marker_uris, markers, strict=True)
+        # Runs aggregated before manifests existed cannot seed an incremental run.
+        if marker.get("manifest") == MANIFEST
+    ]
+    # ISO-8601 UTC timestamps of one format sort in time order; the URI breaks ties deterministically.
+    return sorted(runs, key=lambda r: (r.marker.get("aggregated_at", ""), r.results_uri))
+
+
+def read_manifest(uri: str, columns: list[str] | None = None, *, project: str | None = None) -> pd.DataFrame:
+    """A run's manifest as a DataFrame (``generation`` is a nullable integer)."""
+    import pandas as pd
+
+    data = open_storage(uri, project=project).read(uri)
+    return pd.read_parquet(io.BytesIO(data), columns=columns, engine="pyarrow")

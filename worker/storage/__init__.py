@@ -1,0 +1,182 @@
+"""The single storage seam: every read and write of the project goes through here.
+
+A URI is either ``gs://bucket/path`` or a local filesystem path. ``open_storage(uri)``
+returns the backend registered for its scheme; every backend offers the same small
+interface (``Storage``), so the worker, the components and the tests never branch on the
+scheme themselves. This module is the one place where a URI's scheme is tested. Backends
+are imported on first use: importing this package imports no cloud client.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+GCS_SCHEME = "gs://"
+LOCAL = "file"
+GCS = "gs"
+
+# scheme -> "module:Class" of its backend, imported when a URI of that scheme is first opened.
+_BACKENDS: dict[str, str] = {
+    LOCAL: "worker.storage.local:LocalStorage",
+    GCS: "worker.storage.gcs:GCSStorage",
+}
+
+
+def scheme_of(uri: str) -> str:
+    """``"gs"`` for a gs:// URI, ``"file"`` for anything else (a local path)."""
+    return GCS if uri.startswith(GCS_SCHEME) else LOCAL
+
+
+def is_gcs(uri: str) -> bool:
+    return scheme_of(uri) == GCS
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``gs://bucket/a/b`` -> ``("bucket", "a/b")``.
+
+    Raises:
+        ValueError: ``uri`` is not a gs:// URI, or names no bucket.
+    """
+    if not is_gcs(uri):
+        raise ValueError(f"not a gs:// URI: {uri!r}")
+    bucket, _, path = uri[len(GCS_SCHEME) :].partition("/")
+    if not bucket:
+        raise ValueError(f"gs:// URI has no bucket: {uri!r}")
+    return bucket, path
+
+
+def gcs_uri(bucket: str, name: str) -> str:
+    """The gs:// URI of object ``name`` in ``bucket``."""
+    return f"{GCS_SCHEME}{bucket}/{name}"
+
+
+def absolute(uri: str) -> str:
+    """A gs:// URI as is; a local path made absolute (plans and rows must not depend on the cwd)."""
+    return uri if is_gcs(uri) else os.path.abspath(uri)
+
+
+def folder(uri: str) -> str:
+    """The URI as a folder: ``gs://b/pre`` -> ``gs://b/pre/``, so that it never matches ``pre2/``."""
+    return uri.rstrip("/") + "/"
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with '/', for gs:// and local paths alike."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+class ObjectInfo(NamedTuple):
+    """One object (or local file) as listed.
+
+    A tuple, not a dataclass: plans hold millions of these, and tuples are several times
+    cheaper to build, pickle and broadcast.
+
+    Attributes:
+        uri: Its URI.
+        size: Bytes.
+        generation: The GCS generation it was listed at; None where the listing has none.
+        crc32c: GCS's base64 big-endian CRC32C, where the listing reports it.
+    """
+
+    uri: str
+    size: int
+    generation: int | None = None
+    crc32c: str | None = None
+
+
+class ReadError(Exception):
+    """An object that could not be read; becomes an error record, never a crash."""
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How a backend talks to its store; one backend instance is shared per scheme and options.
+
+    Attributes:
+        project: GCP project for GCS clients (default: from the environment).
+        compose: Read small GCS objects in DataFlux composed downloads.
+    """
+
+    project: str | None = None
+    compose: bool = True
+
+
+class Storage(Protocol):
+    """What every backend offers. Missing objects and buckets raise ``FileNotFoundError``."""
+
+    def list(self, prefix_uri: str) -> Iterator[ObjectInfo]:
+        """Every object whose URI starts with ``prefix_uri``, by URI, with generations."""
+        ...
+
+    def fast_list(self, prefix_uri: str, processes: int = 8) -> list[ObjectInfo]:
+        """The same objects, listed in parallel; unordered, and maybe without generations."""
+        ...
+
+    def read(self, uri: str) -> bytes: ...
+
+    def read_many(self, objects: Sequence[ObjectInfo]) -> list[bytes | ReadError]:
+        """The objects' bytes in order; an object that could not be read is a ``ReadError``."""
+        ...
+
+    def write(self, uri: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """Write atomically; with ``if_absent`` only if nothing is there (False if something was)."""
+        ...
+
+    def upload_files(self, pairs: Sequence[tuple[str, str]], *, workers: int) -> list[BaseException | None]:
+        """Copy local files ``(path, uri)`` in parallel; one result per pair, None where it succeeded."""
+        ...
+
+    def copy(self, source_uri: str, target_uri: str) -> None:
+        """Copy one object within the store (server-side where the store can)."""
+        ...
+
+    def stat(self, uri: str) -> ObjectInfo | None:
+        """The object's size, generation and checksum; None if it does not exist."""
+        ...
+
+    def exists(self, uri: str) -> bool: ...
+
+    def discard_interrupted_writes(self, prefix_uri: str) -> int:
+        """Remove what killed writers left under the prefix; returns how many."""
+        ...
+
+
+_OPEN: dict[tuple[str, StorageOptions], Storage] = {}
+
+
+def register(scheme: str, backend: str) -> None:
+    """Serve URIs of ``scheme`` with ``backend`` (``"module:Class"``, constructed with ``StorageOptions``)."""
+    _BACKENDS[scheme] = backend
+    for key in [k for k in _OPEN if k[0] == scheme]:
+        del _OPEN[key]
+
+
+def open_storage(uri: str, **options) -> Storage:
+    """The backend for ``uri``'s scheme, built once per scheme and ``StorageOptions(**options)``."""
+    scheme = scheme_of(uri)
+    key = (scheme, StorageOptions(**options))
+    if key not in _OPEN:
+        module, _, name = _BACKENDS[scheme].partition(":")
+        _OPEN[key] = getattr(importlib.import_module(module), name)(key[1])
+    return _OPEN[key]
+
+
+def default_project() -> str:
+    return (
+        os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("CLOUDSDK_CORE_PROJECT") or "local-project"
+    )
+
+
+def read_text(uri: str) -> str:
+    return open_storage(uri).read(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str, *, if_absent: bool = False) -> bool:
+    return open_storage(uri).write(uri, text.encode("utf-8"), if_absent=if_absent)
