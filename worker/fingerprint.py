@@ -258,6 +258,13 @@ class OutputGuard:
         return self.storage.exists(join(self.cfg.output, MARKER))
 
 
+def check_output(cfg: WorkerConfig) -> None:
+    """Step 1 where no job runs yet (the launcher): another run's results stop the run before
+    any GPU is provisioned, rather than after, in the job's first rank.
+    """
+    OutputGuard(cfg, None).check_settings()
+
+
 def prepare_plan(cfg: WorkerConfig) -> Plan:
     """Steps 1 and 2 where no model is at hand (the launcher plans incremental runs before any job)."""
     guard = OutputGuard(cfg, None)

@@ -22,7 +22,8 @@ from components.launch.kubernetes.kinds import (
     job_kind,
     job_name_for,
 )
-from worker.config import WorkerConfig
+from worker.config import WorkerConfig, parse_args
+from worker.fingerprint import check_output, prepare_plan
 from worker.storage import is_gcs, join
 
 LOCAL = "local"
@@ -167,9 +168,6 @@ def _plan_here(req: LaunchRequest, log: Callable[[str], None]) -> int:
     A nightly run often finds nothing new; planning here lets it skip provisioning GPU nodes
     just to learn that. The worker then finds the plan in place and uses it (the resume path).
     """
-    from worker.config import parse_args
-    from worker.fingerprint import prepare_plan
-
     plan = prepare_plan(parse_args(req.worker_args()))
     info = plan.record
     log(
@@ -203,10 +201,13 @@ def launch(req: LaunchRequest, *, log: Callable[[str], None] | None = None, api=
 
     Raises:
         ValueError: The request is invalid.
+        worker.fingerprint.RunMismatch: The results prefix holds results of another run (and
+            ``overwrite`` is off); raised before any job exists, so no GPU is provisioned for it.
         components.launch.local.LocalRunError: The local worker failed.
         components.launch.kubernetes.errors.LauncherError: The job failed, was rejected or timed out.
     """
     req.validate()
+    check_output(parse_args(req.worker_args()))
     if req.incremental and not _plan_here(req, log or print):
         # Nothing new or changed: no job, no GPUs; the aggregate carries every row over.
         return LaunchResult(req.backend, req.results_uri, "", 0, 0)
