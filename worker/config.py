@@ -1,7 +1,8 @@
 """The worker's whole configuration: one dataclass; the command line is derived from its fields.
 
 Each field's ``metadata`` (made by ``_option``) holds its help text and, where it has them, its
-choices and lower bound. ``build_parser`` turns the fields into flags (``batch_size`` ->
+choices and lower bound, and whether the results depend on it (``fingerprint``: see
+``worker.fingerprint``). ``build_parser`` turns the fields into flags (``batch_size`` ->
 ``--batch-size``, a bool -> ``--x/--no-x``) and ``WorkerConfig.validate`` checks the same
 choices and bounds, so a flag's default, choices and limits are each written once, here.
 """
@@ -16,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.storage import is_gcs
+from worker.storage import absolute, is_gcs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # worker.cuda_graph.COMPILE_MODES' keys; kept here so that parsing a config never imports torch.
@@ -55,6 +56,7 @@ def _option(
     choices: tuple[str, ...] | None = None,
     minimum: float | None = None,
     forwarded: bool = True,
+    fingerprint: bool = False,
 ) -> dict[str, Any]:
     """A field's command-line metadata.
 
@@ -64,8 +66,16 @@ def _option(
         minimum: The smallest value a number accepts.
         forwarded: Whether ``to_args`` passes the field on; False for what only means something
             on the machine that parsed it.
+        fingerprint: Whether the results depend on the field, so that a rerun into the same
+            OUTPUT must have the same value (it is part of the run's fingerprint).
     """
-    return {"help": help, "choices": choices, "minimum": minimum, "forwarded": forwarded}
+    return {
+        "help": help,
+        "choices": choices,
+        "minimum": minimum,
+        "forwarded": forwarded,
+        "fingerprint": fingerprint,
+    }
 
 
 def flag_of(name: str) -> str:
@@ -85,7 +95,8 @@ class WorkerConfig:
     input: str = field(
         metadata=_option(
             "gs://bucket/prefix or a local directory holding the images "
-            f"({', '.join(IMAGE_EXTENSIONS)}); other files are ignored"
+            f"({', '.join(IMAGE_EXTENSIONS)}); other files are ignored",
+            fingerprint=True,
         )
     )
     output: str = field(
@@ -97,12 +108,13 @@ class WorkerConfig:
     model: str = field(
         metadata=_option(
             "a Hugging Face hub id, a local directory, or a gs:// directory holding a "
-            "save_pretrained() image-classification model and its preprocessor_config.json"
+            "save_pretrained() image-classification model and its preprocessor_config.json",
+            fingerprint=True,
         )
     )
     task: str = field(
         default="image-classification",
-        metadata=_option("what the model does with each image", choices=TASK_CHOICES),
+        metadata=_option("what the model does with each image", choices=TASK_CHOICES, fingerprint=True),
     )
     batch_size: int | None = field(
         default=None,
@@ -114,12 +126,16 @@ class WorkerConfig:
     )
     shard_size: int = field(
         default=1024,
-        metadata=_option("images per shard: the unit of assignment, commit and resume", minimum=1),
+        metadata=_option(
+            "images per shard: the unit of assignment, commit and resume", minimum=1, fingerprint=True
+        ),
     )
     device: str = field(
         default="auto",
         metadata=_option(
-            "auto picks cuda when a GPU is visible (bf16 + SDPA), else cpu (fp32)", choices=DEVICE_CHOICES
+            "auto picks cuda when a GPU is visible (bf16 + SDPA), else cpu (fp32)",
+            choices=DEVICE_CHOICES,
+            fingerprint=True,
         ),
     )
     assignment: str = field(
@@ -136,6 +152,7 @@ class WorkerConfig:
             "gpu: batched JPEG decode + resize on the GPU (Pillow fallback for what it can't read); "
             "cpu: Pillow only; auto: gpu on cuda where the model's preprocessing allows it, cpu otherwise",
             choices=("auto", "cpu", "gpu"),
+            fingerprint=True,
         ),
     )
     gpu_jpeg: str = field(
@@ -145,6 +162,7 @@ class WorkerConfig:
             "GPU's JPEG engines (A100/H100/H200, needs the hardware-jpeg extra: nvidia-nvimgcodec), "
             "pixel-identical to Pillow's decode (benchmarks/NOTES.md compares the two)",
             choices=("cuda", "hardware"),
+            fingerprint=True,
         ),
     )
     read_threads: int = field(
@@ -264,7 +282,16 @@ class WorkerConfig:
         metadata=_option(
             "classify only images that are new or changed (by GCS generation) since the latest "
             "complete run among OUTPUT's sibling folders with the same input and model; the "
-            "aggregate carries that run's rows over for the rest (needs a gs:// input)"
+            "aggregate carries that run's rows over for the rest (needs a gs:// input)",
+            fingerprint=True,
+        ),
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata=_option(
+            "if OUTPUT holds results made from another input, model (or model revision), plan or "
+            "settings, delete them and start over instead of refusing to run; results of this same "
+            "run are resumed as usual, so a retried job keeps its committed shards"
         ),
     )
     model_cache: str = field(
@@ -278,10 +305,8 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         # Plans and result rows carry absolute local paths, whatever the working directory.
-        if self.input and not is_gcs(self.input):
-            self.input = os.path.abspath(self.input)
-        if self.output and not is_gcs(self.output):
-            self.output = os.path.abspath(self.output)
+        self.input = absolute(self.input) if self.input else self.input
+        self.output = absolute(self.output) if self.output else self.output
         self.validate()
 
     def validate(self) -> None:
@@ -303,11 +328,24 @@ class WorkerConfig:
                 raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}", f.name)
             if minimum is not None and value is not None and value < minimum:
                 raise ConfigError(f"{flag} must be at least {minimum}, got {value}", f.name)
+        if self.decode == "gpu" and self.device == "cpu":
+            raise ConfigError("--decode gpu needs --device cuda or auto", "decode")
         if self.incremental and not is_gcs(self.input):
             raise ConfigError(
                 "--incremental needs a gs:// --input: changes are found by GCS object generation",
                 "incremental",
             )
+
+    def fingerprint_settings(self, device_type: str | None) -> dict[str, Any]:
+        """The settings the results depend on (the fields marked ``fingerprint``), with ``device``
+        as the device type the job resolved "auto" to; left out where that is not known yet.
+        """
+        settings = {name: getattr(self, name) for name in FINGERPRINTED}
+        if device_type is None:
+            del settings["device"]
+        else:
+            settings["device"] = device_type
+        return settings
 
     def batch_size_on(self, device_type: str) -> int:
         """The batch size on ``device_type`` ("cuda" or "cpu"): the one given, else that device's default."""
@@ -328,6 +366,10 @@ class WorkerConfig:
             else:
                 args += [flag, str(value)]
         return args
+
+
+# The fields whose values the results depend on, in field order.
+FINGERPRINTED = tuple(f.name for f in dataclasses.fields(WorkerConfig) if f.metadata["fingerprint"])
 
 
 def _default_of(f: dataclasses.Field) -> Any:
@@ -357,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Classify every image under INPUT exactly once and write CSV parts under OUTPUT. "
             "Run it directly for one process, or as `torchrun --nproc_per_node=K -m worker ...` "
             "for K ranks (inside a PyTorchJob torchrun reads the PET_* environment). "
-            "A rerun with the same OUTPUT resumes: committed shards are skipped."
+            "A rerun with the same OUTPUT resumes: committed shards are skipped; one made from "
+            "another input, model or settings is refused (see --overwrite)."
         ),
         argument_default=argparse.SUPPRESS,
     )

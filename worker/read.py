@@ -17,8 +17,7 @@ from typing import TypeVar
 
 from worker.config import WorkerConfig
 from worker.plan import Shard
-from worker.storage import ObjectInfo, ReadError, open_storage
-from worker.storage.reading import BatchReader, ReadSettings, ReadStats
+from worker.storage import BatchReader, ObjectInfo, ReadError, ReadSettings, ReadStats, open_storage
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -1,0 +1,1 @@
+"""The launch step: run the worker locally under torchrun or as a Kubernetes job on GKE."""

@@ -1,10 +1,10 @@
-"""launch: run the worker over a run's images, on this machine or as a PyTorchJob on GKE.
+"""launch: run the worker over a run's images, on this machine or as a Kubernetes job on GKE.
 
 This is the logic behind the ``launch_inference`` KFP component and the
 ``python -m pipelines render-job`` dry run; it knows nothing about KFP. A
 ``LaunchRequest`` holds the run's parameters exactly as the pipeline passes them
 (strings and numbers, with "" and 0 meaning "not set"), and turns them into the
-worker's arguments and, for the ``kubernetes`` backend, the PyTorchJob config.
+worker's arguments and, for the ``kubernetes`` backend, the job's config and manifest.
 """
 
 from __future__ import annotations
@@ -14,8 +14,16 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from components.pytorchjob import PyTorchJobConfig, build_pytorchjob, default_network_interfaces, job_name_for
-from worker.config import WorkerConfig
+from components.launch.kubernetes.kinds import (
+    DEFAULT_JOB_KIND,
+    JobConfig,
+    JobKind,
+    default_network_interfaces,
+    job_kind,
+    job_name_for,
+)
+from worker.config import WorkerConfig, parse_args
+from worker.fingerprint import check_output, prepare_plan
 from worker.storage import is_gcs, join
 
 LOCAL = "local"
@@ -36,6 +44,7 @@ class LaunchRequest:
     results_root: str
     results_prefix: str
     incremental: bool
+    overwrite: bool
     model: str
     backend: str
     batch_size: int
@@ -58,6 +67,7 @@ class LaunchRequest:
     gke_project: str
     gke_location: str
     gke_cluster: str
+    job_kind: str = DEFAULT_JOB_KIND
 
     @property
     def results_uri(self) -> str:
@@ -90,6 +100,7 @@ class LaunchRequest:
         if self.local_nproc < 1:
             raise ValueError(f"local_nproc must be at least 1, got {self.local_nproc}")
         if self.backend == KUBERNETES:
+            job_kind(self.job_kind)  # ValueError naming job_kind when it is not a kind
             # The job's pods share no filesystem with the launcher: everything they read or write is in GCS.
             for name, uri in (("images_uri", self.images_uri), ("results", self.results_uri)):
                 if not is_gcs(uri):
@@ -111,19 +122,29 @@ class LaunchRequest:
             shard_size=self.shard_size,
             device=self.device,
             incremental=self.incremental,
+            overwrite=self.overwrite,
         )
         # Extra flags go last: argparse keeps the last value, so they can override anything above.
         return cfg.to_args() + shlex.split(self.extra_worker_args)
 
-    def job_config(self) -> PyTorchJobConfig:
-        """The PyTorchJob config of this run."""
+    @property
+    def kind(self) -> JobKind:
+        """The Kubernetes job kind that runs the worker (``job_kind``)."""
+        return job_kind(self.job_kind)
+
+    def job_manifest(self) -> dict:
+        """The manifest of this run's job."""
+        return self.kind.build(self.job_config())
+
+    def job_config(self) -> JobConfig:
+        """The job config of this run, whatever the job kind."""
         networks = [n.strip() for n in self.rdma_networks.split(",") if n.strip()]
         interfaces = (
             tuple((f"eth{i}", n) for i, n in enumerate(networks))
             if networks
             else default_network_interfaces()
         )
-        return PyTorchJobConfig(
+        return JobConfig(
             name=job_name_for(self.run_id, self.results_uri),
             image=self.image,
             worker_args=self.worker_args(),
@@ -147,20 +168,13 @@ def _plan_here(req: LaunchRequest, log: Callable[[str], None]) -> int:
     A nightly run often finds nothing new; planning here lets it skip provisioning GPU nodes
     just to learn that. The worker then finds the plan in place and uses it (the resume path).
     """
-    import json
-
-    from worker.config import parse_args
-    from worker.plan import load_or_create_plan
-    from worker.results import RUN_FILE
-    from worker.storage import read_text
-
-    plan = load_or_create_plan(parse_args(req.worker_args()))
-    info = json.loads(read_text(join(req.results_uri, RUN_FILE)))
+    plan = prepare_plan(parse_args(req.worker_args()))
+    info = plan.record
     log(
-        f"incremental plan: {len(plan)} of {info.get('listed', '?')} images under {req.images_uri} are new or "
-        f"changed since {info.get('base') or 'no earlier complete run'}"
+        f"incremental plan: {len(plan.objects)} of {info.get('listed', '?')} images under {req.images_uri} are "
+        f"new or changed since {info.get('base') or 'no earlier complete run'}"
     )
-    return len(plan)
+    return len(plan.objects)
 
 
 @dataclass(frozen=True)
@@ -179,34 +193,37 @@ def launch(req: LaunchRequest, *, log: Callable[[str], None] | None = None, api=
         req: The run's parameters; validated first.
         log: Receives progress lines (the worker's output locally, the job's events and
             logs on Kubernetes); default: print them.
-        api: The Kubernetes API seam (``components.k8s_api.KubernetesApi``) for the kubernetes
-            backend; default: from ``gke_*`` when set, else the pod's service account.
+        api: The Kubernetes API client (``components.launch.kubernetes.api.KubernetesApi``) for
+            the kubernetes backend; default: from ``gke_*`` when set, else the pod's service account.
 
     Returns:
         Where the results are and what ran.
 
     Raises:
         ValueError: The request is invalid.
-        components.local_launcher.LocalRunError: The local worker failed.
-        components.k8s_launcher.LauncherError: The job failed, was rejected or timed out.
+        worker.fingerprint.RunMismatch: The results prefix holds results of another run (and
+            ``overwrite`` is off); raised before any job exists, so no GPU is provisioned for it.
+        components.launch.local.LocalRunError: The local worker failed.
+        components.launch.kubernetes.errors.LauncherError: The job failed, was rejected or timed out.
     """
     req.validate()
+    check_output(parse_args(req.worker_args()))
     if req.incremental and not _plan_here(req, log or print):
         # Nothing new or changed: no job, no GPUs; the aggregate carries every row over.
         return LaunchResult(req.backend, req.results_uri, "", 0, 0)
     if req.backend == LOCAL:
-        from components.local_launcher import run_local
+        from components.launch.local import run_local
 
         run_local(req.worker_args(), req.local_nproc, log=log, timeout_s=req.timeout_seconds or None)
         return LaunchResult(LOCAL, req.results_uri, "", 1, req.local_nproc)
 
     # Imported here: the local backend (and kfp.local) never needs the Kubernetes client.
-    from components.k8s_api import KubernetesApi
-    from components.k8s_launcher import run_pytorchjob
+    from components.launch.kubernetes.credentials import gke_api, in_cluster_api
+    from components.launch.kubernetes.supervisor import run_job
 
     cfg = req.job_config()
     if api is None:
-        api = KubernetesApi.from_gke(*req.gke) if req.gke else KubernetesApi.from_in_cluster()
-    outcome = run_pytorchjob(api, build_pytorchjob(cfg), timeout_s=req.timeout_seconds or math.inf, log=log)
+        api = gke_api(*req.gke) if req.gke else in_cluster_api()
+    outcome = run_job(api, req.kind, req.kind.build(cfg), timeout_s=req.timeout_seconds or math.inf, log=log)
     # An adopted job (a retry of this run found its job still running) keeps its own name.
     return LaunchResult(KUBERNETES, req.results_uri, outcome.name, cfg.nodes, cfg.nodes * cfg.gpus_per_node)

@@ -1,33 +1,34 @@
-"""The upload step's KFP component, a thin wrapper over :func:`components.upload.upload.upload_dataset`."""
+"""The upload step's KFP component, a thin wrapper over :mod:`components.upload.upload`."""
+
+from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Dataset, Output
+from kfp.dsl import Artifact, Output
 
-from components.images import IMAGE
+from components.images import TASK_IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
-def upload_images(source: str, destination: str, workers: int, dataset: Output[Dataset]):
+@dsl.component(base_image=TASK_IMAGE, install_kfp_package=False)
+def upload_images(
+    source: str,
+    images_uri: str,
+    workers: int,
+    manifest: Output[Artifact],
+) -> NamedTuple("Outputs", images_uri=str):
     """Copies a dataset under a gs:// prefix, skipping objects already there unchanged.
 
-    With an empty source nothing is copied: the images are already at the destination.
+    With an empty source nothing is copied: the images are already at images_uri.
 
     Args:
         source: A local directory, an http(s) URL of a zip archive, a gs:// prefix, or empty.
-        destination: The gs:// prefix to fill (or that already holds the images).
+        images_uri: The gs:// prefix to fill (or that already holds the images).
         workers: Parallel transfers.
-        dataset: Points at the destination; metadata has the upload's object and byte counts.
-    """
-    dataset.uri = destination
-    dataset.metadata["upload_skipped"] = not source
-    if source:
-        from components.upload.upload import upload_dataset
+        manifest: A JSON record of the upload: source, destination, object and byte counts.
 
-        report = upload_dataset(source, destination, workers=workers)
-        dataset.uri = report.destination
-        dataset.metadata.update(
-            uploaded=report.uploaded,
-            skipped=report.skipped,
-            objects=report.total_objects,
-            bytes=report.total_bytes,
-        )
+    Returns:
+        images_uri: The prefix that holds the images, for the next step.
+    """
+    from components.upload.upload import upload_and_record
+
+    manifest.metadata.update(upload_and_record(source, images_uri, workers=workers, path=manifest.path))
+    return NamedTuple("Outputs", images_uri=str)(images_uri)

@@ -11,14 +11,17 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from worker.storage import (
+    BatchReader,
     ObjectInfo,
     ReadError,
+    ReadSettings,
+    ReadStats,
     StorageOptions,
     default_project,
     gcs_uri,
     split_uri,
 )
-from worker.storage.reading import BatchReader, ReadSettings, ReadStats, ThreadedReader
+from worker.storage.reading import ThreadedReader
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +161,16 @@ class GCSStorage:
     def exists(self, uri: str) -> bool:
         bucket_name, name = split_uri(uri)
         return self.client.bucket(bucket_name).blob(name).exists(retry=self.retry)
+
+    def delete(self, uri: str) -> bool:
+        from google.api_core import exceptions
+
+        bucket_name, name = split_uri(uri)
+        try:
+            self.client.bucket(bucket_name).blob(name).delete(retry=self.retry)
+        except exceptions.NotFound:
+            return False  # also a retried delete whose first response was lost
+        return True
 
     def stat(self, uri: str) -> ObjectInfo | None:
         bucket_name, name = split_uri(uri)

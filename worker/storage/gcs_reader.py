@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
-from worker.storage import ObjectInfo, ReadError, split_uri
-from worker.storage.reading import ReadSettings, ReadStats, backoff_delays
+from worker.storage import ObjectInfo, ReadError, ReadSettings, ReadStats, split_uri
+from worker.storage.reading import backoff_delays
 
 log = logging.getLogger(__name__)
 

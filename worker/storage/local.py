@@ -12,8 +12,8 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from worker.storage import ObjectInfo, ReadError, StorageOptions
-from worker.storage.reading import BatchReader, ReadSettings, ReadStats, ThreadedReader
+from worker.storage import BatchReader, ObjectInfo, ReadError, ReadSettings, ReadStats, StorageOptions
+from worker.storage.reading import ThreadedReader
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,13 @@ class LocalStorage:
 
     def exists(self, uri: str) -> bool:
         return Path(uri).exists()
+
+    def delete(self, uri: str) -> bool:
+        try:
+            os.unlink(uri)
+        except FileNotFoundError:
+            return False
+        return True
 
     def stat(self, uri: str) -> ObjectInfo | None:
         try:

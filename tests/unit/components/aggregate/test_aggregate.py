@@ -8,11 +8,22 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from components.aggregate.aggregate import IncompleteResultsError, aggregate
+from components.launch.job_record import JobRecord
 from tests.support.html import parse_html
-from worker.results import MANIFEST, MARKER, read_manifest
+from worker.results import (
+    FINGERPRINT_KEYS,
+    MANIFEST,
+    MARKER,
+    RUN_FILE,
+    part_name,
+    plan_digest,
+    read_manifest,
+    sealed,
+)
 from worker.storage import join, open_storage, read_text, write_text
 
 COLUMNS = ["image_id", "classification", "label_index", "score", "uri"]
@@ -44,13 +55,16 @@ def write_layout(
     errors: dict[int, list[int]] | None = None,
     summaries: list[dict] | None = None,
     extra_part_uris: dict[int, list[str]] | None = None,
-) -> None:
-    """Write OUTPUT/{plan.jsonl, parts/, errors/, summary/} in the worker's documented format."""
+) -> str:
+    """Write OUTPUT/{run.json, plan.jsonl, parts/, errors/, summary/} in the worker's documented
+    format; returns the run's fingerprint.
+    """
     plan = "".join(
         json.dumps({"uri": _uri(i), "size": 1000 + i, "generation": None if i % 2 else 1712345678901234 + i})
         + "\n"
         for i in sorted(planned, key=_uri)
     )
+    fingerprint = write_record(out, plan)
     write_text(join(out, "plan.jsonl"), plan)
     for shard, images in parts.items():
         rows = [
@@ -60,12 +74,24 @@ def write_layout(
             (u.rsplit("/", 1)[1].split(".")[0], "tabby cat", 0, 0.9, u)
             for u in (extra_part_uris or {}).get(shard, [])
         ]
-        write_text(join(out, "parts", f"part-{shard:05d}.csv"), _csv(COLUMNS, rows))
+        write_text(join(out, "parts", part_name(shard, fingerprint)), _csv(COLUMNS, rows))
     for shard, images in (errors or {}).items():
         rows = [(_uri(i), f"decode failed: <corrupt> #{i}") for i in images]
-        write_text(join(out, "errors", f"part-{shard:05d}.csv"), _csv(["uri", "reason"], rows))
+        write_text(join(out, "errors", part_name(shard, fingerprint)), _csv(["uri", "reason"], rows))
     for s in summaries or []:
         write_text(join(out, "summary", f"rank-{s['rank']}.json"), json.dumps(s))
+    return fingerprint
+
+
+def write_record(out: str, plan: str) -> str:
+    """Write OUTPUT/run.json as a worker seals it for ``plan``; returns the fingerprint."""
+    record = sealed(
+        {key: None for key in FINGERPRINT_KEYS}
+        | {"input": "gs://images/coco", "model": "tiny", "incremental": False}
+        | {"plan_sha256": plan_digest(plan.encode("utf-8"))}
+    )
+    write_text(join(out, RUN_FILE), json.dumps(record))
+    return record["fingerprint"]
 
 
 def _summary(rank: int, images: int, seconds: float, device: str = "cuda") -> dict:
@@ -88,16 +114,14 @@ def _outputs(tmp_path: Path) -> dict[str, str]:
             ("csv_path", "results.csv"),
             ("parquet_path", "results.parquet"),
             ("html_path", "report.html"),
+            ("errors_path", "errors.csv"),
         )
     }
 
 
-@pytest.fixture(params=["local", "gcs"])
-def results_root(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "results")
-    bucket = request.getfixturevalue("gcs").new_bucket("results")
-    return f"gs://{bucket}/runs/r1"
+@pytest.fixture
+def results_root(any_prefix) -> str:
+    return any_prefix
 
 
 def test_complete_results(results_root, tmp_path):
@@ -125,8 +149,11 @@ def test_complete_results(results_root, tmp_path):
         "distinct_classes": 4,
         "images_per_second": 12 / 4.0,
         "wall_seconds": 4.0,
-        "gpu_seconds": 4.0,
         "ranks": 2,
+        # One rank ran on a GPU; without a job record the slowest rank's time stands in.
+        "gpus": 1,
+        "job_seconds": 4.0,
+        "gpu_hours": 4.0 / 3600,
         "rows": 9,
         "reused": 0,
         "changed": 0,
@@ -151,15 +178,21 @@ def test_complete_results(results_root, tmp_path):
     assert str(parquet["label_index"].dtype) == "int64"
     assert parquet["uri"].tolist() == table["uri"].tolist()
 
+    errors = pd.read_csv(out["errors_path"], keep_default_na=False)
+    assert list(errors.columns) == ["uri", "reason"]
+    assert list(errors.itertuples(index=False, name=None)) == report.errors_sample
+
     marker = json.loads(read_text(join(results_root, MARKER)))
     assert marker["metrics"] == report.metrics and marker["parts"] == 3
     # The manifest: the same rows, with the generation each image was read at (none for odd i).
     assert marker["manifest"] == MANIFEST
     manifest = read_manifest(join(results_root, MANIFEST))
     assert manifest["uri"].tolist() == table["uri"].tolist()
-    assert manifest["generation"].tolist() == [
-        pd.NA if i % 2 else 1712345678901234 + i for i in sorted(classified, key=_uri)
+    assert [None if pd.isna(g) else int(g) for g in manifest["generation"]] == [
+        None if i % 2 else 1712345678901234 + i for i in sorted(classified, key=_uri)
     ]
+    schema = pq.read_schema(io.BytesIO(open_storage(results_root).read(join(results_root, MANIFEST))))
+    assert schema.field("generation").type == "int64"  # a nullable integer, never a float
 
     page = parse_html(Path(out["html_path"]))
     text = " ".join(page.text)
@@ -246,7 +279,7 @@ def test_error_file_of_uncommitted_shard_does_not_count(tmp_path):
 
 
 def test_empty_plan(results_root, tmp_path):
-    write_text(join(results_root, "plan.jsonl"), "")
+    write_layout(results_root, [], parts={})
     out = _outputs(tmp_path)
 
     report = aggregate(results_root, **out)
@@ -263,13 +296,64 @@ def test_empty_plan(results_root, tmp_path):
 
 def test_part_with_wrong_columns_is_named(tmp_path):
     root = str(tmp_path / "results")
-    write_layout(root, [0], parts={})
-    write_text(join(root, "parts", "part-00000.csv"), "image_id,classification\nx,cat\n")
+    fingerprint = write_layout(root, [0], parts={})
+    write_text(join(root, "parts", part_name(0, fingerprint)), "image_id,classification\nx,cat\n")
 
-    with pytest.raises(ValueError, match="part-00000.csv"):
+    with pytest.raises(ValueError, match=part_name(0, fingerprint)):
         aggregate(root, **_outputs(tmp_path))
 
 
 def test_missing_plan_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="no plan at .*plan.jsonl"):
         aggregate(str(tmp_path / "nothing"), **_outputs(tmp_path))
+
+
+def _job(seconds: float) -> JobRecord:
+    return JobRecord(
+        backend="kubernetes",
+        job_name="bi-run-1",
+        images_uri="gs://images/coco",
+        results_uri="gs://results/r1",
+        model="google/vit-base-patch16-224",
+        parameters={"batch_size": 256, "accelerator": "nvidia-h200-141gb"},
+        nodes=1,
+        world_size=2,
+        started_at="2026-10-01T02:00:00+00:00",
+        finished_at="2026-10-01T02:30:00+00:00",
+        job_seconds=seconds,
+    )
+
+
+def test_a_gpu_run_reports_what_it_was_and_what_it_cost(tmp_path):
+    root = str(tmp_path / "results")
+    write_layout(
+        root, list(range(4)), parts={0: [0, 1, 2, 3]}, summaries=[_summary(0, 2, 5.0), _summary(1, 2, 6.0)]
+    )
+    out = _outputs(tmp_path)
+
+    report = aggregate(root, **out, job=_job(1800.0), price_per_gpu_hour=10.0)
+
+    m = report.metrics
+    # Two GPUs for the job's half hour (its start-up included), not the ranks' 6 s.
+    assert (m["gpus"], m["job_seconds"], m["gpu_hours"]) == (2, 1800.0, 1.0)
+    assert m["cost"] == 10.0
+    assert m["cost_per_million_images"] == 10.0 / 4 * 1e6
+    text = " ".join(parse_html(Path(out["html_path"])).text)
+    for fact in ("google/vit-base-patch16-224", "gs://images/coco", "bi-run-1", "2026-10-01T02:00:00+00:00"):
+        assert fact in text
+    for caption in ("GPU-hours", "Cost / million images", "nvidia-h200-141gb"):
+        assert caption in text
+
+
+def test_a_cpu_run_shows_no_gpu_time_or_cost(tmp_path):
+    root = str(tmp_path / "results")
+    summaries = [_summary(0, 2, 5.0, device="cpu"), _summary(1, 2, 6.0, device="cpu")]
+    write_layout(root, list(range(4)), parts={0: [0, 1, 2, 3]}, summaries=summaries)
+    out = _outputs(tmp_path)
+
+    report = aggregate(root, **out, job=_job(60.0), price_per_gpu_hour=10.0)
+
+    assert report.metrics["gpus"] == 0
+    assert not {"gpu_hours", "cost", "cost_per_million_images"} & set(report.metrics)
+    text = " ".join(parse_html(Path(out["html_path"])).text)
+    assert "GPU" not in text and "Cost" not in text

@@ -12,10 +12,9 @@ from tests.support.gcs_proxy import Faults, GcsProxy
 from tests.support.helpers import jpeg_bytes
 from worker.plan import Shard
 from worker.read import Batch, read_batches
-from worker.storage import ObjectInfo, ReadError, StorageOptions
+from worker.storage import ObjectInfo, ReadError, ReadSettings, ReadStats, StorageOptions
 from worker.storage.gcs import COMPOSITES, GCSStorage
 from worker.storage.gcs_reader import GCSReader
-from worker.storage.reading import ReadSettings, ReadStats
 
 
 @pytest.fixture(scope="module")
