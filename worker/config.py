@@ -173,19 +173,11 @@ class WorkerConfig:
     )
     read_rate: float = field(
         default=10000.0,
-        metadata=_option(
-            "GCS reads per second one rank should sustain: with --read-latency it sets how many "
-            "requests are kept in flight (rate x latency)",
-            minimum=1,
-        ),
+        metadata=_option("GCS reads per second a rank should sustain (rate x latency in flight)", minimum=1),
     )
     read_latency: float = field(
         default=0.05,
-        metadata=_option(
-            "seconds one GCS read is planned to take, so that rate x latency requests in flight "
-            "hide it (small-object GETs on GCS take tens of milliseconds)",
-            minimum=0.001,
-        ),
+        metadata=_option("seconds one GCS read is planned to take (rate x latency in flight)", minimum=0.001),
     )
     read_concurrency: int = field(
         default=0,
@@ -193,11 +185,7 @@ class WorkerConfig:
     )
     read_ahead_mb: float = field(
         default=256.0,
-        metadata=_option(
-            "most MiB of planned images read ahead of compute per rank: bounds the read stage's "
-            "memory on any dataset",
-            minimum=1,
-        ),
+        metadata=_option("most MiB of images read ahead of compute per rank (bounds memory)", minimum=1),
     )
     bucket_read_limit: float = field(
         default=0.0,
@@ -210,9 +198,7 @@ class WorkerConfig:
     retry_deadline: float = field(
         default=300.0,
         metadata=_option(
-            "seconds a failed GCS request (429, 5xx, dropped connection) is retried, with "
-            "exponential backoff and jitter, before the image becomes an error row",
-            minimum=0,
+            "seconds a GCS request failing with 429, 5xx or a dropped connection is retried", minimum=0
         ),
     )
     decode_threads: int = field(

@@ -65,49 +65,44 @@ def _check(objects: list[ObjectInfo], got: list, payloads: dict[str, bytes]) -> 
     assert got == [payloads[o.uri.split("/", 3)[3]] for o in objects]
 
 
-def test_requests_in_flight_are_bounded_by_the_concurrency(images, through):
+def _read_everything(images, settings: ReadSettings, batch_size: int) -> ReadStats:
+    """Read every image with the native reader in batches, check each one's bytes, return the counts."""
     bucket, payloads = images
-    proxy = through(Faults(delay=0.02))
-    settings = ReadSettings(concurrency=5, read_ahead_bytes=1 << 30)
+    objects = _objects(bucket, payloads)
     reader = GCSReader(settings, ReadStats())
     try:
-        got = _read_all(reader, _objects(bucket, payloads), settings, batch_size=16)
+        got = _read_all(reader, objects, settings, batch_size)
     finally:
         reader.close()
-    _check(_objects(bucket, payloads), got, payloads)
+    _check(objects, got, payloads)
+    return reader.stats
+
+
+def test_requests_in_flight_are_bounded_by_the_concurrency(images, through):
+    proxy = through(Faults(delay=0.02))
+    settings = ReadSettings(concurrency=5, read_ahead_bytes=1 << 30)
+    stats = _read_everything(images, settings, batch_size=16)
     # 96 reads of 20 ms each, never more than 5 at once, and the window keeps all 5 busy.
     assert proxy.counters.peak_reads_in_flight == 5
-    assert reader.stats.requests == 96 and reader.stats.retries == 0
+    assert stats.requests == 96 and stats.retries == 0
 
 
 def test_the_read_ahead_bytes_bound_the_window(images, through):
-    bucket, payloads = images
     proxy = through(Faults(delay=0.02))
     # Plenty of request slots, but no more than one batch of planned bytes ahead.
     settings = ReadSettings(concurrency=64, read_ahead_bytes=1, batches_ahead=8)
-    reader = GCSReader(settings, ReadStats())
-    try:
-        got = _read_all(reader, _objects(bucket, payloads), settings, batch_size=8)
-    finally:
-        reader.close()
-    _check(_objects(bucket, payloads), got, payloads)
+    _read_everything(images, settings, batch_size=8)
     assert proxy.counters.peak_reads_in_flight == 8
 
 
 def test_429_5xx_and_dropped_connections_are_retried_and_counted(images, through):
-    bucket, payloads = images
     proxy = through(Faults(unavailable=0.1, throttled=0.05, dropped=0.05, seed=3))
     settings = ReadSettings(concurrency=8, retry_deadline=60)
-    reader = GCSReader(settings, ReadStats())
-    try:
-        got = _read_all(reader, _objects(bucket, payloads), settings, batch_size=32)
-    finally:
-        reader.close()
-    _check(_objects(bucket, payloads), got, payloads)
+    stats = _read_everything(images, settings, batch_size=32)
     injected = sum(proxy.counters.injected.values())
     assert injected > 0 and all(proxy.counters.injected.values())
-    assert reader.stats.retries == injected
-    assert reader.stats.requests == proxy.counters.reads == 96 + injected
+    assert stats.retries == injected
+    assert stats.requests == proxy.counters.reads == 96 + injected
 
 
 def test_a_missing_object_is_a_read_error_not_a_retry(images, gcs):
