@@ -19,9 +19,18 @@ from typing import Any
 from worker.storage import is_gcs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+def is_image(name: str) -> bool:
+    """Whether a URI or member name is an image the worker plans (by extension)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 # worker.cuda_graph.COMPILE_MODES' keys; kept here so that parsing a config never imports torch.
 COMPILE_CHOICES = ("none", "default", "max-autotune")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# The layouts worker.archives.listing plans from (loose objects, or images inside archives).
+INPUT_LAYOUTS = ("auto", "loose", "packed", "tar", "zip")
 # worker.tasks.TASKS' keys, for the same reason.
 TASK_CHOICES = ("image-classification",)
 
@@ -99,6 +108,18 @@ class WorkerConfig:
             "a Hugging Face hub id, a local directory, or a gs:// directory holding a "
             "save_pretrained() image-classification model and its preprocessor_config.json"
         )
+    )
+    input_layout: str = field(
+        default="auto",
+        metadata=_option(
+            "how INPUT holds its images: loose (one object each); packed (the tar shards, indexes and "
+            "manifest that the upload step's packed layout writes under INPUT/packed/); tar "
+            "(WebDataset-style .tar shards under INPUT, or INPUT is one); zip (.zip archives under "
+            "INPUT, or INPUT is one, read in place); auto: packed where INPUT/packed/manifest.json "
+            "exists, the archive INPUT names, the archives under INPUT where it holds no loose "
+            "images, else loose",
+            choices=INPUT_LAYOUTS,
+        ),
     )
     task: str = field(
         default="image-classification",

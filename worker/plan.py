@@ -14,10 +14,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from worker.config import IMAGE_EXTENSIONS, WorkerConfig
+from worker.archives.listing import archives_in_listing, list_archived_input
+from worker.config import WorkerConfig, is_image
 from worker.incremental import plan_incremental
 from worker.results import PLAN_FILE, decode_plan, encode_plan, run_record, write_run_record
-from worker.storage import ObjectInfo, is_gcs, join, open_storage
+from worker.storage import Member, ObjectInfo, is_gcs, join, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,13 @@ class Shard:
         return self.stop - self.start
 
 
-def is_image(uri: str) -> bool:
-    return uri.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def list_input(cfg: WorkerConfig) -> list[ObjectInfo]:
-    """Every image under the input, sorted by URI (with GCS generations for incremental runs)."""
+    """Every image under the input, sorted by URI (with GCS generations for incremental runs);
+    images inside archives (``--input-layout``) by archive and offset instead.
+    """
     storage = open_storage(cfg.input, project=cfg.project)
+    if (archived := list_archived_input(cfg, storage)) is not None:
+        return archived
     if cfg.incremental:
         listed = list(storage.list(cfg.input))  # with GCS generations, which fast_list lacks
     else:
@@ -53,6 +54,8 @@ def list_input(cfg: WorkerConfig) -> list[ObjectInfo]:
         if is_image(o.uri) and DATAFLUX_COMPOSITES not in o.uri and not o.uri.startswith(output_prefix)
     ]
     images.sort(key=lambda o: o.uri)
+    if not images and cfg.input_layout == "auto":
+        images = archives_in_listing(storage, [o for o in listed if not o.uri.startswith(output_prefix)])
     if is_gcs(cfg.input) and not listed:
         log.warning("no objects at all under %s (check the prefix)", cfg.input)
     return images
@@ -81,25 +84,47 @@ def load_or_create_plan(cfg: WorkerConfig) -> list[ObjectInfo]:
 
 @dataclass(frozen=True)
 class PlanColumns(Sequence[ObjectInfo]):
-    """A plan as three parallel lists: cheap to pickle and broadcast to every rank, and an
+    """A plan as parallel lists: cheap to pickle and broadcast to every rank, and an
     ObjectInfo is built only when a rank reads it, not a million of them up front.
+
+    ``crc32cs`` and ``members`` are empty unless the plan holds archive members.
     """
 
     uris: list[str]
     sizes: list[int]
     generations: list[int | None]
+    crc32cs: list[str | None]
+    members: list[Member | None]
 
     @classmethod
     def of(cls, plan: Sequence[ObjectInfo]) -> PlanColumns:
-        return cls([o.uri for o in plan], [o.size for o in plan], [o.generation for o in plan])
+        archived = any(o.member is not None for o in plan)
+        return cls(
+            [o.uri for o in plan],
+            [o.size for o in plan],
+            [o.generation for o in plan],
+            [o.crc32c for o in plan] if archived else [],
+            [o.member for o in plan] if archived else [],
+        )
 
     def __len__(self) -> int:
         return len(self.uris)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return list(map(ObjectInfo, self.uris[index], self.sizes[index], self.generations[index]))
-        return ObjectInfo(self.uris[index], self.sizes[index], self.generations[index])
+            if not self.members:
+                return list(map(ObjectInfo, self.uris[index], self.sizes[index], self.generations[index]))
+            columns = (self.uris, self.sizes, self.generations, self.crc32cs, self.members)
+            return list(map(ObjectInfo, *(c[index] for c in columns)))
+        if not self.members:
+            return ObjectInfo(self.uris[index], self.sizes[index], self.generations[index])
+        return ObjectInfo(
+            self.uris[index],
+            self.sizes[index],
+            self.generations[index],
+            self.crc32cs[index],
+            self.members[index],
+        )
 
 
 def make_shards(n_images: int, shard_size: int) -> list[Shard]:

@@ -8,6 +8,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from worker.archives.members import read_members
 from worker.plan import Shard
 from worker.storage import ObjectInfo, ReadError, Storage
 
@@ -47,7 +48,8 @@ def prefetch_map(fn: Callable[[T], R], items: Iterable[T], pool: Executor, depth
 
 def read_batches(storage: Storage, work: Iterable[Batch], pool: Executor, depth: int) -> Iterator[Batch]:
     def read(batch: Batch) -> Batch:
-        batch.payloads = storage.read_many(batch.objects)
+        # Images inside archives are read by ranged GETs over neighbouring members.
+        batch.payloads = read_members(storage, batch.objects)
         return batch
 
     return prefetch_map(read, work, pool, depth)

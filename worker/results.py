@@ -5,7 +5,7 @@ named and encoded here, once::
 
     OUTPUT/run.json              the run record: what the plan was made from
     OUTPUT/inventory.jsonl       incremental runs: every input image with its generation
-    OUTPUT/plan.jsonl            the plan: one JSON object per image, sorted by URI
+    OUTPUT/plan.jsonl            the plan: one JSON object per image, sorted by URI (or archive and offset)
     OUTPUT/parts/part-NNNNN.csv  one per shard, PART_COLUMNS; its existence commits the shard
     OUTPUT/errors/part-NNNNN.csv the shard's error rows, ERROR_COLUMNS, written before its part
     OUTPUT/summary/rank-R.json   one per rank: images, seconds, start-up and read figures
@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
-from worker.storage import ObjectInfo, folder, join, open_storage
+from worker.storage import Member, ObjectInfo, folder, join, open_storage
 
 if TYPE_CHECKING:  # pandas is imported only where a manifest is read
     import pandas as pd
@@ -90,15 +90,23 @@ def encode_rows(header: tuple[str, ...], rows: Iterable[tuple]) -> bytes:
 
 
 def encode_plan(objects: list[ObjectInfo]) -> bytes:
-    # One JSON object per line, built by hand: json.dumps of a dict per entry is 3x slower,
-    # and plans run to millions of lines.
+    """One JSON object per line: ``uri``, ``size``, ``generation`` where known, and for an image
+    inside an archive ``archive``, ``offset``, ``format`` (unless ``tar``) and its ``crc32c``.
+    """
+    # Built by hand: json.dumps of a dict per entry is 3x slower, and plans run to millions of lines.
     quote = json.JSONEncoder(ensure_ascii=False).encode
-    lines = [
-        f'{{"uri": {quote(o.uri)}, "size": {int(o.size)}}}'
-        if o.generation is None
-        else f'{{"uri": {quote(o.uri)}, "size": {int(o.size)}, "generation": {int(o.generation)}}}'
-        for o in objects
-    ]
+    lines = []
+    for o in objects:
+        line = f'{{"uri": {quote(o.uri)}, "size": {int(o.size)}'
+        if o.generation is not None:
+            line += f', "generation": {int(o.generation)}'
+        if o.member is not None:
+            line += f', "archive": {quote(o.member.archive)}, "offset": {int(o.member.offset)}'
+            if o.member.format != "tar":
+                line += f', "format": {quote(o.member.format)}'
+            if o.crc32c:
+                line += f', "crc32c": {quote(o.crc32c)}'
+        lines.append(line + "}")
     return ("\n".join(lines) + "\n" if lines else "").encode("utf-8")
 
 
@@ -106,7 +114,19 @@ def decode_plan(data: bytes) -> list[ObjectInfo]:
     lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
     # One parse of the whole file as a JSON array, not one json.loads call per line.
     entries = json.loads("[" + ",".join(lines) + "]")
-    return [ObjectInfo(d["uri"], int(d["size"]), d.get("generation")) for d in entries]
+    archives: dict[str, str] = {}  # one string per archive, not one per member
+    return [
+        ObjectInfo(d["uri"], int(d["size"]), d.get("generation"))
+        if "archive" not in d
+        else ObjectInfo(
+            d["uri"],
+            int(d["size"]),
+            d.get("generation"),
+            d.get("crc32c"),
+            Member(archives.setdefault(d["archive"], d["archive"]), int(d["offset"]), d.get("format", "tar")),
+        )
+        for d in entries
+    ]
 
 
 # The run record (run.json): written once, before the plan, which derives from it.

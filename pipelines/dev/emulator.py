@@ -61,6 +61,10 @@ def gcs_emulator(buckets: tuple[str, ...] = (), project: str = "local-project") 
             "memory",
             "-external-url",
             url,
+            # Requests whose Host is this are served as XML-API object paths (/bucket/object),
+            # the API the native reader (obstore) uses.
+            "-public-host",
+            f"127.0.0.1:{port}",
             "-log-level",
             "error",
         ],

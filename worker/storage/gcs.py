@@ -14,6 +14,7 @@ from worker.storage import (
     gcs_uri,
     split_uri,
 )
+from worker.storage.gcs_ranges import RangeReader
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class GCSStorage:
         # DataFlux's own default would keep retrying for over a day.
         self.retry = DEFAULT_RETRY.with_deadline(retry_deadline)
         self._local = threading.local()
+        self._ranges = RangeReader(retry_deadline, self._download_range)
 
     @property
     def client(self):
@@ -95,6 +97,24 @@ class GCSStorage:
         bucket_name, name = split_uri(uri)
         try:
             return self.client.bucket(bucket_name).blob(name).download_as_bytes(retry=self.retry)
+        except exceptions.NotFound as exc:
+            raise FileNotFoundError(f"object not found: {uri}") from exc
+
+    def read_range(self, uri: str, offset: int, length: int) -> bytes | memoryview:
+        return self._ranges.read(uri, offset, length)
+
+    def _download_range(self, uri: str, offset: int, length: int) -> bytes:
+        from google.api_core import exceptions
+
+        bucket_name, name = split_uri(uri)
+        blob = self.client.bucket(bucket_name).blob(name)
+        try:
+            # No checksum: GCS's covers the whole object, never a range (members carry their own).
+            return blob.download_as_bytes(
+                start=offset, end=offset + length - 1, raw_download=True, checksum=None, retry=self.retry
+            )
+        except exceptions.RequestRangeNotSatisfiable:
+            return b""  # the range starts at or past the object's end
         except exceptions.NotFound as exc:
             raise FileNotFoundError(f"object not found: {uri}") from exc
 
