@@ -1,16 +1,26 @@
-# The project's image. It runs:
-#   - the worker in the PyTorchJob's pods:  bash -c "... exec torchrun ... -m worker ..."
-#   - the three KFP components:              python3 -m kfp.dsl.executor_main ... (kfp's own command)
-# Both flavours of the compiled pipeline name it (DEFAULT_IMAGE in components/images.py,
-# ghcr.io/example/kfp-batch-inference:0.1.0; override at compile time with BATCH_INFERENCE_IMAGE).
+# The project's two images, two targets of this one file:
 #
-#   docker build -t REGISTRY/kfp-batch-inference:0.1.0 .
+#   worker  the CUDA image of the job's pods:   bash -c "... exec torchrun ... -m worker ..."
+#   tasks   a CPU image for the three KFP tasks (upload, launch, aggregate):
+#           python3 -m kfp.dsl.executor_main ... (kfp's own command). It holds a CPU build of
+#           torch, for the local backend (the worker inside the launch task), and no CUDA: a
+#           fraction of the worker image's size, so the tasks start in seconds.
 #
-# The base brings CUDA, cuDNN, PyTorch and torchvision (nvjpeg batched decode on the GPU) on a
-# Python below 3.13 (gcs-torch-dataflux needs < 3.13). The build keeps the base's torch as it is:
-# its exact versions become pip constraints, so pip can never swap it for a PyPI build.
+#   docker build --target worker -t REGISTRY/kfp-batch-inference:0.1.0 .
+#   docker build --target tasks  -t REGISTRY/kfp-batch-inference-tasks:0.1.0 .
+#
+# The compiled pipelines name both (components/images.py: the tasks' base image, and the
+# default of the pipeline's `image` parameter for the job's pods); override them at compile
+# time with BATCH_INFERENCE_TASK_IMAGE and BATCH_INFERENCE_WORKER_IMAGE.
+#
+# The worker's base brings CUDA, cuDNN, PyTorch and torchvision (nvjpeg batched decode on the GPU)
+# on a Python below 3.13 (gcs-torch-dataflux needs < 3.13). The build keeps the base's torch as it
+# is: its exact versions become pip constraints, so pip can never swap it for a PyPI build.
 ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
-FROM ${BASE_IMAGE}
+ARG TASK_BASE_IMAGE=python:3.12-slim
+
+# ---------------------------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS worker
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -82,3 +92,51 @@ WORKDIR /workspace
 
 # No ENTRYPOINT: the PyTorchJob and KFP each give their own command.
 CMD ["python3", "-m", "worker", "--help"]
+
+# ---------------------------------------------------------------------------------------------
+FROM ${TASK_BASE_IMAGE} AS tasks
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+# torch from PyTorch's CPU index FIRST and pinned as a constraint: the project's "torch>=2.11" would
+# otherwise pull the CUDA build from PyPI (several GB of CUDA libraries the tasks never use).
+ARG TORCH_SPEC=torch==2.11.0
+RUN python3 -c "import sys; v = sys.version_info[:2]; assert (3, 10) <= v < (3, 13), \
+        f'Python {sys.version.split()[0]}: gcs-torch-dataflux needs 3.10 to 3.12'" \
+ && python3 -m pip install "${TORCH_SPEC}" --index-url https://download.pytorch.org/whl/cpu \
+ && mkdir -p /etc/pip \
+ && python3 -c "import importlib.metadata as m; print(f'torch=={m.version(\"torch\")}')" > /etc/pip/base-constraints.txt \
+ && cat /etc/pip/base-constraints.txt
+ENV PIP_CONSTRAINT=/etc/pip/base-constraints.txt
+
+WORKDIR /opt/kfp-batch-inference
+COPY pyproject.toml README.md ./
+COPY worker ./worker
+COPY components ./components
+COPY pipelines ./pipelines
+
+# The project with the `vertex` extra (a launcher on Vertex reads the GKE cluster's endpoint and
+# CA); then prove the three components and the worker import from the installed packages.
+RUN python3 -m pip install ".[vertex]" \
+ && cd / \
+ && python3 -c "import torch, kfp, kfp.kubernetes, duckdb, google.cloud.storage, google.cloud.container_v1, \
+        components.upload.component, components.launch.component, components.aggregate.component, pipelines; \
+        assert not torch.version.cuda, 'the tasks image must hold a CPU build of torch'" \
+ && python3 -m worker --help > /dev/null \
+ && rm -rf /opt/kfp-batch-inference
+
+RUN useradd --create-home --uid 10001 --user-group --shell /bin/bash batch \
+ && mkdir -p /gcs /minio /s3 /workspace \
+ && chmod 1777 /gcs /minio /s3 \
+ && chown batch:batch /workspace
+USER 10001:10001
+ENV HOME=/home/batch \
+    HF_HOME=/home/batch/.cache/huggingface
+WORKDIR /workspace
+
+# No ENTRYPOINT: KFP gives its own command.
+CMD ["python3", "-m", "kfp.dsl.executor_main", "--help"]

@@ -99,10 +99,9 @@ def train_classifier(
     from transformers import AutoModelForImageClassification
 
     from worker.decode.cpu import CpuDecoder
-    from worker.decode.spec import Preprocess
-    from worker.tasks.classification import load_preprocessor_config
+    from worker.decode.spec import load_preprocess
 
-    pre = Preprocess.from_config(load_preprocessor_config(str(model_dir)))
+    pre = load_preprocess(str(model_dir))
     model = (
         AutoModelForImageClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval().to(device)
     )

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from benchmarks.classifier import bench_images, trained_model
 from worker.decode.cpu import pil_resized
 from worker.decode.gpu import resize_like_pillow
-from worker.decode.spec import Preprocess
-from worker.tasks.classification import load_preprocessor_config
+from worker.decode.spec import Preprocess, load_preprocess
 
 DEV = torch.device("cuda")
 
@@ -102,17 +101,17 @@ def resize_u8(chw_list, pre: Preprocess, rounded) -> torch.Tensor:
     ``rounded``: False (one float pass), True (one pass, rounded) or "two-pass" (the worker's
     ``resize_like_pillow``).
     """
-    out = torch.empty((len(chw_list), 3, pre.height, pre.width), device=DEV)
+    out = torch.empty((len(chw_list), 3, pre.output_hw[0], pre.output_hw[1]), device=DEV)
     groups: dict[tuple, list[int]] = {}
     for i, a in enumerate(chw_list):
         groups.setdefault(tuple(a.shape), []).append(i)
     for idx in groups.values():
         x = torch.stack([chw_list[i] for i in idx]).float()
         if rounded == "two-pass":
-            out[idx] = resize_like_pillow(x, (pre.height, pre.width), "bilinear")
+            out[idx] = resize_like_pillow(x, (pre.output_hw[0], pre.output_hw[1]), "bilinear")
             continue
         x = F.interpolate(
-            x, size=(pre.height, pre.width), mode="bilinear", antialias=True, align_corners=False
+            x, size=(pre.output_hw[0], pre.output_hw[1]), mode="bilinear", antialias=True, align_corners=False
         )
         out[idx] = x.round_().clamp_(0, 255) if rounded else x
     return out
@@ -169,16 +168,16 @@ def cpu_decoders(payloads, pre):
         from PIL import Image
 
         with Image.open(io.BytesIO(b)) as im:
-            im.draft("RGB", (pre.width, pre.height))
-            return np.asarray(im.convert("RGB").resize((pre.width, pre.height), Image.BILINEAR))
+            im.draft("RGB", (pre.output_hw[1], pre.output_hw[0]))
+            return np.asarray(im.convert("RGB").resize((pre.output_hw[1], pre.output_hw[0]), Image.BILINEAR))
 
     def cv_reduced(b):
         a = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_REDUCED_COLOR_2)
-        return cv2.resize(a, (pre.width, pre.height), interpolation=cv2.INTER_AREA)
+        return cv2.resize(a, (pre.output_hw[1], pre.output_hw[0]), interpolation=cv2.INTER_AREA)
 
     def cv_full(b):
         a = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
-        return cv2.resize(a, (pre.width, pre.height), interpolation=cv2.INTER_AREA)
+        return cv2.resize(a, (pre.output_hw[1], pre.output_hw[0]), interpolation=cv2.INTER_AREA)
 
     cv2.setNumThreads(1)
     for name, fn in [
@@ -499,7 +498,7 @@ def main() -> None:
     work = Path(args.workdir)
     paths = bench_images(work / "images", args.images)
     model_dir, _ = trained_model(work, paths, DEV, epochs=3)  # as python -m benchmarks.gpu_throughput does
-    pre = Preprocess.from_config(load_preprocessor_config(str(model_dir)))
+    pre = load_preprocess(str(model_dir))
     payloads = [p.read_bytes() for p in paths]
     from transformers import AutoModelForImageClassification
 

@@ -21,8 +21,8 @@ from pipelines.dev.random_model import make_model
 from worker.decode.cpu import CpuDecoder
 from worker.decode.gpu import GpuDecoder
 from worker.decode.jpeg import nvjpeg_decodable
-from worker.decode.spec import Preprocess
-from worker.tasks.classification import load_model, load_preprocessor_config
+from worker.decode.spec import load_preprocess
+from worker.tasks.classification import load_model
 
 
 def timed(fn, n_items: int, reps: int = 1) -> float:
@@ -50,7 +50,7 @@ def main() -> None:
         make_model(model_dir)
     dev = torch.device("cuda")
     B = args.batch
-    pre = Preprocess.from_config(load_preprocessor_config(str(model_dir)))
+    pre = load_preprocess(str(model_dir))
     payloads = [p.read_bytes() for p in paths]
     model, _ = load_model(str(model_dir), dev)
     x = torch.randn(B, 3, 224, 224, device=dev, dtype=torch.bfloat16)

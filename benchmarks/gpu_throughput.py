@@ -87,10 +87,9 @@ def bench_decode_only(
 ) -> float:
     from worker.decode.cpu import CpuDecoder
     from worker.decode.gpu import GpuDecoder
-    from worker.decode.spec import Preprocess
-    from worker.tasks.classification import load_preprocessor_config
+    from worker.decode.spec import load_preprocess
 
-    pre = Preprocess.from_config(load_preprocessor_config(str(model_dir)))
+    pre = load_preprocess(str(model_dir))
     payloads = [p.read_bytes() for p in paths]
     with ThreadPoolExecutor(os.cpu_count()) as pool, torch.inference_mode():
         if device.type == "cuda":
@@ -164,10 +163,9 @@ def fp32_labels(
 
     from worker.decode.cpu import CpuDecoder
     from worker.decode.gpu import GpuDecoder
-    from worker.decode.spec import Preprocess
-    from worker.tasks.classification import load_preprocessor_config
+    from worker.decode.spec import load_preprocess
 
-    pre = Preprocess.from_config(load_preprocessor_config(str(model_dir)))
+    pre = load_preprocess(str(model_dir))
     model = (
         AutoModelForImageClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval().to(device)
     )

@@ -24,8 +24,8 @@ import torch
 from benchmarks.classifier import make_dataset
 from benchmarks.decoder_survey import DEV, nvimg_decoder, nvimg_tensors, resize_u8
 from pipelines.dev.random_model import make_model
-from worker.decode.spec import Preprocess
-from worker.tasks.classification import load_model, load_preprocessor_config
+from worker.decode.spec import load_preprocess
+from worker.tasks.classification import load_model
 
 WINDOW_S = 5.0
 
@@ -148,7 +148,7 @@ def main() -> None:
     model_dir = work / "vit-base-patch16-224-random"
     if not (model_dir / "config.json").exists():
         make_model(model_dir)
-    pre = Preprocess.from_config(load_preprocessor_config(str(model_dir)))
+    pre = load_preprocess(str(model_dir))
     payloads = [p.read_bytes() for p in paths]
     model, _ = load_model(str(model_dir), DEV)
     pacer = Pacer(model)

@@ -1,4 +1,4 @@
-"""``python -m pipelines``: compile, dry-run the PyTorchJob, make a model, run locally, submit, schedule.
+"""``python -m pipelines``: compile, dry-run the Kubernetes job, make a model, run locally, submit, schedule.
 
 User errors (a bad option, a missing folder, a failed task) end in a one-line
 ``error: ...`` and exit status 2; set ``BATCH_INFERENCE_DEBUG=1`` for the traceback.
@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-# Launch parameters that do not shape the PyTorchJob.
+# Launch parameters that do not shape the Kubernetes job.
 _NOT_IN_JOB = {"backend", "local_nproc"}
 
 
@@ -25,7 +25,18 @@ def _job_inputs() -> dict:
 def _add_job_options(p: argparse.ArgumentParser) -> None:
     from pipelines.options import add_parameter_options
 
-    add_parameter_options(p, _job_inputs(), defaults=True)
+    inputs = _job_inputs()
+    add_parameter_options(p, inputs, defaults=True)
+    if "job_kind" not in inputs:  # until the pipeline has the parameter
+        from components.launch.kubernetes.kinds import DEFAULT_JOB_KIND, JOB_KINDS
+
+        p.add_argument(
+            "--job-kind",
+            dest="job_kind",
+            choices=JOB_KINDS,
+            default=DEFAULT_JOB_KIND,
+            help="the Kubernetes resource that runs the worker (default: %(default)r)",
+        )
     p.add_argument(
         "--run-id",
         default="dry-run",
@@ -34,10 +45,13 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
 
 
 def _compile(args: argparse.Namespace) -> int:
+    from components.images import TASK_IMAGE, WORKER_IMAGE
     from pipelines.batch_inference import compile_pipelines
 
     for path in compile_pipelines(args.out):
         print(path)
+    print(f"task image (the three KFP tasks): {TASK_IMAGE}")
+    print(f"worker image (the job's pods, the image parameter's default): {WORKER_IMAGE}")
     return 0
 
 
@@ -46,6 +60,7 @@ def _render_job(args: argparse.Namespace) -> int:
     from components.launch.launch import KUBERNETES, LaunchRequest
 
     values = {name: getattr(args, name) for name in _job_inputs()}
+    values["job_kind"] = args.job_kind
     request = LaunchRequest(run_id=args.run_id, backend=KUBERNETES, local_nproc=1, **values)
     request.validate()
     sys.stdout.write(render_yaml(request.job_manifest()))
@@ -102,6 +117,7 @@ def _submit(args: argparse.Namespace) -> int:
             arguments,
             run_name=args.run_name,
             service_account=args.run_service_account,
+            network=args.network,
             package=args.package,
             wait=args.wait,
         )
@@ -136,6 +152,7 @@ def _schedule(args: argparse.Namespace) -> int:
             args.cron,
             name=args.run_name,
             service_account=args.run_service_account,
+            network=args.network,
             package=args.package,
         )
     else:
@@ -229,6 +246,12 @@ def _add_target_options(p: argparse.ArgumentParser, *, schedule: bool) -> None:
         help="Vertex AI region, e.g. us-central1 (default: $GOOGLE_CLOUD_REGION)",
     )
     vertex.add_argument("--pipeline-root", metavar="GS_URI", help="gs:// prefix for the runs' artifacts")
+    vertex.add_argument(
+        "--network",
+        metavar="projects/NUMBER/global/networks/NAME",
+        help="VPC network to peer the run's tasks with, so the launch step reaches a GKE control "
+        "plane with only a private endpoint (docs/running.md)",
+    )
     both = p.add_argument_group("both targets")
     both.add_argument("--run-name", help=f"display name of the {'schedule' if schedule else 'run'}")
     both.add_argument(

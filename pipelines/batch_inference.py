@@ -17,32 +17,91 @@ that account needs the RBAC in ``cluster/`` to create and watch PyTorchJobs.
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from kfp import dsl, kubernetes
-from kfp.dsl import HTML, Dataset, Metrics
+from kfp.dsl import HTML, Artifact, Dataset, Metrics
 
 from components.aggregate.component import aggregate_results
-from components.images import IMAGE
+from components.images import WORKER_IMAGE
 from components.launch.component import classify_images
 from components.upload.component import upload_images
-from worker.config import DEFAULT_MODEL
+from worker.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
 
 PIPELINE_NAME = "batch-inference"
 # Python types of the pipeline's parameter types (kfp's InputSpec.type).
-PARAMETER_TYPES = {"String": str, "Integer": int, "Boolean": bool}
+PARAMETER_TYPES = {"String": str, "Integer": int, "Boolean": bool, "Float": float}
 KUBEFLOW = "kubeflow"
 VERTEX = "vertex"
 FLAVOURS = (KUBEFLOW, VERTEX)
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """How one task runs: its name in the UI, its pod's resources, retries and caching.
+
+    Attributes:
+        display_name: The task's name in the KFP and Vertex UIs.
+        cpu_request: CPU the task's pod asks for.
+        cpu_limit: CPU it may use (on Vertex the limits also pick the machine type).
+        memory_request: Memory its pod asks for.
+        memory_limit: Memory it may use.
+        retries: Retries after a failure (0: none).
+        cache: Whether a run with the same inputs may reuse an earlier result.
+    """
+
+    display_name: str
+    cpu_request: str
+    cpu_limit: str
+    memory_request: str
+    memory_limit: str
+    retries: int
+    cache: bool
+
+
+# Upload and aggregate talk to GCS for minutes and are idempotent, so a transient error is
+# worth retrying. The launch step never is: its job's own restarts cover a lost pod, and a
+# retry would start a second job. Upload may be cached (an unchanged source and destination
+# need no second pass); launch and aggregate never, as they read GCS state their inputs do
+# not capture (a rerun of one results prefix resumes the work and aggregates afresh).
+# The aggregate streams in bounded memory (see benchmarks/NOTES.md for its peak).
+STEPS = {
+    "upload": StepSettings("Upload images", "2", "4", "4Gi", "8Gi", retries=3, cache=True),
+    "launch": StepSettings("Classify images", "1", "4", "2Gi", "8Gi", retries=0, cache=False),
+    "aggregate": StepSettings("Aggregate results", "2", "4", "4Gi", "8Gi", retries=3, cache=False),
+}
+RETRY_BACKOFF = "30s"
+RETRY_BACKOFF_FACTOR = 2.0
+RETRY_BACKOFF_MAX = "600s"
+
+
 class Outputs(NamedTuple):
-    results: Dataset
+    results_uri: str
+    job: Artifact
     results_csv: Dataset
     results_parquet: Dataset
+    errors_csv: Dataset
     metrics: Metrics
     report: HTML
+
+
+def _apply_step_settings(task: dsl.PipelineTask, role: str, flavour: str) -> None:
+    settings = STEPS[role]
+    task.set_display_name(settings.display_name)
+    task.set_cpu_request(settings.cpu_request).set_cpu_limit(settings.cpu_limit)
+    task.set_memory_request(settings.memory_request).set_memory_limit(settings.memory_limit)
+    task.set_caching_options(settings.cache)
+    if settings.retries:
+        task.set_retry(
+            num_retries=settings.retries,
+            backoff_duration=RETRY_BACKOFF,
+            backoff_factor=RETRY_BACKOFF_FACTOR,
+            backoff_max_duration=RETRY_BACKOFF_MAX,
+        )
+    if flavour == KUBEFLOW:
+        _kubeflow_pod_settings(task, role)
 
 
 def _kubeflow_pod_settings(task: dsl.PipelineTask, role: str) -> None:
@@ -71,7 +130,7 @@ def make_pipeline(flavour: str) -> Callable:
         upload_workers: int = 16,
         model: str = DEFAULT_MODEL,
         backend: str = "kubernetes",
-        batch_size: int = 256,
+        batch_size: int = DEFAULT_BATCH_SIZE["cuda"],
         shard_size: int = 1024,
         device: str = "auto",
         extra_worker_args: str = "",
@@ -86,11 +145,12 @@ def make_pipeline(flavour: str) -> Callable:
         timeout_seconds: int = 86400,
         rdma: bool = True,
         rdma_networks: str = "",
-        image: str = IMAGE,
+        image: str = WORKER_IMAGE,
         service_account: str = "batch-inference-worker",
         gke_project: str = "",
         gke_location: str = "",
         gke_cluster: str = "",
+        price_per_gpu_hour: float = 0.0,
     ) -> Outputs:
         """Classify every image under a GCS prefix with a Hugging Face model, exactly once.
 
@@ -132,20 +192,31 @@ def make_pipeline(flavour: str) -> Callable:
             rdma: Use the A3 Ultra RDMA NICs and the gIB NCCL plugin.
             rdma_networks: Comma-separated GKE network names for eth0, eth1, ... when rdma is on.
                 Empty: default, gvnic-1, rdma-0 ... rdma-7.
-            image: Container image of the PyTorchJob's pods (the project's image).
+            image: Container image of the job's pods (the project's CUDA worker image).
             service_account: Kubernetes service account of the PyTorchJob's pods (Workload Identity
                 for GCS). Empty: the namespace's default.
             gke_project: GCP project of the GKE cluster, for a launcher outside the cluster (Vertex).
                 Empty with gke_location and gke_cluster: in-cluster credentials.
             gke_location: Region or zone of the GKE cluster (with gke_project).
             gke_cluster: Name of the GKE cluster (with gke_project).
+            price_per_gpu_hour: Price of one GPU-hour (e.g. your on-demand or DWS price), for
+                the report's cost and cost per million images. 0: no cost shown.
         """
-        # Always one upload task, which copies nothing when source is empty. A dsl.If/Else with
-        # an importer and dsl.OneOf would skip the pod too, but kfp.local 2.17 cannot resolve an
-        # artifact OneOf, and the local run must execute this very graph.
-        upload = upload_images(source=source, destination=images_uri, workers=upload_workers)
+        # Always one upload task, which checks the parameters and copies nothing when source is
+        # empty. A dsl.If/Else would skip the pod too, but the local run must execute this very graph.
+        upload = upload_images(
+            source=source,
+            images_uri=images_uri,
+            workers=upload_workers,
+            results_root=results_root,
+            results_prefix=results_prefix,
+            model=model,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            incremental=incremental,
+        )
         launch = classify_images(
-            images=upload.outputs["dataset"],
+            images_uri=upload.outputs["images_uri"],
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             results_root=results_root,
             results_prefix=results_prefix,
@@ -173,18 +244,19 @@ def make_pipeline(flavour: str) -> Callable:
             gke_location=gke_location,
             gke_cluster=gke_cluster,
         )
-        aggregate = aggregate_results(results=launch.outputs["results"])
+        aggregate = aggregate_results(
+            results_uri=launch.outputs["results_uri"],
+            job=launch.outputs["job"],
+            price_per_gpu_hour=price_per_gpu_hour,
+        )
         for task, role in ((upload, "upload"), (launch, "launch"), (aggregate, "aggregate")):
-            task.set_display_name(role)
-            # Never cached: each task reads or writes GCS state that its inputs do not capture
-            # (a rerun with the same results_prefix must resume the work and aggregate afresh).
-            task.set_caching_options(False)
-            if flavour == KUBEFLOW:
-                _kubeflow_pod_settings(task, role)
+            _apply_step_settings(task, role, flavour)
         return Outputs(
-            results=launch.outputs["results"],
+            results_uri=launch.outputs["results_uri"],
+            job=launch.outputs["job"],
             results_csv=aggregate.outputs["results_csv"],
             results_parquet=aggregate.outputs["results_parquet"],
+            errors_csv=aggregate.outputs["errors_csv"],
             metrics=aggregate.outputs["metrics"],
             report=aggregate.outputs["report"],
         )

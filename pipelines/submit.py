@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -341,6 +342,25 @@ def schedule_kfp(
 
 # --- Vertex AI Pipelines ------------------------------------------------------------------
 
+_NETWORK = re.compile(r"projects/[0-9]+/global/networks/[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+def check_network(network: str | None) -> str | None:
+    """The VPC network a Vertex run is peered with, as Vertex wants it written; None for none.
+
+    Raises:
+        ValueError: Not ``projects/PROJECT_NUMBER/global/networks/NAME`` (Vertex takes the
+            project's number here, not its id).
+    """
+    if not network:
+        return None
+    if not _NETWORK.fullmatch(network):
+        raise ValueError(
+            f"--network {network!r}: write it projects/PROJECT_NUMBER/global/networks/NAME "
+            "(the project's number: gcloud projects describe PROJECT --format='value(projectNumber)')"
+        )
+    return network
+
 
 def _aiplatform():
     try:
@@ -439,6 +459,7 @@ def submit_vertex(
     *,
     run_name: str | None = None,
     service_account: str | None = None,
+    network: str | None = None,
     package: str | Path | None = None,
     wait: bool = False,
     credentials=None,
@@ -452,6 +473,9 @@ def submit_vertex(
         arguments: Pipeline parameters to set; the rest keep their defaults.
         run_name: The run's display name.
         service_account: The GCP service account the run acts as (default: Compute Engine's).
+        network: The VPC network the run's tasks are peered with,
+            ``projects/PROJECT_NUMBER/global/networks/NETWORK``: the way to a GKE cluster whose
+            control plane has only a private endpoint (see docs/running.md).
         package: A compiled pipeline instead of a fresh compile of the Vertex flavour.
         wait: Wait until the run ends; a run that does not succeed raises SubmitError.
         credentials: Google credentials (default: Application Default Credentials).
@@ -464,13 +488,14 @@ def submit_vertex(
         ValueError: A parameter is invalid.
     """
     arguments = check_arguments(arguments, VERTEX)
+    network = check_network(network)
     aiplatform = _aiplatform()
     credentials = credentials or _google_credentials()
     with _package(VERTEX, package) as path, _vertex_errors("create the run"):
         job = _vertex_job(
             aiplatform, project, location, pipeline_root, arguments, path, run_name, credentials
         )
-        job.submit(service_account=service_account or None)
+        job.submit(service_account=service_account or None, network=network)
     url = _console_url(job.resource_name, "runs")
     if not wait:
         return Submitted("run", job.resource_name.rsplit("/", 1)[-1], url)
@@ -491,6 +516,7 @@ def schedule_vertex(
     *,
     name: str | None = None,
     service_account: str | None = None,
+    network: str | None = None,
     package: str | Path | None = None,
     credentials=None,
 ) -> Submitted:
@@ -504,6 +530,7 @@ def schedule_vertex(
         cron: Standard 5-field cron, optionally ``TZ=Area/City``-prefixed (default: UTC).
         name: The schedule's display name (default: ``batch-inference <cron>``).
         service_account: The GCP service account the runs act as.
+        network: The VPC network the runs' tasks are peered with (as for ``submit_vertex``).
         package: A compiled pipeline instead of a fresh compile of the Vertex flavour.
         credentials: Google credentials (default: Application Default Credentials).
 
@@ -517,6 +544,7 @@ def schedule_vertex(
     """
     vertex_cron = parse_cron(cron).for_vertex()
     arguments = check_arguments(arguments, VERTEX)
+    network = check_network(network)
     aiplatform = _aiplatform()
     credentials = credentials or _google_credentials()
     with _package(VERTEX, package) as path, _vertex_errors("create the schedule"):
@@ -526,6 +554,7 @@ def schedule_vertex(
             display_name=name or f"{PIPELINE_NAME} {cron}"[:128],
             max_concurrent_run_count=1,
             service_account=service_account or None,
+            network=network,
         )
     return Submitted(
         "schedule",

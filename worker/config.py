@@ -272,6 +272,8 @@ class WorkerConfig:
                 raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}", f.name)
             if minimum is not None and value is not None and value < minimum:
                 raise ConfigError(f"{flag} must be at least {minimum}, got {value}", f.name)
+        if self.decode == "gpu" and self.device == "cpu":
+            raise ConfigError("--decode gpu needs --device cuda or auto", "decode")
         if self.incremental and not is_gcs(self.input):
             raise ConfigError(
                 "--incremental needs a gs:// --input: changes are found by GCS object generation",

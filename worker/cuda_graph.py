@@ -122,20 +122,23 @@ def same_decisions(
     tie: float = 0.1,
     score_tolerance: float = 0.05,
     share: float = 0.99,
+    scores_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> bool:
     """Whether a forward's (top-1 score, label) rows make the reference logits' decisions.
 
     A row agrees when its label's reference logit is within ``tie`` logit standard deviations
     of the top one (so a near-tie decided the other way by a fused kernel's rounding still
-    agrees) and its score is within ``score_tolerance`` of the reference's top-1 probability.
-    A wrong graph (a stale buffer, another input) fails both on most rows.
+    agrees) and its score is within ``score_tolerance`` of the reference's top-1 score
+    (``scores_of`` the logits: softmax unless given). A wrong graph (a stale buffer, another
+    input) fails both on most rows.
     """
+    scores_of = scores_of or (lambda logits: logits.softmax(-1))
     reference = reference_logits.float()
     top = reference.max(-1).values
     chosen = reference.gather(-1, labels.view(-1, 1).to(reference.device)).squeeze(-1)
     near_top = chosen >= top - tie * reference.std(-1)
     close = (
-        scores.float().to(reference.device) - reference.softmax(-1).max(-1).values
+        scores.float().to(reference.device) - scores_of(reference).max(-1).values
     ).abs() <= score_tolerance
     return (near_top & close).float().mean().item() >= share
 
@@ -147,6 +150,7 @@ def fastest_graph(
     example: torch.Tensor,
     compile_mode: str = "none",
     timing_calls: int = 5,
+    scores_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> GraphedForward | None:
     """The fastest right CUDA graph of ``forward(pixels) -> (scores, labels)``, or None for eager.
 
@@ -180,7 +184,7 @@ def fastest_graph(
             log.warning("CUDA graph of the forward %s failed (%s: %s)", name, type(exc).__name__, exc)
             continue
         prepared = time.perf_counter() - start
-        if not same_decisions(reference, *graphed(example)):
+        if not same_decisions(reference, *graphed(example), scores_of=scores_of):
             log.warning(
                 "the CUDA graph of the forward %s does not give the eager forward's labels: not used", name
             )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.config import ConfigError
 from worker.cuda_graph import GraphedForward, fastest_graph
 from worker.decode.cpu import DecodedBatch
 from worker.read import Batch
@@ -31,7 +32,7 @@ GPU_BATCHES_IN_FLIGHT = 1
 def resolve_device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but no GPU is visible")
+            raise ConfigError("--device cuda: no GPU is visible to this process", "device")
         # Ranks beyond the GPU count share GPUs round-robin (several processes per GPU).
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
@@ -135,7 +136,7 @@ def warm_up(
     example = torch.randn(
         batch_shape, device=device, dtype=torch.bfloat16, generator=torch.Generator(device).manual_seed(0)
     )
-    return fastest_graph(task.forward, task.model, example, compile_mode)
+    return fastest_graph(task.forward, task.model, example, compile_mode, scores_of=task.scores_of)
 
 
 def model_stream(device: torch.device):

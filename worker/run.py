@@ -10,10 +10,11 @@ import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 from worker import dist
 from worker.commit import Committer, ShardResult
-from worker.config import WorkerConfig
+from worker.config import ConfigError, WorkerConfig
 from worker.decode.stage import DecodeStage, default_decode_threads
 from worker.infer import (
     DECODE_LOOKAHEAD,
@@ -27,7 +28,7 @@ from worker.infer import (
 from worker.model_files import fetch_model_once_per_node
 from worker.plan import PlanColumns, Shard, load_or_create_plan, make_shards, static_assignment
 from worker.read import batches, prefetch_map, read_batches
-from worker.storage import open_storage
+from worker.storage import is_gcs, open_storage
 from worker.tasks import Task, task_module
 from worker.telemetry import Progress, StartupClock, Utilization, log_done
 
@@ -52,13 +53,35 @@ def import_model_code_in_background() -> threading.Thread:
     return thread
 
 
+def check_paths(cfg: WorkerConfig) -> None:
+    """ConfigError for a local --input that is no directory, or a local --output that is a file.
+
+    gs:// prefixes are checked by their first listing, whose error names the bucket.
+    """
+    if not is_gcs(cfg.input):
+        if not os.path.exists(cfg.input):
+            raise ConfigError(f"--input {cfg.input}: no such directory", "input")
+        if not os.path.isdir(cfg.input):
+            raise ConfigError(
+                f"--input {cfg.input} is a file; give the directory that holds the images", "input"
+            )
+    if not is_gcs(cfg.output):
+        existing = next((p for p in (cfg.output, *Path(cfg.output).parents) if os.path.exists(p)), None)
+        if existing is not None and not os.path.isdir(existing):
+            raise ConfigError(f"--output {cfg.output}: {existing} is a file, not a directory", "output")
+
+
 class Worker:
     def __init__(self, cfg: WorkerConfig):
+        check_paths(cfg)
         self.cfg = cfg
         self.startup = StartupClock()
         self.startup.mark("imports")
         self.importing_model_code = import_model_code_in_background()
         self.device = resolve_device(cfg.device)
+        self.on_gpu = self.device.type == "cuda"
+        if cfg.decode == "gpu" and not self.on_gpu:
+            raise ConfigError("--decode gpu: no GPU is visible to this process", "decode")
         self.batch_size = cfg.batch_size_on(self.device.type)
         self.topo = dist.init(self.device.type)
         self.startup.mark("process_group")
@@ -105,9 +128,12 @@ class Worker:
     def load_task(self) -> tuple[Task, object]:
         cfg, startup = self.cfg, self.startup
         self.importing_model_code.join()
+        # Seconds, before any weights are fetched: a model this worker can't run stops it here.
+        task = task_module(cfg.task)
+        task.check_model(cfg.model, project=cfg.project, decode=cfg.decode if self.on_gpu else "cpu")
         model_path = fetch_model_once_per_node(cfg.model, self.topo, cfg.model_cache, cfg.project)
         startup.mark("model_fetched")
-        task = task_module(cfg.task).load(model_path, self.device)
+        task = task.load(model_path, self.device)
         startup.mark("model_loaded")
         graph = None
         if self.device.type == "cuda":
@@ -117,15 +143,13 @@ class Worker:
         return task, graph
 
     def run(self) -> dict:
-        cfg, topo, on_gpu = self.cfg, self.topo, self.device.type == "cuda"
+        cfg, topo, on_gpu = self.cfg, self.topo, self.on_gpu
         planning = self.start_planning()
         task, graph = self.load_task()
         plan, shards, committed = self.finish_planning(planning)
         work, expected = self.my_shards(shards, committed)
         setup_seconds = self.startup.mark("plan_shared")
 
-        if cfg.decode == "gpu" and not on_gpu:
-            raise RuntimeError("--decode gpu needs --device cuda")
         decode_threads = cfg.decode_threads or default_decode_threads(topo.local_world_size)
         # Pillow batches are decoded by the pil pool already; extra batch-level workers pay off on GPU.
         decode_workers = cfg.decode_workers if on_gpu else 1

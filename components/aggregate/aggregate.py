@@ -1,50 +1,46 @@
-"""aggregate: merge the worker's CSV parts, prove exactly-once, and report.
+"""aggregate: merge the worker's CSV parts, prove exactly-once, and report, in bounded memory.
 
 The worker writes one CSV part per shard under ``OUTPUT/parts/`` (the part is the
 shard's commit point), error rows under ``OUTPUT/errors/`` and one summary per rank
 under ``OUTPUT/summary/``. This module checks that every planned image appears exactly
-once across parts and errors, writes the merged table as CSV and Parquet plus an HTML
-report, then ``OUTPUT/aggregate/results.parquet`` (the manifest: the table with each
-image's GCS generation) and finally ``OUTPUT/aggregate/metrics.json``, the success marker
-that later incremental runs look for.
+once across parts and errors, writes the merged table as CSV and Parquet, the error rows as
+CSV, and an HTML report, then ``OUTPUT/aggregate/results.parquet`` (the manifest: the table
+with each image's GCS generation) and finally ``OUTPUT/aggregate/metrics.json``, the success
+marker that later incremental runs look for.
 
 For an incremental run (``OUTPUT/run.json`` names a base run), the exactly-once check
 covers the images this run planned, and the table is the union described in
 ``worker.incremental``: the base run's rows for images unchanged since, plus this run's.
+
+The tables live in DuckDB (``components.aggregate.tables``), so a run of ten million images
+aggregates in a task of a few GB.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import re
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
-
+from components.aggregate import tables
 from components.aggregate.report import render_report
+from components.launch.job_record import JobRecord
 from worker.results import (
-    ERROR_DTYPES,
     ERRORS_DIR,
     INVENTORY_FILE,
     MANIFEST,
-    MANIFEST_COLUMNS,
     MARKER,
     PART_COLUMNS,
-    PART_DTYPES,
     PART_FILE,
     PARTS_DIR,
     PLAN_FILE,
     SUMMARY_DIR,
     SUMMARY_FILE,
     completion_marker,
-    decode_plan,
-    read_manifest,
     read_run_record,
 )
 from worker.storage import ObjectInfo, Storage, folder, join, open_storage, write_text
@@ -56,7 +52,7 @@ ERRORS_SHOWN = 100
 # How many offending URIs the exception message names; the report shows more.
 NAMED_IN_ERROR = 5
 PROBLEMS_SHOWN = 100
-_READ_THREADS = 16
+_USER_COLUMNS = ", ".join(PART_COLUMNS)
 
 
 @dataclass
@@ -66,10 +62,11 @@ class AggregateReport:
     Attributes:
         results_uri: The worker's output prefix that was aggregated.
         metrics: images, classified, errors, missing, duplicated, unexpected, rows, reused,
-            changed, deleted, distinct_classes, images_per_second, wall_seconds, gpu_seconds, ranks.
-            ``images`` to ``unexpected`` concern the images this run planned; ``rows`` is the
-            merged table's size, ``reused`` of its rows come from the base run of an
-            incremental run, whose ``changed`` and ``deleted`` rows were dropped.
+            changed, deleted, distinct_classes, images_per_second, wall_seconds, ranks, gpus,
+            job_seconds, and on GPU runs gpu_hours (plus cost and cost_per_million_images
+            when a price was given). ``images`` to ``unexpected`` concern the images this run
+            planned; ``rows`` is the merged table's size, ``reused`` of its rows come from the
+            base run of an incremental run, whose ``changed`` and ``deleted`` rows were dropped.
         top_classes: ``(class, count)`` for the most frequent classes of the merged table,
             most frequent first.
         errors_sample: ``(uri, reason)`` of the first error rows by uri.
@@ -78,6 +75,8 @@ class AggregateReport:
         duplicated_sample: URIs found more than once (first few).
         unexpected_sample: URIs in the results that the plan does not contain (first few).
         base_uri: The base run of an incremental run, else None.
+        job: The launch step's record of the job, when the aggregate ran in a pipeline.
+        price_per_gpu_hour: The price the cost figures use (0: none).
     """
 
     results_uri: str
@@ -89,6 +88,8 @@ class AggregateReport:
     duplicated_sample: list[str] = field(default_factory=list)
     unexpected_sample: list[str] = field(default_factory=list)
     base_uri: str | None = None
+    job: JobRecord | None = None
+    price_per_gpu_hour: float = 0.0
 
     @property
     def complete(self) -> bool:
@@ -119,8 +120,17 @@ class IncompleteResultsError(RuntimeError):
         )
 
 
-def aggregate(results_uri: str, *, csv_path: str, parquet_path: str, html_path: str) -> AggregateReport:
-    """Merge and check the worker's results, and write the table, the report, the manifest and the marker.
+def aggregate(
+    results_uri: str,
+    *,
+    csv_path: str,
+    parquet_path: str,
+    html_path: str,
+    errors_path: str | None = None,
+    job: JobRecord | None = None,
+    price_per_gpu_hour: float = 0.0,
+) -> AggregateReport:
+    """Merge and check the worker's results, and write the tables, the report, the manifest and the marker.
 
     The HTML report is written first, so a failed task still shows why it failed.
 
@@ -130,6 +140,9 @@ def aggregate(results_uri: str, *, csv_path: str, parquet_path: str, html_path: 
             rows), sorted by uri.
         parquet_path: Local file for the same table as Parquet.
         html_path: Local file for the self-contained HTML report.
+        errors_path: Local file for the error rows (uri, reason) as CSV, sorted by uri; None: not written.
+        job: The launch step's job record, for the report's run and cost sections.
+        price_per_gpu_hour: Price of one GPU-hour; 0: the report shows no cost.
 
     Returns:
         The metrics, top classes, error sample and rank summaries.
@@ -143,205 +156,224 @@ def aggregate(results_uri: str, *, csv_path: str, parquet_path: str, html_path: 
             HTML report is written then.
     """
     storage = open_storage(results_uri)
-    plan_uri = join(results_uri, PLAN_FILE)
-    try:
-        plan_bytes = storage.read(plan_uri)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"no plan at {plan_uri}: the worker has not run for these results") from exc
-    plan = decode_plan(plan_bytes)
-    planned = pd.Index(sorted({o.uri for o in plan}), dtype=str)
+    with tempfile.TemporaryDirectory(prefix="aggregate-") as tmp:
+        scratch = Path(tmp)
+        plan_uri = join(results_uri, PLAN_FILE)
+        try:
+            plan_path, plan_sha256 = _fetch(storage, plan_uri, scratch / "plan.jsonl")
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                f"no plan at {plan_uri}: the worker has not run for these results"
+            ) from exc
+        con = tables.connect(scratch)
+        try:
+            return _aggregate(
+                con,
+                storage,
+                results_uri,
+                scratch,
+                plan_path=plan_path,
+                plan_sha256=plan_sha256,
+                outputs=(csv_path, parquet_path, html_path, errors_path),
+                job=job,
+                price_per_gpu_hour=price_per_gpu_hour,
+            )
+        finally:
+            con.close()
 
-    part_uris = _list_named(storage, join(results_uri, PARTS_DIR), PART_FILE)
-    error_uris = _list_named(storage, join(results_uri, ERRORS_DIR), PART_FILE)
+
+def _aggregate(
+    con,
+    storage: Storage,
+    results_uri: str,
+    scratch: Path,
+    *,
+    plan_path: Path,
+    plan_sha256: str,
+    outputs: tuple[str, str, str, str | None],
+    job: JobRecord | None,
+    price_per_gpu_hour: float,
+) -> AggregateReport:
+    csv_path, parquet_path, html_path, errors_path = outputs
+    tables.load_jsonl_listing(con, "plan", plan_path)
+    part_files = _list_named(storage, join(results_uri, PARTS_DIR), PART_FILE)
+    error_files = _list_named(storage, join(results_uri, ERRORS_DIR), PART_FILE)
     # Errors are written before their part, and the part is the commit point: an
     # error file without its part belongs to an attempt that never committed.
-    committed = {u.rsplit("/", 1)[1] for u in part_uris}
-    orphans = [u for u in error_uris if u.rsplit("/", 1)[1] not in committed]
+    committed = {f.uri.rsplit("/", 1)[1] for f in part_files}
+    orphans = [f for f in error_files if f.uri.rsplit("/", 1)[1] not in committed]
     if orphans:
-        log.warning("ignoring %d error files of uncommitted shards, e.g. %s", len(orphans), orphans[0])
-        error_uris = [u for u in error_uris if u.rsplit("/", 1)[1] in committed]
-
-    parts = _read_csvs(storage, part_uris, PART_DTYPES)
-    errors = _read_csvs(storage, error_uris, ERROR_DTYPES)
+        log.warning("ignoring %d error files of uncommitted shards, e.g. %s", len(orphans), orphans[0].uri)
+        error_files = [f for f in error_files if f.uri.rsplit("/", 1)[1] in committed]
+    tables.load_csv_files(con, "parts", storage, part_files, errors=False)
+    tables.load_csv_files(con, "errors", storage, error_files, errors=True)
     ranks = _read_summaries(storage, join(results_uri, SUMMARY_DIR))
     run_info = read_run_record(results_uri)
-    carried, changed, deleted = _carry_over(storage, results_uri, run_info, planned)
-    table = _merged_table(parts, plan, carried)
-
-    report = _build_report(
-        results_uri,
-        planned,
-        parts,
-        errors,
-        ranks,
-        table,
-        reused=len(carried),
-        changed=changed,
-        deleted=deleted,
+    reused, changed, deleted = _carry_over(con, storage, results_uri, run_info, scratch)
+    con.execute(
+        f"CREATE VIEW merged AS SELECT {_USER_COLUMNS}, plan.generation FROM parts "
+        f"LEFT JOIN plan USING (uri) UNION ALL SELECT {_USER_COLUMNS}, generation FROM carried"
     )
+
+    report = _build_report(con, results_uri, ranks, reused=reused, changed=changed, deleted=deleted)
     report.base_uri = run_info.get("base")
+    report.job = job
+    report.price_per_gpu_hour = price_per_gpu_hour
+    report.metrics.update(_cost_metrics(report))
     _write_local(html_path, render_report(report).encode("utf-8"))
     if not report.complete:
         raise IncompleteResultsError(report)
 
-    user_table = table[list(PART_COLUMNS)]
-    _write_local(csv_path, user_table.to_csv(index=False, lineterminator="\n").encode("utf-8"))
-    Path(parquet_path).parent.mkdir(parents=True, exist_ok=True)
-    user_table.to_parquet(parquet_path, engine="pyarrow", index=False)
-    buf = io.BytesIO()
-    table.to_parquet(buf, engine="pyarrow", index=False)
-    storage.write(join(results_uri, MANIFEST), buf.getvalue())
+    tables.copy_to(con, f"SELECT {_USER_COLUMNS} FROM merged ORDER BY uri", csv_path, "csv")
+    tables.copy_to(con, f"SELECT {_USER_COLUMNS} FROM merged ORDER BY uri", parquet_path, "parquet")
+    if errors_path:
+        tables.copy_to(con, "SELECT uri, reason FROM errors ORDER BY uri", errors_path, "csv")
+    manifest_path = scratch / "manifest.parquet"
+    tables.copy_to(con, "SELECT * FROM merged ORDER BY uri", manifest_path, "parquet")
+    storage.write(join(results_uri, MANIFEST), manifest_path.read_bytes())
 
     # Written last: its presence means the results were complete and aggregated, and that the
     # manifest is there for the next incremental run.
     marker = completion_marker(
-        results_uri,
-        run_info,
-        report.metrics,
-        plan_sha256=hashlib.sha256(plan_bytes).hexdigest(),
-        parts=len(part_uris),
+        results_uri, run_info, report.metrics, plan_sha256=plan_sha256, parts=len(part_files)
     )
     write_text(join(results_uri, MARKER), json.dumps(marker, indent=2, sort_keys=True) + "\n")
     log.info("aggregated %s: %s", results_uri, report.metrics)
     return report
 
 
+def _fetch(storage: Storage, uri: str, path: Path) -> tuple[Path, str]:
+    """Copy the object ``uri`` into the local file ``path``; return it and its SHA-256."""
+    data = storage.read(uri)
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
 def _carry_over(
-    storage: Storage, results_uri: str, run_info: dict, planned: pd.Index
-) -> tuple[pd.DataFrame, int, int]:
-    """The base run's rows to keep: those whose object is still listed at the same generation.
+    con, storage: Storage, results_uri: str, run_info: dict, scratch: Path
+) -> tuple[int, int, int]:
+    """Table ``carried``: the base run's rows whose object is still listed at the same generation.
 
     Returns:
-        The rows (manifest columns), and how many base rows were dropped because their
-        object changed or was deleted; no rows and zeros without a base run.
+        How many rows are carried over, and how many base rows were dropped because their
+        object changed or was deleted; zeros without a base run.
     """
     base = run_info.get("base")
     if not base:
-        return _empty(dict(zip(MANIFEST_COLUMNS, (*PART_DTYPES.values(), "Int64"), strict=True))), 0, 0
-    inventory = decode_plan(storage.read(join(results_uri, run_info.get("inventory", INVENTORY_FILE))))
-    current = pd.Series({o.uri: o.generation for o in inventory}, dtype="Int64")
+        con.execute(f"CREATE TABLE carried ({tables.MANIFEST_SQL_COLUMNS})")
+        return 0, 0, 0
+    inventory, _ = _fetch(
+        storage, join(results_uri, run_info.get("inventory", INVENTORY_FILE)), scratch / "inventory.jsonl"
+    )
+    tables.load_jsonl_listing(con, "inventory", inventory)
     try:
-        rows = read_manifest(join(base, MANIFEST))
+        manifest, _ = _fetch(storage, join(base, MANIFEST), scratch / "base.parquet")
     except FileNotFoundError as exc:
         raise FileNotFoundError(
             f"the base run {base} of this incremental run has no manifest any more "
             f"({MANIFEST}); rerun with incremental off"
         ) from exc
-    present = rows["uri"].isin(current.index)
-    now = current.reindex(rows["uri"]).set_axis(rows.index)
-    same = (rows["generation"].astype("Int64") == now).fillna(False).astype(bool)
+    con.execute("CREATE TABLE base AS SELECT * FROM read_parquet(?)", [str(manifest)])
     # A planned image's row from this run is its latest result; the plan already excludes
     # unchanged images, so this only matters for rows without a generation.
-    keep = same & ~rows["uri"].isin(planned)
-    return rows[keep].reset_index(drop=True), int((present & ~same).sum()), int((~present).sum())
+    con.execute(
+        "CREATE TABLE carried AS SELECT base.* FROM base JOIN inventory "
+        "ON base.uri = inventory.uri AND base.generation = inventory.generation "
+        "ANTI JOIN plan ON base.uri = plan.uri"
+    )
+    present = "base.uri IN (SELECT uri FROM inventory)"
+    same = "EXISTS (SELECT 1 FROM inventory i WHERE i.uri = base.uri AND i.generation = base.generation)"
+    changed = tables.scalar(con, f"SELECT count(*) FROM base WHERE {present} AND NOT {same}")
+    deleted = tables.scalar(con, f"SELECT count(*) FROM base WHERE NOT {present}")
+    return tables.scalar(con, "SELECT count(*) FROM carried"), changed, deleted
 
 
-def _merged_table(parts: pd.DataFrame, plan: list[ObjectInfo], carried: pd.DataFrame) -> pd.DataFrame:
-    """This run's rows with the generation each image was read at, plus the carried-over rows, by uri."""
-    generation = {o.uri: o.generation for o in plan}
-    new = parts.assign(generation=pd.array([generation.get(u) for u in parts["uri"]], dtype="Int64"))
-    table = pd.concat([new, carried[list(MANIFEST_COLUMNS)]], ignore_index=True) if len(carried) else new
-    return table.sort_values("uri", kind="stable", ignore_index=True)
-
-
-def _empty(dtypes: dict) -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})
-
-
-def _list_named(storage: Storage, directory: str, pattern: re.Pattern) -> list[str]:
-    """The files directly in ``directory`` whose name matches ``pattern``, sorted; none if it is absent."""
+def _list_named(storage: Storage, directory: str, pattern: re.Pattern) -> list[ObjectInfo]:
+    """The files directly in ``directory`` whose name matches ``pattern``, by URI; none if it is absent."""
     prefix = folder(directory)
     try:
-        listed = [o.uri for o in storage.list(prefix)]
+        listed = list(storage.list(prefix))
     except FileNotFoundError:
         return []
-    return sorted(u for u in listed if pattern.fullmatch(u[len(prefix) :]))
-
-
-def _read_all(storage: Storage, uris: Sequence[str]) -> list[bytes]:
-    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-        return list(pool.map(storage.read, uris))
-
-
-def _read_csvs(storage: Storage, uris: Sequence[str], dtypes: dict) -> pd.DataFrame:
-    """Concatenate CSV files that must all have exactly the columns of ``dtypes``."""
-    columns = list(dtypes)
-    frames = []
-    for uri, data in zip(uris, _read_all(storage, uris), strict=False):
-        if not data.strip():
-            continue  # An empty file is an empty shard, not a malformed one.
-        try:
-            # keep_default_na=False: a label or image id such as "NA" or "null" is data.
-            frame = pd.read_csv(io.BytesIO(data), dtype=dtypes, keep_default_na=False)
-        except (ValueError, pd.errors.ParserError) as exc:
-            raise ValueError(f"cannot parse {uri}: {exc}") from exc
-        if list(frame.columns) != columns:
-            raise ValueError(f"{uri} has columns {list(frame.columns)}, expected {columns}")
-        frames.append(frame)
-    if frames:
-        return pd.concat(frames, ignore_index=True)
-    return _empty(dtypes)
+    return sorted((o for o in listed if pattern.fullmatch(o.uri[len(prefix) :])), key=lambda o: o.uri)
 
 
 def _read_summaries(storage: Storage, directory: str) -> list[dict]:
-    uris = _list_named(storage, directory, SUMMARY_FILE)
-    return sorted((json.loads(data) for data in _read_all(storage, uris)), key=lambda s: s.get("rank", 0))
+    files = _list_named(storage, directory, SUMMARY_FILE)
+    return sorted(
+        (json.loads(data) for data in storage.read_many(files) if isinstance(data, bytes)),
+        key=lambda s: s.get("rank", 0),
+    )
 
 
 def _build_report(
-    results_uri: str,
-    planned: pd.Index,
-    parts: pd.DataFrame,
-    errors: pd.DataFrame,
-    ranks: list[dict],
-    table: pd.DataFrame,
-    *,
-    reused: int,
-    changed: int,
-    deleted: int,
+    con, results_uri: str, ranks: list[dict], *, reused: int, changed: int, deleted: int
 ) -> AggregateReport:
-    seen = pd.concat([parts["uri"], errors["uri"]], ignore_index=True)
-    counts = seen.value_counts()
-    repeated = counts[counts > 1]
-    missing = planned.difference(pd.Index(counts.index, dtype=str))
-    unexpected = pd.Index(counts.index, dtype=str).difference(planned)
-
+    con.execute(
+        "CREATE TABLE seen AS SELECT uri, count(*) AS n FROM "
+        "(SELECT uri FROM parts UNION ALL SELECT uri FROM errors) GROUP BY uri"
+    )
+    missing = "SELECT uri FROM plan ANTI JOIN seen USING (uri)"
+    unexpected = "SELECT uri FROM seen ANTI JOIN plan USING (uri)"
+    count = tables.scalar
     seconds = [float(s.get("seconds", 0.0)) for s in ranks]
     wall = max(seconds, default=0.0)
+    planned = count(con, "SELECT count(DISTINCT uri) FROM plan")
     metrics: dict[str, int | float] = {
-        "images": len(planned),
-        "classified": len(parts),
-        "errors": len(errors),
-        "missing": len(missing),
+        "images": planned,
+        "classified": count(con, "SELECT count(*) FROM parts"),
+        "errors": count(con, "SELECT count(*) FROM errors"),
+        "missing": count(con, f"SELECT count(*) FROM ({missing})"),
         # Extra rows beyond the one each image should have.
-        "duplicated": int((repeated - 1).sum()),
-        "unexpected": len(unexpected),
-        "rows": len(table),
+        "duplicated": count(con, "SELECT sum(n - 1) FROM seen WHERE n > 1"),
+        "unexpected": count(con, f"SELECT count(*) FROM ({unexpected})"),
+        "rows": count(con, "SELECT count(*) FROM merged"),
         "reused": reused,
         "changed": changed,
         "deleted": deleted,
-        "distinct_classes": int(table["classification"].nunique()),
+        "distinct_classes": count(con, "SELECT count(DISTINCT classification) FROM merged"),
         # The job's wall time is that of its slowest rank.
-        "images_per_second": len(planned) / wall if wall > 0 else 0.0,
+        "images_per_second": planned / wall if wall > 0 else 0.0,
         "wall_seconds": wall,
-        "gpu_seconds": sum(s for s, r in zip(seconds, ranks, strict=False) if r.get("device") == "cuda"),
         "ranks": len(ranks),
     }
-    top = table["classification"].value_counts()
-    top = top.sort_index(kind="stable").sort_values(ascending=False, kind="stable").head(TOP_CLASSES)
-    errors_sorted = errors.sort_values("uri", kind="stable").head(ERRORS_SHOWN)
+    top = con.execute(
+        "SELECT classification, count(*) AS n FROM merged GROUP BY classification "
+        f"ORDER BY n DESC, classification LIMIT {TOP_CLASSES}"
+    ).fetchall()
+    errors_sample = con.execute(
+        f"SELECT uri, reason FROM errors ORDER BY uri LIMIT {ERRORS_SHOWN}"
+    ).fetchall()
+    sample = f"ORDER BY uri LIMIT {PROBLEMS_SHOWN}"
     return AggregateReport(
         results_uri=results_uri,
         metrics=metrics,
-        top_classes=[(str(k), int(v)) for k, v in top.items()],
-        errors_sample=list(
-            zip(errors_sorted["uri"].tolist(), errors_sorted["reason"].tolist(), strict=False)
-        ),
+        top_classes=[(str(name), int(n)) for name, n in top],
+        errors_sample=[(str(uri), str(reason)) for uri, reason in errors_sample],
         ranks=ranks,
-        missing_sample=missing[:PROBLEMS_SHOWN].tolist(),
-        duplicated_sample=sorted(repeated.index)[:PROBLEMS_SHOWN],
-        unexpected_sample=unexpected[:PROBLEMS_SHOWN].tolist(),
+        missing_sample=tables.column(con, f"{missing} {sample}"),
+        duplicated_sample=tables.column(con, f"SELECT uri FROM seen WHERE n > 1 {sample}"),
+        unexpected_sample=tables.column(con, f"{unexpected} {sample}"),
     )
+
+
+def _cost_metrics(report: AggregateReport) -> dict[str, float]:
+    """GPUs, the job's wall time and, on GPU runs, GPU-hours and the cost they come to.
+
+    GPU-hours are GPUs x the job's wall time as the launch step saw it (start-up included);
+    without a job record, the slowest rank's time stands in.
+    """
+    m = report.metrics
+    gpus = sum(1 for r in report.ranks if r.get("device") == "cuda")
+    job_seconds = report.job.job_seconds if report.job else m["wall_seconds"]
+    out: dict[str, float] = {"gpus": gpus, "job_seconds": job_seconds}
+    if gpus:
+        out["gpu_hours"] = gpus * job_seconds / 3600.0
+        if report.price_per_gpu_hour > 0:
+            out["cost"] = out["gpu_hours"] * report.price_per_gpu_hour
+            if m["images"]:
+                out["cost_per_million_images"] = out["cost"] / m["images"] * 1e6
+    return out
 
 
 def _write_local(path: str, data: bytes) -> None:

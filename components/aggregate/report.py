@@ -86,6 +86,7 @@ def render_report(report: AggregateReport) -> str:
             ]
         ),
         "</section>",
+        _run(report),
         _incremental(report),
         _throughput(report),
         _top_classes(report.top_classes),
@@ -179,8 +180,8 @@ def _throughput(report: AggregateReport) -> str:
         [
             ("Images / second", _num(m["images_per_second"]), ""),
             ("Wall time (slowest rank)", f"{_num(m['wall_seconds'])} s", ""),
-            ("GPU-seconds", _num(m["gpu_seconds"]), ""),
             ("Ranks", _int(m["ranks"]), ""),
+            *_cost_cards(report),
         ]
     )
     if not report.ranks:
@@ -210,6 +211,41 @@ def _throughput(report: AggregateReport) -> str:
         rows,
     )
     return f"<section><h2>Throughput</h2>{cards}{table}</section>"
+
+
+def _cost_cards(report: AggregateReport) -> list[tuple[str, str, str]]:
+    """GPUs, GPU-hours and cost, on runs that had GPUs; a CPU run gets none of these cards."""
+    m = report.metrics
+    if not m.get("gpus"):
+        return []
+    cards = [("GPUs", _int(m["gpus"]), ""), ("GPU-hours", _num(m["gpu_hours"], 3), "")]
+    if "cost" in m:
+        cards.append(("Cost", _num(m["cost"], 2), ""))
+    if "cost_per_million_images" in m:
+        cards.append(("Cost / million images", _num(m["cost_per_million_images"], 2), ""))
+    return cards
+
+
+def _run(report: AggregateReport) -> str:
+    """What the run was: model, input, parameters, and when and how long its job ran."""
+    job = report.job
+    if job is None:
+        return ""
+    rows = [
+        ("Model", job.model),
+        ("Images", job.images_uri),
+        ("Results", job.results_uri),
+        ("Backend", f"{job.backend} ({job.job_name})" if job.job_name else job.backend),
+        ("Nodes / processes", f"{job.nodes} / {job.world_size}"),
+        ("Job started", job.started_at),
+        ("Job finished", job.finished_at),
+        ("Job wall time (start-up included)", f"{_num(job.job_seconds)} s"),
+        *((name, value) for name, value in sorted(job.parameters.items())),
+    ]
+    if report.price_per_gpu_hour > 0 and report.metrics.get("gpus"):
+        rows.append(("Price per GPU-hour", _num(report.price_per_gpu_hour, 2)))
+    table = _table([("Setting", ""), ("Value", "uri")], rows)
+    return f"<section><h2>Run</h2>{table}</section>"
 
 
 def _top_classes(top: Sequence[tuple[str, int]]) -> str:

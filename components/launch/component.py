@@ -1,15 +1,16 @@
 """The launch step's KFP component, a thin wrapper over :func:`components.launch.launch.launch`."""
 
+from typing import NamedTuple
+
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Output
+from kfp.dsl import Artifact, Output
 
-from components.images import IMAGE
+from components.images import TASK_IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=TASK_IMAGE, install_kfp_package=False)
 def classify_images(
-    images: Input[Dataset],
-    results: Output[Dataset],
+    images_uri: str,
     run_id: str,
     results_root: str,
     results_prefix: str,
@@ -36,14 +37,14 @@ def classify_images(
     gke_project: str,
     gke_location: str,
     gke_cluster: str,
-):
+    job: Output[Artifact],
+) -> NamedTuple("Outputs", results_uri=str):
     """Classifies every image under a prefix, locally under torchrun or as a job on GKE.
 
     The batch_inference pipeline's description says more about each parameter.
 
     Args:
-        images: The images' prefix (from the upload step).
-        results: Points at the run's results prefix; metadata has backend, job, nodes and world size.
+        images_uri: The images' prefix (from the upload step).
         run_id: The pipeline run's id; a new results prefix is <results_root>/<run_id>.
         results_root: Where each run writes its results, under its own folder.
         results_prefix: The run's exact results prefix instead; one holding a plan is resumed.
@@ -70,41 +71,44 @@ def classify_images(
         gke_project: GCP project of the GKE cluster (a launcher outside it).
         gke_location: Region or zone of the GKE cluster.
         gke_cluster: Name of the GKE cluster.
+        job: A JSON record of the job: backend, name, nodes, world size, start, end and wall time.
+
+    Returns:
+        results_uri: The run's results prefix, for the aggregate step.
     """
+    from components.launch.job_record import record_job, utc_now
     from components.launch.launch import LaunchRequest, launch
 
-    outcome = launch(
-        LaunchRequest(
-            images_uri=images.uri,
-            run_id=run_id,
-            results_root=results_root,
-            results_prefix=results_prefix,
-            incremental=incremental,
-            model=model,
-            backend=backend,
-            batch_size=batch_size,
-            shard_size=shard_size,
-            device=device,
-            extra_worker_args=extra_worker_args,
-            local_nproc=local_nproc,
-            nodes=nodes,
-            gpus_per_node=gpus_per_node,
-            namespace=namespace,
-            queue=queue,
-            priority_class=priority_class,
-            accelerator=accelerator,
-            max_run_duration_seconds=max_run_duration_seconds,
-            timeout_seconds=timeout_seconds,
-            rdma=rdma,
-            rdma_networks=rdma_networks,
-            image=image,
-            service_account=service_account,
-            gke_project=gke_project,
-            gke_location=gke_location,
-            gke_cluster=gke_cluster,
-        )
+    request = LaunchRequest(
+        images_uri=images_uri,
+        run_id=run_id,
+        results_root=results_root,
+        results_prefix=results_prefix,
+        incremental=incremental,
+        model=model,
+        backend=backend,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        device=device,
+        extra_worker_args=extra_worker_args,
+        local_nproc=local_nproc,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        namespace=namespace,
+        queue=queue,
+        priority_class=priority_class,
+        accelerator=accelerator,
+        max_run_duration_seconds=max_run_duration_seconds,
+        timeout_seconds=timeout_seconds,
+        rdma=rdma,
+        rdma_networks=rdma_networks,
+        image=image,
+        service_account=service_account,
+        gke_project=gke_project,
+        gke_location=gke_location,
+        gke_cluster=gke_cluster,
     )
-    results.uri = outcome.results_uri
-    results.metadata.update(
-        backend=outcome.backend, job_name=outcome.job_name, nodes=outcome.nodes, world_size=outcome.world_size
-    )
+    started = utc_now()
+    outcome = launch(request)
+    record_job(request, outcome, started, utc_now()).write(job.path)
+    return NamedTuple("Outputs", results_uri=str)(outcome.results_uri)

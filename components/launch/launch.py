@@ -65,6 +65,7 @@ class LaunchRequest:
     gke_project: str
     gke_location: str
     gke_cluster: str
+    job_kind: str = DEFAULT_JOB_KIND
 
     @property
     def results_uri(self) -> str:
@@ -97,6 +98,7 @@ class LaunchRequest:
         if self.local_nproc < 1:
             raise ValueError(f"local_nproc must be at least 1, got {self.local_nproc}")
         if self.backend == KUBERNETES:
+            job_kind(self.job_kind)  # ValueError naming job_kind when it is not a kind
             # The job's pods share no filesystem with the launcher: everything they read or write is in GCS.
             for name, uri in (("images_uri", self.images_uri), ("results", self.results_uri)):
                 if not is_gcs(uri):
@@ -124,8 +126,8 @@ class LaunchRequest:
 
     @property
     def kind(self) -> JobKind:
-        """The Kubernetes job kind that runs the worker."""
-        return job_kind(DEFAULT_JOB_KIND)
+        """The Kubernetes job kind that runs the worker (``job_kind``)."""
+        return job_kind(self.job_kind)
 
     def job_manifest(self) -> dict:
         """The manifest of this run's job."""

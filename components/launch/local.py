@@ -19,10 +19,13 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from components.launch.failures import first_cause, process_errors
+
 # The project root, so the worker's processes import `worker` whatever the caller's cwd
 # (kfp.local and notebooks start components from wherever they happen to be).
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TAIL_LINES = 40
+KEPT_LINES = 2000  # per process: enough for its traceback even after its peers' echoes
 # torchrun's --tee prefix, and its log line for each rank that exited non-zero.
 _RANK_LINE = re.compile(r"^\[default(\d+)\]:")
 _RANK_FAILED = re.compile(r"failed \(exitcode: -?\d+\) local_rank: \d+")
@@ -31,12 +34,17 @@ _RANK_FAILED = re.compile(r"failed \(exitcode: -?\d+\) local_rank: \d+")
 class LocalRunError(RuntimeError):
     """The worker exited non-zero (or ran out of time); carries its exit code and log tail."""
 
-    def __init__(self, returncode: int, tail: Sequence[str], *, timed_out: bool = False):
+    def __init__(
+        self, returncode: int, tail: Sequence[str], *, cause: str | None = None, timed_out: bool = False
+    ):
         self.returncode = returncode
         self.tail = list(tail)
+        self.cause = cause
         self.timed_out = timed_out
         what = "timed out and was killed" if timed_out else f"failed with exit code {returncode}"
-        super().__init__(f"the local worker {what}; last log lines:\n" + "\n".join(self.tail))
+        # The cause opens the message (where a UI shows one line) and ends it (where a log shows the end).
+        head = f"the local worker {what}: {cause}" if cause else f"the local worker {what}; last log lines:"
+        super().__init__("\n".join([head, *self.tail]))
 
 
 def _print_line(line: str) -> None:
@@ -83,30 +91,48 @@ def _environment() -> dict[str, str]:
 
 
 class _Tails:
-    """The last lines of each rank, and of torchrun itself, to explain a failure."""
+    """The last lines of each process (and of torchrun itself), in the order they were printed."""
 
     def __init__(self) -> None:
-        self.ranks: dict[int, collections.deque[str]] = {}
-        self.launcher: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._count = 0
+        self._lines: dict[str, collections.deque[tuple[int, str]]] = {}
 
     def add(self, line: str) -> None:
-        m = _RANK_LINE.match(line)
-        if m:
-            self.ranks.setdefault(int(m.group(1)), collections.deque(maxlen=TAIL_LINES)).append(line)
-        else:
-            self.launcher.append(line)
+        match = _RANK_LINE.match(line)
+        process = match.group(1) if match else ""
+        self._lines.setdefault(process, collections.deque(maxlen=KEPT_LINES)).append((self._count, line))
+        self._count += 1
 
-    def explain(self) -> list[str]:
-        """Every rank's last lines (ranks share the budget), then torchrun's per-rank exit codes.
+    def lines(self) -> list[str]:
+        return [line for _, line in sorted(entry for kept in self._lines.values() for entry in kept)]
 
-        Every rank is shown because torchrun's "first observed failure" is a race: a rank
-        that hit the real error often exits after the peers it left hanging in a collective.
+    def explain(self) -> tuple[str | None, list[str]]:
+        """The first failing rank's error, and lines ending with it; else every rank's last lines.
+
+        torchrun's "first observed failure" is a race: a rank that hit the real error often
+        exits after the peers it left hanging in a collective, so the cause is told from its
+        echoes by what each rank printed.
         """
-        if not self.ranks:  # a lone process: everything it printed is "launcher" output
-            return list(self.launcher)
-        per_rank = max(5, TAIL_LINES // len(self.ranks))
-        lines = [line for r in sorted(self.ranks) for line in list(self.ranks[r])[-per_rank:]]
-        return lines + [line for line in self.launcher if _RANK_FAILED.search(line)]
+        lines = self.lines()
+        errors = process_errors(lines)
+        if any(e.process for e in errors):  # torchrun's own traceback only echoes its ranks'
+            errors = [e for e in errors if e.process]
+        first = first_cause(errors)
+        if first is not None:
+            who = f"rank {first.process}" if first.process else "the worker"
+            echoes = [f"rank {e.process} failed too: {e.cause}" for e in errors if e is not first]
+            excerpt = [f"--- {who} ---", *first.excerpt] if len(first.excerpt) > 1 else []
+            return f"{who} failed first: {first.cause}", [
+                *echoes,
+                f"{who} failed first: {first.cause}",
+                *excerpt,
+            ]
+        processes = [p for p in self._lines if p]
+        if not processes:  # a lone process: everything it printed is "launcher" output
+            return None, lines[-TAIL_LINES:]
+        per_process = max(5, TAIL_LINES // len(processes))
+        tails = [line for p in sorted(processes, key=int) for _, line in list(self._lines[p])[-per_process:]]
+        return None, tails + [line for _, line in self._lines.get("", ()) if _RANK_FAILED.search(line)]
 
 
 def run_local(
@@ -170,7 +196,8 @@ def run_local(
                 _kill_group(proc)
                 proc.wait()
     if returncode != 0 or timed_out.is_set():
-        raise LocalRunError(returncode, tails.explain(), timed_out=timed_out.is_set())
+        cause, lines = tails.explain()
+        raise LocalRunError(returncode, lines, cause=cause, timed_out=timed_out.is_set())
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

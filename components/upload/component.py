@@ -1,33 +1,57 @@
-"""The upload step's KFP component, a thin wrapper over :func:`components.upload.upload.upload_dataset`."""
+"""The upload step's KFP component, a thin wrapper over :mod:`components.upload`."""
+
+from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Dataset, Output
+from kfp.dsl import Artifact, Output
 
-from components.images import IMAGE
+from components.images import TASK_IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
-def upload_images(source: str, destination: str, workers: int, dataset: Output[Dataset]):
-    """Copies a dataset under a gs:// prefix, skipping objects already there unchanged.
+@dsl.component(base_image=TASK_IMAGE, install_kfp_package=False)
+def upload_images(
+    source: str,
+    images_uri: str,
+    workers: int,
+    results_root: str,
+    results_prefix: str,
+    model: str,
+    batch_size: int,
+    shard_size: int,
+    incremental: bool,
+    manifest: Output[Artifact],
+) -> NamedTuple("Outputs", images_uri=str):
+    """Checks the run's parameters, then copies the images under images_uri.
 
-    With an empty source nothing is copied: the images are already at the destination.
+    Objects already there unchanged are skipped; with an empty source nothing is copied.
 
     Args:
         source: A local directory, an http(s) URL of a zip archive, a gs:// prefix, or empty.
-        destination: The gs:// prefix to fill (or that already holds the images).
+        images_uri: The gs:// prefix to fill (or that already holds the images).
         workers: Parallel transfers.
-        dataset: Points at the destination; metadata has the upload's object and byte counts.
-    """
-    dataset.uri = destination
-    dataset.metadata["upload_skipped"] = not source
-    if source:
-        from components.upload.upload import upload_dataset
+        results_root: Checked before the upload: where the run's results go.
+        results_prefix: Checked before the upload: the run's exact results prefix, if set.
+        model: Checked before the upload: the model must load and its preprocessing be reproducible.
+        batch_size: Checked before the upload: images per forward pass.
+        shard_size: Checked before the upload: images per shard.
+        incremental: Whether an input with no images is allowed (nothing new since the last run).
+        manifest: A JSON record of the upload: source, destination, object and byte counts.
 
-        report = upload_dataset(source, destination, workers=workers)
-        dataset.uri = report.destination
-        dataset.metadata.update(
-            uploaded=report.uploaded,
-            skipped=report.skipped,
-            objects=report.total_objects,
-            bytes=report.total_bytes,
-        )
+    Returns:
+        images_uri: The prefix that holds the images, for the next step.
+    """
+    from components.upload.preflight import check_images_present, check_run
+    from components.upload.upload import upload_and_record
+
+    check_run(
+        images_uri=images_uri,
+        results_root=results_root,
+        results_prefix=results_prefix,
+        model=model,
+        batch_size=batch_size,
+        shard_size=shard_size,
+    )
+    manifest.metadata.update(upload_and_record(source, images_uri, workers=workers, path=manifest.path))
+    if not incremental:
+        check_images_present(images_uri)
+    return NamedTuple("Outputs", images_uri=str)(images_uri)

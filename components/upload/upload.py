@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -439,3 +441,25 @@ class _Progress:
             self.files / elapsed,
             self.bytes / 1e6 / elapsed,
         )
+
+
+def upload_and_record(source: str, destination: str, *, workers: int, path: str) -> dict:
+    """Upload ``source`` to ``destination`` (nothing when ``source`` is empty) and record it.
+
+    Args:
+        source: As for :func:`upload_dataset`, or empty: the images are already there.
+        destination: The gs:// prefix.
+        workers: Parallel transfers.
+        path: Local file for the JSON record (the upload step's manifest artifact).
+
+    Returns:
+        The record: source, destination, and the counts of :class:`UploadReport`.
+    """
+    record: dict = {"source": source, "destination": destination, "upload_skipped": not source}
+    if source:
+        report = upload_dataset(source, destination, workers=workers)
+        record.update(dataclasses.asdict(report))
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record

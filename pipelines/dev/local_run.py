@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import time
 import warnings
@@ -29,9 +30,11 @@ from typing import Any
 
 from components.launch.launch import LOCAL
 from components.launch.local import pythonpath_with_project
+from components.upload.preflight import check_images_present, check_run
 from pipelines.dev.emulator import gcs_emulator
+from pipelines.dev.launcher_rules import launcher_rules
 from pipelines.options import add_parameter_options
-from worker.config import DEFAULT_MODEL
+from worker.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
 from worker.storage import is_gcs, split_uri
 
 EMULATOR_IMAGES_URI = "gs://batch-inference-images/images"
@@ -50,8 +53,8 @@ LOCAL_PARAMETERS = (
     "timeout_seconds",
 )
 # Where a local run's defaults differ from a cluster run's: a sample set of a few dozen
-# images spreads over two ranks in small shards, and a CPU forward pass takes smaller batches.
-LOCAL_DEFAULTS = {"local_nproc": 2, "shard_size": 16, "batch_size": 32}
+# images spreads over two ranks in small shards, and the worker runs on this machine's CPU.
+LOCAL_DEFAULTS = {"local_nproc": 2, "shard_size": 16, "batch_size": DEFAULT_BATCH_SIZE["cpu"]}
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,9 @@ class LocalRun:
     results_uri: str  # the worker's raw output prefix (plan, parts, errors, summaries)
     results_csv: str
     results_parquet: str
+    errors_csv: str
     report_html: str
+    job: dict[str, Any]  # the launch step's job record
     metrics: dict[str, Any]
     pipeline_root: str
 
@@ -72,15 +77,21 @@ def run_pipeline_locally(
     images_uri: str,
     results_root: str,
     model: str,
+    package: str | Path | None = None,
     **params: Any,
 ) -> LocalRun:
     """Run the batch_inference pipeline through kfp.local with the local backend.
+
+    Every task runs under the KFP launcher's artifact rules (``pipelines.dev.launcher_rules``),
+    so a run that passes here passes them on a Kubeflow server too.
 
     Args:
         pipeline_root: Local folder for kfp.local's task outputs (the CSV, Parquet and HTML).
         images_uri: The images' prefix: gs:// (the emulator or GCS) or a local folder.
         results_root: Where the worker writes, as ``<results_root>/<run id>``.
         model: A hub id or a model directory.
+        package: A compiled pipeline YAML to run (``compiled/batch_inference_*.yaml``) instead of
+            the pipeline as this checkout defines it.
         **params: Any other pipeline parameter (source, local_nproc, batch_size, shard_size,
             device, ...); left out, the pipeline's default.
 
@@ -88,27 +99,37 @@ def run_pipeline_locally(
         The outputs' locations and the metrics.
 
     Raises:
-        RuntimeError: A task failed (kfp.local has printed its log).
+        RuntimeError: A task failed (kfp.local has printed its log), or broke a launcher rule
+            (the message says which).
     """
     import kfp.local
+    from kfp import components
 
     from pipelines.batch_inference import batch_inference
 
+    pipeline = components.load_component_from_file(str(package)) if package else batch_inference
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
-    with _project_on_pythonpath(), warnings.catch_warnings():
+    with _project_on_pythonpath(), warnings.catch_warnings(), launcher_rules(pipeline_root) as rules:
         # kfp.local warns that the project's image is not a "python" image and that display
-        # names mean nothing locally; both are expected here.
+        # names and resources mean nothing locally; both are expected here.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-        task = batch_inference(
-            images_uri=images_uri, results_root=results_root, model=model, backend=LOCAL, **params
-        )
+        try:
+            task = pipeline(
+                images_uri=images_uri, results_root=results_root, model=model, backend=LOCAL, **params
+            )
+        except RuntimeError as exc:
+            if rules.violations:
+                raise RuntimeError(f"KFP launcher rule broken: {rules.violations[0]}") from exc
+            raise
     out = task.outputs
     return LocalRun(
-        results_uri=out["results"].uri,
+        results_uri=out["results_uri"],
         results_csv=out["results_csv"].path,
         results_parquet=out["results_parquet"].path,
+        errors_csv=out["errors_csv"].path,
         report_html=out["report"].path,
+        job=json.loads(Path(out["job"].path).read_text()),
         metrics=dict(out["metrics"].metadata),
         pipeline_root=str(pipeline_root),
     )
@@ -174,6 +195,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "pipeline parameters", "as in a submitted run (python -m pipelines submit --help), for this machine"
     )
     add_parameter_options(params, _local_inputs(), defaults=True, overrides=LOCAL_DEFAULTS)
+    p.add_argument(
+        "--package",
+        type=Path,
+        help="run this compiled pipeline YAML (e.g. compiled/batch_inference_kubeflow.yaml) "
+        "instead of the pipeline as defined in pipelines/batch_inference.py",
+    )
     p.add_argument(
         "--workdir",
         type=Path,
@@ -246,6 +273,17 @@ def run_local_main(args: argparse.Namespace) -> int:
         raise ValueError(
             f"the worker reads a folder or gs:// prefix, not {images_uri}: use --source to upload it"
         )
+    # The checks the upload task makes first, made here before the emulator even starts.
+    check_run(
+        images_uri=images_uri,
+        results_root=results_root,
+        results_prefix=args.results_prefix,
+        model=model,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+    )
+    if not args.incremental:
+        check_images_present(upload or images_uri)
     pipeline_root = workdir / "runs" / time.strftime("%Y%m%d-%H%M%S")
     print(f"images: {images_uri}" + (f" (uploaded from {upload})" if upload else ""), flush=True)
     if use_emulator:
@@ -259,6 +297,7 @@ def run_local_main(args: argparse.Namespace) -> int:
             results_root=results_root,
             source=upload,
             model=model,
+            package=args.package,
             **{name: getattr(args, name) for name in _local_inputs()},
         )
     # KFP stores every metric as a float: 20.0 images reads better as 20.
@@ -267,6 +306,7 @@ def run_local_main(args: argparse.Namespace) -> int:
         "\nbatch inference finished",
         f"  results CSV:     {run.results_csv}",
         f"  results Parquet: {run.results_parquet}",
+        f"  errors CSV:      {run.errors_csv}",
         f"  HTML report:     {run.report_html}",
         f"  metrics:         {metrics}",
         f"  raw results:     {run.results_uri}"

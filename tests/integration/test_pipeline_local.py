@@ -16,6 +16,8 @@ from pipelines.dev.local_run import run_pipeline_locally
 from pipelines.dev.sample_images import CORRUPT_NAME, make_sample_images
 from tests.support import ROOT
 
+COMPILED = ROOT / "compiled"
+
 N_IMAGES = 24
 
 
@@ -47,13 +49,20 @@ def _assert_one_row_per_image(
     assert pd.read_parquet(parquet_path).equals(table.astype(pd.read_parquet(parquet_path).dtypes))
 
 
+def _assert_errors_table(errors_csv: str, corrupt_uri: str) -> None:
+    errors = pd.read_csv(errors_csv, keep_default_na=False)
+    assert errors["uri"].tolist() == [corrupt_uri] and errors["reason"].iloc[0]
+
+
 @pytest.mark.slow
-def test_whole_pipeline_through_the_gcs_emulator(gcs, tiny_model, tmp_path):
+def test_compiled_kubeflow_pipeline_through_the_gcs_emulator(gcs, tiny_model, tmp_path):
+    # The committed Kubeflow YAML, as a server would run it: under the launcher's artifact rules.
     sample = make_sample_images(tmp_path / "images", N_IMAGES)
     bucket = gcs.new_bucket("pipeline")
     images_uri = f"gs://{bucket}/images"
 
     run = run_pipeline_locally(
+        package=COMPILED / "batch_inference_kubeflow.yaml",
         pipeline_root=tmp_path / "root",
         source=str(sample.root),
         images_uri=images_uri,
@@ -63,6 +72,7 @@ def test_whole_pipeline_through_the_gcs_emulator(gcs, tiny_model, tmp_path):
         batch_size=4,
         shard_size=5,
         device="cpu",
+        price_per_gpu_hour=3.0,
     )
 
     uploaded = {f"gs://{bucket}/{name}" for name in gcs.object_names(bucket, "images/")}
@@ -72,8 +82,36 @@ def test_whole_pipeline_through_the_gcs_emulator(gcs, tiny_model, tmp_path):
     _assert_one_row_per_image(
         run.results_csv, run.results_parquet, run.metrics, expected, f"{images_uri}/{CORRUPT_NAME}"
     )
+    _assert_errors_table(run.errors_csv, f"{images_uri}/{CORRUPT_NAME}")
     assert "<html" in Path(run.report_html).read_text().lower()
     assert gcs.object_names(bucket, run.results_uri.split("/", 3)[3] + "/plan.jsonl")
+    assert (run.job["backend"], run.job["images_uri"], run.job["results_uri"]) == (
+        "local",
+        images_uri,
+        run.results_uri,
+    )
+    assert run.job["job_seconds"] > 0 and run.metrics["job_seconds"] == run.job["job_seconds"]
+    # A CPU run holds no GPU: no GPU-hours and no cost, whatever the price.
+    assert run.metrics["gpus"] == 0 and "gpu_hours" not in run.metrics and "cost" not in run.metrics
+
+
+@pytest.mark.slow
+def test_compiled_vertex_pipeline_on_local_paths(tiny_model, tmp_path):
+    sample = make_sample_images(tmp_path / "images", 6)
+
+    run = run_pipeline_locally(
+        package=COMPILED / "batch_inference_vertex.yaml",
+        pipeline_root=tmp_path / "root",
+        images_uri=str(sample.root),
+        results_root=str(tmp_path / "results"),
+        model=str(tiny_model),
+        local_nproc=1,
+        shard_size=4,
+        device="cpu",
+    )
+
+    assert run.metrics["images"] == 6 and run.metrics["missing"] == 0
+    _assert_errors_table(run.errors_csv, str(sample.root / CORRUPT_NAME))
 
 
 @pytest.mark.slow
@@ -112,7 +150,8 @@ def test_cli_makes_a_model_and_runs_on_local_paths(tmp_path):
     _assert_one_row_per_image(
         printed["results CSV"], printed["results Parquet"], metrics, uris, str(images / CORRUPT_NAME)
     )
-    assert printed["HTML report"].endswith(".html") and Path(printed["HTML report"]).exists()
+    assert "<html" in Path(printed["HTML report"]).read_text().lower()
+    _assert_errors_table(printed["errors CSV"], str(images / CORRUPT_NAME))
     assert printed["raw results"].startswith(str(tmp_path / "results"))
 
 
@@ -151,3 +190,36 @@ def test_user_errors_are_one_line():
         assert done.returncode == 2, args
         assert "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--results-root", "s3://bucket/runs"], "results_root"),
+        (["--images-uri", "gs://Not_A_Bucket/images"], "images_uri"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--shard-size", "-4"], "shard_size"),
+        # A folder without a single image: zero images planned is an error (the run is not incremental).
+        (["--source", "{tmp}/empty", "--results-root", "{tmp}/results"], "holds no images"),
+    ],
+)
+def test_a_bad_parameter_fails_before_any_upload_naming_it(tiny_model, tmp_path, args, named):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "notes.txt").write_text("not an image\n")
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    done = _cli(
+        "run",
+        "--local",
+        "--model",
+        str(tiny_model),
+        "--workdir",
+        str(tmp_path),
+        "--num-images",
+        "2",
+        *args,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
+    assert named in done.stderr
+    assert "images:" not in done.stdout  # the run never started: nothing was uploaded

@@ -20,6 +20,8 @@ from pipelines.cron import CronError, parse_cron
 from tests.support import ROOT
 from tests.support.kfp_stand_in import KfpApiStandIn
 
+NETWORK = "projects/123456789/global/networks/gke-vpc"
+
 RUN_ARGS = ["--images-uri", "gs://images/coco", "--results-root", "gs://results/nightly"]
 pytestmark = pytest.mark.timeout(120)
 
@@ -285,6 +287,7 @@ def test_submit_and_schedule_on_vertex(vertex, gcs):
         arguments,
         run_name="first",
         service_account="runner@my-project.iam.gserviceaccount.com",
+        network=NETWORK,
         wait=True,
         credentials=AnonymousCredentials(),
     )
@@ -294,6 +297,7 @@ def test_submit_and_schedule_on_vertex(vertex, gcs):
         root,
         arguments,
         "TZ=Europe/Paris 0 2 * * *",
+        network=NETWORK,
         credentials=AnonymousCredentials(),
     )
 
@@ -310,6 +314,7 @@ def test_submit_and_schedule_on_vertex(vertex, gcs):
         job["displayName"] == "first" and job["serviceAccount"] == "runner@my-project.iam.gserviceaccount.com"
     )
     assert job["runtimeConfig"]["gcsOutputDirectory"] == root
+    assert job["network"] == NETWORK  # peered: the launch step reaches a private GKE endpoint
     assert job["runtimeConfig"]["parameterValues"] == arguments
     committed = yaml.safe_load((ROOT / "compiled" / "batch_inference_vertex.yaml").read_text())
     assert job["pipelineSpec"] == committed  # the single-document Vertex flavour
@@ -320,3 +325,16 @@ def test_submit_and_schedule_on_vertex(vertex, gcs):
     )
     assert created["cron"] == "TZ=Europe/Paris 0 2 * * *" and int(created["maxConcurrentRunCount"]) == 1
     assert created["createPipelineJobRequest"]["pipelineJob"]["runtimeConfig"]["parameterValues"] == arguments
+    assert created["createPipelineJobRequest"]["pipelineJob"]["network"] == NETWORK
+
+
+def test_a_malformed_vertex_network_is_refused_before_anything_is_sent():
+    from pipelines.submit import submit_vertex
+
+    arguments = {"images_uri": "gs://i/x", "results_root": "gs://r/x"} | {
+        "gke_project": "p",
+        "gke_location": "l",
+        "gke_cluster": "c",
+    }
+    with pytest.raises(ValueError, match="projects/PROJECT_NUMBER/global/networks/NAME"):
+        submit_vertex("p", "us-central1", "gs://root/x", arguments, network="my-vpc")

@@ -1,15 +1,17 @@
 """A local HTTP stand-in for the Kubernetes API server (the only part that cannot run here).
 
-Everything else in the launcher tests is real: the launcher, its HTTP seam
-(:class:`components.launch.kubernetes.api.KubernetesApi`), ``requests``, sockets, threads and signals. This
-module plays the API server, together with the controllers behind it (Kueue suspending a queued
-job and creating its Workload, the Training Operator's pods, garbage collection on delete), and
-serves exactly the paths the seam uses:
+Everything else in the launcher tests is real: the launcher, its HTTP client
+(:class:`components.launch.kubernetes.api.KubernetesApi`), ``requests``, sockets, threads and
+signals. This module plays the API server together with the controllers behind it: Kueue
+(suspending a queued job, its Workload and admission check, the DWS ProvisioningRequest), the
+job kind's own controller (one of :mod:`tests.support.k8s_controllers`: the Training Operator,
+Kubeflow Trainer or JobSet, each with its conditions and pod labels) and garbage collection on
+delete. It serves exactly the paths the client uses:
 
-* discovery ``/apis/kubeflow.org/v1`` and ``/api/v1/namespaces/{ns}``;
-* PyTorchJob create / get / list / delete, and watch (chunked JSON lines, resourceVersion,
+* discovery ``/apis/<group>/<version>``, ``/apis/kueue.x-k8s.io`` and ``/api/v1/namespaces/{ns}``;
+* the job kind's create / get / list / delete, and watch (chunked JSON lines, resourceVersion,
   fieldSelector, 410 Gone);
-* Kueue Workloads (list by label) and LocalQueues (get);
+* Kueue Workloads (list by label), LocalQueues (get) and ProvisioningRequests (list);
 * pods (list by label) and pod logs (plain, or followed as a chunked stream with
   timestamps and ``sinceTime`` at whole-second precision like the kubelet).
 
@@ -36,17 +38,16 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from tests.support.http_stand_in import LoopbackServer, QuietHandler
+from tests.support.k8s_controllers import CONTROLLERS
 
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-JOB_NAME_LABEL = "training.kubeflow.org/job-name"
-REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
-REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-index"
 DWS_CHECK = "dws-prov"
 DWS_WAITING = (
     "Waiting for resources. Currently there are not enough resources available to fulfill the request."
 )
 LOG_EPOCH = calendar.timegm((2026, 11, 24, 20, 0, 0))  # all default log lines fall in this one second
+NAMESPACE = "batch-inference"
 
 
 @dataclass
@@ -77,6 +78,8 @@ class Step:
 @dataclass
 class _Pod:
     obj: dict[str, Any]
+    job: str
+    node: int
     lines: list[tuple[str, str]] = field(default_factory=list)  # (timestamp, text)
     deleted: bool = False
 
@@ -86,9 +89,17 @@ def listed_workloads(request: Request) -> bool:
     return request.method == "GET" and request.path.endswith("/workloads")
 
 
-def followed_log_of(pod: str) -> Callable[[Request], bool]:
-    """Step trigger: the launcher opened a followed log stream of ``pod``."""
-    return lambda r: r.path.endswith(f"/pods/{pod}/log") and r.query.get("follow") == "true"
+def listed_provisioning_requests(request: Request) -> bool:
+    """Step trigger: the launcher read the DWS ProvisioningRequests (after a Pending admission check)."""
+    return request.method == "GET" and request.path.endswith("/provisioningrequests")
+
+
+def listed_all_pods(request: Request) -> bool:
+    """Step trigger: the launcher listed every pod of the job (not one node's)."""
+    selector = request.query.get("labelSelector", "")
+    return request.path.endswith("/pods") and not any(
+        key in selector for key in ("replica-type", "job-completion-index")
+    )
 
 
 _ticks = itertools.count()
@@ -116,34 +127,45 @@ class KubeApiStandIn:
     """A local HTTP stand-in for the Kubernetes API server, on 127.0.0.1 in a thread.
 
     Args:
+        kind: Which job kind's controller runs (``pytorchjob``, ``trainjob``, ``jobset``).
         namespaces: Namespaces that exist.
         local_queues: ``(namespace, name)`` of LocalQueues that exist.
-        pytorchjob_crd: Whether the PyTorchJob CRD is installed.
+        crd_installed: Whether the job kind's CRD is installed.
         namespace_read_allowed: False answers 403 to namespace reads, as for a namespaced Role.
         kueue_installed: Whether the Kueue API group is served.
+        kueue_manages: Whether Kueue's integration for the kind is on (else queued jobs get no Workload).
         kueue_version: Kueue API version served.
+        provisioning_requests: Whether the ProvisioningRequest API (queued provisioning) is served.
     """
 
     def __init__(
         self,
         *,
-        namespaces: tuple[str, ...] = ("batch-inference",),
-        local_queues: tuple[tuple[str, str], ...] = (("batch-inference", "dws-local-queue"),),
-        pytorchjob_crd: bool = True,
+        kind: str = "pytorchjob",
+        namespaces: tuple[str, ...] = (NAMESPACE,),
+        local_queues: tuple[tuple[str, str], ...] = ((NAMESPACE, "dws-local-queue"),),
+        crd_installed: bool = True,
         namespace_read_allowed: bool = True,
         kueue_installed: bool = True,
+        kueue_manages: bool = True,
         kueue_version: str = "v1beta2",
+        provisioning_requests: bool = True,
     ):
+        self.controller = CONTROLLERS[kind]
         self.namespaces = set(namespaces)
         self.local_queues = set(local_queues)
-        self.pytorchjob_crd = pytorchjob_crd
+        self.crd_installed = crd_installed
         self.namespace_read_allowed = namespace_read_allowed
         self.kueue_installed = kueue_installed
+        self.kueue_manages = kueue_manages
         self.kueue_version = kueue_version
+        self.serves_provisioning_requests = provisioning_requests
         self.requests: list[Request] = []
         self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
         self.workloads: dict[tuple[str, str], dict[str, Any]] = {}
+        self.provisioning_requests: dict[tuple[str, str], dict[str, Any]] = {}
         self.pods: dict[tuple[str, str], _Pod] = {}
+        self.ended: dict[str, tuple[str, str]] = {}  # job name -> (reason, message) of its end
         self.step_errors: list[BaseException] = []
         self._events: list[tuple[int, str, str, dict[str, Any]]] = []  # (rv, namespace, type, object)
         self._rv = itertools.count(1000)
@@ -153,6 +175,7 @@ class KubeApiStandIn:
         self._watch_faults: deque[dict[str, Any]] = deque()
         self._log_faults: dict[str, deque[int]] = {}
         self._log_clock = itertools.count(1)
+        self._attempts: dict[tuple[str, int], int] = {}
         self._closing = False
         self._server: LoopbackServer | None = None
 
@@ -179,6 +202,12 @@ class KubeApiStandIn:
         assert self._server is not None
         return self._server.url
 
+    @property
+    def jobs_path(self) -> str:
+        """The URL path of the job kind's objects in the test namespace."""
+        c = self.controller
+        return f"/apis/{c.group}/{c.version}/namespaces/{NAMESPACE}/{c.plural}"
+
     # -- scripting -----------------------------------------------------------------------------------
 
     def script(self, *steps: Step) -> None:
@@ -195,6 +224,26 @@ class KubeApiStandIn:
         """The next followed log stream of ``pod`` is cut after ``after_lines`` lines."""
         with self._cond:
             self._log_faults.setdefault(pod, deque()).append(after_lines)
+
+    def followed_log(self, node: int, *, since: bool | None = None) -> Callable[[Request], bool]:
+        """Step trigger: the launcher opened a followed log stream of node ``node``'s pod.
+
+        Args:
+            node: The node (0: the master / coordinator).
+            since: True: only a reconnect (with ``sinceTime``); False: only a first connection.
+        """
+
+        def matches(request: Request) -> bool:
+            found = re.match(r"^/api/v1/namespaces/[^/]+/pods/(?P<pod>[^/]+)/log$", request.path)
+            if not found or request.query.get("follow") != "true":
+                return False
+            if since is not None and ("sinceTime" in request.query) != since:
+                return False
+            with self._cond:
+                pod = self.pods.get((NAMESPACE, found["pod"]))
+                return pod is not None and pod.node == node
+
+        return matches
 
     def _fire_steps(self, request: Request, at: str) -> None:
         with self._cond:
@@ -227,9 +276,14 @@ class KubeApiStandIn:
         with self._cond:
             return [r for r in self.requests if r.query.get("watch") == "true"]
 
-    def job(self, name: str, namespace: str = "batch-inference") -> dict[str, Any] | None:
+    def job(self, name: str, namespace: str = NAMESPACE) -> dict[str, Any] | None:
         with self._cond:
             return copy.deepcopy(self.jobs.get((namespace, name)))
+
+    def pod_name(self, job: str, node: int) -> str:
+        """The name of node ``node``'s current pod."""
+        with self._cond:
+            return next(k[1] for k, p in reversed(self.pods.items()) if p.job == job and p.node == node)
 
     # -- the world: jobs and workloads --------------------------------------------------------------
 
@@ -241,85 +295,113 @@ class KubeApiStandIn:
         self._cond.notify_all()
 
     def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
-        """What the API server, the Training Operator and Kueue do with a new PyTorchJob."""
+        """What the API server, the kind's controller and Kueue do with a new job."""
         with self._cond:
             job = copy.deepcopy(body)
+            job.setdefault("status", {})
             meta = job["metadata"]
             namespace = meta.get("namespace", "default")
             uid = str(uuid.uuid4())
             meta.update(uid=uid, creationTimestamp=_now(), generation=1)
-            _set_condition(
-                job, "Created", "True", "PyTorchJobCreated", f"PyTorchJob {meta['name']} is created."
-            )
+            self.controller.created(job, _set_condition)
             queue = (meta.get("labels") or {}).get(QUEUE_LABEL)
-            if queue and self.kueue_installed:
-                job["spec"].setdefault("runPolicy", {})["suspend"] = True
-                _set_condition(
-                    job,
-                    "Suspended",
-                    "True",
-                    "PyTorchJobSuspended",
-                    f"PyTorchJob {meta['name']} is suspended.",
-                )
-                workload_name = f"pytorchjob-{meta['name']}-{uid[:5]}"
-                workload = {
-                    "apiVersion": f"kueue.x-k8s.io/{self.kueue_version}",
-                    "kind": "Workload",
-                    "metadata": {
-                        "name": workload_name,
-                        "namespace": namespace,
-                        "labels": {JOB_UID_LABEL: uid},
-                    },
-                    "spec": {"queueName": queue},
-                    "status": {},
-                }
-                _set_condition(
-                    workload,
-                    "QuotaReserved",
-                    "True",
-                    "QuotaReserved",
-                    "Quota reserved in ClusterQueue dws-cluster-queue",
-                )
-                _set_condition(
-                    workload, "Admitted", "False", "NoChecks", "The workload has pending admission checks"
-                )
-                workload["status"]["admissionChecks"] = [
-                    {
-                        "name": DWS_CHECK,
-                        "state": "Pending",
-                        "message": DWS_WAITING,
-                        "lastTransitionTime": _now(),
-                    }
-                ]
-                self.workloads[(namespace, workload_name)] = workload
+            if queue and self.kueue_installed and self.kueue_manages:
+                self.controller.suspend(job, _set_condition)
+                self._new_workload(namespace, meta["name"], uid, queue)
+            elif self.controller.is_suspended(job):
+                self.controller.suspend(job, _set_condition)  # created suspended; nobody admits it
             self.jobs[(namespace, meta["name"])] = job
             self._bump(namespace, "ADDED", job)
             return copy.deepcopy(job)
 
+    def _new_workload(self, namespace: str, job_name: str, job_uid: str, queue: str) -> None:
+        name = f"{self.controller.name}-{job_name}-{job_uid[:5]}"
+        workload = {
+            "apiVersion": f"kueue.x-k8s.io/{self.kueue_version}",
+            "kind": "Workload",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": str(uuid.uuid4()),
+                "labels": {JOB_UID_LABEL: job_uid},
+            },
+            "spec": {"queueName": queue},
+            "status": {},
+        }
+        _set_condition(
+            workload,
+            "QuotaReserved",
+            "True",
+            "QuotaReserved",
+            "Quota reserved in ClusterQueue dws-cluster-queue",
+        )
+        _set_condition(workload, "Admitted", "False", "NoChecks", "The workload has pending admission checks")
+        workload["status"]["admissionChecks"] = [
+            {"name": DWS_CHECK, "state": "Pending", "message": DWS_WAITING, "lastTransitionTime": _now()}
+        ]
+        self.workloads[(namespace, name)] = workload
+        self._provisioning_request(workload, attempt=1)
+
+    def _provisioning_request(self, workload: dict[str, Any], attempt: int) -> dict[str, Any]:
+        """The ProvisioningRequest Kueue's admission check makes for the workload (owned by it)."""
+        meta = workload["metadata"]
+        name = f"{meta['name']}-{DWS_CHECK}-{attempt}"
+        request = {
+            "apiVersion": "autoscaling.x-k8s.io/v1",
+            "kind": "ProvisioningRequest",
+            "metadata": {
+                "name": name,
+                "namespace": meta["namespace"],
+                "ownerReferences": [
+                    {
+                        "apiVersion": workload["apiVersion"],
+                        "kind": "Workload",
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                    }
+                ],
+            },
+            "spec": {"provisioningClassName": "queued-provisioning.gke.io"},
+            "status": {},
+        }
+        _set_condition(request, "Accepted", "True", "Accepted", "The request was accepted")
+        _set_condition(request, "Provisioned", "False", "NotProvisioned", DWS_WAITING)
+        self.provisioning_requests[(meta["namespace"], name)] = request
+        return request
+
     def update_job(
-        self, name: str, change: Callable[[dict[str, Any]], None], namespace: str = "batch-inference"
+        self, name: str, change: Callable[[dict[str, Any]], None], namespace: str = NAMESPACE
     ) -> None:
         with self._cond:
             job = self.jobs[(namespace, name)]
             change(job)
             self._bump(namespace, "MODIFIED", job)
 
-    def workload_of(self, name: str, namespace: str = "batch-inference") -> dict[str, Any]:
+    def workload_of(self, name: str, namespace: str = NAMESPACE) -> dict[str, Any]:
         with self._cond:
             uid = self.jobs[(namespace, name)]["metadata"]["uid"]
             return next(w for w in self.workloads.values() if w["metadata"]["labels"][JOB_UID_LABEL] == uid)
 
-    def set_admission_check(
-        self, name: str, state: str, message: str, namespace: str = "batch-inference"
-    ) -> None:
+    def _requests_of(self, workload: dict[str, Any]) -> list[dict[str, Any]]:
+        uid = workload["metadata"]["uid"]
+        return [
+            r
+            for r in self.provisioning_requests.values()
+            if r["metadata"]["ownerReferences"][0]["uid"] == uid
+        ]
+
+    def set_admission_check(self, name: str, state: str, message: str, namespace: str = NAMESPACE) -> None:
         with self._cond:
             workload = self.workload_of(name, namespace)
             workload["status"]["admissionChecks"] = [
                 {"name": DWS_CHECK, "state": state, "message": message, "lastTransitionTime": _now()}
             ]
+            if state == "Rejected":
+                for request in self._requests_of(workload):
+                    _set_condition(request, "Failed", "True", "ProvisioningFailed", message)
 
-    def admit(self, name: str, namespace: str = "batch-inference") -> None:
-        """DWS provisioned the nodes, Kueue admitted the workload and the operator started the pods."""
+    def admit(self, name: str, namespace: str = NAMESPACE) -> None:
+        """DWS provisioned the nodes, Kueue admitted the workload and the controller started the pods."""
         with self._cond:
             workload = self.workload_of(name, namespace)
             workload["status"]["admissionChecks"] = [
@@ -330,20 +412,25 @@ class KubeApiStandIn:
                     "lastTransitionTime": _now(),
                 }
             ]
+            for request in self._requests_of(workload):
+                _set_condition(
+                    request,
+                    "Provisioned",
+                    "True",
+                    "Provisioned",
+                    "Provisioning Request was successfully provisioned.",
+                )
             _set_condition(workload, "QuotaReserved", "True", "QuotaReserved", "Quota reserved")
             _set_condition(workload, "Admitted", "True", "Admitted", "The workload is admitted")
             _set_condition(workload, "Evicted", "False", "", "")
+            self.start(name, namespace)
 
-            def running(job: dict[str, Any]) -> None:
-                job["spec"]["runPolicy"]["suspend"] = False
-                _set_condition(job, "Suspended", "False", "PyTorchJobResumed", "PyTorchJob is resumed.")
-                _set_condition(job, "Running", "True", "PyTorchJobRunning", "PyTorchJob is running.")
-                job["status"].setdefault("startTime", _now())
+    def start(self, name: str, namespace: str = NAMESPACE) -> None:
+        """The controller runs the job's pods (after admission, or at once without Kueue)."""
+        self.update_job(name, lambda job: self.controller.run(job, _set_condition, _now()), namespace)
 
-            self.update_job(name, running, namespace)
-
-    def evict(self, name: str, reason: str, message: str, namespace: str = "batch-inference") -> None:
-        """Kueue evicts the workload and suspends the job again; the operator deletes its pods."""
+    def evict(self, name: str, reason: str, message: str, namespace: str = NAMESPACE) -> None:
+        """Kueue evicts the workload and suspends the job again; the controller deletes its pods."""
         with self._cond:
             workload = self.workload_of(name, namespace)
             _set_condition(workload, "Evicted", "True", reason, message)
@@ -353,48 +440,41 @@ class KubeApiStandIn:
             workload["status"]["admissionChecks"] = [
                 {"name": DWS_CHECK, "state": "Pending", "message": DWS_WAITING, "lastTransitionTime": _now()}
             ]
-
-            def suspended(job: dict[str, Any]) -> None:
-                job["spec"]["runPolicy"]["suspend"] = True
-                _set_condition(job, "Running", "False", "PyTorchJobSuspended", "PyTorchJob is suspended.")
-                _set_condition(job, "Suspended", "True", "PyTorchJobSuspended", "PyTorchJob is suspended.")
-
-            self.update_job(name, suspended, namespace)
-            for key in [
-                k for k, p in self.pods.items() if p.obj["metadata"]["labels"][JOB_NAME_LABEL] == name
-            ]:
+            self._provisioning_request(workload, attempt=len(self._requests_of(workload)) + 1)
+            self.update_job(name, lambda job: self.controller.suspend(job, _set_condition), namespace)
+            for key in [k for k, p in self.pods.items() if p.job == name]:
                 self.delete_pod(key[1], namespace)
 
-    def finish(
-        self, name: str, outcome: str, reason: str, message: str, namespace: str = "batch-inference"
-    ) -> None:
-        """The job ends Succeeded or Failed."""
+    def finish(self, name: str, *, succeeded: bool, namespace: str = NAMESPACE) -> tuple[str, str]:
+        """The job ends; returns the (reason, message) its controller gave."""
         with self._cond:
-
-            def ended(job: dict[str, Any]) -> None:
-                _set_condition(job, "Running", "False", reason, message)
-                _set_condition(job, outcome, "True", reason, message)
-                job["status"]["completionTime"] = _now()
-
-            self.update_job(name, ended, namespace)
+            ended: list[tuple[str, str]] = []
+            self.update_job(
+                name,
+                lambda job: ended.append(self.controller.end(job, succeeded, _set_condition, _now())),
+                namespace,
+            )
+            self.ended[name] = ended[0]
+            return ended[0]
 
     # -- the world: pods and logs -------------------------------------------------------------------
 
     def add_pod(
         self,
         job: str,
-        replica_type: str,
-        index: int,
+        node: int,
         lines: list[str] | tuple[str, ...] = (),
         *,
         state: str = "running",
         exit_code: int = 0,
-        namespace: str = "batch-inference",
+        namespace: str = NAMESPACE,
         finished_at: str | None = None,
     ) -> str:
-        """A replica pod of ``job`` whose ``pytorch`` container has printed ``lines``."""
+        """Node ``node``'s pod of ``job`` (0: the master), whose worker container has printed ``lines``."""
         with self._cond:
-            name = f"{job}-{replica_type}-{index}"
+            attempt = self._attempts.get((job, node), 0)
+            self._attempts[(job, node)] = attempt + 1
+            name, labels, annotations = self.controller.pod(job, node, attempt)
             pod = _Pod(
                 {
                     "apiVersion": "v1",
@@ -404,19 +484,18 @@ class KubeApiStandIn:
                         "namespace": namespace,
                         "uid": str(uuid.uuid4()),
                         "creationTimestamp": _now(),
-                        "labels": {
-                            JOB_NAME_LABEL: job,
-                            REPLICA_TYPE_LABEL: replica_type,
-                            REPLICA_INDEX_LABEL: str(index),
-                        },
+                        "labels": labels,
+                        "annotations": annotations,
                     },
                     "status": {
                         "phase": "Running",
                         "containerStatuses": [
-                            {"name": "pytorch", "state": {"running": {}}, "restartCount": 0}
+                            {"name": self.controller.container, "state": {"running": {}}, "restartCount": 0}
                         ],
                     },
-                }
+                },
+                job,
+                node,
             )
             self.pods[(namespace, name)] = pod
             self.append_log(name, *lines, namespace=namespace)
@@ -433,7 +512,7 @@ class KubeApiStandIn:
         """The next log timestamp: nanosecond steps inside one second, so reconnects replay lines."""
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(LOG_EPOCH)) + f".{next(self._log_clock):09d}Z"
 
-    def append_log(self, pod: str, *lines: str | tuple[str, str], namespace: str = "batch-inference") -> None:
+    def append_log(self, pod: str, *lines: str | tuple[str, str], namespace: str = NAMESPACE) -> None:
         """Appends lines (text, or ``(timestamp, text)``) to the container log and wakes followers."""
         with self._cond:
             target = self.pods[(namespace, pod)]
@@ -442,7 +521,7 @@ class KubeApiStandIn:
             self._cond.notify_all()
 
     def terminate_pod(
-        self, pod: str, exit_code: int, namespace: str = "batch-inference", finished_at: str | None = None
+        self, pod: str, exit_code: int, namespace: str = NAMESPACE, finished_at: str | None = None
     ) -> None:
         with self._cond:
             obj = self.pods[(namespace, pod)].obj
@@ -456,7 +535,7 @@ class KubeApiStandIn:
             }
             self._cond.notify_all()
 
-    def delete_pod(self, pod: str, namespace: str = "batch-inference") -> None:
+    def delete_pod(self, pod: str, namespace: str = NAMESPACE) -> None:
         with self._cond:
             removed = self.pods.pop((namespace, pod), None)
             if removed is not None:
@@ -481,10 +560,12 @@ class KubeApiStandIn:
             for key in [
                 k for k, w in self.workloads.items() if w["metadata"]["labels"][JOB_UID_LABEL] == uid
             ]:
+                for request in self._requests_of(self.workloads[key]):
+                    del self.provisioning_requests[
+                        (request["metadata"]["namespace"], request["metadata"]["name"])
+                    ]
                 del self.workloads[key]
-            for key in [
-                k for k, p in self.pods.items() if p.obj["metadata"]["labels"][JOB_NAME_LABEL] == name
-            ]:
+            for key in [k for k, p in self.pods.items() if p.job == name]:
                 self.delete_pod(key[1], namespace)
             return True
 
@@ -497,27 +578,18 @@ def _matches(labels: dict[str, str], selector: str) -> bool:
     return True
 
 
+_NAMESPACED = r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
+
+
 class _Handler(QuietHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out in separate writes; avoid 40 ms ACK stalls
     world: KubeApiStandIn
 
     _ROUTES = [
-        ("GET", re.compile(r"^/apis/kubeflow\.org/v1$"), "discovery"),
         ("GET", re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)$"), "get_namespace"),
         ("GET", re.compile(r"^/apis/kueue\.x-k8s\.io$"), "kueue_group"),
-        ("POST", re.compile(r"^/apis/kubeflow\.org/v1/namespaces/(?P<ns>[^/]+)/pytorchjobs$"), "create_job"),
-        ("GET", re.compile(r"^/apis/kubeflow\.org/v1/namespaces/(?P<ns>[^/]+)/pytorchjobs$"), "list_jobs"),
-        (
-            "GET",
-            re.compile(r"^/apis/kubeflow\.org/v1/namespaces/(?P<ns>[^/]+)/pytorchjobs/(?P<name>[^/]+)$"),
-            "get_job",
-        ),
-        (
-            "DELETE",
-            re.compile(r"^/apis/kubeflow\.org/v1/namespaces/(?P<ns>[^/]+)/pytorchjobs/(?P<name>[^/]+)$"),
-            "delete_job",
-        ),
+        ("GET", re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)$"), "discovery"),
         (
             "GET",
             re.compile(r"^/apis/kueue\.x-k8s\.io/(?P<v>[^/]+)/namespaces/(?P<ns>[^/]+)/workloads$"),
@@ -526,13 +598,21 @@ class _Handler(QuietHandler):
         (
             "GET",
             re.compile(
-                r"^/apis/kueue\.x-k8s\.io/(?P<v>[^/]+)/namespaces/(?P<ns>[^/]+)"
-                r"/localqueues/(?P<name>[^/]+)$"
+                r"^/apis/kueue\.x-k8s\.io/(?P<v>[^/]+)/namespaces/(?P<ns>[^/]+)/localqueues/(?P<name>[^/]+)$"
             ),
             "get_localqueue",
         ),
+        (
+            "GET",
+            re.compile(r"^/apis/autoscaling\.x-k8s\.io/v1/namespaces/(?P<ns>[^/]+)/provisioningrequests$"),
+            "list_provisioning_requests",
+        ),
         ("GET", re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods$"), "list_pods"),
         ("GET", re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)/log$"), "pod_log"),
+        ("POST", re.compile(_NAMESPACED + "$"), "create_job"),
+        ("GET", re.compile(_NAMESPACED + "$"), "list_jobs"),
+        ("GET", re.compile(_NAMESPACED + r"/(?P<name>[^/]+)$"), "get_job"),
+        ("DELETE", re.compile(_NAMESPACED + r"/(?P<name>[^/]+)$"), "delete_job"),
     ]
 
     def do_GET(self) -> None:
@@ -553,11 +633,32 @@ class _Handler(QuietHandler):
         for route_method, pattern, handler in self._ROUTES:
             match = pattern.match(parts.path) if route_method == method else None
             if match:
-                getattr(self, "_" + handler)(request, **match.groupdict())
+                args = match.groupdict()
+                if "plural" in args and not self._is_our_kind(
+                    args.pop("group"), args.pop("version"), args.pop("plural")
+                ):
+                    continue
+                getattr(self, "_" + handler)(request, **args)
                 break
         else:
-            self._status(404, "NotFound", "the server could not find the requested resource")
+            self._not_found()
         self.world._fire_steps(request, "served")
+
+    def _is_our_kind(self, group: str, version: str, plural: str) -> bool:
+        c = self.world.controller
+        return self.world.crd_installed and (group, version, plural) == (c.group, c.version, c.plural)
+
+    def _not_found(self) -> None:
+        self._status(404, "NotFound", "the server could not find the requested resource")
+
+    def _object_status(self, code: int, reason: str, name: str, verb: str) -> None:
+        c = self.world.controller
+        self._status(
+            code,
+            reason,
+            f'{c.plural}.{c.group} "{name}" {verb}',
+            {"name": name, "group": c.group, "kind": c.plural},
+        )
 
     # -- responses -------------------------------------------------------------------------------------
 
@@ -597,36 +698,36 @@ class _Handler(QuietHandler):
 
     # -- routes --------------------------------------------------------------------------------------------
 
-    def _discovery(self, request: Request) -> None:
-        if not self.world.pytorchjob_crd:
-            self._status(404, "NotFound", "the server could not find the requested resource")
+    def _discovery(self, request: Request, group: str, version: str) -> None:
+        world, c = self.world, self.world.controller
+        if (group, version) == ("autoscaling.x-k8s.io", "v1") and world.serves_provisioning_requests:
+            resources = [{"name": "provisioningrequests", "namespaced": True, "kind": "ProvisioningRequest"}]
+        elif (group, version) == (c.group, c.version) and world.crd_installed:
+            resources = [
+                {
+                    "name": c.plural,
+                    "namespaced": True,
+                    "kind": c.kind,
+                    "verbs": ["create", "delete", "get", "list", "watch"],
+                },
+                {"name": f"{c.plural}/status", "namespaced": True, "kind": c.kind, "verbs": ["get"]},
+            ]
+        else:
+            self._not_found()
             return
         self.send_json(
             200,
             {
                 "kind": "APIResourceList",
                 "apiVersion": "v1",
-                "groupVersion": "kubeflow.org/v1",
-                "resources": [
-                    {
-                        "name": "pytorchjobs",
-                        "namespaced": True,
-                        "kind": "PyTorchJob",
-                        "verbs": ["create", "delete", "get", "list", "watch"],
-                    },
-                    {
-                        "name": "pytorchjobs/status",
-                        "namespaced": True,
-                        "kind": "PyTorchJob",
-                        "verbs": ["get"],
-                    },
-                ],
+                "groupVersion": f"{group}/{version}",
+                "resources": resources,
             },
         )
 
     def _kueue_group(self, request: Request) -> None:
         if not self.world.kueue_installed:
-            self._status(404, "NotFound", "the server could not find the requested resource")
+            self._not_found()
             return
         version = {
             "groupVersion": f"kueue.x-k8s.io/{self.world.kueue_version}",
@@ -655,28 +756,19 @@ class _Handler(QuietHandler):
 
     def _create_job(self, request: Request, ns: str) -> None:
         world = self.world
-        if not world.pytorchjob_crd:
-            self._status(404, "NotFound", "the server could not find the requested resource")
-        elif ns not in world.namespaces:
+        name = request.body["metadata"]["name"]
+        if ns not in world.namespaces:
             self._status(404, "NotFound", f'namespaces "{ns}" not found', {"name": ns, "kind": "namespaces"})
-        elif (ns, request.body["metadata"]["name"]) in world.jobs:
-            name = request.body["metadata"]["name"]
-            self._status(
-                409,
-                "AlreadyExists",
-                f'pytorchjobs.kubeflow.org "{name}" already exists',
-                {"name": name, "group": "kubeflow.org", "kind": "pytorchjobs"},
-            )
+        elif (ns, name) in world.jobs:
+            self._object_status(409, "AlreadyExists", name, "already exists")
         else:
             self.send_json(201, world.create_job(request.body))
 
     def _list_jobs(self, request: Request, ns: str) -> None:
-        if not self.world.pytorchjob_crd:
-            self._status(404, "NotFound", "the server could not find the requested resource")
-            return
         if request.query.get("watch") == "true":
             self._watch_jobs(request, ns)
             return
+        c = self.world.controller
         with self.world._cond:
             items = [
                 copy.deepcopy(j)
@@ -687,8 +779,8 @@ class _Handler(QuietHandler):
         self.send_json(
             200,
             {
-                "kind": "PyTorchJobList",
-                "apiVersion": "kubeflow.org/v1",
+                "kind": f"{c.kind}List",
+                "apiVersion": f"{c.group}/{c.version}",
                 "metadata": {"resourceVersion": rv},
                 "items": items,
             },
@@ -757,16 +849,12 @@ class _Handler(QuietHandler):
     def _get_job(self, request: Request, ns: str, name: str) -> None:
         job = self.world.job(name, ns)
         if job is None:
-            self._status(
-                404,
-                "NotFound",
-                f'pytorchjobs.kubeflow.org "{name}" not found',
-                {"name": name, "group": "kubeflow.org", "kind": "pytorchjobs"},
-            )
+            self._object_status(404, "NotFound", name, "not found")
         else:
             self.send_json(200, job)
 
     def _delete_job(self, request: Request, ns: str, name: str) -> None:
+        c = self.world.controller
         if self.world.delete_job(ns, name):
             self.send_json(
                 200,
@@ -774,20 +862,15 @@ class _Handler(QuietHandler):
                     "kind": "Status",
                     "apiVersion": "v1",
                     "status": "Success",
-                    "details": {"name": name, "group": "kubeflow.org", "kind": "pytorchjobs"},
+                    "details": {"name": name, "group": c.group, "kind": c.plural},
                 },
             )
         else:
-            self._status(
-                404,
-                "NotFound",
-                f'pytorchjobs.kubeflow.org "{name}" not found',
-                {"name": name, "group": "kubeflow.org", "kind": "pytorchjobs"},
-            )
+            self._object_status(404, "NotFound", name, "not found")
 
     def _list_workloads(self, request: Request, v: str, ns: str) -> None:
         if not self.world.kueue_installed or v != self.world.kueue_version:
-            self._status(404, "NotFound", "the server could not find the requested resource")
+            self._not_found()
             return
         with self.world._cond:
             items = [
@@ -808,7 +891,7 @@ class _Handler(QuietHandler):
 
     def _get_localqueue(self, request: Request, v: str, ns: str, name: str) -> None:
         if not self.world.kueue_installed or v != self.world.kueue_version:
-            self._status(404, "NotFound", "the server could not find the requested resource")
+            self._not_found()
         elif (ns, name) in self.world.local_queues:
             self.send_json(
                 200,
@@ -826,6 +909,22 @@ class _Handler(QuietHandler):
                 f'localqueues.kueue.x-k8s.io "{name}" not found',
                 {"name": name, "group": "kueue.x-k8s.io", "kind": "localqueues"},
             )
+
+    def _list_provisioning_requests(self, request: Request, ns: str) -> None:
+        if not self.world.serves_provisioning_requests:
+            self._not_found()
+            return
+        with self.world._cond:
+            items = [copy.deepcopy(r) for (n, _), r in self.world.provisioning_requests.items() if n == ns]
+        self.send_json(
+            200,
+            {
+                "kind": "ProvisioningRequestList",
+                "apiVersion": "autoscaling.x-k8s.io/v1",
+                "metadata": {},
+                "items": items,
+            },
+        )
 
     def _list_pods(self, request: Request, ns: str) -> None:
         with self.world._cond:
@@ -848,10 +947,13 @@ class _Handler(QuietHandler):
             self._status(
                 400,
                 "BadRequest",
-                f'container "pytorch" in pod "{name}" is waiting to start: ContainerCreating',
+                f'container "{world.controller.container}" in pod "{name}" is waiting to start: ContainerCreating',
             )
             return
         query = request.query
+        if query.get("container") != world.controller.container:
+            self._status(400, "BadRequest", f"container {query.get('container')} is not valid for pod {name}")
+            return
         with_stamps = query.get("timestamps") == "true"
         since = query.get("sinceTime")
         since_s = calendar.timegm(time.strptime(since, "%Y-%m-%dT%H:%M:%SZ")) if since else None

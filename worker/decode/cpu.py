@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -32,44 +33,63 @@ class DecodedBatch:
     keepalive: object = None
 
 
-def _to_rgb(img):
-    from PIL import Image
+def upright_rgb(img):
+    """The image as ``pipeline("image-classification")`` loads it: EXIF orientation applied, then
+    converted to RGB (grayscale and CMYK by Pillow's conversion; an alpha channel is dropped).
+    """
+    from PIL import ImageOps
 
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Blend transparency onto white, as the Hugging Face processors do.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return ImageOps.exif_transpose(img).convert("RGB")
+
+
+def center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
+    """HF's ``center_crop`` of an (H, W, C) array: the centered window, zero-padded where the image
+    is smaller than the crop (``transformers.image_transforms.center_crop``, step for step).
+    """
+    h, w = arr.shape[:2]
+    top, left = (h - ch) // 2, (w - cw) // 2
+    if top >= 0 and left >= 0 and top + ch <= h and left + cw <= w:
+        return arr[top : top + ch, left : left + cw]
+    new_h, new_w = max(ch, h), max(cw, w)
+    padded = np.zeros((new_h, new_w, *arr.shape[2:]), dtype=arr.dtype)
+    top_pad, left_pad = math.ceil((new_h - h) / 2), math.ceil((new_w - w) / 2)
+    padded[top_pad : top_pad + h, left_pad : left_pad + w] = arr
+    top, left = top + top_pad, left + left_pad
+    return padded[max(0, top) : min(new_h, top + ch), max(0, left) : min(new_w, left + cw)]
 
 
 def pil_resized(data: bytes, pre: Preprocess) -> np.ndarray:
-    """Decode with Pillow and resize (and crop): uint8 HWC, or raise with a reason."""
+    """Decode with Pillow, resize and center-crop: uint8 HWC, or raise with a reason."""
     from PIL import Image
 
     if not data:
         raise ValueError("empty file (0 bytes)")
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        rgb = _to_rgb(img)
-    h, w = pre.resize_hw(rgb.height, rgb.width)
-    rgb = rgb.resize((w, h), resample=pre.resample, reducing_gap=None)
+        rgb = upright_rgb(img)
+    if pre.resize is not None:
+        h, w = pre.resize_hw(rgb.height, rgb.width)
+        rgb = rgb.resize((w, h), resample=pre.resample, reducing_gap=None)
     arr = np.asarray(rgb)
-    if pre.crop:
-        top, left = pre.crop_box(h, w)
-        ch, cw = pre.crop
-        arr = arr[top : top + ch, left : left + cw]
+    for ch, cw in pre.crops:
+        arr = center_crop(arr, ch, cw)
     return arr
 
 
 def normalize_numpy(batch_hwc: np.ndarray, pre: Preprocess) -> np.ndarray:
-    """(N,H,W,3) uint8 -> (N,3,H,W) float32, with the HF processor's arithmetic."""
-    x = batch_hwc.astype(np.float64)
+    """(N,H,W,3) uint8 -> (N,3,H,W) float32, with the HF PIL backend's arithmetic and dtypes."""
     if pre.rescale_factor is not None:
-        x = x * pre.rescale_factor
-    x = x.astype(np.float32)
+        x = (batch_hwc.astype(np.float64) * pre.rescale_factor).astype(np.float32)
+        if pre.rescale_offset:
+            x -= 1
+    else:
+        x = batch_hwc.astype(np.float32)
     if pre.mean is not None:
         x = (x - np.asarray(pre.mean, dtype=np.float32)) / np.asarray(pre.std, dtype=np.float32)
+    if pre.std_again is not None:
+        x = (x - np.zeros(3, dtype=np.float32)) / np.asarray(pre.std_again, dtype=np.float32)
+    if pre.flip_channels:
+        x = x[..., ::-1]
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 

@@ -57,20 +57,33 @@ class GpuDecoder:
         jpeg: str | None = "cuda",
         resize_dtype=torch.float32,
     ):
-        """``jpeg``: "cuda" or "hardware" (a key of ``JPEG_DECODERS``), or None for Pillow only."""
-        self.jpeg = JPEG_DECODERS[jpeg](device) if jpeg else None
+        """``jpeg``: "cuda" or "hardware" (a key of ``JPEG_DECODERS``), or None for Pillow only.
+
+        Where the model's preprocessing is one the JPEG path can't reproduce exactly
+        (``Preprocess.gpu_inexact``), every image goes through Pillow instead, as on a CPU run.
+        """
+        inexact = pre.gpu_inexact() if jpeg else None
+        if inexact:
+            log.info(
+                "decode: Pillow for every image, since the GPU path can't reproduce %s: %s",
+                pre.processor,
+                inexact,
+            )
+        self.jpeg = JPEG_DECODERS[jpeg](device) if jpeg and not inexact else None
         self.pre = pre
         self.cpu = CpuDecoder(pre, pool)
         self.device = device
         self.dtype = dtype
         self.resize_dtype = resize_dtype
         self._local = threading.local()
-        mean = torch.tensor(pre.mean or (0.0, 0.0, 0.0), device=device).view(1, 3, 1, 1)
-        std = torch.tensor(pre.std or (1.0, 1.0, 1.0), device=device).view(1, 3, 1, 1)
-        scale = pre.rescale_factor or 1.0
-        # x*scale then (x-mean)/std folded into one multiply-add.
-        self.mul = (scale / std).float()
-        self.add = (-mean / std).float()
+        # Rescale and normalizations folded into one multiply-add per channel. With a flipped
+        # channel order the input's channels are flipped first, so the factors are too.
+        mul, add = pre.affine()
+        self.channels = [2, 1, 0] if pre.flip_channels else None
+        if self.channels:
+            mul, add = mul[::-1], add[::-1]
+        self.mul = torch.tensor(mul, device=device).view(1, 3, 1, 1).float()
+        self.add = torch.tensor(add, device=device).view(1, 3, 1, 1).float()
         self.mode = TORCH_MODE.get(pre.resample, "bilinear")
         self.resize = self._pillow_resize(pre, device)
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -84,10 +97,7 @@ class GpuDecoder:
         if pre.resample not in FILTERS:
             return None
 
-        def crop(h: int, w: int) -> tuple[int, int, int, int]:
-            return (*pre.crop_box(h, w), *pre.crop) if pre.crop else (0, 0, h, w)
-
-        resize = PillowResize(pre.resample, self.mul, self.add, pre.resize_hw, crop)
+        resize = PillowResize(pre.resample, self.mul, self.add, pre.resize_hw, pre.crop_window)
         try:
             scratch = torch.empty((1, 3, *pre.output_hw), device=device, dtype=self.dtype)
             resize(
@@ -141,11 +151,8 @@ class GpuDecoder:
         x = torch.stack(images).to(self.resize_dtype)
         h, w = self.pre.resize_hw(x.shape[-2], x.shape[-1])
         x = resize_like_pillow(x, (h, w), self.mode)
-        if self.pre.crop:
-            top, left = self.pre.crop_box(h, w)
-            ch, cw = self.pre.crop
-            x = x[:, :, top : top + ch, left : left + cw]
-        return x
+        top, left, ch, cw = self.pre.crop_window(h, w)
+        return x[:, :, top : top + ch, left : left + cw]
 
     def __call__(self, payloads: Sequence[bytes], out: torch.Tensor) -> DecodedBatch:
         """Decode into ``out`` (a (B,3,H,W) buffer on the device); returns the rows that are valid."""
@@ -167,10 +174,13 @@ class GpuDecoder:
             valid = [False] * len(payloads)
             for positions in by_shape.values():
                 rows = self._to_device([gpu_idx[p] for p in positions])
+                images = [
+                    decoded[p] if self.channels is None else decoded[p][self.channels] for p in positions
+                ]
                 if self.resize is not None:
-                    self.resize(torch.stack([decoded[p] for p in positions]), rows, out)
+                    self.resize(torch.stack(images), rows, out)
                 else:
-                    resized = self._resize_group([decoded[p] for p in positions])
+                    resized = self._resize_group(images)
                     out.index_copy_(0, rows, (resized.float() * self.mul + self.add).to(self.dtype))
                 for p in positions:
                     valid[gpu_idx[p]] = True
@@ -181,6 +191,8 @@ class GpuDecoder:
                 if arrays:
                     host = torch.from_numpy(np.stack(arrays)).pin_memory()
                     x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+                    if self.channels is not None:
+                        x = x[:, self.channels]
                     rows = self._to_device([cpu_idx[k] for k in ok])
                     out.index_copy_(0, rows, (x * self.mul + self.add).to(self.dtype))
                     for k in ok:

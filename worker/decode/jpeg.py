@@ -10,9 +10,31 @@ import threading
 import numpy as np
 import torch
 
+EXIF_HEADER = b"Exif\x00\x00"
+XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
+ORIENTATION_TAG = 0x0112
+
+
+def exif_orientation(segment: bytes) -> int:
+    """The orientation tag (1-8) of an APP1 Exif segment's first IFD; 1 (upright) when absent."""
+    tiff = segment[len(EXIF_HEADER) :]
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "little" if tiff[:2] == b"II" else "big"
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 1
+    for k in range(int.from_bytes(tiff[ifd : ifd + 2], order)):
+        entry = tiff[ifd + 2 + 12 * k : ifd + 14 + 12 * k]
+        if len(entry) == 12 and int.from_bytes(entry[:2], order) == ORIENTATION_TAG:
+            return int.from_bytes(entry[8:10], order)
+    return 1
+
 
 def nvjpeg_decodable(data: bytes) -> bool:
-    """Baseline/extended 3-channel JPEGs go to nvjpeg; progressive, grayscale and CMYK go to Pillow.
+    """Baseline/extended 3-channel upright JPEGs go to the GPU; progressive, grayscale, CMYK and
+    rotated ones (an EXIF or XMP orientation, which Pillow's path applies as HF's ``load_image``
+    does) go to Pillow.
 
     Reads only the marker headers up to the first SOF, so it costs microseconds.
     """
@@ -33,6 +55,12 @@ def nvjpeg_decodable(data: bytes) -> bool:
             return False  # progressive, lossless or arithmetic coded
         if marker == 0xDA:
             return False
+        if marker == 0xE1:  # APP1: Exif or XMP metadata, which may rotate the image
+            segment = data[pos + 4 : pos + 2 + length]
+            if segment.startswith(EXIF_HEADER) and exif_orientation(segment) != 1:
+                return False
+            if segment.startswith(XMP_HEADER) and b"Orientation" in segment:
+                return False
         pos += 2 + length
     return False
 

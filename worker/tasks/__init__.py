@@ -8,7 +8,7 @@ every task.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
@@ -30,6 +30,8 @@ class Task(Protocol):
     preprocess: Preprocess
     # The part's header; it holds a "uri" column, by which the rows are sorted.
     columns: tuple[str, ...]
+    # The scores the forward reports, as a function of the logits (checks a CUDA graph's outputs).
+    scores_of: Callable[[torch.Tensor], torch.Tensor]
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The batch's outputs, one tensor per output with the batch as its first dimension."""

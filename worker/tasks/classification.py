@@ -1,22 +1,41 @@
 """The image-classification task: any ``AutoModelForImageClassification`` model, top-1 label and score.
 
 Its part rows are ``image_id, classification, label_index, score, uri``: the object's stem, the
-top-1 label's name and index, that label's softmax probability, and the object.
+top-1 label's name and index, that label's score, and the object. The score is what
+``pipeline("image-classification")`` reports for the model: the softmax probability, or the
+sigmoid for multi-label (and single-label) heads, or the raw logit for regression heads.
+
+``check_model`` answers, in seconds and before any GPU is provisioned, whether a model is one
+the worker can run: it loads as an image classifier and its image processor is one the decoders
+reproduce (``worker.decode.spec``).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+import contextlib
+import logging
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-from worker.decode.spec import Preprocess
+from worker.config import ConfigError
+from worker.decode.spec import Preprocess, load_preprocess
 from worker.results import PART_COLUMNS, image_id
-from worker.storage import ObjectInfo
+from worker.storage import ObjectInfo, is_gcs, join, open_storage
+
+log = logging.getLogger(__name__)
 
 NAME = "image-classification"
+# What a save_pretrained() directory holds: the files check_model reads, and the weights.
+CONFIG_FILES = ("config.json", "preprocessor_config.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class ImageClassification:
@@ -26,10 +45,11 @@ class ImageClassification:
 
     def __init__(self, path: str, device: torch.device):
         self.model, self.label_names = load_model(path, device)
-        self.preprocess = Preprocess.from_config(load_preprocessor_config(path))
+        self.preprocess: Preprocess = load_preprocess(path)
+        self.scores_of = score_function(self.model.config)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return top1(self.model, pixels)
+        return top1(self.model, pixels, self.scores_of)
 
     def rows(self, objects: Sequence[ObjectInfo], outputs: Sequence[list]) -> list[tuple]:
         scores, labels = outputs
@@ -43,10 +63,33 @@ def load(path: str, device: torch.device) -> ImageClassification:
     return ImageClassification(path, device)
 
 
-def top1(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-1 softmax probability and label index of each image, in float32."""
+def softmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.softmax(-1)
+
+
+def sigmoid(logits: torch.Tensor) -> torch.Tensor:
+    return logits.sigmoid()
+
+
+def identity(logits: torch.Tensor) -> torch.Tensor:
+    return logits
+
+
+def score_function(config) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function of the logits that ``pipeline("image-classification")`` reports by default."""
+    if config.problem_type == "regression":
+        return identity
+    if config.problem_type == "multi_label_classification" or config.num_labels == 1:
+        return sigmoid
+    return softmax
+
+
+def top1(
+    model, pixels: torch.Tensor, scores_of: Callable[[torch.Tensor], torch.Tensor] = softmax
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-1 score and label index of each image, in float32."""
     logits = model(pixel_values=pixels).logits
-    return logits.float().softmax(-1).max(-1)
+    return scores_of(logits.float()).max(-1)
 
 
 def load_model(path: str, device: torch.device):
@@ -87,9 +130,122 @@ def keep_classifier_in_fp32(model) -> None:
     )
 
 
-def load_preprocessor_config(path: str) -> dict:
-    """The image processor's settings as a plain dict (size, mean, std, resample, crop...)."""
-    cfg_path = Path(path) / "preprocessor_config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} is missing: the model needs an image processor config")
-    return json.loads(cfg_path.read_text())
+def check_model(model: str, *, project: str | None = None, decode: str = "auto") -> None:
+    """Check quickly that ``model`` (a local directory, a hub id or a gs:// directory) is an
+    image classifier whose preprocessing the worker reproduces; reads only its two config files.
+
+    A hub model is checked from the local Hugging Face cache, else from the hub; where the hub
+    can't be reached the check is left to the worker's start-up (with a warning).
+
+    Raises:
+        ConfigError: What is wrong, in one line naming --model (or --decode).
+    """
+    with model_config_files(model, project) as path:
+        if path is None:
+            return
+        check_model_dir(path, model)
+        pre = load_preprocess(str(path))
+        if decode == "gpu" and (inexact := pre.gpu_inexact()):
+            raise ConfigError(
+                f"--decode gpu can't reproduce {pre.processor} of --model {model} exactly ({inexact}): "
+                "use --decode auto or cpu",
+                "decode",
+            )
+
+
+def check_model_dir(path: Path, model: str) -> None:
+    """ConfigError unless ``path`` holds the config of an image-classification model."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
+
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"--model {model} holds no config.json: not a save_pretrained() model", "model")
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"--model {model}: transformers can't read its config.json: {reason}", "model"
+        ) from exc
+    if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
+        raise ConfigError(
+            f"--model {model} is a {config.model_type!r} model, which has no image-classification class",
+            "model",
+        )
+    heads = [a for a in config.architectures or () if "ForImageClassification" in a]
+    if config.architectures and not heads:
+        raise ConfigError(
+            f"--model {model} holds a {config.architectures[0]}, not an image classifier: its "
+            "classification head would be random",
+            "model",
+        )
+
+
+@contextlib.contextmanager
+def model_config_files(model: str, project: str | None) -> Iterator[Path | None]:
+    """A local directory holding the model's config files (None where they can't be reached now)."""
+    if is_gcs(model):
+        storage = open_storage(model, project=project)
+        names = {o.uri.rsplit("/", 1)[-1] for o in storage.list(model.rstrip("/") + "/")}
+        if not names:
+            raise ConfigError(f"--model {model}: no objects under that prefix", "model")
+        if not names & set(WEIGHT_FILES):
+            raise ConfigError(f"--model {model} holds no weights ({', '.join(WEIGHT_FILES[::2])})", "model")
+        with tempfile.TemporaryDirectory(prefix="model-config-") as tmp:
+            for name in CONFIG_FILES:
+                if name in names:
+                    (Path(tmp) / name).write_bytes(storage.read(join(model, name)))
+            yield Path(tmp)
+        return
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in WEIGHT_FILES):
+            raise ConfigError(f"--model {model} holds no weights ({', '.join(WEIGHT_FILES[::2])})", "model")
+        yield path
+        return
+    if path.exists():
+        raise ConfigError(f"--model {model} is a file; give the directory save_pretrained() wrote", "model")
+    if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:
+        raise ConfigError(f"--model {model}: no such directory", "model")
+    yield from _hub_config_files(model)
+
+
+def _hub_config_files(repo_id: str) -> Iterator[Path | None]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        try:
+            files = [hf_hub_download(repo_id, name, local_files_only=True) for name in CONFIG_FILES]
+        except LocalEntryNotFoundError:
+            files = [hf_hub_download(repo_id, name) for name in CONFIG_FILES]
+    except HFValidationError as exc:
+        raise ConfigError(f"--model {repo_id}: not a directory here, nor a valid hub id", "model") from exc
+    except GatedRepoError as exc:
+        raise ConfigError(
+            f"--model {repo_id} is gated on the hub: accept its terms and set HF_TOKEN", "model"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise ConfigError(
+            f"--model {repo_id}: no such directory here, nor model on the hub", "model"
+        ) from exc
+    except EntryNotFoundError as exc:
+        raise ConfigError(f"--model {repo_id} has no {exc_file(exc)} on the hub", "model") from exc
+    except (LocalEntryNotFoundError, OSError) as exc:  # offline, or the hub unreachable
+        log.warning(
+            "could not reach the hub to check --model %s (%s); the worker checks it at start", repo_id, exc
+        )
+        yield None
+        return
+    yield Path(files[0]).parent
+
+
+def exc_file(exc: Exception) -> str:
+    """Which config file a hub 404 was about."""
+    return next((name for name in CONFIG_FILES if name in str(exc)), "config file")

@@ -24,7 +24,7 @@ import yaml
 from components.launch.kubernetes.api import Resource
 
 # The job_kind values; each is the name of the module of this package that defines it.
-JOB_KINDS = ("pytorchjob",)
+JOB_KINDS = ("pytorchjob", "trainjob", "jobset")
 DEFAULT_JOB_KIND = "pytorchjob"
 
 QUEUE_NAME_LABEL = "kueue.x-k8s.io/queue-name"
@@ -327,6 +327,12 @@ class JobKind(Protocol):
     def rank_selector(self, job_name: str, rank: str) -> str:
         """Label selector of the pods of one node (a restarted node gets a new pod)."""
         ...
+
+
+def node_order(rank: str) -> tuple[int, int]:
+    """Sort key of node names: node 0 (``master-0``, ``node-0``) first, then by index."""
+    role, _, index = rank.rpartition("-")
+    return (0 if role == "master" else 1, int(index) if index.isdigit() else 0)
 
 
 def job_kind(name: str) -> JobKind:

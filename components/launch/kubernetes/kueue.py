@@ -11,8 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from components.launch.kubernetes.api import ApiError, KubernetesApi
+from components.launch.kubernetes.api import ApiError, KubernetesApi, Resource
 from components.launch.kubernetes.kinds import true_conditions
+
+# What Kueue's provisioning admission check creates for GKE's queued provisioning (DWS).
+PROVISIONING_REQUEST = Resource("autoscaling.x-k8s.io", "v1", "provisioningrequests", "ProvisioningRequest")
 
 # Reports without any Workload after which the kind's Kueue integration is suspected to be off.
 MISSING_WORKLOAD_REPORTS = 3
@@ -23,14 +26,19 @@ def condition_text(condition: dict[str, Any] | None) -> str:
     return ": ".join(p for p in ((condition or {}).get("reason"), (condition or {}).get("message")) if p)
 
 
-def describe_workload(workload: dict[str, Any]) -> str:
-    """One line: the Workload's conditions and its admission checks (DWS state + message)."""
-    status = workload.get("status") or {}
+def _conditions(obj: dict[str, Any]) -> list[str]:
     conditions = []
-    for c in status.get("conditions") or []:
+    for c in (obj.get("status") or {}).get("conditions") or []:
         text = f"{c.get('type')}={c.get('status')}"
         detail = condition_text(c)
         conditions.append(f"{text} ({detail})" if detail else text)
+    return conditions
+
+
+def describe_workload(workload: dict[str, Any]) -> str:
+    """One line: the Workload's conditions and its admission checks (DWS state + message)."""
+    status = workload.get("status") or {}
+    conditions = _conditions(workload)
     checks = [
         f"{c.get('name')}: {c.get('state')}" + (f" ({c['message']})" if c.get("message") else "")
         for c in status.get("admissionChecks") or []
@@ -60,6 +68,7 @@ class QueueReporter:
         self.api, self.namespace, self.ref, self.framework, self.log = api, namespace, ref, framework, log
         self._evictions: set[str] = set()
         self._reports_without_workload = 0
+        self._read_provisioning_requests = True
 
     def report(self, job_uid: str, prefix: str) -> dict[str, Any] | None:
         """Logs the job's Workloads; returns a rejected admission check, if any."""
@@ -81,10 +90,32 @@ class QueueReporter:
         for workload in workloads:
             self.log(f"{prefix}: {describe_workload(workload)}")
             self._report_eviction(workload)
-            for check in (workload.get("status") or {}).get("admissionChecks") or []:
+            checks = (workload.get("status") or {}).get("admissionChecks") or []
+            if any(c.get("state") in ("Pending", "Retry") for c in checks):
+                self._report_provisioning(workload, prefix)
+            for check in checks:
                 if check.get("state") == "Rejected":
                     return check
         return None
+
+    def _report_provisioning(self, workload: dict[str, Any], prefix: str) -> None:
+        """The DWS ProvisioningRequests Kueue made for the workload (owned by it), one line each."""
+        if not self._read_provisioning_requests:
+            return
+        try:
+            items = self.api.list(PROVISIONING_REQUEST, self.namespace).get("items") or []
+        except ApiError as e:
+            # 404: no queued provisioning in this cluster; 403: the Role does not grant it. Either way
+            # the admission check's message above says what Kueue knows; ask no more.
+            self._read_provisioning_requests = False
+            if e.status != 404:
+                self.log(f"{prefix}: cannot read ProvisioningRequests ({e}); reporting admission checks only")
+            return
+        uid = workload["metadata"].get("uid")
+        for request in items:
+            if any(o.get("uid") == uid for o in request["metadata"].get("ownerReferences") or []):
+                state = ", ".join(_conditions(request)) or "no conditions yet"
+                self.log(f"{prefix}: provisioning request {request['metadata'].get('name')}: {state}")
 
     def _report_eviction(self, workload: dict[str, Any]) -> None:
         evicted = true_conditions(workload).get("Evicted")

@@ -45,11 +45,14 @@ def torchrun_command(cfg: JobConfig) -> list[str]:
     Returns:
         ``["bash", "-c", script]``.
     """
+    # --tee prefixes every line with its process ("[default<local rank>]:"), which is how the
+    # launcher tells the rank that failed first from the peers that echoed its death.
     torchrun = shlex.join(
         [
             "torchrun",
             f"--nnodes={cfg.nodes}",
             f"--nproc_per_node={cfg.gpus_per_node}",
+            "--tee=3",
             "-m",
             "worker",
             *cfg.worker_args,

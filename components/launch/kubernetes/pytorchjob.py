@@ -62,6 +62,8 @@ class PyTorchJobKind:
             run_policy["activeDeadlineSeconds"] = cfg.active_deadline_seconds
         if cfg.ttl_seconds_after_finished is not None:
             run_policy["ttlSecondsAfterFinished"] = cfg.ttl_seconds_after_finished
+        if cfg.queue:
+            run_policy["suspend"] = True  # Kueue admits it; until then no pod exists
         return {
             "apiVersion": self.resource.api_version,
             "kind": self.resource.kind,

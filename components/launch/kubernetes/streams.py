@@ -1,8 +1,8 @@
 """The supervisor's two kinds of background stream: the job's watch and its pods' logs.
 
 A :class:`JobWatcher` watches one job object (any kind) and hands every new version of it to
-the deciding thread; a :class:`PodLogFollower` follows the log of the job's node-0 pod into
-the launcher's log. Both survive dropped connections: the watch resumes from its last
+the deciding thread; :class:`JobLogs` follows the log of every node of the job into the
+launcher's log, one :class:`PodLogFollower` per node. Both survive dropped connections: the watch resumes from its last
 resourceVersion (relisting after 410 Gone), the log reconnects with ``sinceTime`` and drops the
 lines the reconnect replays.
 """
@@ -21,8 +21,8 @@ from typing import Any
 import requests
 
 from components.launch.kubernetes.api import ApiError, KubernetesApi, Resource, WatchExpired
-from components.launch.kubernetes.kinds import JobKind
-from components.launch.kubernetes.pod import container_state, failure_time, is_terminating
+from components.launch.kubernetes.kinds import JobKind, node_order
+from components.launch.kubernetes.pod import container_state, is_terminating
 
 Log = Callable[[str], None]
 
@@ -176,7 +176,7 @@ class PodLogFollower(threading.Thread):
 
     Each line goes out prefixed with the node (``[master-0] ...``). Reconnects with
     ``sinceTime`` after a drop and de-duplicates by timestamp; switches to the node's new pod
-    when the controller recreates it. :meth:`finish` lets it read to the end of the log;
+    when the controller recreates it. :meth:`request_finish` lets it read to the end of the log;
     :meth:`stop` cuts it off.
 
     Args:
@@ -223,14 +223,10 @@ class PodLogFollower(threading.Thread):
         if stream is not None:
             stream.close()
 
-    def finish(self, timeout_s: float) -> None:
-        """Reads what is left of the log (the container has exited), then stops."""
+    def request_finish(self) -> None:
+        """Asks the follower to read what is left of the log (the container has exited), then stop."""
         self._finishing.set()
         self._wake.set()
-        self.join(timeout_s)
-        if self.is_alive():
-            self.stop()
-            self.join(timeout_s)
 
     def _pause(self) -> None:
         self._wake.wait(self._retry_interval_s)
@@ -301,15 +297,15 @@ class PodLogFollower(threading.Thread):
 
 
 class JobLogs:
-    """The followed logs of one job's pods, and the last lines of the pod that failed first.
+    """The followed logs of every node of one job, and what each node printed last.
 
     Args:
         api: The API client.
         kind: The job's kind.
         namespace: The job's namespace.
-        log: Where followed lines go.
+        log: Where followed lines go, each prefixed with its node (``[node-1] ...``).
         retry_interval_s: Pause before a follower looks again or reconnects.
-        tail_lines: Lines kept per job for the outcome and the failure message.
+        kept_lines: Lines kept per node, for the outcome and to explain a failure.
     """
 
     def __init__(
@@ -319,31 +315,42 @@ class JobLogs:
         namespace: str,
         log: Log,
         retry_interval_s: float,
-        tail_lines: int,
+        kept_lines: int,
     ):
         self.api, self.kind, self.namespace, self.log = api, kind, namespace, log
-        self.retry_interval_s, self.tail_lines = retry_interval_s, tail_lines
-        self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        self.retry_interval_s, self.kept_lines = retry_interval_s, kept_lines
+        self.tails: dict[str, collections.deque[str]] = {}
         self._dedupers: dict[str, LogDeduplicator] = {}
         self._followers: dict[str, PodLogFollower] = {}
 
-    def follow(self, job_name: str, rank: str) -> None:
-        """Follows node ``rank`` of the job, unless a follower of it is still running."""
-        current = self._followers.get(rank)
-        if current is None or not current.is_alive():
-            follower = PodLogFollower(
-                self.api,
-                self.kind,
-                self.namespace,
-                job_name,
-                rank,
-                self.log,
-                self.retry_interval_s,
-                self.tail,
-                self._dedupers,
-            )
-            self._followers[rank] = follower
-            follower.start()
+    def pods(self, job_name: str) -> list[dict[str, Any]]:
+        """Every pod of the job."""
+        return self.api.list_pods(self.namespace, self.kind.pod_selector(job_name))
+
+    def follow_every_node(self, job_name: str) -> None:
+        """Follows each node of the job that has a pod and no running follower yet."""
+        try:
+            pods = self.pods(job_name)
+        except ApiError as e:
+            self.log(f"cannot list the pods of {job_name} ({e}); following node 0 only")
+            pods = []
+        for rank in sorted({self.kind.rank(p) for p in pods} | {self.kind.leader_rank}, key=node_order):
+            current = self._followers.get(rank)
+            if current is None or not current.is_alive():
+                tail = self.tails.setdefault(rank, collections.deque(maxlen=self.kept_lines))
+                follower = PodLogFollower(
+                    self.api,
+                    self.kind,
+                    self.namespace,
+                    job_name,
+                    rank,
+                    self.log,
+                    self.retry_interval_s,
+                    tail,
+                    self._dedupers,
+                )
+                self._followers[rank] = follower
+                follower.start()
 
     def stop(self) -> None:
         """Cuts every follower off."""
@@ -353,14 +360,26 @@ class JobLogs:
 
     def finish(self, timeout_s: float) -> None:
         """Lets every follower read to the end of its log (the containers have exited)."""
-        for follower in self._followers.values():
-            follower.finish(timeout_s=timeout_s)
+        followers = list(self._followers.values())
         self._followers.clear()
+        for follower in followers:
+            follower.request_finish()
+        deadline = time.monotonic() + timeout_s
+        for follower in followers:
+            follower.join(max(0.0, deadline - time.monotonic()))
+        for follower in followers:
+            if follower.is_alive():
+                follower.stop()
+                follower.join(timeout_s)
+
+    def leader_tail(self, lines: int) -> list[str]:
+        """The last lines node 0 printed (as streamed)."""
+        return list(self.tails.get(self.kind.leader_rank, ()))[-lines:]
 
     def report_pods(self, job_name: str) -> None:
         """Logs the state of every pod of a starting job (image pulls, unschedulable pods)."""
         try:
-            pods = self.api.list_pods(self.namespace, self.kind.pod_selector(job_name))
+            pods = self.pods(job_name)
         except ApiError:
             return
         states = []
@@ -373,30 +392,3 @@ class JobLogs:
             )
         if states:
             self.log("starting: pods " + ", ".join(states))
-
-    def failing_pod_tail(self, job_name: str) -> tuple[str | None, list[str]]:
-        """The earliest-failing pod's last lines; the streamed lines when the pods are gone."""
-        try:
-            pods = self.api.list_pods(self.namespace, self.kind.pod_selector(job_name))
-        except ApiError:
-            pods = []
-        container = self.kind.container
-        failing = sorted(
-            ((t, p) for p in pods if (t := failure_time(p, container)) is not None),
-            key=lambda tp: (tp[0], tp[1]["metadata"]["name"]),
-        )
-        for _, pod in failing:
-            name = pod["metadata"]["name"]
-            running_again = container_state(pod, container)[0] == "running"
-            try:
-                text = self.api.read_pod_log(
-                    self.namespace, name, container, tail_lines=self.tail_lines, previous=running_again
-                )
-            except (ApiError, requests.RequestException):
-                continue
-            lines = text.splitlines()
-            if lines:
-                return f"pod {name}", lines[-self.tail_lines :]
-        if self.tail:
-            return f"{self.kind.leader_rank} (as streamed)", list(self.tail)
-        return None, []

@@ -32,6 +32,7 @@ from components.launch.kubernetes.errors import (
     LauncherError,
     MissingClusterResource,
 )
+from components.launch.kubernetes.failure import READ_LINES, explain, failed_node_logs, failure_message
 from components.launch.kubernetes.kinds import (
     FINISHED,
     QUEUE_NAME_LABEL,
@@ -109,7 +110,7 @@ class _Run:
         self.owns_live_job = False  # a job exists that this call must not leave behind
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.watcher: JobWatcher | None = None
-        self.logs = JobLogs(api, kind, self.namespace, log, retry_interval_s, log_tail_lines)
+        self.logs = JobLogs(api, kind, self.namespace, log, retry_interval_s, READ_LINES)
         self.queue: QueueReporter | None = None
         self._pause = threading.Event()  # never set: an interruptible sleep for polling loops
 
@@ -285,18 +286,18 @@ class _Run:
             if phase in FINISHED:
                 return self.succeeded(job) if phase == SUCCEEDED else self.raise_failed(state)
             now = self.clock()
-            waiting = phase in (SUSPENDED, STARTING)
-            if waiting and now >= next_report:
-                self.report_waiting(job, phase)
+            if now >= next_report:
+                if phase in (SUSPENDED, STARTING):
+                    self.report_waiting(job, phase)
+                else:  # running: follow the nodes whose pods appeared (or were recreated) since
+                    self.logs.follow_every_node(self.name)
                 next_report = now + self.poll_interval_s
             if now >= self.deadline:
                 self.delete(f"timed out after {self.timeout_s:g}s", wait=True)
                 raise JobTimedOut(
                     f"{self.ref} did not finish within {self.timeout_s:g}s (last phase: {phase}); deleted it"
                 )
-            wait = self.deadline - now
-            if waiting:
-                wait = min(wait, next_report - now)
+            wait = min(self.deadline - now, next_report - now)
             try:
                 kind, payload = self.events.get(timeout=max(0.0, min(wait, self.poll_interval_s)))
             except queue.Empty:
@@ -327,8 +328,6 @@ class _Run:
                 )
         elif last == SUSPENDED:
             self.log(f"{self.ref} was admitted by Kueue")
-        if phase not in (SUSPENDED, STARTING) and phase not in FINISHED:
-            self.logs.follow(self.name, self.kind.leader_rank)
 
     def report_waiting(self, job: dict[str, Any], phase: str) -> None:
         if (job["metadata"].get("labels") or {}).get(QUEUE_NAME_LABEL):
@@ -348,19 +347,21 @@ class _Run:
         self.owns_live_job = False
         self.log(f"{self.ref} succeeded")
         return JobOutcome(
-            self.name, self.namespace, job["metadata"].get("uid", ""), self.adopted, list(self.logs.tail)
+            self.name,
+            self.namespace,
+            job["metadata"].get("uid", ""),
+            self.adopted,
+            self.logs.leader_tail(self.log_tail_lines),
         )
 
     def raise_failed(self, state: JobState) -> NoReturn:
         self.logs.finish(self.log_drain_timeout_s)
         self.owns_live_job = False
-        pod, tail = self.logs.failing_pod_tail(self.name)
-        text = f"{self.ref} failed: {state.reason}: {state.message}"
-        if tail:
-            text += f"\n--- last {len(tail)} log lines of {pod} ---\n" + "\n".join(tail)
-        else:
-            text += "\n(no log lines could be read from its pods)"
-        raise JobFailed(text, reason=state.reason, condition_message=state.message, log_tail=tail, pod=pod)
+        logs = failed_node_logs(self.api, self.kind, self.namespace, self.name, self.logs.tails)
+        failure = explain(logs)
+        message, tail = failure_message(self.ref, state, failure, self.log_tail_lines)
+        pod = failure.first.source if failure.first else None
+        raise JobFailed(message, reason=state.reason, condition_message=state.message, log_tail=tail, pod=pod)
 
     # cleanup -------------------------------------------------------------------------------------
 

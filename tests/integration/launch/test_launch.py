@@ -1,4 +1,4 @@
-"""components.launch.launch: a run's parameters become the worker's arguments and the PyTorchJob.
+"""components.launch.launch: a run's parameters become the worker's arguments and the Kubernetes job.
 
 The kubernetes backend runs against the Kubernetes API stand-in of the launcher tests; the
 local backend runs in the pipeline tests.
@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 
 from components.launch.kubernetes.api import KubernetesApi
+from components.launch.kubernetes.kinds import JOB_KINDS
 from components.launch.launch import LaunchRequest, launch
 from pipelines.batch_inference import launch_inputs
-from tests.support.k8s_stand_in import KubeApiStandIn, Step, followed_log_of, listed_workloads
+from tests.support.k8s_stand_in import KubeApiStandIn, Step, listed_workloads
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,6 +65,7 @@ def test_job_config_maps_empty_to_unset_and_names_networks():
         ({"images_uri": "/data/images"}, "images_uri must be a gs:// prefix"),
         ({"gke_cluster": "c"}, "gke_project, gke_location and gke_cluster go together"),
         ({"batch_size": 0}, "--batch-size must be at least 1"),
+        ({"job_kind": "mpijob"}, "job_kind must be one of pytorchjob, trainjob, jobset"),
     ],
 )
 def test_invalid_requests_fail_before_anything_starts(overrides, message):
@@ -71,33 +73,37 @@ def test_invalid_requests_fail_before_anything_starts(overrides, message):
         launch(request(**overrides))
 
 
-def test_kubernetes_backend_creates_the_job_and_waits_for_it():
-    req = request(nodes=3, gpus_per_node=4)
+def commands(obj) -> list[list[str]]:
+    """Every ``command`` list in a manifest, wherever its kind puts the container."""
+    if isinstance(obj, dict):
+        found = [obj["command"]] if isinstance(obj.get("command"), list) else []
+        return found + [c for value in obj.values() for c in commands(value)]
+    if isinstance(obj, list):
+        return [c for value in obj for c in commands(value)]
+    return []
+
+
+@pytest.mark.parametrize("job_kind", JOB_KINDS)
+def test_kubernetes_backend_creates_the_job_of_its_kind_and_waits_for_it(job_kind):
+    req = request(nodes=3, gpus_per_node=4, job_kind=job_kind)
     name = req.job_config().name
     lines: list[str] = []
-    with KubeApiStandIn() as cluster:
+    with KubeApiStandIn(kind=job_kind) as cluster:
         cluster.script(
             Step(
                 listed_workloads,
-                lambda s: (
-                    s.admit(name),
-                    s.add_pod(name, "master", 0, ["all shards done"], state="terminated"),
-                ),
+                lambda s: (s.admit(name), s.add_pod(name, 0, ["all shards done"], state="terminated")),
             ),
-            Step(
-                followed_log_of(f"{name}-master-0"),
-                lambda s: s.finish(name, "Succeeded", "PyTorchJobSucceeded", "done"),
-            ),
+            Step(cluster.followed_log(0), lambda s: s.finish(name, succeeded=True)),
         )
         result = launch(req, log=lines.append, api=KubernetesApi(cluster.url, token="t"))
-        created = cluster.calls("POST", "/pytorchjobs")
+        created = cluster.calls("POST", cluster.jobs_path)
     assert (result.backend, result.job_name, result.nodes, result.world_size) == ("kubernetes", name, 3, 12)
     assert result.results_uri == "gs://results/runs/run-1"
     assert len(created) == 1
     body = created[0].body
     assert body["metadata"]["namespace"] == "batch-inference"
-    command = body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"][
-        -1
-    ]
+    assert body["kind"] == cluster.controller.kind
+    (command,) = {c[-1] for c in commands(body)}
     assert "--input gs://images/coco/val2017 --output gs://results/runs/run-1" in command
-    assert "[master-0] all shards done" in lines
+    assert any(line.endswith("] all shards done") for line in lines)

@@ -19,7 +19,7 @@ def test_command_uses_torchrun_only_for_several_processes():
 
 
 @pytest.mark.slow
-def test_failing_rank_error_carries_the_workers_message_and_exit_code(tmp_path, tiny_model):
+def test_a_failed_run_ends_with_the_first_failing_ranks_error_not_its_peers_echo(tmp_path, tiny_model):
     lines: list[str] = []
     missing = tmp_path / "no-such-images"
     with pytest.raises(LocalRunError) as caught:
@@ -39,7 +39,15 @@ def test_failing_rank_error_carries_the_workers_message_and_exit_code(tmp_path, 
         )
     err = caught.value
     assert err.returncode != 0 and not err.timed_out
-    assert f"input directory does not exist: {missing}" in str(err)
+    # Rank 0 found the input missing; rank 1 then lost its gloo peer. The message ends with the
+    # cause, and names the echo as one.
+    last = str(err).splitlines()[-1]
+    assert last.startswith("rank 0 failed first: ") and last.endswith(
+        f"input directory does not exist: {missing}"
+    )
+    assert str(err).splitlines()[0] == f"the local worker failed with exit code {err.returncode}: {last}"
+    echoes = [line for line in str(err).splitlines() if "Connection closed by peer" in line]
+    assert all(line.startswith("rank 1 failed too: ") for line in echoes), echoes
     # Streamed live with the rank prefix torchrun's --tee adds, so ranks stay apart in the log.
     assert any(line.startswith("[default0]:") for line in lines)
     assert any(line.startswith("[default1]:") for line in lines)

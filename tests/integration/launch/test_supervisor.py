@@ -1,9 +1,10 @@
-"""The job supervisor against a local HTTP stand-in for the Kubernetes API server.
+"""The job supervisor, for every job kind, against a local HTTP stand-in for the Kubernetes API server.
 
-The launcher, its HTTP seam, sockets, threads and the SIGTERM path are real; only the API server
-(and the controllers behind it) is played by ``tests/support/k8s_stand_in.py``. Each test scripts what
-the cluster does in response to what the launcher asks, then checks what the launcher did to
-the API (creates, deletes, watch resumption) and what it logged.
+The supervisor, its HTTP client, sockets, threads and the SIGTERM path are real; only the API
+server (and the controllers behind it: Kueue, DWS, the Training Operator, Trainer, JobSet) is
+played by ``tests/support/k8s_stand_in.py``. Each test scripts what the cluster does in response
+to what the launcher asks, then checks what the launcher did to the API (creates, deletes,
+watch resumption) and what it logged. Every lifecycle test runs once per job kind.
 """
 
 from __future__ import annotations
@@ -24,15 +25,26 @@ from components.launch.kubernetes.errors import (
     LauncherError,
     MissingClusterResource,
 )
-from components.launch.kubernetes.kinds import RESULTS_HASH_LABEL, JobConfig, job_name_for, results_hash
-from components.launch.kubernetes.pytorchjob import KIND
+from components.launch.kubernetes.kinds import (
+    JOB_KINDS,
+    RESULTS_HASH_LABEL,
+    JobConfig,
+    job_kind,
+    job_name_for,
+    results_hash,
+)
 from components.launch.kubernetes.supervisor import run_job
-from tests.support.k8s_stand_in import KubeApiStandIn, Step, followed_log_of, listed_workloads
+from tests.support.k8s_stand_in import NAMESPACE as NS
+from tests.support.k8s_stand_in import (
+    KubeApiStandIn,
+    Step,
+    listed_all_pods,
+    listed_provisioning_requests,
+    listed_workloads,
+)
 from worker.config import WorkerConfig
 
-NS = "batch-inference"
 RESULTS = "gs://results-bucket/runs/coco-val2017"
-JOBS = f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs"
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -50,7 +62,7 @@ class CollectedLog(list):
         return self.count(needle) > 0
 
 
-def make_manifest(run_id: str = "run-1", results: str = RESULTS, **overrides) -> dict:
+def make_manifest(kind: str, run_id: str = "run-1", results: str = RESULTS, **overrides) -> dict:
     worker = WorkerConfig(
         input="gs://images/coco/val2017", output=results, model="google/vit-base-patch16-224"
     )
@@ -62,12 +74,12 @@ def make_manifest(run_id: str = "run-1", results: str = RESULTS, **overrides) ->
         results_uri=results,
         **overrides,
     )
-    return KIND.build(cfg)
+    return job_kind(kind).build(cfg)
 
 
-@pytest.fixture
-def stand_in():
-    with KubeApiStandIn() as server:
+@pytest.fixture(params=JOB_KINDS)
+def stand_in(request):
+    with KubeApiStandIn(kind=request.param) as server:
         yield server
     assert not server.step_errors, server.step_errors
 
@@ -77,37 +89,37 @@ def launch(stand_in: KubeApiStandIn, manifest: dict, log: CollectedLog, **kwargs
     # Short intervals keep the test fast; the 30 s timeout is only a safety net against a hang.
     options = dict(timeout_s=30, poll_interval_s=0.05, retry_interval_s=0.02, log_drain_timeout_s=10)
     options.update(kwargs)
-    return run_job(api, KIND, manifest, log=log, **options)
+    return run_job(api, job_kind(stand_in.controller.name), manifest, log=log, **options)
 
 
-def master(name: str) -> str:
-    return f"{name}-master-0"
+def ref(stand_in: KubeApiStandIn, name: str) -> str:
+    return f"{stand_in.controller.kind} {NS}/{name}"
 
 
-def test_queued_job_reports_dws_wait_then_streams_master_log_and_succeeds(stand_in):
-    manifest = make_manifest()
+# How the launcher names node 1: the first Worker of a PyTorchJob, pod 1 of a JobSet.
+NODE_1 = {"pytorchjob": "worker-0", "trainjob": "node-1", "jobset": "node-1"}
+
+
+def node0(stand_in: KubeApiStandIn) -> str:
+    """How the launcher names node 0 in its log: the master, or pod 0 of the JobSet."""
+    return job_kind(stand_in.controller.name).leader_rank
+
+
+def test_queued_job_reports_the_dws_wait_then_streams_every_nodes_log_and_succeeds(stand_in):
+    manifest = make_manifest(stand_in.controller.name)
     name = manifest["metadata"]["name"]
     stand_in.script(
         Step(
-            listed_workloads,
+            listed_provisioning_requests,
             lambda s: (
                 s.admit(name),
                 s.add_pod(
-                    name,
-                    "master",
-                    0,
-                    ["loading model", "shard 0 committed", "done: 5000 images"],
-                    state="terminated",
+                    name, 0, ["loading model", "shard 0 committed", "done: 5000 images"], state="terminated"
                 ),
-                s.add_pod(name, "worker", 0, ["worker up"], state="terminated"),
+                s.add_pod(name, 1, ["node 1 up", "node 1 done"], state="terminated"),
             ),
         ),
-        Step(
-            followed_log_of(master(name)),
-            lambda s: s.finish(
-                name, "Succeeded", "PyTorchJobSucceeded", f"PyTorchJob {name} is successfully completed."
-            ),
-        ),
+        Step(stand_in.followed_log(0), lambda s: s.finish(name, succeeded=True)),
     )
     log = CollectedLog()
 
@@ -115,100 +127,88 @@ def test_queued_job_reports_dws_wait_then_streams_master_log_and_succeeds(stand_
 
     assert outcome.name == name and not outcome.adopted
     assert outcome.log_tail == ["loading model", "shard 0 committed", "done: 5000 images"]
-    creates = stand_in.calls("POST", JOBS)
+    creates = stand_in.calls("POST", stand_in.jobs_path)
     assert len(creates) == 1 and creates[0].query == {"fieldValidation": "Strict"}
     assert creates[0].body["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "dws-local-queue"
     assert stand_in.calls("DELETE") == []
-    # The queue report names the DWS admission check, its state and its message.
+    # The queue report names the DWS admission check, its state and message, and the ProvisioningRequest.
     assert log.has("Suspended")
     assert log.has("admission checks: dws-prov: Pending (Waiting for resources.")
     assert log.has("QuotaReserved=True")
+    assert log.has(f"provisioning request {stand_in.controller.name}-{name}-")
+    assert log.has("Provisioned=False (NotProvisioned: Waiting for resources.")
     assert log.has("was admitted by Kueue")
+    leader = node0(stand_in)
     for line in ("loading model", "shard 0 committed", "done: 5000 images"):
-        assert log.count(f"[master-0] {line}") == 1, log
-    assert not log.has("worker up")  # only the master's log is followed
-    assert log.index(
-        f"PyTorchJob {NS}/{name}: Running (PyTorchJobRunning: PyTorchJob is running.)"
-    ) < log.index("[master-0] loading model")
-    pod_list = stand_in.calls("GET", f"/namespaces/{NS}/pods")[0]
-    assert pod_list.query["labelSelector"] == (
-        f"training.kubeflow.org/job-name={name},"
-        "training.kubeflow.org/replica-type=master,"
-        "training.kubeflow.org/replica-index=0"
-    )
+        assert log.count(f"[{leader}] {line}") == 1, log
+    other = [line for line in log if line.endswith("] node 1 done")]
+    assert len(other) == 1 and not other[0].startswith(f"[{leader}]")  # every node's log, each named
+    running = next(i for i, line in enumerate(log) if line.startswith(f"{ref(stand_in, name)}: Running"))
+    assert running < log.index(f"[{leader}] loading model")
     workload_list = stand_in.calls("GET", "/workloads")[0]
     assert workload_list.query["labelSelector"] == f"kueue.x-k8s.io/job-uid={outcome.uid}"
+    streams = stand_in.calls("GET", "/log", follow="true")
+    assert {r.query["container"] for r in streams} == {stand_in.controller.container}
 
 
 def test_eviction_is_reported_and_the_readmitted_job_is_followed_again(stand_in):
-    manifest = make_manifest()
+    manifest = make_manifest(stand_in.controller.name)
     name = manifest["metadata"]["name"]
     stand_in.script(
         Step(
             listed_workloads,
             lambda s: (
                 s.admit(name),
-                s.add_pod(name, "master", 0, ["first attempt"], state="terminated", exit_code=143),
+                s.add_pod(name, 0, ["first attempt"], state="terminated", exit_code=143),
             ),
         ),
         Step(
-            followed_log_of(master(name)),
-            lambda s: s.evict(name, "PodsReadyTimeout", "Exceeded the PodsReady timeout default/pytorchjob"),
+            stand_in.followed_log(0),
+            lambda s: s.evict(name, "PodsReadyTimeout", "Exceeded the PodsReady timeout default/job"),
         ),
         Step(
             listed_workloads,
             lambda s: (
                 s.admit(name),
-                s.add_pod(name, "master", 0, ["second attempt", "all shards done"], state="terminated"),
+                s.add_pod(name, 0, ["second attempt", "all shards done"], state="terminated"),
             ),
         ),
-        Step(
-            followed_log_of(master(name)),
-            lambda s: s.finish(name, "Succeeded", "PyTorchJobSucceeded", "done"),
-        ),
+        Step(stand_in.followed_log(0), lambda s: s.finish(name, succeeded=True)),
     )
     log = CollectedLog()
 
     outcome = launch(stand_in, manifest, log)
 
     assert outcome.log_tail[-2:] == ["second attempt", "all shards done"]
-    assert len(stand_in.calls("POST", JOBS)) == 1
+    assert len(stand_in.calls("POST", stand_in.jobs_path)) == 1
     assert stand_in.calls("DELETE") == []
     assert log.has("was suspended again after admission: Kueue evicted its workload")
-    assert log.count("evicted: workload pytorchjob-") == 1
+    assert log.count(f"evicted: workload {stand_in.controller.name}-") == 1
     assert log.has("(PodsReadyTimeout: Exceeded the PodsReady timeout")
     assert log.count("was admitted by Kueue") == 2
     for line in ("first attempt", "second attempt", "all shards done"):
-        assert log.count(f"[master-0] {line}") == 1, log
+        assert log.count(f"[{node0(stand_in)}] {line}") == 1, log
     assert stand_in.steps_left() == 0
 
 
 def test_job_without_a_queue_runs_without_kueue_and_reports_its_pods_while_starting(stand_in):
-    manifest = make_manifest(queue=None, max_run_duration_seconds=None)
+    manifest = make_manifest(stand_in.controller.name, queue=None, max_run_duration_seconds=None)
     name = manifest["metadata"]["name"]
 
     def start_pods(s: KubeApiStandIn) -> None:
-        s.add_pod(name, "master", 0, state="waiting")
-        s.add_pod(name, "worker", 0, state="waiting")
+        s.add_pod(name, 0, state="waiting")
+        s.add_pod(name, 1, state="waiting")
 
     def running(s: KubeApiStandIn) -> None:
-        s.terminate_pod(f"{name}-worker-0", 0)
-        s.delete_pod(master(name))
-        s.add_pod(name, "master", 0, ["no queue, still fine"], state="terminated")
-        s.update_job(
-            name,
-            lambda job: job["status"]["conditions"].append(
-                {"type": "Running", "status": "True", "reason": "PyTorchJobRunning", "message": "running"}
-            ),
-        )
+        s.terminate_pod(s.pod_name(name, 1), 0)
+        s.delete_pod(s.pod_name(name, 0))
+        s.add_pod(name, 0, ["no queue, still fine"], state="terminated")
+        s.start(name)
 
     stand_in.script(
         Step(lambda r: r.method == "POST", start_pods, at="received"),  # pods exist once the create returns
-        Step(lambda r: r.path.endswith("/pods") and "replica-type" not in r.query["labelSelector"], running),
-        Step(
-            followed_log_of(master(name)),
-            lambda s: s.finish(name, "Succeeded", "PyTorchJobSucceeded", "done"),
-        ),
+        Step(listed_all_pods, running),
+        Step(stand_in.followed_log(0), lambda s: s.finish(name, succeeded=True)),
     )
     log = CollectedLog()
 
@@ -219,46 +219,50 @@ def test_job_without_a_queue_runs_without_kueue_and_reports_its_pods_while_start
         stand_in.calls("GET", "/workloads") == []
         and stand_in.calls("GET", "/localqueues/dws-local-queue") == []
     )
-    assert log.has(f"starting: pods {name}-master-0 Pending (ContainerCreating), {name}-worker-0 Pending")
+    assert log.has("starting: pods ") and log.has(" Pending (ContainerCreating)")
     assert not log.has("Suspended")
 
 
-def test_failed_job_raises_with_condition_reason_and_the_failing_pods_log_tail(stand_in):
-    manifest = make_manifest()
+NCCL_FAILURE = [
+    "[default0]:Traceback (most recent call last):",
+    '[default0]:  File "worker/run.py", line 12, in run',
+    "[default0]:    batch = next(reader)",
+    "[default0]:RuntimeError: NCCL error: unhandled system error",
+]
+ECHO = [
+    "[default0]:[rank0]: Traceback (most recent call last):",
+    '[default0]:[rank0]:   File "worker/dist.py", line 50, in broadcast',
+    "[default0]:[rank0]:     dist.broadcast_object_list(box, src=0, group=self.control_group)",
+    "[default0]:[rank0]: RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.7]:8841",
+]
+
+
+def test_failed_job_ends_with_the_first_failing_ranks_error_not_its_peers_echo(stand_in):
+    manifest = make_manifest(stand_in.controller.name)
     name = manifest["metadata"]["name"]
+    reason = []
 
     def fail(s: KubeApiStandIn) -> None:
-        s.terminate_pod(master(name), 1, finished_at="2026-11-24T20:00:09Z")
-        s.finish(
-            name,
-            "Failed",
-            "PyTorchJobFailed",
-            f"PyTorchJob {name} is failed because 1 Worker replica(s) failed.",
-        )
+        # Node 0 fails last and loudest: its peers' death reached it as a lost gloo connection.
+        s.append_log(s.pod_name(name, 0), *ECHO)
+        s.terminate_pod(s.pod_name(name, 0), 1, finished_at="2026-11-24T20:00:09Z")
+        reason.append(s.finish(name, succeeded=False))
 
     stand_in.script(
         Step(
             listed_workloads,
             lambda s: (
                 s.admit(name),
-                s.add_pod(name, "master", 0, ["rank 0: reading plan", "rank 0: waiting for peers"]),
-                # The worker failed first: its log, not the master's, holds the cause.
                 s.add_pod(
-                    name,
-                    "worker",
-                    0,
-                    [
-                        "Traceback (most recent call last):",
-                        '  File "worker/run.py"',
-                        "RuntimeError: NCCL error: unhandled system error",
-                    ],
-                    state="terminated",
-                    exit_code=1,
-                    finished_at="2026-11-24T20:00:05Z",
+                    name, 0, ["[default0]:rank 0: reading plan", "[default0]:rank 0: waiting for peers"]
+                ),
+                # Node 1 failed first: its log, not node 0's, holds the cause.
+                s.add_pod(
+                    name, 1, NCCL_FAILURE, state="terminated", exit_code=1, finished_at="2026-11-24T20:00:05Z"
                 ),
             ),
         ),
-        Step(followed_log_of(master(name)), fail, at="received"),
+        Step(stand_in.followed_log(0), fail, at="received"),
     )
     log = CollectedLog()
 
@@ -266,51 +270,72 @@ def test_failed_job_raises_with_condition_reason_and_the_failing_pods_log_tail(s
         launch(stand_in, manifest, log)
 
     message = str(failure.value)
-    assert "PyTorchJobFailed" in message and "1 Worker replica(s) failed" in message
-    assert "RuntimeError: NCCL error: unhandled system error" in message
-    assert f"pod {name}-worker-0" in message
-    assert failure.value.reason == "PyTorchJobFailed"
-    assert failure.value.log_tail[-1] == "RuntimeError: NCCL error: unhandled system error"
-    tail_read = stand_in.calls("GET", f"/pods/{name}-worker-0/log")
-    assert tail_read and tail_read[0].query.get("tailLines") == "50"
-    assert log.count("[master-0] rank 0: waiting for peers") == 1
+    ((condition_reason, condition_message),) = reason
+    assert condition_reason in message and condition_message in message
+    assert failure.value.reason == condition_reason
+    node1 = stand_in.pod_name(name, 1)
+    assert f"pod {node1}" in message and failure.value.pod == f"pod {node1}"
+    # The message ends with the cause (its traceback is in the tail above), the echo named as one before it.
+    assert message.splitlines()[-1].endswith("failed first: RuntimeError: NCCL error: unhandled system error")
+    assert message.splitlines()[-1].startswith(f"{NODE_1[stand_in.controller.name]} (pod {node1}")
+    echo_line = next(line for line in message.splitlines() if "failed too" in line)
+    assert echo_line.startswith(node0(stand_in)) and "Connection closed by peer" in echo_line
+    assert message.index(echo_line) < message.rindex("failed first")
+    first_line = message.splitlines()[0]  # what a UI showing one line shows
+    assert condition_reason in first_line and first_line.endswith(
+        "failed first: RuntimeError: NCCL error: unhandled system error"
+    )
+    assert failure.value.log_tail[-1] == "[default0]:RuntimeError: NCCL error: unhandled system error"
+    tail_reads = stand_in.calls("GET", f"/pods/{node1}/log")
+    assert [r for r in tail_reads if r.query.get("tailLines") == "2000"]
+    assert log.count(f"[{node0(stand_in)}] [default0]:rank 0: waiting for peers") == 1
     # A failed job is finished, not left running: it is kept for inspection, not deleted.
     assert stand_in.calls("DELETE") == []
 
 
-def test_failed_job_falls_back_to_the_streamed_master_log_when_pods_are_gone(stand_in):
-    manifest = make_manifest()
+def test_failed_job_falls_back_to_the_streamed_logs_when_pods_are_gone(stand_in):
+    manifest = make_manifest(stand_in.controller.name)
     name = manifest["metadata"]["name"]
 
-    def looks_for_failing_pods(request) -> bool:
-        return request.path.endswith("/pods") and "replica-type" not in request.query.get("labelSelector", "")
+    def gone(s: KubeApiStandIn) -> None:
+        for node in (0, 1):
+            s.delete_pod(s.pod_name(name, node))
 
     stand_in.script(
         Step(
             listed_workloads,
-            lambda s: (s.admit(name), s.add_pod(name, "master", 0, ["ValueError: bad model config"])),
+            lambda s: (
+                s.admit(name),
+                s.add_pod(name, 0, ECHO),
+                s.add_pod(
+                    name, 1, ["[default0]:2026-11-24 20:00:01,000 [rank 8] ERROR worker: bad model config"]
+                ),
+            ),
         ),
         Step(
-            followed_log_of(master(name)),
+            stand_in.followed_log(1),
             lambda s: (
-                s.terminate_pod(master(name), 1),
-                s.finish(name, "Failed", "PyTorchJobFailed", "1 Master replica(s) failed."),
+                s.terminate_pod(s.pod_name(name, 0), 1),
+                s.terminate_pod(s.pod_name(name, 1), 1),
+                s.finish(name, succeeded=False),
             ),
             at="received",
         ),
-        # cleanPodPolicy: All has removed the pods by the time the launcher looks for the failing one.
-        Step(looks_for_failing_pods, lambda s: s.delete_pod(master(name)), at="received"),
+        # The controller has removed the pods by the time the launcher looks for the failing one.
+        Step(listed_all_pods, gone, at="received"),
     )
     with pytest.raises(JobFailed) as failure:
         launch(stand_in, manifest, CollectedLog())
 
-    assert "ValueError: bad model config" in str(failure.value)
-    assert "master-0 (as streamed)" in str(failure.value)
+    last = str(failure.value).splitlines()[-1]
+    assert last.endswith(
+        "(as streamed), process 0) failed first: 2026-11-24 20:00:01,000 [rank 8] ERROR worker: bad model config"
+    )
     assert stand_in.steps_left() == 0
 
 
 def test_timeout_while_queued_deletes_the_job_with_foreground_propagation(stand_in):
-    manifest = make_manifest()
+    manifest = make_manifest(stand_in.controller.name)
     name = manifest["metadata"]["name"]
     log = CollectedLog()
     # A clock that advances 10 s per reading: the 60 s timeout passes after a few loops, deterministically.
@@ -320,15 +345,17 @@ def test_timeout_while_queued_deletes_the_job_with_foreground_propagation(stand_
         launch(stand_in, manifest, log, timeout_s=60, poll_interval_s=0.01, clock=lambda: float(next(ticks)))
 
     assert "did not finish within 60s" in str(timeout.value) and "Suspended" in str(timeout.value)
-    deletes = stand_in.calls("DELETE", f"{JOBS}/{name}")
+    deletes = stand_in.calls("DELETE", f"{stand_in.jobs_path}/{name}")
     assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Foreground"}
     assert stand_in.job(name) is None
-    assert log.count("suspended: workload pytorchjob-") >= 2  # reported at a steady interval while queued
-    assert log.has(f"deleted PyTorchJob {NS}/{name} (timed out after 60s)")
+    assert (
+        log.count(f"suspended: workload {stand_in.controller.name}-") >= 2
+    )  # reported steadily while queued
+    assert log.has(f"deleted {ref(stand_in, name)} (timed out after 60s)")
 
 
 def test_sigterm_while_running_deletes_the_job_and_exits(stand_in):
-    manifest = make_manifest()
+    manifest = make_manifest(stand_in.controller.name)
     name = manifest["metadata"]["name"]
     received = []
 
@@ -336,9 +363,9 @@ def test_sigterm_while_running_deletes_the_job_and_exits(stand_in):
         received.append(signum)
 
     stand_in.script(
-        Step(listed_workloads, lambda s: (s.admit(name), s.add_pod(name, "master", 0, ["step 1"]))),
+        Step(listed_workloads, lambda s: (s.admit(name), s.add_pod(name, 0, ["step 1"]))),
         # The pipeline is cancelled once the job runs: SIGTERM to this very process.
-        Step(followed_log_of(master(name)), lambda s: os.kill(os.getpid(), signal.SIGTERM), at="received"),
+        Step(stand_in.followed_log(0), lambda s: os.kill(os.getpid(), signal.SIGTERM), at="received"),
     )
     log = CollectedLog()
     original = signal.signal(signal.SIGTERM, outer_handler)
@@ -351,27 +378,21 @@ def test_sigterm_while_running_deletes_the_job_and_exits(stand_in):
 
     assert cancelled.value.code == 143
     assert received == []  # the launcher's handler, not the outer one, took the signal
-    deletes = stand_in.calls("DELETE", f"{JOBS}/{name}")
+    deletes = stand_in.calls("DELETE", f"{stand_in.jobs_path}/{name}")
     assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Foreground"}
     assert stand_in.job(name) is None
     assert log.has("cancelled by SIGTERM") and log.has(
-        f"deleted PyTorchJob {NS}/{name} (pipeline run cancelled)"
+        f"deleted {ref(stand_in, name)} (pipeline run cancelled)"
     )
 
 
 def test_dropped_watch_resumes_from_the_last_resource_version(stand_in):
-    manifest = make_manifest()
+    manifest = make_manifest(stand_in.controller.name)
     name = manifest["metadata"]["name"]
     stand_in.fail_next_watch(drop_after_events=1)  # the admission event arrives, then the connection dies
     stand_in.script(
-        Step(
-            listed_workloads,
-            lambda s: (s.admit(name), s.add_pod(name, "master", 0, ["ok"], state="terminated")),
-        ),
-        Step(
-            followed_log_of(master(name)),
-            lambda s: s.finish(name, "Succeeded", "PyTorchJobSucceeded", "done"),
-        ),
+        Step(listed_workloads, lambda s: (s.admit(name), s.add_pod(name, 0, ["ok"], state="terminated"))),
+        Step(stand_in.followed_log(0), lambda s: s.finish(name, succeeded=True)),
     )
     log = CollectedLog()
 
@@ -385,29 +406,25 @@ def test_dropped_watch_resumes_from_the_last_resource_version(stand_in):
     assert int(watches[1].query["resourceVersion"]) == created_rv + 1
     assert log.has("dropped") and log.has(f"resuming from resourceVersion {created_rv + 1}")
     assert outcome.log_tail == ["ok"]
-    assert len(stand_in.calls("POST", JOBS)) == 1
+    assert len(stand_in.calls("POST", stand_in.jobs_path)) == 1
 
 
 def test_watch_410_gone_relists_then_rewatches_from_the_list(stand_in):
-    manifest = make_manifest()
+    manifest = make_manifest(stand_in.controller.name)
     name = manifest["metadata"]["name"]
     stand_in.fail_next_watch(gone=True)
     stand_in.script(
-        Step(
-            listed_workloads,
-            lambda s: (s.admit(name), s.add_pod(name, "master", 0, ["ok"], state="terminated")),
-        ),
-        Step(
-            followed_log_of(master(name)),
-            lambda s: s.finish(name, "Succeeded", "PyTorchJobSucceeded", "done"),
-        ),
+        Step(listed_workloads, lambda s: (s.admit(name), s.add_pod(name, 0, ["ok"], state="terminated"))),
+        Step(stand_in.followed_log(0), lambda s: s.finish(name, succeeded=True)),
     )
     log = CollectedLog()
 
     launch(stand_in, manifest, log)
 
     job_requests = [
-        r for r in stand_in.requests if r.path == JOBS and r.method == "GET" and r.query.get("fieldSelector")
+        r
+        for r in stand_in.requests
+        if r.path == stand_in.jobs_path and r.method == "GET" and r.query.get("fieldSelector")
     ]
     first_watch, relist, second_watch = job_requests[:3]
     assert first_watch.query["watch"] == "true"
@@ -418,15 +435,14 @@ def test_watch_410_gone_relists_then_rewatches_from_the_list(stand_in):
 
 
 def test_dropped_log_stream_reconnects_without_duplicating_or_losing_lines(stand_in):
-    manifest = make_manifest()
+    manifest = make_manifest(stand_in.controller.name)
     name = manifest["metadata"]["name"]
     shared_stamp = "2026-11-24T20:00:00.500000000Z"
 
     def admit_with_log(s: KubeApiStandIn) -> None:
         s.admit(name)
-        s.add_pod(
+        pod = s.add_pod(
             name,
-            "master",
             0,
             [
                 "line 1",
@@ -436,48 +452,53 @@ def test_dropped_log_stream_reconnects_without_duplicating_or_losing_lines(stand
                 ("2026-11-24T20:00:00.600000000Z", "line 4"),
             ],
         )
-        s.drop_next_log_stream(master(name), after_lines=3)  # cut between the two lines sharing a stamp
+        s.drop_next_log_stream(pod, after_lines=3)  # cut between the two lines sharing a stamp
 
     def finish(s: KubeApiStandIn) -> None:
-        s.append_log(master(name), ("2026-11-24T20:00:01.000000000Z", "line 5"))
-        s.terminate_pod(master(name), 0)
-        s.finish(name, "Succeeded", "PyTorchJobSucceeded", "done")
+        pod = s.pod_name(name, 0)
+        s.append_log(pod, ("2026-11-24T20:00:01.000000000Z", "line 5"))
+        s.terminate_pod(pod, 0)
+        s.finish(name, succeeded=True)
 
     stand_in.script(
         Step(listed_workloads, admit_with_log),
-        Step(lambda r: followed_log_of(master(name))(r) and "sinceTime" in r.query, finish, at="received"),
+        Step(stand_in.followed_log(0, since=True), finish, at="received"),
     )
     log = CollectedLog()
 
     outcome = launch(stand_in, manifest, log)
 
     expected = ["line 1", "line 2", "line 3a", "line 3b", "line 4", "line 5"]
-    assert [line[len("[master-0] ") :] for line in log if line.startswith("[master-0] ")] == expected
+    prefix = f"[{node0(stand_in)}] "
+    assert [line[len(prefix) :] for line in log if line.startswith(prefix)] == expected
     assert outcome.log_tail == expected
-    streams = stand_in.calls("GET", f"/pods/{master(name)}/log", follow="true")
+    streams = stand_in.calls("GET", f"/pods/{stand_in.pod_name(name, 0)}/log", follow="true")
     assert "sinceTime" not in streams[0].query
     assert (
         streams[1].query["sinceTime"] == "2026-11-24T20:00:00Z"
     )  # whole seconds: the replay is de-duplicated
-    assert streams[1].query["timestamps"] == "true" and streams[1].query["container"] == "pytorch"
-    assert log.has("log stream of master-0 dropped")
+    assert (
+        streams[1].query["timestamps"] == "true"
+        and streams[1].query["container"] == stand_in.controller.container
+    )
+    assert log.has(f"log stream of {node0(stand_in)} dropped")
 
 
 def test_rerun_for_the_same_results_prefix_adopts_the_running_job(stand_in):
-    first = make_manifest(run_id="run-1")
+    first = make_manifest(stand_in.controller.name, run_id="run-1")
     first_name = first["metadata"]["name"]
     stand_in.create_job(first)
     stand_in.admit(first_name)
-    stand_in.add_pod(first_name, "master", 0, ["still working on shard 7"])
-    rerun = make_manifest(run_id="run-2")  # a new run writing to the same results prefix
+    pod = stand_in.add_pod(first_name, 0, ["still working on shard 7"])
+    rerun = make_manifest(stand_in.controller.name, run_id="run-2")  # a new run writing to the same prefix
     assert rerun["metadata"]["name"] != first_name
     stand_in.script(
         Step(
-            followed_log_of(master(first_name)),
+            stand_in.followed_log(0),
             lambda s: (
-                s.append_log(master(first_name), "shard 7 committed"),
-                s.terminate_pod(master(first_name), 0),
-                s.finish(first_name, "Succeeded", "PyTorchJobSucceeded", "done"),
+                s.append_log(pod, "shard 7 committed"),
+                s.terminate_pod(pod, 0),
+                s.finish(first_name, succeeded=True),
             ),
             at="received",
         )
@@ -487,92 +508,84 @@ def test_rerun_for_the_same_results_prefix_adopts_the_running_job(stand_in):
     outcome = launch(stand_in, rerun, log)
 
     assert outcome.adopted and outcome.name == first_name
-    assert stand_in.calls("POST", JOBS) == []  # no second job
+    assert stand_in.calls("POST", stand_in.jobs_path) == []  # no second job
     assert stand_in.calls("DELETE") == []
-    lookup = stand_in.calls("GET", JOBS)[0]
+    lookup = stand_in.calls("GET", stand_in.jobs_path)[0]
     assert lookup.query == {"labelSelector": f"{RESULTS_HASH_LABEL}={results_hash(RESULTS)}"}
-    assert log.has(f"adopting existing PyTorchJob {NS}/{first_name}")
-    assert log.count("[master-0] shard 7 committed") == 1
+    assert log.has(f"adopting existing {ref(stand_in, first_name)}")
+    assert log.count(f"[{node0(stand_in)}] shard 7 committed") == 1
 
 
 def test_rerun_waits_for_a_job_still_being_deleted_before_creating(stand_in):
-    old = make_manifest(run_id="run-1")
+    old = make_manifest(stand_in.controller.name, run_id="run-1")
     old_name = old["metadata"]["name"]
     stand_in.create_job(old)
     stand_in.update_job(
         old_name, lambda job: job["metadata"].update(deletionTimestamp="2026-11-24T19:59:00Z")
     )
-    rerun = make_manifest(run_id="run-2")
+    rerun = make_manifest(stand_in.controller.name, run_id="run-2")
     name = rerun["metadata"]["name"]
+    jobs = stand_in.jobs_path
     stand_in.script(
         # The garbage collector finishes the old job while the launcher waits for it.
         Step(
-            lambda r: r.method == "GET" and r.path == f"{JOBS}/{old_name}",
+            lambda r: r.method == "GET" and r.path == f"{jobs}/{old_name}",
             lambda s: s.delete_job(NS, old_name),
             at="received",
         ),
-        Step(
-            listed_workloads,
-            lambda s: (s.admit(name), s.add_pod(name, "master", 0, ["ok"], state="terminated")),
-        ),
-        Step(
-            followed_log_of(master(name)),
-            lambda s: s.finish(name, "Succeeded", "PyTorchJobSucceeded", "done"),
-        ),
+        Step(listed_workloads, lambda s: (s.admit(name), s.add_pod(name, 0, ["ok"], state="terminated"))),
+        Step(stand_in.followed_log(0), lambda s: s.finish(name, succeeded=True)),
     )
     log = CollectedLog()
 
     outcome = launch(stand_in, rerun, log)
 
     assert outcome.name == name and not outcome.adopted
-    assert log.has(f"PyTorchJob {old_name} for the same results prefix is being deleted; waiting")
+    assert log.has(
+        f"{stand_in.controller.kind} {old_name} for the same results prefix is being deleted; waiting"
+    )
     order = [
         (r.method, r.path)
         for r in stand_in.requests
-        if r.path.startswith(JOBS) and r.method != "GET" or r.path == f"{JOBS}/{old_name}"
+        if r.path.startswith(jobs) and r.method != "GET" or r.path == f"{jobs}/{old_name}"
     ]
-    assert order == [("GET", f"{JOBS}/{old_name}"), ("POST", JOBS)]
+    assert order == [("GET", f"{jobs}/{old_name}"), ("POST", jobs)]
 
 
 def test_retry_of_the_same_run_replaces_its_finished_job(stand_in):
-    manifest = make_manifest()
+    manifest = make_manifest(stand_in.controller.name)
     name = manifest["metadata"]["name"]
     stand_in.create_job(manifest)
-    stand_in.finish(name, "Failed", "PyTorchJobFailed", "earlier attempt failed")
+    stand_in.finish(name, succeeded=False)
     old_uid = stand_in.job(name)["metadata"]["uid"]
     stand_in.script(
-        Step(
-            listed_workloads,
-            lambda s: (s.admit(name), s.add_pod(name, "master", 0, ["ok"], state="terminated")),
-        ),
-        Step(
-            followed_log_of(master(name)),
-            lambda s: s.finish(name, "Succeeded", "PyTorchJobSucceeded", "done"),
-        ),
+        Step(listed_workloads, lambda s: (s.admit(name), s.add_pod(name, 0, ["ok"], state="terminated"))),
+        Step(stand_in.followed_log(0), lambda s: s.finish(name, succeeded=True)),
     )
     log = CollectedLog()
 
     outcome = launch(stand_in, manifest, log)
 
     assert outcome.uid != old_uid and not outcome.adopted
-    assert len(stand_in.calls("POST", JOBS)) == 2  # 409 AlreadyExists, then the replacement
-    assert len(stand_in.calls("DELETE", f"{JOBS}/{name}")) == 1
+    assert len(stand_in.calls("POST", stand_in.jobs_path)) == 2  # 409 AlreadyExists, then the replacement
+    assert len(stand_in.calls("DELETE", f"{stand_in.jobs_path}/{name}")) == 1
     assert log.has("exists from an earlier attempt (Failed); replacing it")
 
 
+@pytest.mark.parametrize("kind", JOB_KINDS)
 @pytest.mark.parametrize("kueue_version", ["v1beta2", "v1beta1"])
-def test_rejected_admission_check_deletes_the_job_and_fails_with_its_message(kueue_version):
-    manifest = make_manifest()
+def test_rejected_admission_check_deletes_the_job_and_fails_with_its_message(kind, kueue_version):
+    manifest = make_manifest(kind)
     name = manifest["metadata"]["name"]
     rejection = "maxRunDurationSeconds of 8 days exceeds the maximum of 7 days"
     log = CollectedLog()
-    with KubeApiStandIn(kueue_version=kueue_version) as stand_in:
+    with KubeApiStandIn(kind=kind, kueue_version=kueue_version) as stand_in:
         stand_in.script(Step(listed_workloads, lambda s: s.set_admission_check(name, "Rejected", rejection)))
 
         with pytest.raises(AdmissionRejected) as rejected:
             launch(stand_in, manifest, log)
 
-        deletes = stand_in.calls("DELETE", f"{JOBS}/{name}")
+        deletes = stand_in.calls("DELETE", f"{stand_in.jobs_path}/{name}")
         job_left = stand_in.job(name)
         workload_reads = stand_in.calls("GET", "/workloads")
     assert rejection in str(rejected.value) and "'dws-prov'" in str(rejected.value)
@@ -585,10 +598,31 @@ def test_rejected_admission_check_deletes_the_job_and_fails_with_its_message(kue
     }
 
 
+@pytest.mark.parametrize("kind", JOB_KINDS)
+def test_a_kind_kueue_does_not_manage_is_named_while_it_waits(kind):
+    # Kueue 0.19 turned its PyTorchJob integration off: the job stays suspended with no Workload.
+    ticks = itertools.count(0, 10)
+    log = CollectedLog()
+    with KubeApiStandIn(kind=kind, kueue_manages=False) as stand_in:
+        with pytest.raises(JobTimedOut):
+            launch(
+                stand_in,
+                make_manifest(kind),
+                log,
+                timeout_s=100,
+                poll_interval_s=0.01,
+                clock=lambda: float(next(ticks)),
+            )
+    framework = job_kind(kind).kueue_framework
+    hint = [line for line in log if "Kueue has made no Workload" in line]
+    assert len(hint) == 1 and f"is its {framework!r} integration enabled" in hint[0]
+
+
+@pytest.mark.parametrize("kind", JOB_KINDS)
 @pytest.mark.parametrize(
     "cluster, names",
     [
-        (dict(pytorchjob_crd=False), "PyTorchJob CRD (pytorchjobs.kubeflow.org/v1) is not installed"),
+        (dict(crd_installed=False), "CRD ({resource}) is not installed in the cluster: install"),
         (dict(namespaces=()), "namespace 'batch-inference' does not exist"),
         (dict(namespaces=(), namespace_read_allowed=False), "namespace 'batch-inference' does not exist"),
         (dict(local_queues=()), "LocalQueue 'dws-local-queue' does not exist in namespace 'batch-inference'"),
@@ -596,14 +630,14 @@ def test_rejected_admission_check_deletes_the_job_and_fails_with_its_message(kue
     ],
     ids=["crd", "namespace", "namespace-found-at-create", "local-queue", "kueue"],
 )
-def test_missing_cluster_resource_is_a_one_line_error_naming_it(cluster, names):
-    with KubeApiStandIn(**cluster) as server:
+def test_missing_cluster_resource_is_a_one_line_error_naming_it(kind, cluster, names):
+    with KubeApiStandIn(kind=kind, **cluster) as server:
         with pytest.raises(MissingClusterResource) as missing:
-            launch(server, make_manifest(), CollectedLog())
-        created = [r for r in server.calls("POST", JOBS) if r.query]
+            launch(server, make_manifest(kind), CollectedLog())
+        created = [r for r in server.calls("POST", server.jobs_path) if r.query]
         jobs_left = dict(server.jobs)
 
-    assert names in str(missing.value)
+    assert names.format(resource=job_kind(kind).resource) in str(missing.value)
     assert "\n" not in str(missing.value)
     assert isinstance(missing.value, LauncherError)
     assert jobs_left == {}

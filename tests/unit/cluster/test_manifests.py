@@ -1,28 +1,37 @@
-"""The cluster/ setup manifests: schema-valid, wired to each other, and least-privilege RBAC.
+"""The cluster/ setup: schema-valid, wired to each other, one overlay per job kind, least-privilege RBAC.
 
-Kueue objects are checked against the Kueue CRD schemas in ``shared/crds`` (unknown fields
-rejected), built-in kinds against Kubernetes' own strict schemas (``kubernetes-validate``). The
-Role is checked both against the brief (exact verbs) and against what the launcher really does
-when run against the local API stand-in.
+Kueue and Trainer objects are checked against their CRD schemas in ``shared/crds`` (unknown
+fields rejected), built-in kinds against Kubernetes' own strict schemas (``kubernetes-validate``).
+Each overlay is rendered as ``kubectl apply -k`` would (by ``kubectl kustomize`` itself where it is
+installed); its Roles are checked both against the brief (exact verbs) and against what the
+launcher really does for that kind when run against the local API stand-in.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
 from components.launch.kubernetes.api import KubernetesApi
-from components.launch.kubernetes.errors import JobTimedOut
-from components.launch.kubernetes.kinds import JobConfig, job_name_for
-from components.launch.kubernetes.pytorchjob import KIND
+from components.launch.kubernetes.errors import JobFailed, JobTimedOut
+from components.launch.kubernetes.kinds import DEFAULT_JOB_KIND, JOB_KINDS, JobConfig, job_kind, job_name_for
+from components.launch.kubernetes.kueue import PROVISIONING_REQUEST
 from components.launch.kubernetes.supervisor import run_job
 from tests.support import ROOT
-from tests.support.k8s_stand_in import KubeApiStandIn, Step, followed_log_of, listed_workloads
-from tests.support.schemas import assert_valid_for_crd, assert_valid_for_kubernetes, crd_schema
+from tests.support.job_pods import TRAINING_RUNTIME
+from tests.support.k8s_stand_in import KubeApiStandIn, Step, listed_provisioning_requests
+from tests.support.schemas import (
+    assert_valid_for_crd,
+    assert_valid_for_kubernetes,
+    crd_schema,
+    pod_template_resource,
+)
 
 CLUSTER = ROOT / "cluster"
 NAMESPACE = "batch-inference"
@@ -35,19 +44,25 @@ CLUSTER_SCOPED = {
     "ClusterRole",
     "ClusterRoleBinding",
 }
-KUEUE_CRD_FILES = {
+CRD_FILES = {
     "ResourceFlavor": "kueue.x-k8s.io_resourceflavors.yaml",
     "ClusterQueue": "kueue.x-k8s.io_clusterqueues.yaml",
     "LocalQueue": "kueue.x-k8s.io_localqueues.yaml",
     "AdmissionCheck": "kueue.x-k8s.io_admissionchecks.yaml",
     "ProvisioningRequestConfig": "kueue.x-k8s.io_provisioningrequestconfigs.yaml",
+    "TrainingRuntime": "trainer.kubeflow.org_trainingruntimes.yaml",
 }
-EXPECTED_GRANTS = (
-    {("kubeflow.org", "pytorchjobs", verb) for verb in ("create", "get", "list", "watch", "delete")}
-    | {("", resource, verb) for resource in ("pods", "pods/log") for verb in ("get", "list", "watch")}
+READ_ONLY_GRANTS = (
+    {("", resource, verb) for resource in ("pods", "pods/log") for verb in ("get", "list", "watch")}
     | {("kueue.x-k8s.io", "workloads", verb) for verb in ("get", "list", "watch")}
     | {("kueue.x-k8s.io", "localqueues", "get")}
+    | {("autoscaling.x-k8s.io", "provisioningrequests", verb) for verb in ("get", "list")}
 )
+
+
+def kind_grants(kind: str) -> set[tuple[str, str, str]]:
+    resource = job_kind(kind).resource
+    return {(resource.group, resource.plural, verb) for verb in ("create", "get", "list", "watch", "delete")}
 
 
 def manifest_files() -> list[Path]:
@@ -58,19 +73,31 @@ def load_all() -> list[tuple[Path, dict]]:
     return [(path, doc) for path in manifest_files() for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-def of_kind(kind: str) -> list[dict]:
-    return [doc for _, doc in load_all() if doc["kind"] == kind]
+def rendered(directory: Path) -> list[dict]:
+    """The objects ``kubectl apply -k directory`` applies: its resources, kustomizations recursively."""
+    spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert set(spec) <= {"apiVersion", "kind", "resources"}, "only resources: the loader here renders no more"
+    docs = []
+    for entry in spec["resources"]:
+        path = (directory / entry).resolve()
+        docs += rendered(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
 
 
-def one(kind: str, name: str) -> dict:
-    matches = [doc for doc in of_kind(kind) if doc["metadata"]["name"] == name]
+def of_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def one(docs: list[dict], kind: str, name: str) -> dict:
+    matches = [doc for doc in of_kind(docs, kind) if doc["metadata"]["name"] == name]
     assert len(matches) == 1, f"expected one {kind} {name!r}, found {len(matches)}"
     return matches[0]
 
 
-def role_grants(role: dict) -> set[tuple[str, str, str]]:
+def role_grants(roles: list[dict]) -> set[tuple[str, str, str]]:
     return {
         (group, resource, verb)
+        for role in roles
         for rule in role["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
@@ -78,14 +105,17 @@ def role_grants(role: dict) -> set[tuple[str, str, str]]:
     }
 
 
-# -- schemas -------------------------------------------------------------------------------------------
+OVERLAYS = {kind: CLUSTER / "overlays" / kind for kind in JOB_KINDS}
+
+
+# -- schemas and layout --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "path, doc",
     load_all(),
     ids=lambda v: (
-        v.name
+        str(v.relative_to(CLUSTER))
         if isinstance(v, Path)
         else f"{v['kind']}/{v['metadata']['name']}"
         if isinstance(v, dict)
@@ -93,18 +123,25 @@ def role_grants(role: dict) -> set[tuple[str, str, str]]:
     ),
 )
 def test_every_manifest_is_schema_valid(path, doc, crds_dir):
-    if doc["apiVersion"].startswith("kueue.x-k8s.io/"):
+    if doc["kind"] in CRD_FILES:
         version = doc["apiVersion"].split("/", 1)[1]
-        assert_valid_for_crd(doc, crd_schema(crds_dir, KUEUE_CRD_FILES[doc["kind"]], version))
+        assert_valid_for_crd(doc, crd_schema(crds_dir, CRD_FILES[doc["kind"]], version))
     else:
         assert_valid_for_kubernetes(doc)
 
 
-def test_kueue_objects_use_the_storage_version(crds_dir):
-    for kind, filename in KUEUE_CRD_FILES.items():
+def test_the_training_runtimes_pod_is_valid_for_kubernetes():
+    runtime = yaml.safe_load(TRAINING_RUNTIME.read_text())
+    for job in runtime["spec"]["template"]["spec"]["replicatedJobs"]:
+        assert_valid_for_kubernetes(pod_template_resource(job["template"]["spec"]["template"]))
+
+
+def test_custom_resources_use_their_storage_version(crds_dir):
+    for kind, filename in CRD_FILES.items():
         crd = yaml.safe_load((crds_dir / filename).read_text())
         storage = next(v["name"] for v in crd["spec"]["versions"] if v.get("storage"))
-        assert {doc["apiVersion"] for doc in of_kind(kind)} == {f"kueue.x-k8s.io/{storage}"}, kind
+        used = {doc["apiVersion"] for _, doc in load_all() if doc["kind"] == kind}
+        assert used == {f"{crd['spec']['group']}/{storage}"}, kind
 
 
 def test_namespaced_objects_name_their_namespace_and_cluster_scoped_ones_do_not():
@@ -117,92 +154,124 @@ def test_namespaced_objects_name_their_namespace_and_cluster_scoped_ones_do_not(
 
 
 @pytest.mark.parametrize(
-    "kustomization", sorted(CLUSTER.rglob("kustomization.yaml")), ids=lambda p: str(p.parent.name)
+    "kustomization",
+    sorted(CLUSTER.rglob("kustomization.yaml")),
+    ids=lambda p: str(p.parent.relative_to(CLUSTER)),
 )
 def test_kustomizations_list_exactly_the_files_beside_them(kustomization):
     spec = yaml.safe_load(kustomization.read_text())
     assert spec["apiVersion"] == "kustomize.config.k8s.io/v1beta1" and spec["kind"] == "Kustomization"
     assert "namespace" not in spec  # it would be stamped onto the cluster-scoped Kueue objects too
     beside = {p.name for p in kustomization.parent.glob("*.yaml") if p.name != "kustomization.yaml"}
-    assert sorted(spec["resources"]) == sorted(beside)
+    files = {entry for entry in spec["resources"] if not (kustomization.parent / entry).is_dir()}
+    assert files == beside
+    for entry in set(spec["resources"]) - files:
+        assert (kustomization.parent / entry / "kustomization.yaml").exists(), entry
 
 
-# -- Kueue + DWS wiring ---------------------------------------------------------------------------------------
+def test_every_kind_has_an_overlay_and_the_default_is_the_default_kind():
+    assert {p.name for p in (CLUSTER / "overlays").iterdir()} == set(JOB_KINDS)
+    assert yaml.safe_load((CLUSTER / "kustomization.yaml").read_text())["resources"] == [
+        f"overlays/{DEFAULT_JOB_KIND}"
+    ]
 
 
-def test_kueue_objects_reference_each_other_and_match_the_job_defaults():
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) is not installed"
+)
+@pytest.mark.parametrize("directory", [CLUSTER, *OVERLAYS.values()], ids=lambda p: str(p.relative_to(ROOT)))
+def test_kubectl_kustomize_renders_what_the_tests_check(directory):
+    done = subprocess.run(
+        ["kubectl", "kustomize", str(directory)], capture_output=True, text=True, check=True
+    )
+
+    def key(doc: dict) -> tuple[str, str]:
+        return doc["kind"], doc["metadata"]["name"]
+
+    assert sorted(yaml.safe_load_all(done.stdout), key=key) == sorted(rendered(directory), key=key)
+
+
+# -- Kueue + DWS wiring -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", JOB_KINDS)
+def test_kueue_objects_reference_each_other_and_match_the_job_defaults(kind):
+    docs = rendered(OVERLAYS[kind])
     defaults = JobConfig(name="x", image="i", worker_args=[])
-    local_queue = one("LocalQueue", defaults.queue)
+    local_queue = one(docs, "LocalQueue", defaults.queue)
     assert local_queue["metadata"]["namespace"] == defaults.namespace == NAMESPACE
-    cluster_queue = one("ClusterQueue", local_queue["spec"]["clusterQueue"])
+    cluster_queue = one(docs, "ClusterQueue", local_queue["spec"]["clusterQueue"])
     assert cluster_queue["spec"]["namespaceSelector"] == {
         "matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}
     }
     (group,) = cluster_queue["spec"]["resourceGroups"]
     assert "nvidia.com/gpu" in group["coveredResources"]
     for flavor in group["flavors"]:
-        one("ResourceFlavor", flavor["name"])
+        one(docs, "ResourceFlavor", flavor["name"])
         assert {r["name"] for r in flavor["resources"]} == set(group["coveredResources"])
     check_names = [c["name"] for c in cluster_queue["spec"]["admissionChecksStrategy"]["admissionChecks"]]
     assert check_names == ["dws-prov"]
-    check = one("AdmissionCheck", "dws-prov")
+    check = one(docs, "AdmissionCheck", "dws-prov")
     assert check["spec"]["controllerName"] == "kueue.x-k8s.io/provisioning-request"
     parameters = check["spec"]["parameters"]
     assert (parameters["apiGroup"], parameters["kind"]) == ("kueue.x-k8s.io", "ProvisioningRequestConfig")
-    config = one("ProvisioningRequestConfig", parameters["name"])["spec"]
+    config = one(docs, "ProvisioningRequestConfig", parameters["name"])["spec"]
     assert config["provisioningClassName"] == "queued-provisioning.gke.io"
     assert config["managedResources"] == ["nvidia.com/gpu"]
-    assert config["podSetMergePolicy"] == "IdenticalWorkloadSchedulingRequirements"
-    one("ServiceAccount", defaults.service_account)
-    one("Namespace", NAMESPACE)
+    assert (
+        config["podSetMergePolicy"] == "IdenticalWorkloadSchedulingRequirements"
+    )  # PyTorchJob's two PodSets
+    one(docs, "ServiceAccount", defaults.service_account)
+    one(docs, "Namespace", NAMESPACE)
 
 
-def test_kueue_configuration_enables_the_pytorchjob_integration():
-    config_map = one("ConfigMap", "kueue-manager-config")
-    assert config_map["metadata"]["namespace"] == "kueue-system"
-    configuration = yaml.safe_load(config_map["data"]["controller_manager_config.yaml"])
-    assert configuration["apiVersion"] == "config.kueue.x-k8s.io/v1beta2"
-    assert configuration["kind"] == "Configuration"
-    assert "kubeflow.org/pytorchjob" in configuration["integrations"]["frameworks"]
-    assert configuration["manageJobsWithoutQueueName"] is False
+def test_only_the_trainjob_overlay_installs_a_runtime_and_it_is_the_one_trainjobs_name():
+    for kind, overlay in OVERLAYS.items():
+        runtimes = of_kind(rendered(overlay), "TrainingRuntime")
+        if kind == "trainjob":
+            (runtime,) = runtimes
+            ref = job_kind(kind).build(JobConfig(name="x", image="i", worker_args=[]))["spec"]["runtimeRef"]
+            assert (ref["kind"], ref["name"]) == (runtime["kind"], runtime["metadata"]["name"])
+        else:
+            assert runtimes == []
 
 
 # -- RBAC ---------------------------------------------------------------------------------------------------------
 
 
-def test_rbac_is_namespaced_only_with_exactly_the_launchers_verbs():
-    kinds = {doc["kind"] for _, doc in load_all()}
-    assert not kinds & {"ClusterRole", "ClusterRoleBinding"}
-    roles = of_kind("Role")
-    assert len(roles) == 1
-    role = roles[0]
-    assert role["metadata"]["namespace"] == NAMESPACE
-    assert role_grants(role) == EXPECTED_GRANTS
+@pytest.mark.parametrize("kind", JOB_KINDS)
+def test_rbac_is_namespaced_only_with_exactly_the_launchers_verbs_for_its_kind(kind):
+    docs = rendered(OVERLAYS[kind])
+    assert not {doc["kind"] for doc in docs} & {"ClusterRole", "ClusterRoleBinding"}
+    roles = of_kind(docs, "Role")
+    assert {role["metadata"]["namespace"] for role in roles} == {NAMESPACE}
+    assert role_grants(roles) == READ_ONLY_GRANTS | kind_grants(kind)
     assert not any(
         "*" in value
+        for role in roles
         for rule in role["rules"]
         for key in ("apiGroups", "resources", "verbs")
         for value in rule[key]
     )
-    (binding,) = of_kind("RoleBinding")
-    assert binding["metadata"]["namespace"] == NAMESPACE
-    assert binding["roleRef"] == {
-        "apiGroup": "rbac.authorization.k8s.io",
-        "kind": "Role",
-        "name": role["metadata"]["name"],
-    }
-    assert {s["kind"] for s in binding["subjects"]} == {"ServiceAccount"}
-    launcher = one("ServiceAccount", "batch-inference-launcher")
-    assert {
-        "kind": "ServiceAccount",
-        "name": "batch-inference-launcher",
-        "namespace": launcher["metadata"]["namespace"],
-    } in binding["subjects"]
+    bindings = of_kind(docs, "RoleBinding")
+    assert sorted(b["roleRef"]["name"] for b in bindings) == sorted(r["metadata"]["name"] for r in roles)
+    launcher = one(docs, "ServiceAccount", "batch-inference-launcher")
+    for binding in bindings:
+        assert binding["metadata"]["namespace"] == NAMESPACE
+        assert (
+            binding["roleRef"]["apiGroup"] == "rbac.authorization.k8s.io"
+            and binding["roleRef"]["kind"] == "Role"
+        )
+        assert {s["kind"] for s in binding["subjects"]} == {"ServiceAccount"}
+        assert {
+            "kind": "ServiceAccount",
+            "name": "batch-inference-launcher",
+            "namespace": launcher["metadata"]["namespace"],
+        } in binding["subjects"]
 
 
 _RESOURCE_PATH = re.compile(
-    r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)/namespaces/[^/]+/(?P<resource>[^/]+)"
-    r"(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$"
+    r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)/namespaces/[^/]+/(?P<resource>[^/]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$"
 )
 
 
@@ -223,45 +292,31 @@ def needed_grant(request) -> tuple[str, str, str] | None:
     return match["group"] or "", resource, verb
 
 
-def test_the_role_covers_every_call_the_launcher_makes():
+@pytest.mark.parametrize("kind", JOB_KINDS)
+def test_the_roles_cover_every_call_the_launcher_makes_for_its_kind(kind):
     results = "gs://results/runs/rbac"
-    manifest = KIND.build(
-        JobConfig(
-            name=job_name_for("run-rbac", results),
-            image="img",
-            worker_args=["--input", "x"],
-            results_uri=results,
-        )
+    build = job_kind(kind).build
+    manifest = build(
+        JobConfig(name=job_name_for("run-rbac", results), image="img", worker_args=[], results_uri=results)
     )
     name = manifest["metadata"]["name"]
-    grants = role_grants(one("Role", "batch-inference-launcher"))
-    needed = set()
-    free_paths = set()
+    grants = role_grants(of_kind(rendered(OVERLAYS[kind]), "Role"))
+    needed, free_paths = set(), set()
     # A namespaced Role cannot read Namespace objects: the stand-in answers 403, as a cluster would.
-    with KubeApiStandIn(namespace_read_allowed=False) as stand_in:
+    with KubeApiStandIn(kind=kind, namespace_read_allowed=False) as stand_in:
         stand_in.script(
             Step(
-                listed_workloads,
-                lambda s: (s.admit(name), s.add_pod(name, "master", 0, ["ok"], state="terminated")),
+                listed_provisioning_requests,
+                lambda s: (s.admit(name), s.add_pod(name, 0, ["ok"], state="terminated")),
             ),
-            Step(
-                followed_log_of(f"{name}-master-0"),
-                lambda s: s.finish(name, "Failed", "PyTorchJobFailed", "failed"),
-            ),
+            Step(stand_in.followed_log(0), lambda s: s.finish(name, succeeded=False)),
         )
         api = KubernetesApi(stand_in.url, token="t", request_timeout_s=10)
-        with pytest.raises(Exception, match="PyTorchJobFailed"):
-            run_job(
-                api,
-                KIND,
-                manifest,
-                log=lambda _: None,
-                poll_interval_s=0.05,
-                retry_interval_s=0.02,
-                timeout_s=30,
-            )
+        options = dict(log=lambda _: None, poll_interval_s=0.05, retry_interval_s=0.02, timeout_s=30)
+        with pytest.raises(JobFailed):
+            run_job(api, job_kind(kind), manifest, **options)
         ticks = itertools.count(0, 100)
-        second = KIND.build(
+        second = build(
             JobConfig(
                 name=job_name_for("run-rbac-2", results + "-2"),
                 image="img",
@@ -272,22 +327,25 @@ def test_the_role_covers_every_call_the_launcher_makes():
         with pytest.raises(JobTimedOut):  # the path that deletes
             run_job(
                 api,
-                KIND,
+                job_kind(kind),
                 second,
-                log=lambda _: None,
-                poll_interval_s=0.01,
-                timeout_s=150,
-                clock=lambda: float(next(ticks)),
+                **{**options, "timeout_s": 150, "clock": lambda: float(next(ticks))},
             )
         for request in stand_in.requests:
             grant = needed_grant(request)
             (needed.add(grant) if grant else free_paths.add(request.path))
 
     assert needed <= grants, needed - grants
+    assert (PROVISIONING_REQUEST.group, PROVISIONING_REQUEST.plural, "list") in needed
     # Everything else the launcher asks is open to any authenticated identity (discovery), or
     # is allowed to be refused (the namespace read).
-    assert free_paths <= {"/apis/kubeflow.org/v1", "/apis/kueue.x-k8s.io", f"/api/v1/namespaces/{NAMESPACE}"}
-    # And the Role grants nothing the launcher never uses beyond the brief's read verbs.
+    resource = job_kind(kind).resource
+    assert free_paths <= {
+        f"/apis/{resource.group}/{resource.version}",
+        "/apis/kueue.x-k8s.io",
+        f"/api/v1/namespaces/{NAMESPACE}",
+    }
+    # And the Roles grant nothing that changes the cluster beyond what the launcher does.
     assert {g for g in grants if g[2] in ("create", "delete")} == {
         g for g in needed if g[2] in ("create", "delete")
     }

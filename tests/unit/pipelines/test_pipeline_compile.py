@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.images import DEFAULT_IMAGE
+from components.images import DEFAULT_TASK_IMAGE, DEFAULT_WORKER_IMAGE
 from components.launch.component import classify_images
 from components.launch.launch import LaunchRequest
-from pipelines.batch_inference import KUBEFLOW, PIPELINES, VERTEX, compiled_filename
+from pipelines.batch_inference import KUBEFLOW, PIPELINES, STEPS, VERTEX, compiled_filename
 from tests.support import ROOT
 
 COMPILED = ROOT / "compiled"
@@ -24,7 +24,7 @@ COMPILED = ROOT / "compiled"
 def fresh(tmp_path_factory) -> Path:
     """A compile through the CLI, in a clean interpreter with the default image."""
     out = tmp_path_factory.mktemp("compiled")
-    env = {k: v for k, v in os.environ.items() if k != "BATCH_INFERENCE_IMAGE"}
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_IMAGE")}
     subprocess.run(
         [sys.executable, "-m", "pipelines", "compile", "--out", str(out)],
         cwd=ROOT,
@@ -95,6 +95,8 @@ def test_every_parameter_has_a_default_and_a_description(fresh, flavour):
     assert params["model"]["defaultValue"] == "google/vit-base-patch16-224"
     assert params["backend"]["defaultValue"] == "kubernetes"
     assert params["accelerator"]["defaultValue"] == "nvidia-h200-141gb"
+    # The job's pods run the CUDA worker image; the tasks themselves the small CPU one.
+    assert params["image"]["defaultValue"] == DEFAULT_WORKER_IMAGE != DEFAULT_TASK_IMAGE
 
 
 @pytest.mark.parametrize("flavour", [KUBEFLOW, VERTEX])
@@ -104,7 +106,7 @@ def test_components_run_the_project_image_without_installing_anything(fresh, fla
     assert set(executors) == {"exec-upload-images", "exec-classify-images", "exec-aggregate-results"}
     for name, executor in executors.items():
         container = executor["container"]
-        assert container["image"] == DEFAULT_IMAGE, name
+        assert container["image"] == DEFAULT_TASK_IMAGE, name
         assert "pip install" not in " ".join(container["command"]), name
 
 
@@ -118,7 +120,7 @@ def test_launch_component_parameters_are_the_launch_request_fields():
     # The component forwards its parameters to LaunchRequest by name; keep the two in step.
     inputs = set(classify_images.component_spec.inputs)
     fields = {f.name for f in dataclasses.fields(LaunchRequest)}
-    assert inputs - {"images"} == fields - {"images_uri"}
+    assert inputs == fields
 
 
 def test_both_flavours_take_the_same_parameters():
@@ -126,9 +128,45 @@ def test_both_flavours_take_the_same_parameters():
     assert kubeflow == vertex
 
 
+TASKS = {"upload-images": "upload", "classify-images": "launch", "aggregate-results": "aggregate"}
+
+
 @pytest.mark.parametrize("flavour", [KUBEFLOW, VERTEX])
-def test_no_task_is_cached(fresh, flavour):
-    # Each task depends on GCS state its inputs do not capture; a cache hit would skip real work.
+def test_each_task_has_its_name_resources_retries_and_caching(fresh, flavour):
+    spec = _docs(fresh / compiled_filename(flavour))[0]
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == set(TASKS)
+    shown = {task["taskInfo"]["name"] for task in tasks.values()}
+    assert shown == {"Upload images", "Classify images", "Aggregate results"}
+    for name, role in TASKS.items():
+        task, settings = tasks[name], STEPS[role]
+        assert task["taskInfo"]["name"] == settings.display_name
+        # Upload may be served from the cache on its inputs; launch and aggregate never.
+        assert bool(task.get("cachingOptions", {}).get("enableCache")) == (role == "upload")
+        if role == "launch":
+            assert "retryPolicy" not in task  # a retry would start a second job
+        else:
+            policy = task["retryPolicy"]
+            assert policy["maxRetryCount"] == 3 and policy["backoffFactor"] == 2
+            assert policy["backoffDuration"] == "30s" and policy["backoffMaxDuration"] == "600s"
+        resources = spec["deploymentSpec"]["executors"][
+            task["componentRef"]["name"].replace("comp-", "exec-")
+        ]["container"]["resources"]
+        assert resources["resourceCpuRequest"] == settings.cpu_request
+        assert resources["resourceCpuLimit"] == settings.cpu_limit
+        assert resources["resourceMemoryRequest"] == settings.memory_request
+        assert resources["resourceMemoryLimit"] == settings.memory_limit
+
+
+@pytest.mark.parametrize("flavour", [KUBEFLOW, VERTEX])
+def test_big_data_passes_by_reference(fresh, flavour):
+    # Images and results travel as string parameters; only small files are artifacts.
     tasks = _docs(fresh / compiled_filename(flavour))[0]["root"]["dag"]["tasks"]
-    assert set(tasks) == {"upload-images", "classify-images", "aggregate-results"}
-    assert all(not task.get("cachingOptions", {}).get("enableCache") for task in tasks.values())
+    launch, aggregate = tasks["classify-images"]["inputs"], tasks["aggregate-results"]["inputs"]
+    assert "artifacts" not in launch
+    assert launch["parameters"]["images_uri"]["taskOutputParameter"] == {
+        "outputParameterKey": "images_uri",
+        "producerTask": "upload-images",
+    }
+    assert aggregate["parameters"]["results_uri"]["taskOutputParameter"]["producerTask"] == "classify-images"
+    assert set(aggregate["artifacts"]) == {"job"}  # the launch step's small JSON record

@@ -8,9 +8,11 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from components.aggregate.aggregate import IncompleteResultsError, aggregate
+from components.launch.job_record import JobRecord
 from tests.support.html import parse_html
 from worker.results import MANIFEST, MARKER, read_manifest
 from worker.storage import join, open_storage, read_text, write_text
@@ -88,6 +90,7 @@ def _outputs(tmp_path: Path) -> dict[str, str]:
             ("csv_path", "results.csv"),
             ("parquet_path", "results.parquet"),
             ("html_path", "report.html"),
+            ("errors_path", "errors.csv"),
         )
     }
 
@@ -125,8 +128,11 @@ def test_complete_results(results_root, tmp_path):
         "distinct_classes": 4,
         "images_per_second": 12 / 4.0,
         "wall_seconds": 4.0,
-        "gpu_seconds": 4.0,
         "ranks": 2,
+        # One rank ran on a GPU; without a job record the slowest rank's time stands in.
+        "gpus": 1,
+        "job_seconds": 4.0,
+        "gpu_hours": 4.0 / 3600,
         "rows": 9,
         "reused": 0,
         "changed": 0,
@@ -151,15 +157,21 @@ def test_complete_results(results_root, tmp_path):
     assert str(parquet["label_index"].dtype) == "int64"
     assert parquet["uri"].tolist() == table["uri"].tolist()
 
+    errors = pd.read_csv(out["errors_path"], keep_default_na=False)
+    assert list(errors.columns) == ["uri", "reason"]
+    assert list(errors.itertuples(index=False, name=None)) == report.errors_sample
+
     marker = json.loads(read_text(join(results_root, MARKER)))
     assert marker["metrics"] == report.metrics and marker["parts"] == 3
     # The manifest: the same rows, with the generation each image was read at (none for odd i).
     assert marker["manifest"] == MANIFEST
     manifest = read_manifest(join(results_root, MANIFEST))
     assert manifest["uri"].tolist() == table["uri"].tolist()
-    assert manifest["generation"].tolist() == [
-        pd.NA if i % 2 else 1712345678901234 + i for i in sorted(classified, key=_uri)
+    assert [None if pd.isna(g) else int(g) for g in manifest["generation"]] == [
+        None if i % 2 else 1712345678901234 + i for i in sorted(classified, key=_uri)
     ]
+    schema = pq.read_schema(io.BytesIO(open_storage(results_root).read(join(results_root, MANIFEST))))
+    assert schema.field("generation").type == "int64"  # a nullable integer, never a float
 
     page = parse_html(Path(out["html_path"]))
     text = " ".join(page.text)
@@ -273,3 +285,54 @@ def test_part_with_wrong_columns_is_named(tmp_path):
 def test_missing_plan_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="no plan at .*plan.jsonl"):
         aggregate(str(tmp_path / "nothing"), **_outputs(tmp_path))
+
+
+def _job(seconds: float) -> JobRecord:
+    return JobRecord(
+        backend="kubernetes",
+        job_name="bi-run-1",
+        images_uri="gs://images/coco",
+        results_uri="gs://results/r1",
+        model="google/vit-base-patch16-224",
+        parameters={"batch_size": 256, "accelerator": "nvidia-h200-141gb"},
+        nodes=1,
+        world_size=2,
+        started_at="2026-10-01T02:00:00+00:00",
+        finished_at="2026-10-01T02:30:00+00:00",
+        job_seconds=seconds,
+    )
+
+
+def test_a_gpu_run_reports_what_it_was_and_what_it_cost(tmp_path):
+    root = str(tmp_path / "results")
+    write_layout(
+        root, list(range(4)), parts={0: [0, 1, 2, 3]}, summaries=[_summary(0, 2, 5.0), _summary(1, 2, 6.0)]
+    )
+    out = _outputs(tmp_path)
+
+    report = aggregate(root, **out, job=_job(1800.0), price_per_gpu_hour=10.0)
+
+    m = report.metrics
+    # Two GPUs for the job's half hour (its start-up included), not the ranks' 6 s.
+    assert (m["gpus"], m["job_seconds"], m["gpu_hours"]) == (2, 1800.0, 1.0)
+    assert m["cost"] == 10.0
+    assert m["cost_per_million_images"] == 10.0 / 4 * 1e6
+    text = " ".join(parse_html(Path(out["html_path"])).text)
+    for fact in ("google/vit-base-patch16-224", "gs://images/coco", "bi-run-1", "2026-10-01T02:00:00+00:00"):
+        assert fact in text
+    for caption in ("GPU-hours", "Cost / million images", "nvidia-h200-141gb"):
+        assert caption in text
+
+
+def test_a_cpu_run_shows_no_gpu_time_or_cost(tmp_path):
+    root = str(tmp_path / "results")
+    summaries = [_summary(0, 2, 5.0, device="cpu"), _summary(1, 2, 6.0, device="cpu")]
+    write_layout(root, list(range(4)), parts={0: [0, 1, 2, 3]}, summaries=summaries)
+    out = _outputs(tmp_path)
+
+    report = aggregate(root, **out, job=_job(60.0), price_per_gpu_hour=10.0)
+
+    assert report.metrics["gpus"] == 0
+    assert not {"gpu_hours", "cost", "cost_per_million_images"} & set(report.metrics)
+    text = " ".join(parse_html(Path(out["html_path"])).text)
+    assert "GPU" not in text and "Cost" not in text

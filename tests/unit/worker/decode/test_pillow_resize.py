@@ -88,13 +88,15 @@ def test_kernels_write_pillow_pixels_into_the_right_rows(h, w, oh, ow, resample,
 
 
 def test_kernels_normalize_like_the_image_processor():
-    pre = Preprocess.from_config(
-        {
-            "size": {"height": 8, "width": 8},
-            "resample": BILINEAR,
-            "image_mean": [0.5, 0.4, 0.3],
-            "image_std": [0.2, 0.25, 0.5],
-        }
+    from transformers import ViTImageProcessorPil
+
+    pre = Preprocess.from_processor(
+        ViTImageProcessorPil(
+            size={"height": 8, "width": 8},
+            resample=BILINEAR,
+            image_mean=[0.5, 0.4, 0.3],
+            image_std=[0.2, 0.25, 0.5],
+        )
     )
     image = RNG.integers(0, 256, (1, 12, 16, 3), dtype=np.uint8)
     mean, std = torch.tensor(pre.mean), torch.tensor(pre.std)

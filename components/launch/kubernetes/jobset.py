@@ -1,0 +1,130 @@
+"""The JobSet kind (``jobset.x-k8s.io/v1alpha2``, JobSet v0.12), as Google's A3 Ultra examples run torchrun.
+
+One replicated job, ``node``, of one Indexed Job with ``nodes`` pods. JobSet gives every pod a
+DNS name through a headless service (``<jobset>-node-0-<i>.<jobset>``) and, with
+``spec.coordinator``, writes node 0's name into every pod's annotations; the pod's completion
+index is its node rank. torchrun reads both from ``PET_*`` variables set from the downward API.
+``backoffLimit: 0`` fails the Job at a rank's first failure, ``failurePolicy.maxRestarts``
+recreates the whole gang up to ``backoff_limit`` times (the worker resumes from its committed
+shards), and ``successPolicy`` ends the JobSet when every pod has finished. Kueue queues it
+through its ``jobset.x-k8s.io/jobset`` integration, on by default; one replicated job is one
+PodSet, which GKE queued provisioning accepts as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from components.launch.kubernetes.api import Resource
+from components.launch.kubernetes.kinds import (
+    FAILED,
+    RUNNING,
+    STARTING,
+    SUCCEEDED,
+    SUSPENDED,
+    JobConfig,
+    JobState,
+    job_metadata,
+    true_conditions,
+)
+from components.launch.kubernetes.pod import pod_template
+
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
+NODE_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+COORDINATOR_ANNOTATION = "jobset.sigs.k8s.io/coordinator"
+REPLICATED_JOB = "node"
+RENDEZVOUS_PORT = "29500"
+
+
+def jobset_state(
+    job: dict[str, Any], conditions: dict[str, dict[str, Any]], jobs_status: list[dict[str, Any]]
+) -> JobState:
+    """Suspended, Running (every pod of the node job ready) or Starting, for a JobSet or a TrainJob."""
+    if (job.get("spec") or {}).get("suspend") or SUSPENDED in conditions:
+        return JobState.of(SUSPENDED, conditions.get(SUSPENDED))
+    if any((status.get("ready") or 0) + (status.get("succeeded") or 0) > 0 for status in jobs_status):
+        return JobState(RUNNING)
+    return JobState(STARTING)
+
+
+def _rendezvous_env() -> list[dict[str, Any]]:
+    """Torchrun's node rank and rendezvous host from the pod's own annotations (downward API)."""
+
+    def annotation(key: str) -> dict[str, Any]:
+        return {"fieldRef": {"fieldPath": f"metadata.annotations['{key}']"}}
+
+    return [
+        {"name": "PET_NODE_RANK", "valueFrom": annotation(NODE_INDEX_LABEL)},
+        {"name": "PET_MASTER_ADDR", "valueFrom": annotation(COORDINATOR_ANNOTATION)},
+        {"name": "PET_MASTER_PORT", "value": RENDEZVOUS_PORT},
+    ]
+
+
+class JobSetPods:
+    """The pods of a JobSet (also of a TrainJob, which Trainer runs as a JobSet): labels and ranks."""
+
+    container = "node"
+    leader_rank = f"{REPLICATED_JOB}-0"
+
+    def pod_selector(self, job_name: str) -> str:
+        return f"{JOBSET_NAME_LABEL}={job_name}"
+
+    def rank_selector(self, job_name: str, rank: str) -> str:
+        return (
+            f"{JOBSET_NAME_LABEL}={job_name},{REPLICATED_JOB_LABEL}={REPLICATED_JOB},"
+            f"{NODE_INDEX_LABEL}={rank.rpartition('-')[2]}"
+        )
+
+    def rank(self, pod: dict[str, Any]) -> str:
+        return f"{REPLICATED_JOB}-{(pod['metadata'].get('labels') or {}).get(NODE_INDEX_LABEL, '?')}"
+
+
+class JobSetKind(JobSetPods):
+    name = "jobset"
+    resource = Resource("jobset.x-k8s.io", "v1alpha2", "jobsets", "JobSet")
+    provider = "JobSet (v0.12)"
+    kueue_framework = "jobset.x-k8s.io/jobset"
+
+    def build(self, cfg: JobConfig) -> dict[str, Any]:
+        """The JobSet manifest: one Indexed Job of ``nodes`` worker pods."""
+        cfg.validate()
+        pod = pod_template(cfg, self.container, extra_env=_rendezvous_env())
+        pod["spec"]["restartPolicy"] = "Never"  # a failed rank fails its Job; the JobSet restarts the gang
+        job_spec: dict[str, Any] = {
+            "parallelism": cfg.nodes,
+            "completions": cfg.nodes,
+            "completionMode": "Indexed",
+            "backoffLimit": 0,
+            "template": pod,
+        }
+        if cfg.active_deadline_seconds is not None:
+            job_spec["activeDeadlineSeconds"] = cfg.active_deadline_seconds
+        spec: dict[str, Any] = {
+            "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+            "coordinator": {"replicatedJob": REPLICATED_JOB, "jobIndex": 0, "podIndex": 0},
+            "successPolicy": {"operator": "All", "targetReplicatedJobs": [REPLICATED_JOB]},
+            "failurePolicy": {"maxRestarts": cfg.backoff_limit},
+            "replicatedJobs": [{"name": REPLICATED_JOB, "replicas": 1, "template": {"spec": job_spec}}],
+        }
+        if cfg.queue:
+            spec["suspend"] = True  # Kueue admits it; until then no pod exists
+        if cfg.ttl_seconds_after_finished is not None:
+            spec["ttlSecondsAfterFinished"] = cfg.ttl_seconds_after_finished
+        return {
+            "apiVersion": self.resource.api_version,
+            "kind": self.resource.kind,
+            "metadata": job_metadata(cfg),
+            "spec": spec,
+        }
+
+    def state(self, job: dict[str, Any]) -> JobState:
+        conditions = true_conditions(job)
+        if "Completed" in conditions:
+            return JobState.of(SUCCEEDED, conditions["Completed"])
+        if FAILED in conditions:
+            return JobState.of(FAILED, conditions[FAILED])
+        return jobset_state(job, conditions, (job.get("status") or {}).get("replicatedJobsStatus") or [])
+
+
+KIND = JobSetKind()

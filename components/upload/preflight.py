@@ -1,0 +1,93 @@
+"""Checks a run's parameters in seconds, before anything is uploaded or any GPU is asked for.
+
+Each check raises ``ValueError`` with one line that names the parameter and says what to
+set instead. The CLI (``python -m pipelines run --local``, ``submit``) runs them before a run
+starts, and the upload task runs them first thing on the server.
+"""
+
+from __future__ import annotations
+
+import re
+
+from worker.config import IMAGE_EXTENSIONS, ConfigError, WorkerConfig
+from worker.storage import is_gcs, open_storage, split_uri
+
+# GCS bucket names: 3-63 characters of lowercase letters, digits, '-', '_' and '.', starting
+# and ending with a letter or digit.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]")
+
+
+def check_uri(name: str, uri: str, *, local_ok: bool = True) -> None:
+    """``uri`` is a well-formed gs:// prefix (or, with ``local_ok``, a local path).
+
+    Raises:
+        ValueError: Empty, another scheme, no or a malformed bucket, or surrounding blanks.
+    """
+    if not uri:
+        raise ValueError(f"{name} is empty: set it to a gs://bucket/prefix")
+    if uri != uri.strip():
+        raise ValueError(f"{name} {uri!r} has leading or trailing blanks")
+    if is_gcs(uri):
+        bucket, _ = split_uri(uri)
+        if not _BUCKET.fullmatch(bucket):
+            raise ValueError(f"{name} {uri!r} does not name a valid GCS bucket: gs://BUCKET/prefix")
+    elif "://" in uri or uri.startswith("gs:"):
+        raise ValueError(f"{name} {uri!r} is not a gs://bucket/prefix")
+    elif not local_ok:
+        raise ValueError(f"{name} must be a gs://bucket/prefix, got {uri!r}")
+
+
+def check_run(
+    *, images_uri: str, results_root: str, results_prefix: str, model: str, batch_size: int, shard_size: int
+) -> None:
+    """Check the parameters that would otherwise fail a run only after its upload.
+
+    Args:
+        images_uri: The images' prefix.
+        results_root: Where the run's results go (unless ``results_prefix`` is set).
+        results_prefix: The run's exact results prefix, or empty.
+        model: A hub id, or a gs:// or local model directory.
+        batch_size: Images per forward pass.
+        shard_size: Images per shard.
+
+    Raises:
+        ValueError: The first problem, on one line naming the parameter.
+    """
+    check_uri("images_uri", images_uri)
+    if results_prefix:
+        check_uri("results_prefix", results_prefix)
+    elif not results_root:
+        raise ValueError("results_root is empty: set it (or results_prefix) to where results go")
+    else:
+        check_uri("results_root", results_root)
+    if not model or model != model.strip():
+        raise ValueError(f"model {model!r}: set it to a hub id or a gs:// or local model directory")
+    try:
+        # The worker's own bounds and choices, checked where they are declared.
+        WorkerConfig(
+            input=images_uri,
+            output=results_prefix or results_root,
+            model=model,
+            batch_size=batch_size,
+            shard_size=shard_size,
+        )
+    except ConfigError as exc:
+        raise ValueError(f"{exc.parameter or 'parameter'}: {exc}") from None
+
+
+def check_images_present(images_uri: str) -> None:
+    """At least one image lies under ``images_uri`` (it stops listing at the first).
+
+    Raises:
+        ValueError: There is none (or the folder or bucket does not exist).
+    """
+    prefix = images_uri.rstrip("/") + "/"
+    try:
+        found = any(o.uri.lower().endswith(IMAGE_EXTENSIONS) for o in open_storage(prefix).list(prefix))
+    except FileNotFoundError:
+        found = False
+    if not found:
+        raise ValueError(
+            f"images_uri {images_uri} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
+            "check the prefix, or set source to upload them"
+        )
