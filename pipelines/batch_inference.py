@@ -28,6 +28,7 @@ from components.aggregate.component import aggregate_results
 from components.images import WORKER_IMAGE
 from components.launch.component import classify_images
 from components.upload.component import upload_images
+from components.upload.packing import DEFAULT_SHARD_MB
 from worker.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
 
 PIPELINE_NAME = "batch-inference"
@@ -128,6 +129,9 @@ def make_pipeline(flavour: str) -> Callable:
         results_prefix: str = "",
         incremental: bool = False,
         upload_workers: int = 16,
+        upload_layout: str = "loose",
+        packed_shard_mb: int = DEFAULT_SHARD_MB,
+        packed_shard_images: int = 0,
         model: str = DEFAULT_MODEL,
         backend: str = "kubernetes",
         batch_size: int = DEFAULT_BATCH_SIZE["cuda"],
@@ -169,6 +173,13 @@ def make_pipeline(flavour: str) -> Callable:
                 that run's rows are carried over for unchanged images, and deleted images are dropped.
                 Needs a gs:// images_uri. False: classify everything.
             upload_workers: Parallel transfers of the upload.
+            upload_layout: How the upload stores the images under images_uri: loose (one object per
+                file) or packed (WebDataset tar shards with an index each and a manifest, under
+                images_uri/packed/; a run then reads a batch of images with one ranged request
+                instead of one request per image, and a rerun packs only new or changed files).
+                The worker finds packed shards by itself, also when source is empty.
+            packed_shard_mb: With upload_layout packed: the most MB per shard.
+            packed_shard_images: With upload_layout packed: the most images per shard. 0: no limit.
             model: Hugging Face hub id, or a gs:// or local directory holding a save_pretrained()
                 image-classification model and its preprocessor_config.json.
             backend: Where the worker runs: kubernetes (a PyTorchJob on GKE) or local (torchrun
@@ -214,6 +225,9 @@ def make_pipeline(flavour: str) -> Callable:
             batch_size=batch_size,
             shard_size=shard_size,
             incremental=incremental,
+            layout=upload_layout,
+            shard_mb=packed_shard_mb,
+            shard_images=packed_shard_images,
         )
         launch = classify_images(
             images_uri=upload.outputs["images_uri"],

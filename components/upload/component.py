@@ -19,6 +19,9 @@ def upload_images(
     batch_size: int,
     shard_size: int,
     incremental: bool,
+    layout: str,
+    shard_mb: int,
+    shard_images: int,
     manifest: Output[Artifact],
 ) -> NamedTuple("Outputs", images_uri=str):
     """Checks the run's parameters, then copies the images under images_uri.
@@ -35,6 +38,9 @@ def upload_images(
         batch_size: Checked before the upload: images per forward pass.
         shard_size: Checked before the upload: images per shard.
         incremental: Whether an input with no images is allowed (nothing new since the last run).
+        layout: loose (one object per file) or packed (tar shards, indexes and a manifest).
+        shard_mb: Packed: the most MB per shard.
+        shard_images: Packed: the most files per shard; 0: no limit.
         manifest: A JSON record of the upload: source, destination, object and byte counts.
 
     Returns:
@@ -50,8 +56,20 @@ def upload_images(
         model=model,
         batch_size=batch_size,
         shard_size=shard_size,
+        upload_layout=layout,
+        packed_shard_mb=shard_mb,
+        packed_shard_images=shard_images,
     )
-    manifest.metadata.update(upload_and_record(source, images_uri, workers=workers, path=manifest.path))
+    record = upload_and_record(
+        source,
+        images_uri,
+        workers=workers,
+        path=manifest.path,
+        layout=layout,
+        shard_mb=shard_mb,
+        shard_files=shard_images,
+    )
+    manifest.metadata.update(record)
     if not incremental:
         check_images_present(images_uri)
     return NamedTuple("Outputs", images_uri=str)(images_uri)

@@ -260,8 +260,8 @@ class Packer:
 
     def _full(self, shard: _Shard, name: str, size: int) -> bool:
         """Whether adding a file of ``size`` bytes would take the shard past its limits."""
-        entry_bytes = len(tar.member_header(name, size)) + size + tar.BLOCK
-        return len(shard.data) + entry_bytes > self.limit or bool(
+        entry_bytes = len(tar.member_header(name, size)) + size + len(tar.padding(size))
+        return len(shard.data) + entry_bytes + len(tar.END_OF_ARCHIVE) > self.limit or bool(
             self.shard_files and len(shard.members) >= self.shard_files
         )
 

@@ -443,7 +443,16 @@ class _Progress:
         )
 
 
-def upload_and_record(source: str, destination: str, *, workers: int, path: str) -> dict:
+def upload_and_record(
+    source: str,
+    destination: str,
+    *,
+    workers: int,
+    path: str,
+    layout: str = LOOSE,
+    shard_mb: float = DEFAULT_SHARD_MB,
+    shard_files: int = 0,
+) -> dict:
     """Upload ``source`` to ``destination`` (nothing when ``source`` is empty) and record it.
 
     Args:
@@ -451,13 +460,18 @@ def upload_and_record(source: str, destination: str, *, workers: int, path: str)
         destination: The gs:// prefix.
         workers: Parallel transfers.
         path: Local file for the JSON record (the upload step's manifest artifact).
+        layout: ``loose`` or ``packed`` (see :func:`upload_dataset`).
+        shard_mb: Packed: the most MB per shard.
+        shard_files: Packed: the most files per shard; 0: no limit.
 
     Returns:
         The record: source, destination, and the counts of :class:`UploadReport`.
     """
     record: dict = {"source": source, "destination": destination, "upload_skipped": not source}
     if source:
-        report = upload_dataset(source, destination, workers=workers)
+        report = upload_dataset(
+            source, destination, workers=workers, layout=layout, shard_mb=shard_mb, shard_files=shard_files
+        )
         record.update(dataclasses.asdict(report))
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,20 @@ def list_archived_input(cfg: WorkerConfig, storage: Storage) -> list[ObjectInfo]
     return None
 
 
+def holds_images(storage: Storage, uri: str) -> bool:
+    """Whether ``uri`` holds anything to classify, found cheaply: a packed manifest, an archive
+    named by ``uri``, or an image or archive under it (the listing stops at the first).
+    """
+    if _kind_of(uri) and storage.stat(uri) is not None:
+        return True
+    if storage.exists(packed.manifest_uri(uri)):
+        return True
+    try:
+        return any(is_image(o.uri) or _kind_of(o.uri) for o in storage.list(folder(uri)))
+    except FileNotFoundError:
+        return False
+
+
 def archives_in_listing(storage: Storage, listed: Sequence[ObjectInfo]) -> list[ObjectInfo]:
     """``auto`` for an input without loose images: the images inside its tar and zip archives."""
     entries: list[ObjectInfo] = []
