@@ -5,7 +5,7 @@ When one rank of a torchrun gang dies, its peers die a moment later in a collect
 torchrun adds its own ``ChildFailedError`` summary. Whoever reads the end of the log sees those
 echoes. This module reads the ranks' logs (torchrun's ``--tee`` prefixes every line with
 ``[default<local rank>]:``), finds each process's error (the exception of its last traceback,
-or the line the worker logged at ERROR), tells a cause from an echo, and picks the first rank
+or the line the worker printed as its error), tells a cause from an echo, and picks the first rank
 whose error is a cause. Both backends end a failed run with that rank's error.
 """
 
@@ -15,12 +15,15 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from worker.config import PROG
+
 # torchrun --tee's per-process prefix, and torch's own prefix of a distributed error.
 _PROCESS_PREFIX = re.compile(r"^\[default(\d+)\]:")
 _TORCH_RANK_PREFIX = re.compile(r"^\[rank\d+\]: ?")
 _TRACEBACK = "Traceback (most recent call last):"
-# The worker's log format: "<time> [rank N] ERROR worker: message".
-_LOGGED_ERROR = re.compile(r"\] (ERROR|CRITICAL) ")
+# The worker's one-line refusal of a bad input ("python -m worker: error: ..."), and its log
+# format at ERROR ("<time> [rank N] ERROR worker: message").
+_LOGGED_ERROR = re.compile(rf"^{re.escape(PROG)}: error: |\] (ERROR|CRITICAL) ")
 # What a rank prints when a peer died first: lost connections, aborted collectives, store
 # timeouts, torchrun's own summary and the signal that stopped it.
 _ECHO = re.compile(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 
 import pytest
+from PIL import Image
 
 from components.launch.local import LocalRunError, run_local, worker_command
+from worker.results import PLAN_FILE
 
 
 def test_command_uses_torchrun_only_for_several_processes():
@@ -20,13 +22,18 @@ def test_command_uses_torchrun_only_for_several_processes():
 
 @pytest.mark.slow
 def test_a_failed_run_ends_with_the_first_failing_ranks_error_not_its_peers_echo(tmp_path, tiny_model):
+    # A results prefix whose plan.jsonl is a directory: rank 0, which alone reads the plan, fails
+    # with a traceback while rank 1 waits for the plan in a gloo broadcast and loses its peer.
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(images / "red.jpg")
+    (tmp_path / "out" / PLAN_FILE).mkdir(parents=True)
     lines: list[str] = []
-    missing = tmp_path / "no-such-images"
     with pytest.raises(LocalRunError) as caught:
         run_local(
             [
                 "--input",
-                str(missing),
+                str(images),
                 "--output",
                 str(tmp_path / "out"),
                 "--model",
@@ -38,17 +45,18 @@ def test_a_failed_run_ends_with_the_first_failing_ranks_error_not_its_peers_echo
             log=lines.append,
         )
     err = caught.value
+    message = str(err).splitlines()
     assert err.returncode != 0 and not err.timed_out
-    # Rank 0 found the input missing; rank 1 then lost its gloo peer. The message ends with the
-    # cause, and names the echo as one.
-    last = str(err).splitlines()[-1]
-    assert last.startswith("rank 0 failed first: ") and last.endswith(
-        f"input directory does not exist: {missing}"
+    cause = f"IsADirectoryError: [Errno 21] Is a directory: '{tmp_path / 'out' / PLAN_FILE}'"
+    # The cause opens the message and ends it (the end of its traceback); the echo is named as one.
+    assert (
+        message[0] == f"the local worker failed with exit code {err.returncode}: rank 0 failed first: {cause}"
     )
-    assert str(err).splitlines()[0] == f"the local worker failed with exit code {err.returncode}: {last}"
-    echoes = [line for line in str(err).splitlines() if "Connection closed by peer" in line]
+    assert message[-1].endswith(cause) and message[-1].startswith("[default0]:")
+    assert f"rank 0 failed first: {cause}" in message
+    echoes = [line for line in message if "Connection closed by peer" in line]
     assert all(line.startswith("rank 1 failed too: ") for line in echoes), echoes
-    # Streamed live with the rank prefix torchrun's --tee adds, so ranks stay apart in the log.
+    # The live log had both ranks' lines, each with its rank's prefix.
     assert any(line.startswith("[default0]:") for line in lines)
     assert any(line.startswith("[default1]:") for line in lines)
 

@@ -44,6 +44,16 @@ def test_the_rank_that_failed_first_is_found_even_when_its_peer_printed_its_echo
     assert rank[""].echo and "ChildFailedError" in rank[""].cause  # torchrun's own summary is an echo too
 
 
+def test_the_workers_refusal_of_a_bad_input_is_a_cause():
+    line = "[default0]:python -m worker: error: input directory does not exist: /data/x"
+    (error,) = process_errors(["[default0]:loading", line, *GLOO_ECHO[:0]])
+    assert (error.process, error.echo, error.cause) == (
+        "0",
+        False,
+        "python -m worker: error: input directory does not exist: /data/x",
+    )
+
+
 def test_a_logged_error_is_a_cause():
     line = "[default0]:2026-11-24 20:00:01,743 [rank 0] ERROR worker: input directory does not exist: /data/x"
     errors = process_errors(
