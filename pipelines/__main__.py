@@ -25,18 +25,7 @@ def _job_inputs() -> dict:
 def _add_job_options(p: argparse.ArgumentParser) -> None:
     from pipelines.options import add_parameter_options
 
-    inputs = _job_inputs()
-    add_parameter_options(p, inputs, defaults=True)
-    if "job_kind" not in inputs:  # until the pipeline has the parameter
-        from components.launch.kubernetes.kinds import DEFAULT_JOB_KIND, JOB_KINDS
-
-        p.add_argument(
-            "--job-kind",
-            dest="job_kind",
-            choices=JOB_KINDS,
-            default=DEFAULT_JOB_KIND,
-            help="the Kubernetes resource that runs the worker (default: %(default)r)",
-        )
+    add_parameter_options(p, _job_inputs(), defaults=True)
     p.add_argument(
         "--run-id",
         default="dry-run",
@@ -60,7 +49,6 @@ def _render_job(args: argparse.Namespace) -> int:
     from components.launch.launch import KUBERNETES, LaunchRequest
 
     values = {name: getattr(args, name) for name in _job_inputs()}
-    values["job_kind"] = args.job_kind
     request = LaunchRequest(run_id=args.run_id, backend=KUBERNETES, local_nproc=1, **values)
     request.validate()
     sys.stdout.write(render_yaml(request.job_manifest()))
@@ -108,11 +96,11 @@ def _vertex_target(args: argparse.Namespace) -> tuple[str, str, str]:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pipelines import submit
+    from pipelines import submit, vertex
 
     arguments = _pipeline_arguments(args)
     if args.vertex:
-        done = submit.submit_vertex(
+        done = vertex.submit_vertex(
             *_vertex_target(args),
             arguments,
             run_name=args.run_name,
@@ -142,11 +130,11 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    from pipelines import submit
+    from pipelines import submit, vertex
 
     arguments = _pipeline_arguments(args)
     if args.vertex:
-        done = submit.schedule_vertex(
+        done = vertex.schedule_vertex(
             *_vertex_target(args),
             arguments,
             args.cron,

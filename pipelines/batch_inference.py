@@ -1,4 +1,4 @@
-"""The batch_inference pipeline: upload -> launch -> aggregate, in two flavours.
+"""The batch_inference pipeline: check -> upload -> launch -> aggregate, in two flavours.
 
 One factory builds both flavours so they cannot drift apart:
 
@@ -25,8 +25,10 @@ from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Dataset, Metrics
 
 from components.aggregate.component import aggregate_results
+from components.check.component import check_parameters
 from components.images import WORKER_IMAGE
 from components.launch.component import classify_images
+from components.launch.kubernetes.kinds import DEFAULT_JOB_KIND
 from components.upload.component import upload_images
 from components.upload.packing import DEFAULT_SHARD_MB
 from worker.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
@@ -62,6 +64,7 @@ class StepSettings:
     cache: bool
 
 
+# The parameters are checked in a task of their own, first, so that a bad run fails in seconds.
 # Upload and aggregate talk to GCS for minutes and are idempotent, so a transient error is
 # worth retrying. The launch step never is: its job's own restarts cover a lost pod, and a
 # retry would start a second job. Upload may be cached (an unchanged source and destination
@@ -69,6 +72,8 @@ class StepSettings:
 # not capture (a rerun of one results prefix resumes the work and aggregates afresh).
 # The aggregate streams in bounded memory (see benchmarks/NOTES.md for its peak).
 STEPS = {
+    # The checks fail the same way every time: retrying them would only delay the error.
+    "check": StepSettings("Check parameters", "1", "2", "1Gi", "2Gi", retries=0, cache=False),
     "upload": StepSettings("Upload images", "2", "4", "4Gi", "8Gi", retries=3, cache=True),
     "launch": StepSettings("Classify images", "1", "4", "2Gi", "8Gi", retries=0, cache=False),
     "aggregate": StepSettings("Aggregate results", "2", "4", "4Gi", "8Gi", retries=3, cache=False),
@@ -134,6 +139,7 @@ def make_pipeline(flavour: str) -> Callable:
         packed_shard_images: int = 0,
         model: str = DEFAULT_MODEL,
         backend: str = "kubernetes",
+        job_kind: str = DEFAULT_JOB_KIND,
         batch_size: int = DEFAULT_BATCH_SIZE["cuda"],
         shard_size: int = 1024,
         device: str = "auto",
@@ -184,6 +190,9 @@ def make_pipeline(flavour: str) -> Callable:
                 image-classification model and its preprocessor_config.json.
             backend: Where the worker runs: kubernetes (a PyTorchJob on GKE) or local (torchrun
                 inside the launcher's own container).
+            job_kind: The Kubernetes resource that runs the worker on the kubernetes backend:
+                pytorchjob (Kubeflow Training Operator v1), trainjob (Kubeflow Trainer v2) or
+                jobset (JobSet), each queued through Kueue.
             batch_size: Images per forward pass on each GPU.
             shard_size: Images per shard, the unit of work assignment, commit and resume.
             device: auto (cuda when a GPU is visible, else cpu), cpu or cuda.
@@ -213,22 +222,29 @@ def make_pipeline(flavour: str) -> Callable:
             price_per_gpu_hour: Price of one GPU-hour (e.g. your on-demand or DWS price), for
                 the report's cost and cost per million images. 0: no cost shown.
         """
-        # Always one upload task, which checks the parameters and copies nothing when source is
-        # empty. A dsl.If/Else would skip the pod too, but the local run must execute this very graph.
-        upload = upload_images(
+        check = check_parameters(
             source=source,
             images_uri=images_uri,
-            workers=upload_workers,
             results_root=results_root,
             results_prefix=results_prefix,
             model=model,
             batch_size=batch_size,
             shard_size=shard_size,
             incremental=incremental,
+            upload_layout=upload_layout,
+            packed_shard_mb=packed_shard_mb,
+            packed_shard_images=packed_shard_images,
+        )
+        # Always one upload task, which copies nothing when source is empty. A dsl.If/Else would
+        # skip the pod too, but the local run must execute this very graph.
+        upload = upload_images(
+            source=source,
+            images_uri=images_uri,
+            workers=upload_workers,
             layout=upload_layout,
             shard_mb=packed_shard_mb,
             shard_images=packed_shard_images,
-        )
+        ).after(check)
         launch = classify_images(
             images_uri=upload.outputs["images_uri"],
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
@@ -237,6 +253,7 @@ def make_pipeline(flavour: str) -> Callable:
             incremental=incremental,
             model=model,
             backend=backend,
+            job_kind=job_kind,
             batch_size=batch_size,
             shard_size=shard_size,
             device=device,
@@ -263,7 +280,12 @@ def make_pipeline(flavour: str) -> Callable:
             job=launch.outputs["job"],
             price_per_gpu_hour=price_per_gpu_hour,
         )
-        for task, role in ((upload, "upload"), (launch, "launch"), (aggregate, "aggregate")):
+        for task, role in (
+            (check, "check"),
+            (upload, "upload"),
+            (launch, "launch"),
+            (aggregate, "aggregate"),
+        ):
             _apply_step_settings(task, role, flavour)
         return Outputs(
             results_uri=launch.outputs["results_uri"],

@@ -9,8 +9,7 @@ credentials, an unreachable host, a refusal by the server, a bad cron string) ra
 
 * **Kubeflow Pipelines** through ``kfp.Client``: an experiment (created if missing), then a
   run or a recurring run. KFP's cron has 6 fields, seconds first; ``pipelines.cron`` converts.
-* **Vertex AI Pipelines** through google-cloud-aiplatform's ``PipelineJob`` (the ``vertex``
-  extra, imported only here), with Application Default Credentials.
+* **Vertex AI Pipelines**: ``pipelines.vertex``, on the checks and packaging here.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -39,15 +37,10 @@ from pipelines.batch_inference import (
     launch_inputs,
 )
 from pipelines.cron import parse_cron
-from worker.storage import is_gcs
 
 DEFAULT_EXPERIMENT = PIPELINE_NAME
-VERTEX_EXTRA = "pip install 'kfp-batch-inference[vertex]'"
 _HEALTHZ = "/apis/v2beta1/healthz"
 _PROBE_TIMEOUT_S = 15
-_CONSOLE = (
-    "https://console.cloud.google.com/vertex-ai/locations/{location}/pipelines/{kind}/{id}?project={project}"
-)
 
 
 class SubmitError(RuntimeError):
@@ -110,7 +103,7 @@ def check_arguments(arguments: Mapping[str, Any], flavour: str) -> dict[str, Any
 
 
 @contextlib.contextmanager
-def _package(flavour: str, package: str | Path | None) -> Iterator[Path]:
+def compiled_package(flavour: str, package: str | Path | None) -> Iterator[Path]:
     """The compiled pipeline to send: ``package`` when given, else a fresh compile of ``flavour``."""
     if package:
         path = Path(package)
@@ -260,7 +253,7 @@ def submit_kfp(
     """
     arguments = check_arguments(arguments, KUBEFLOW)
     client = _kfp_client(host, token, namespace)
-    with _package(KUBEFLOW, package) as path, _kfp_errors(host, "create the run"):
+    with compiled_package(KUBEFLOW, package) as path, _kfp_errors(host, "create the run"):
         result = client.create_run_from_pipeline_package(
             str(path),
             arguments=arguments,
@@ -322,7 +315,7 @@ def schedule_kfp(
     kfp_cron = parse_cron(cron).for_kfp()  # before anything is sent
     arguments = check_arguments(arguments, KUBEFLOW)
     client = _kfp_client(host, token, namespace)
-    with _package(KUBEFLOW, package) as path, _kfp_errors(host, "create the recurring run"):
+    with compiled_package(KUBEFLOW, package) as path, _kfp_errors(host, "create the recurring run"):
         experiment_id = client.create_experiment(experiment, namespace=namespace or None).experiment_id
         created = client.create_recurring_run(
             experiment_id,
@@ -337,227 +330,4 @@ def schedule_kfp(
     recurring_id = created.recurring_run_id
     return Submitted(
         "schedule", recurring_id, _kfp_url(host, ui_host, f"recurringrun/details/{recurring_id}")
-    )
-
-
-# --- Vertex AI Pipelines ------------------------------------------------------------------
-
-_NETWORK = re.compile(r"projects/[0-9]+/global/networks/[a-z]([-a-z0-9]*[a-z0-9])?")
-
-
-def check_network(network: str | None) -> str | None:
-    """The VPC network a Vertex run is peered with, as Vertex wants it written; None for none.
-
-    Raises:
-        ValueError: Not ``projects/PROJECT_NUMBER/global/networks/NAME`` (Vertex takes the
-            project's number here, not its id).
-    """
-    if not network:
-        return None
-    if not _NETWORK.fullmatch(network):
-        raise ValueError(
-            f"--network {network!r}: write it projects/PROJECT_NUMBER/global/networks/NAME "
-            "(the project's number: gcloud projects describe PROJECT --format='value(projectNumber)')"
-        )
-    return network
-
-
-def _aiplatform():
-    try:
-        from google.cloud import aiplatform
-    except ImportError:
-        raise SubmitError(f"Vertex AI support is not installed: {VERTEX_EXTRA}") from None
-    return aiplatform
-
-
-def _google_credentials():
-    """Application Default Credentials, or a one-line SubmitError saying how to get them."""
-    import google.auth
-    from google.auth.exceptions import DefaultCredentialsError
-
-    try:
-        credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
-    except DefaultCredentialsError:
-        raise SubmitError(
-            "no Google Cloud credentials: run `gcloud auth application-default login`, or set "
-            "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file"
-        ) from None
-    return credentials
-
-
-@contextlib.contextmanager
-def _vertex_errors(action: str) -> Iterator[None]:
-    import logging
-
-    from google.api_core import exceptions as api_exceptions
-    from google.auth import exceptions as auth_exceptions
-
-    # aiplatform's module loggers print INFO chatter and tracebacks of failures it recovers
-    # from (e.g. a pipeline-root bucket it may not create) to stdout, each through its own
-    # handler; the caller reports the outcome itself.
-    loggers = [
-        logging.getLogger(name)
-        for name in list(logging.root.manager.loggerDict)
-        if name.startswith("google.cloud.aiplatform")
-    ]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    except auth_exceptions.GoogleAuthError as exc:
-        raise SubmitError(
-            f"Google Cloud credentials were refused while trying to {action}: "
-            f"{_first_line(exc)}; run `gcloud auth application-default login`"
-        ) from None
-    except api_exceptions.GoogleAPIError as exc:
-        raise SubmitError(f"Vertex AI refused to {action}: {_first_line(exc)}") from None
-    finally:
-        for logger, level in zip(loggers, levels, strict=False):
-            logger.setLevel(level)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _vertex_job(
-    aiplatform,
-    project: str,
-    location: str,
-    pipeline_root: str,
-    arguments: Mapping[str, Any],
-    path: Path,
-    run_name: str | None,
-    credentials,
-):
-    if not is_gcs(pipeline_root):
-        raise ValueError(f"--pipeline-root must be a gs:// prefix, got {pipeline_root!r}")
-    return aiplatform.PipelineJob(
-        display_name=run_name or PIPELINE_NAME,
-        template_path=str(path),
-        pipeline_root=pipeline_root,
-        parameter_values=dict(arguments),
-        project=project,
-        location=location,
-        credentials=credentials,
-    )
-
-
-def _console_url(resource_name: str, kind: str) -> str:
-    """The Cloud Console page of ``projects/P/locations/L/<collection>/ID``."""
-    parts = resource_name.split("/")
-    return _CONSOLE.format(project=parts[1], location=parts[3], kind=kind, id=parts[-1])
-
-
-def submit_vertex(
-    project: str,
-    location: str,
-    pipeline_root: str,
-    arguments: Mapping[str, Any],
-    *,
-    run_name: str | None = None,
-    service_account: str | None = None,
-    network: str | None = None,
-    package: str | Path | None = None,
-    wait: bool = False,
-    credentials=None,
-) -> Submitted:
-    """Start one run on Vertex AI Pipelines.
-
-    Args:
-        project: The GCP project to run in.
-        location: The Vertex AI region, e.g. ``us-central1``.
-        pipeline_root: gs:// prefix for the run's artifacts (CSV, Parquet, HTML report).
-        arguments: Pipeline parameters to set; the rest keep their defaults.
-        run_name: The run's display name.
-        service_account: The GCP service account the run acts as (default: Compute Engine's).
-        network: The VPC network the run's tasks are peered with,
-            ``projects/PROJECT_NUMBER/global/networks/NETWORK``: the way to a GKE cluster whose
-            control plane has only a private endpoint (see docs/running.md).
-        package: A compiled pipeline instead of a fresh compile of the Vertex flavour.
-        wait: Wait until the run ends; a run that does not succeed raises SubmitError.
-        credentials: Google credentials (default: Application Default Credentials).
-
-    Returns:
-        The run.
-
-    Raises:
-        SubmitError: The vertex extra is missing, there are no credentials, or Vertex refused.
-        ValueError: A parameter is invalid.
-    """
-    arguments = check_arguments(arguments, VERTEX)
-    network = check_network(network)
-    aiplatform = _aiplatform()
-    credentials = credentials or _google_credentials()
-    with _package(VERTEX, package) as path, _vertex_errors("create the run"):
-        job = _vertex_job(
-            aiplatform, project, location, pipeline_root, arguments, path, run_name, credentials
-        )
-        job.submit(service_account=service_account or None, network=network)
-    url = _console_url(job.resource_name, "runs")
-    if not wait:
-        return Submitted("run", job.resource_name.rsplit("/", 1)[-1], url)
-    with _vertex_errors("follow the run"):
-        job.wait()
-    state = job.state.name.removeprefix("PIPELINE_STATE_")
-    if state != "SUCCEEDED":
-        raise SubmitError(f"run {job.resource_name} ended {state}: {url}")
-    return Submitted("run", job.resource_name.rsplit("/", 1)[-1], url, state)
-
-
-def schedule_vertex(
-    project: str,
-    location: str,
-    pipeline_root: str,
-    arguments: Mapping[str, Any],
-    cron: str,
-    *,
-    name: str | None = None,
-    service_account: str | None = None,
-    network: str | None = None,
-    package: str | Path | None = None,
-    credentials=None,
-) -> Submitted:
-    """Create a Vertex AI pipeline schedule (at most one run at a time).
-
-    Args:
-        project: The GCP project.
-        location: The Vertex AI region.
-        pipeline_root: gs:// prefix for the runs' artifacts.
-        arguments: Pipeline parameters to set; the rest keep their defaults.
-        cron: Standard 5-field cron, optionally ``TZ=Area/City``-prefixed (default: UTC).
-        name: The schedule's display name (default: ``batch-inference <cron>``).
-        service_account: The GCP service account the runs act as.
-        network: The VPC network the runs' tasks are peered with (as for ``submit_vertex``).
-        package: A compiled pipeline instead of a fresh compile of the Vertex flavour.
-        credentials: Google credentials (default: Application Default Credentials).
-
-    Returns:
-        The schedule.
-
-    Raises:
-        CronError: ``cron`` is not valid standard cron.
-        SubmitError: The vertex extra is missing, there are no credentials, or Vertex refused.
-        ValueError: A parameter is invalid.
-    """
-    vertex_cron = parse_cron(cron).for_vertex()
-    arguments = check_arguments(arguments, VERTEX)
-    network = check_network(network)
-    aiplatform = _aiplatform()
-    credentials = credentials or _google_credentials()
-    with _package(VERTEX, package) as path, _vertex_errors("create the schedule"):
-        job = _vertex_job(aiplatform, project, location, pipeline_root, arguments, path, None, credentials)
-        schedule = job.create_schedule(
-            cron=vertex_cron,
-            display_name=name or f"{PIPELINE_NAME} {cron}"[:128],
-            max_concurrent_run_count=1,
-            service_account=service_account or None,
-            network=network,
-        )
-    return Submitted(
-        "schedule",
-        schedule.resource_name.rsplit("/", 1)[-1],
-        _console_url(schedule.resource_name, "schedules"),
     )

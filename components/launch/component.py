@@ -17,6 +17,7 @@ def classify_images(
     incremental: bool,
     model: str,
     backend: str,
+    job_kind: str,
     batch_size: int,
     shard_size: int,
     device: str,
@@ -51,6 +52,7 @@ def classify_images(
         incremental: Classify only what changed since the latest complete run.
         model: The model: a hub id, or a gs:// or local model directory.
         backend: kubernetes (a job on GKE) or local (torchrun in this container).
+        job_kind: pytorchjob, trainjob or jobset: the Kubernetes resource of the job.
         batch_size: Images per forward pass.
         shard_size: Images per shard.
         device: auto, cpu or cuda.
@@ -87,6 +89,7 @@ def classify_images(
         incremental=incremental,
         model=model,
         backend=backend,
+        job_kind=job_kind,
         batch_size=batch_size,
         shard_size=shard_size,
         device=device,

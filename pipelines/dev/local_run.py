@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from components.check.checks import check_input, check_run
 from components.launch.launch import LOCAL
 from components.launch.local import pythonpath_with_project
-from components.upload.preflight import check_images_present, check_run
 from pipelines.dev.emulator import gcs_emulator
 from pipelines.dev.launcher_rules import launcher_rules
 from pipelines.options import add_parameter_options
@@ -289,7 +289,7 @@ def run_local_main(args: argparse.Namespace) -> int:
         packed_shard_images=args.packed_shard_images,
     )
     if not args.incremental:
-        check_images_present(upload or images_uri)
+        check_input(upload, images_uri)
     pipeline_root = workdir / "runs" / time.strftime("%Y%m%d-%H%M%S")
     print(f"images: {images_uri}" + (f" (uploaded from {upload})" if upload else ""), flush=True)
     if use_emulator:

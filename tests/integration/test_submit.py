@@ -269,7 +269,7 @@ def vertex(gcs):
 def test_submit_and_schedule_on_vertex(vertex, gcs):
     from google.auth.credentials import AnonymousCredentials
 
-    from pipelines.submit import schedule_vertex, submit_vertex
+    from pipelines.vertex import schedule_vertex, submit_vertex
 
     root = f"gs://{gcs.new_bucket('vertex-root')}/pipeline-root"
     arguments = {
@@ -329,7 +329,7 @@ def test_submit_and_schedule_on_vertex(vertex, gcs):
 
 
 def test_a_malformed_vertex_network_is_refused_before_anything_is_sent():
-    from pipelines.submit import submit_vertex
+    from pipelines.vertex import submit_vertex
 
     arguments = {"images_uri": "gs://i/x", "results_root": "gs://r/x"} | {
         "gke_project": "p",

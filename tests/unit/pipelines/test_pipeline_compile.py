@@ -103,7 +103,12 @@ def test_every_parameter_has_a_default_and_a_description(fresh, flavour):
 def test_components_run_the_project_image_without_installing_anything(fresh, flavour):
     spec = _docs(fresh / compiled_filename(flavour))[0]
     executors = spec["deploymentSpec"]["executors"]
-    assert set(executors) == {"exec-upload-images", "exec-classify-images", "exec-aggregate-results"}
+    assert set(executors) == {
+        "exec-check-parameters",
+        "exec-upload-images",
+        "exec-classify-images",
+        "exec-aggregate-results",
+    }
     for name, executor in executors.items():
         container = executor["container"]
         assert container["image"] == DEFAULT_TASK_IMAGE, name
@@ -128,7 +133,12 @@ def test_both_flavours_take_the_same_parameters():
     assert kubeflow == vertex
 
 
-TASKS = {"upload-images": "upload", "classify-images": "launch", "aggregate-results": "aggregate"}
+TASKS = {
+    "check-parameters": "check",
+    "upload-images": "upload",
+    "classify-images": "launch",
+    "aggregate-results": "aggregate",
+}
 
 
 @pytest.mark.parametrize("flavour", [KUBEFLOW, VERTEX])
@@ -137,14 +147,15 @@ def test_each_task_has_its_name_resources_retries_and_caching(fresh, flavour):
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == set(TASKS)
     shown = {task["taskInfo"]["name"] for task in tasks.values()}
-    assert shown == {"Upload images", "Classify images", "Aggregate results"}
+    assert shown == {"Check parameters", "Upload images", "Classify images", "Aggregate results"}
     for name, role in TASKS.items():
         task, settings = tasks[name], STEPS[role]
         assert task["taskInfo"]["name"] == settings.display_name
         # Upload may be served from the cache on its inputs; launch and aggregate never.
         assert bool(task.get("cachingOptions", {}).get("enableCache")) == (role == "upload")
-        if role == "launch":
-            assert "retryPolicy" not in task  # a retry would start a second job
+        if role in ("check", "launch"):
+            # A failed check fails the same way again; a retried launch would start a second job.
+            assert "retryPolicy" not in task
         else:
             policy = task["retryPolicy"]
             assert policy["maxRetryCount"] == 3 and policy["backoffFactor"] == 2
@@ -170,3 +181,5 @@ def test_big_data_passes_by_reference(fresh, flavour):
     }
     assert aggregate["parameters"]["results_uri"]["taskOutputParameter"]["producerTask"] == "classify-images"
     assert set(aggregate["artifacts"]) == {"job"}  # the launch step's small JSON record
+    # The upload waits for the checks: a bad parameter fails the run before anything is copied.
+    assert tasks["upload-images"]["dependentTasks"] == ["check-parameters"]

@@ -27,3 +27,11 @@ def test_every_launch_request_field_but_the_run_id_is_a_pipeline_parameter():
 
     fields = {f.name for f in dataclasses.fields(LaunchRequest)}
     assert set(launch_inputs()) == fields - {"run_id"}
+
+
+def test_the_job_kind_parameter_names_every_kind():
+    from components.launch.kubernetes.kinds import DEFAULT_JOB_KIND, JOB_KINDS
+
+    spec = launch_inputs()["job_kind"]
+    assert spec.default == DEFAULT_JOB_KIND
+    assert all(kind in spec.description for kind in JOB_KINDS)

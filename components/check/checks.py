@@ -1,8 +1,8 @@
 """Checks a run's parameters in seconds, before anything is uploaded or any GPU is asked for.
 
 Each check raises ``ValueError`` with one line that names the parameter and says what to
-set instead. The CLI (``python -m pipelines run --local``, ``submit``) runs them before a run
-starts, and the upload task runs them first thing on the server.
+set instead. The CLI (``python -m pipelines run --local``) runs them before a run starts, and
+the pipeline's first task runs them on the server, so a bad run fails before its upload.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ def check_uri(name: str, uri: str, *, local_ok: bool = True) -> None:
     if uri != uri.strip():
         raise ValueError(f"{name} {uri!r} has leading or trailing blanks")
     if is_gcs(uri):
-        bucket, _ = split_uri(uri)
+        try:
+            bucket, _ = split_uri(uri)
+        except ValueError:
+            bucket = ""
         if not _BUCKET.fullmatch(bucket):
             raise ValueError(f"{name} {uri!r} does not name a valid GCS bucket: gs://BUCKET/prefix")
     elif "://" in uri or uri.startswith("gs:"):
@@ -57,7 +60,8 @@ def check_run(
         images_uri: The images' prefix.
         results_root: Where the run's results go (unless ``results_prefix`` is set).
         results_prefix: The run's exact results prefix, or empty.
-        model: A hub id, or a gs:// or local model directory.
+        model: A hub id, or a gs:// or local model directory: it must hold an image
+            classifier whose preprocessing the worker reproduces.
         batch_size: Images per forward pass.
         shard_size: Images per shard.
         upload_layout: How the upload stores the images.
@@ -92,6 +96,10 @@ def check_run(
             batch_size=batch_size,
             shard_size=shard_size,
         )
+        # Last: it reads the model's config files (from GCS or the hub) and imports transformers.
+        from worker.tasks.classification import check_model
+
+        check_model(model)
     except ConfigError as exc:
         raise ValueError(f"{exc.parameter or 'parameter'}: {exc}") from None
 
@@ -107,3 +115,17 @@ def check_images_present(images_uri: str) -> None:
             f"images_uri {images_uri} holds no images ({', '.join(IMAGE_EXTENSIONS)}), packed shards "
             "or .tar/.zip archives: check the prefix, or set source to upload them"
         )
+
+
+def check_input(source: str, images_uri: str) -> None:
+    """At least one image where the run will find it.
+
+    Under ``source`` when there is one (a folder or a gs:// prefix; what an archive holds is
+    known only once it is downloaded), else under ``images_uri``.
+
+    Raises:
+        ValueError: There is none.
+    """
+    if source.startswith(("http://", "https://")) or source.lower().endswith(".zip"):
+        return
+    check_images_present(source or images_uri)
