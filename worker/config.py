@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.storage import is_gcs
+from worker.storage import absolute, is_gcs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
@@ -247,10 +247,8 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         # Plans and result rows carry absolute local paths, whatever the working directory.
-        if self.input and not is_gcs(self.input):
-            self.input = os.path.abspath(self.input)
-        if self.output and not is_gcs(self.output):
-            self.output = os.path.abspath(self.output)
+        self.input = absolute(self.input) if self.input else self.input
+        self.output = absolute(self.output) if self.output else self.output
         self.validate()
 
     def validate(self) -> None:

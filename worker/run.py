@@ -127,10 +127,7 @@ class Worker:
     # Stage 4's model, ready on the device
     def load_task(self) -> tuple[Task, object]:
         cfg, startup = self.cfg, self.startup
-        self.importing_model_code.join()
-        # Seconds, before any weights are fetched: a model this worker can't run stops it here.
         task = task_module(cfg.task)
-        task.check_model(cfg.model, project=cfg.project, decode=cfg.decode if self.on_gpu else "cpu")
         model_path = fetch_model_once_per_node(cfg.model, self.topo, cfg.model_cache, cfg.project)
         startup.mark("model_fetched")
         task = task.load(model_path, self.device)
@@ -144,6 +141,12 @@ class Worker:
 
     def run(self) -> dict:
         cfg, topo, on_gpu = self.cfg, self.topo, self.on_gpu
+        # Seconds, before anything is planned, written or fetched: a model this worker can't run
+        # stops it here.
+        self.importing_model_code.join()
+        task_module(cfg.task).check_model(
+            cfg.model, project=cfg.project, decode=cfg.decode if on_gpu else "cpu"
+        )
         planning = self.start_planning()
         task, graph = self.load_task()
         plan, shards, committed = self.finish_planning(planning)

@@ -10,10 +10,8 @@ from __future__ import annotations
 import html
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # Only for the annotation: aggregate imports this module.
-    from components.aggregate.aggregate import AggregateReport
+from components.aggregate.summary import AggregateReport
 
 _CSS = """
 :root { --fg:#1f2933; --muted:#616e7c; --line:#e4e7eb; --bg:#f5f7fa; --card:#fff;

@@ -12,6 +12,10 @@ Swin's ViT processor, BiT for DINOv2, CLIP, SigLIP, ...), and those with steps o
 written out here: ConvNeXt (ConvNeXtV2 and ResNet use it: ``crop_pct``), EfficientNet (rescale
 offset, ``include_top``) and MobileViT (no normalization, BGR channel order). Any other processor
 that changes a step is refused with a ``ConfigError`` naming it, rather than guessed at.
+
+The reference is the PIL backend (``...ImageProcessorPil``), whose resize is Pillow's: where
+torchvision is installed transformers defaults to its torchvision backend, which resizes tensors
+and so differs from Pillow's pixels by fractions of a level. The settings both read are the same.
 """
 
 from __future__ import annotations

@@ -140,10 +140,10 @@ def check_model(model: str, *, project: str | None = None, decode: str = "auto")
     Raises:
         ConfigError: What is wrong, in one line naming --model (or --decode).
     """
-    with model_config_files(model, project) as path:
+    with model_config_files(model, project) as (path, files):
         if path is None:
             return
-        check_model_dir(path, model)
+        check_model_dir(path, model, files)
         pre = load_preprocess(str(path))
         if decode == "gpu" and (inexact := pre.gpu_inexact()):
             raise ConfigError(
@@ -153,13 +153,19 @@ def check_model(model: str, *, project: str | None = None, decode: str = "auto")
             )
 
 
-def check_model_dir(path: Path, model: str) -> None:
-    """ConfigError unless ``path`` holds the config of an image-classification model."""
+def check_model_dir(path: Path, model: str, files: set[str] | None) -> None:
+    """ConfigError unless ``path`` holds the config of an image-classification model and ``files``
+    (the names of the model's files; None where unknown) its weights.
+    """
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
     if not (path / "config.json").is_file():
-        raise ConfigError(f"--model {model} holds no config.json: not a save_pretrained() model", "model")
+        raise ConfigError(
+            f"--model {model} holds no config.json: not a save_pretrained() model directory", "model"
+        )
+    if files is not None and not files & set(WEIGHT_FILES):
+        raise ConfigError(f"--model {model} holds no weights ({', '.join(WEIGHT_FILES[::2])})", "model")
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as exc:
@@ -182,35 +188,39 @@ def check_model_dir(path: Path, model: str) -> None:
 
 
 @contextlib.contextmanager
-def model_config_files(model: str, project: str | None) -> Iterator[Path | None]:
-    """A local directory holding the model's config files (None where they can't be reached now)."""
+def model_config_files(model: str, project: str | None) -> Iterator[tuple[Path | None, set[str] | None]]:
+    """A local directory holding the model's config files (None where they can't be reached now),
+    and the names of all the model's files (None where unknown).
+    """
     if is_gcs(model):
         storage = open_storage(model, project=project)
-        names = {o.uri.rsplit("/", 1)[-1] for o in storage.list(model.rstrip("/") + "/")}
+        try:
+            names = {o.uri.rsplit("/", 1)[-1] for o in storage.list(model.rstrip("/") + "/")}
+        except FileNotFoundError:
+            names = set()
         if not names:
             raise ConfigError(f"--model {model}: no objects under that prefix", "model")
-        if not names & set(WEIGHT_FILES):
-            raise ConfigError(f"--model {model} holds no weights ({', '.join(WEIGHT_FILES[::2])})", "model")
         with tempfile.TemporaryDirectory(prefix="model-config-") as tmp:
             for name in CONFIG_FILES:
                 if name in names:
                     (Path(tmp) / name).write_bytes(storage.read(join(model, name)))
-            yield Path(tmp)
+            yield Path(tmp), names
         return
     path = Path(model).expanduser()
     if path.is_dir():
-        if not any((path / name).is_file() for name in WEIGHT_FILES):
-            raise ConfigError(f"--model {model} holds no weights ({', '.join(WEIGHT_FILES[::2])})", "model")
-        yield path
+        yield path, {p.name for p in path.iterdir()}
         return
     if path.exists():
         raise ConfigError(f"--model {model} is a file; give the directory save_pretrained() wrote", "model")
     if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:
         raise ConfigError(f"--model {model}: no such directory", "model")
-    yield from _hub_config_files(model)
+    yield hub_config_files(model), None
 
 
-def _hub_config_files(repo_id: str) -> Iterator[Path | None]:
+def hub_config_files(repo_id: str) -> Path | None:
+    """The hub model's snapshot folder holding its config files (cached, else fetched: two small
+    files); None where the hub can't be reached.
+    """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -225,6 +235,10 @@ def _hub_config_files(repo_id: str) -> Iterator[Path | None]:
             files = [hf_hub_download(repo_id, name, local_files_only=True) for name in CONFIG_FILES]
         except LocalEntryNotFoundError:
             files = [hf_hub_download(repo_id, name) for name in CONFIG_FILES]
+    # First: huggingface_hub reports an unreachable hub (offline, no route) as a local miss, which
+    # is an EntryNotFoundError too.
+    except LocalEntryNotFoundError as exc:
+        return unreachable_hub(repo_id, exc)
     except HFValidationError as exc:
         raise ConfigError(f"--model {repo_id}: not a directory here, nor a valid hub id", "model") from exc
     except GatedRepoError as exc:
@@ -236,16 +250,14 @@ def _hub_config_files(repo_id: str) -> Iterator[Path | None]:
             f"--model {repo_id}: no such directory here, nor model on the hub", "model"
         ) from exc
     except EntryNotFoundError as exc:
-        raise ConfigError(f"--model {repo_id} has no {exc_file(exc)} on the hub", "model") from exc
-    except (LocalEntryNotFoundError, OSError) as exc:  # offline, or the hub unreachable
-        log.warning(
-            "could not reach the hub to check --model %s (%s); the worker checks it at start", repo_id, exc
-        )
-        yield None
-        return
-    yield Path(files[0]).parent
+        missing = next((name for name in CONFIG_FILES if name in str(exc)), "config file")
+        raise ConfigError(f"--model {repo_id} has no {missing} on the hub", "model") from exc
+    except OSError as exc:  # a connection that failed in another way
+        return unreachable_hub(repo_id, exc)
+    return Path(files[0]).parent
 
 
-def exc_file(exc: Exception) -> str:
-    """Which config file a hub 404 was about."""
-    return next((name for name in CONFIG_FILES if name in str(exc)), "config file")
+def unreachable_hub(repo_id: str, exc: Exception) -> None:
+    log.warning(
+        "could not reach the hub to check --model %s (%s); the worker checks it at start", repo_id, exc
+    )

@@ -266,3 +266,21 @@ def test_a_processor_of_varying_output_size_is_refused():
 
     with pytest.raises(ConfigError, match="varying sizes"):
         Preprocess.from_processor(BitImageProcessorPil(do_center_crop=False))
+
+
+@pytest.mark.parametrize(
+    "case", ["vit", "efficientnet", "efficientnet-offset-top", "mobilevit", "clip-legacy"]
+)
+def test_the_gpu_paths_multiply_add_is_the_processors_arithmetic(case, built):
+    """The GPU decoders fold rescale and normalizations into ``uint8 * mul + add`` per channel."""
+    import numpy as np
+
+    from worker.decode.cpu import normalize_numpy
+
+    pre = load_preprocess(str(built(case)))
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 4, 5, 3), dtype=np.uint8)
+    mul, add = pre.affine()
+    folded = pixels.astype(np.float32) * np.float32(mul) + np.float32(add)
+    if pre.flip_channels:
+        folded = folded[..., ::-1]
+    np.testing.assert_allclose(folded.transpose(0, 3, 1, 2), normalize_numpy(pixels, pre), atol=1e-5)

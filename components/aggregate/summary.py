@@ -1,0 +1,50 @@
+"""AggregateReport: what the aggregate found, shared by the merge and the HTML report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from components.launch.job_record import JobRecord
+
+
+@dataclass
+class AggregateReport:
+    """Everything the HTML report and the KFP metrics show.
+
+    Attributes:
+        results_uri: The worker's output prefix that was aggregated.
+        metrics: images, classified, errors, missing, duplicated, unexpected, rows, reused,
+            changed, deleted, distinct_classes, images_per_second, wall_seconds, ranks, gpus,
+            job_seconds, and on GPU runs gpu_hours (plus cost and cost_per_million_images
+            when a price was given). ``images`` to ``unexpected`` concern the images this run
+            planned; ``rows`` is the merged table's size, ``reused`` of its rows come from the
+            base run of an incremental run, whose ``changed`` and ``deleted`` rows were dropped.
+        top_classes: ``(class, count)`` for the most frequent classes of the merged table,
+            most frequent first.
+        errors_sample: ``(uri, reason)`` of the first error rows by uri.
+        ranks: The per-rank summaries, by rank.
+        missing_sample: Planned URIs found in neither parts nor errors (first few).
+        duplicated_sample: URIs found more than once (first few).
+        unexpected_sample: URIs in the results that the plan does not contain (first few).
+        base_uri: The base run of an incremental run, else None.
+        job: The launch step's record of the job, when the aggregate ran in a pipeline.
+        price_per_gpu_hour: The price the cost figures use (0: none).
+    """
+
+    results_uri: str
+    metrics: dict[str, int | float]
+    top_classes: list[tuple[str, int]] = field(default_factory=list)
+    errors_sample: list[tuple[str, str]] = field(default_factory=list)
+    ranks: list[dict] = field(default_factory=list)
+    missing_sample: list[str] = field(default_factory=list)
+    duplicated_sample: list[str] = field(default_factory=list)
+    unexpected_sample: list[str] = field(default_factory=list)
+    base_uri: str | None = None
+    job: JobRecord | None = None
+    price_per_gpu_hour: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        """True when every planned image appears exactly once and nothing else does."""
+        m = self.metrics
+        return m["missing"] == 0 and m["duplicated"] == 0 and m["unexpected"] == 0
