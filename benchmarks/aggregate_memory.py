@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from worker.results import FINGERPRINT_KEYS, RUN_FILE, part_name, plan_digest, sealed
+
 SHARD = 1024
 RANKS = 16
 CLASSES = [f"class {i:03d}" for i in range(1000)]
@@ -41,6 +43,14 @@ def generate(out: Path, rows: int) -> None:
             plan.write(
                 f'{{"uri": "{_uri(i)}", "size": {100_000 + i % 5000}, "generation": {1_700_000_000_000_000 + i}}}\n'
             )
+    # The record a worker seals for this plan; its fingerprint names the parts.
+    made_from = {"input": "gs://images/dataset", "model": "m", "incremental": False}
+    record = sealed(
+        {key: None for key in FINGERPRINT_KEYS}
+        | made_from
+        | {"plan_sha256": plan_digest((out / "plan.jsonl").read_bytes())}
+    )
+    (out / RUN_FILE).write_text(json.dumps(record))
     for shard, start in enumerate(range(0, rows, SHARD)):
         parts, errors = io.StringIO(), io.StringIO()
         part_writer, error_writer = (
@@ -55,8 +65,8 @@ def generate(out: Path, rows: int) -> None:
             else:
                 label = (i * 7919) % len(CLASSES)
                 part_writer.writerow([f"{i:010d}", CLASSES[label], label, round((i % 997) / 997, 6), _uri(i)])
-        (out / "errors" / f"part-{shard:05d}.csv").write_text(errors.getvalue())
-        (out / "parts" / f"part-{shard:05d}.csv").write_text(parts.getvalue())
+        (out / "errors" / part_name(shard, record["fingerprint"])).write_text(errors.getvalue())
+        (out / "parts" / part_name(shard, record["fingerprint"])).write_text(parts.getvalue())
     for rank in range(RANKS):
         summary = {
             "rank": rank,
@@ -66,7 +76,6 @@ def generate(out: Path, rows: int) -> None:
             "device": "cuda",
         }
         (out / "summary" / f"rank-{rank}.json").write_text(json.dumps(summary))
-    (out / "run.json").write_text(json.dumps({"input": "gs://images/dataset", "model": "m", "base": None}))
 
 
 _AGGREGATE = """

@@ -133,6 +133,7 @@ def make_pipeline(flavour: str) -> Callable:
         results_root: str = "",
         results_prefix: str = "",
         incremental: bool = False,
+        overwrite: bool = False,
         upload_workers: int = 16,
         upload_layout: str = "loose",
         packed_shard_mb: int = DEFAULT_SHARD_MB,
@@ -172,12 +173,17 @@ def make_pipeline(flavour: str) -> Callable:
             results_root: gs:// prefix under which each run writes its results to <results_root>/<run id>/.
                 Required unless results_prefix is set.
             results_prefix: Exact results prefix for this run, instead of <results_root>/<run id>.
-                A prefix that already holds a run's plan resumes that run. Empty: a new prefix per run.
+                A prefix that already holds a run's plan resumes that run; one that holds another run's
+                results (other images, model or model files, plan or settings) is refused unless
+                overwrite is set. Empty: a new prefix per run.
             incremental: Classify only the images that are new or changed (by GCS generation) since the
                 latest complete run with the same images_uri and model among the sibling folders of this
                 run's results prefix (the runs under results_root). The results still cover every image:
                 that run's rows are carried over for unchanged images, and deleted images are dropped.
                 Needs a gs:// images_uri. False: classify everything.
+            overwrite: If the results prefix holds results of another run, delete them and start over
+                instead of failing. Results of this same run are resumed either way, so a retried
+                run keeps its committed shards.
             upload_workers: Parallel transfers of the upload.
             upload_layout: How the upload stores the images under images_uri: loose (one object per
                 file) or packed (WebDataset tar shards with an index each and a manifest, under
@@ -251,6 +257,7 @@ def make_pipeline(flavour: str) -> Callable:
             results_root=results_root,
             results_prefix=results_prefix,
             incremental=incremental,
+            overwrite=overwrite,
             model=model,
             backend=backend,
             job_kind=job_kind,

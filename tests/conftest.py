@@ -45,6 +45,14 @@ def gcs():
         yield Emulator(url)
 
 
+@pytest.fixture(params=["local", "gcs"])
+def any_prefix(request, tmp_path) -> str:
+    """A fresh prefix on local disk; the test runs again with one in a new emulator bucket."""
+    if request.param == "local":
+        return str(tmp_path / "prefix")
+    return f"gs://{request.getfixturevalue('gcs').new_bucket('prefix')}/runs/r1"
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny-vit")

@@ -1,4 +1,8 @@
-"""Stage 5 — commit: one CSV part per shard, written atomically; the part's existence marks the shard done."""
+"""Stage 5 — commit: one CSV part per shard, written atomically; the part's existence marks the shard done.
+
+A part's name carries the fingerprint of the run it was computed for (``worker.results``), so a
+shard counts as committed only by a part of this very run.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,8 @@ from worker.results import (
     PARTS_DIR,
     SUMMARY_DIR,
     encode_rows,
+    parse_part,
     part_name,
-    shard_of,
     summary_name,
 )
 from worker.storage import folder, join, open_storage
@@ -28,40 +32,63 @@ class ShardResult:
     errors: list[tuple[str, str]] = field(default_factory=list)
 
 
+def discard_interrupted_writes(output: str, project: str | None = None) -> None:
+    """Clean up after a killed attempt; call before any rank of this run writes."""
+    if removed := open_storage(output, project=project).discard_interrupted_writes(output):
+        log.info("removed %d unfinished write(s) left by an interrupted attempt", removed)
+
+
 class Committer:
-    def __init__(self, output: str, project: str | None = None):
+    """Commits the shards of the run whose fingerprint is ``fingerprint``."""
+
+    def __init__(self, output: str, fingerprint: str, project: str | None = None):
         self.output = output
+        self.fingerprint = fingerprint
         self.storage = open_storage(output, project=project)
 
-    def committed_shards(self) -> set[int]:
-        """Shards whose part already exists: one listing, not one request per shard."""
+    def scan(self) -> tuple[set[int], list[str]]:
+        """The shards this run has committed, and the parts of any other run: one listing."""
         prefix = folder(join(self.output, PARTS_DIR))
         try:
-            shards = {shard_of(o.uri[len(prefix) :]) for o in self.storage.list(prefix)}
+            listed = [o.uri for o in self.storage.list(prefix)]
         except FileNotFoundError:
-            return set()
-        shards.discard(None)
-        return shards
-
-    def discard_interrupted_writes(self) -> None:
-        """Clean up after a killed attempt; call before any rank of this run writes."""
-        if removed := self.storage.discard_interrupted_writes(self.output):
-            log.info("removed %d unfinished write(s) left by an interrupted attempt", removed)
+            return set(), []
+        committed, foreign = set(), []
+        for uri in listed:
+            part = parse_part(uri[len(prefix) :])
+            if part is None:
+                continue
+            if part[1] == self.fingerprint:
+                committed.add(part[0])
+            else:
+                foreign.append(uri)
+        return committed, sorted(foreign)
 
     def commit(self, shard_index: int, result: ShardResult) -> bool:
         """Write the shard's errors, then its part. False if another writer committed it first."""
-        name = part_name(shard_index)
+        name = part_name(shard_index, self.fingerprint)
         errors_uri = join(self.output, ERRORS_DIR, name)
         # Errors go first and are overwritten, so a crashed attempt's stale error rows
         # are replaced; the part, written last and only if absent, is the commit point.
         if result.errors or self.storage.exists(errors_uri):
             self.storage.write(errors_uri, encode_rows(ERROR_COLUMNS, result.errors))
-        won = self.storage.write(
-            join(self.output, PARTS_DIR, name), encode_rows(PART_COLUMNS, result.rows), if_absent=True
+        part_uri = join(self.output, PARTS_DIR, name)
+        data = encode_rows(PART_COLUMNS, result.rows)
+        if self.storage.write(part_uri, data, if_absent=True):
+            return True
+        # A create-only write that finds the object there: either its own first request landed
+        # and only the response was lost (the client retried), or another writer of this run won.
+        if self.storage.read(part_uri) == data:
+            log.info(
+                "shard %d: its part was already written with these very bytes (a retried write whose "
+                "first response was lost); committed",
+                shard_index,
+            )
+            return True
+        log.warning(
+            "shard %d was already committed by another writer of this run; keeping theirs", shard_index
         )
-        if not won:
-            log.warning("shard %d was already committed by another writer; keeping theirs", shard_index)
-        return won
+        return False
 
     def write_summary(self, rank: int, summary: dict) -> None:
         uri = join(self.output, SUMMARY_DIR, summary_name(rank))

@@ -1,7 +1,8 @@
 """The worker's whole configuration: one dataclass; the command line is derived from its fields.
 
 Each field's ``metadata`` (made by ``_option``) holds its help text and, where it has them, its
-choices and lower bound. ``build_parser`` turns the fields into flags (``batch_size`` ->
+choices and lower bound, and whether the results depend on it (``fingerprint``: see
+``worker.fingerprint``). ``build_parser`` turns the fields into flags (``batch_size`` ->
 ``--batch-size``, a bool -> ``--x/--no-x``) and ``WorkerConfig.validate`` checks the same
 choices and bounds, so a flag's default, choices and limits are each written once, here.
 """
@@ -64,6 +65,7 @@ def _option(
     choices: tuple[str, ...] | None = None,
     minimum: float | None = None,
     forwarded: bool = True,
+    fingerprint: bool = False,
 ) -> dict[str, Any]:
     """A field's command-line metadata.
 
@@ -73,8 +75,16 @@ def _option(
         minimum: The smallest value a number accepts.
         forwarded: Whether ``to_args`` passes the field on; False for what only means something
             on the machine that parsed it.
+        fingerprint: Whether the results depend on the field, so that a rerun into the same
+            OUTPUT must have the same value (it is part of the run's fingerprint).
     """
-    return {"help": help, "choices": choices, "minimum": minimum, "forwarded": forwarded}
+    return {
+        "help": help,
+        "choices": choices,
+        "minimum": minimum,
+        "forwarded": forwarded,
+        "fingerprint": fingerprint,
+    }
 
 
 def flag_of(name: str) -> str:
@@ -94,7 +104,8 @@ class WorkerConfig:
     input: str = field(
         metadata=_option(
             "gs://bucket/prefix or a local directory holding the images "
-            f"({', '.join(IMAGE_EXTENSIONS)}); other files are ignored"
+            f"({', '.join(IMAGE_EXTENSIONS)}); other files are ignored",
+            fingerprint=True,
         )
     )
     output: str = field(
@@ -106,7 +117,8 @@ class WorkerConfig:
     model: str = field(
         metadata=_option(
             "a Hugging Face hub id, a local directory, or a gs:// directory holding a "
-            "save_pretrained() image-classification model and its preprocessor_config.json"
+            "save_pretrained() image-classification model and its preprocessor_config.json",
+            fingerprint=True,
         )
     )
     input_layout: str = field(
@@ -123,7 +135,7 @@ class WorkerConfig:
     )
     task: str = field(
         default="image-classification",
-        metadata=_option("what the model does with each image", choices=TASK_CHOICES),
+        metadata=_option("what the model does with each image", choices=TASK_CHOICES, fingerprint=True),
     )
     batch_size: int | None = field(
         default=None,
@@ -135,12 +147,16 @@ class WorkerConfig:
     )
     shard_size: int = field(
         default=1024,
-        metadata=_option("images per shard: the unit of assignment, commit and resume", minimum=1),
+        metadata=_option(
+            "images per shard: the unit of assignment, commit and resume", minimum=1, fingerprint=True
+        ),
     )
     device: str = field(
         default="auto",
         metadata=_option(
-            "auto picks cuda when a GPU is visible (bf16 + SDPA), else cpu (fp32)", choices=DEVICE_CHOICES
+            "auto picks cuda when a GPU is visible (bf16 + SDPA), else cpu (fp32)",
+            choices=DEVICE_CHOICES,
+            fingerprint=True,
         ),
     )
     assignment: str = field(
@@ -157,6 +173,7 @@ class WorkerConfig:
             "gpu: batched JPEG decode + resize on the GPU (Pillow fallback for what it can't read); "
             "cpu: Pillow only; auto: gpu on cuda where the model's preprocessing allows it, cpu otherwise",
             choices=("auto", "cpu", "gpu"),
+            fingerprint=True,
         ),
     )
     gpu_jpeg: str = field(
@@ -166,6 +183,7 @@ class WorkerConfig:
             "GPU's JPEG engines (A100/H100/H200, needs the hardware-jpeg extra: nvidia-nvimgcodec), "
             "pixel-identical to Pillow's decode (benchmarks/NOTES.md compares the two)",
             choices=("cuda", "hardware"),
+            fingerprint=True,
         ),
     )
     read_threads: int = field(
@@ -233,7 +251,16 @@ class WorkerConfig:
         metadata=_option(
             "classify only images that are new or changed (by GCS generation) since the latest "
             "complete run among OUTPUT's sibling folders with the same input and model; the "
-            "aggregate carries that run's rows over for the rest (needs a gs:// input)"
+            "aggregate carries that run's rows over for the rest (needs a gs:// input)",
+            fingerprint=True,
+        ),
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata=_option(
+            "if OUTPUT holds results made from another input, model (or model revision), plan or "
+            "settings, delete them and start over instead of refusing to run; results of this same "
+            "run are resumed as usual, so a retried job keeps its committed shards"
         ),
     )
     model_cache: str = field(
@@ -278,6 +305,17 @@ class WorkerConfig:
                 "incremental",
             )
 
+    def fingerprint_settings(self, device_type: str | None) -> dict[str, Any]:
+        """The settings the results depend on (the fields marked ``fingerprint``), with ``device``
+        as the device type the job resolved "auto" to; left out where that is not known yet.
+        """
+        settings = {name: getattr(self, name) for name in FINGERPRINTED}
+        if device_type is None:
+            del settings["device"]
+        else:
+            settings["device"] = device_type
+        return settings
+
     def batch_size_on(self, device_type: str) -> int:
         """The batch size on ``device_type`` ("cuda" or "cpu"): the one given, else that device's default."""
         return self.batch_size or DEFAULT_BATCH_SIZE[device_type]
@@ -297,6 +335,10 @@ class WorkerConfig:
             else:
                 args += [flag, str(value)]
         return args
+
+
+# The fields whose values the results depend on, in field order.
+FINGERPRINTED = tuple(f.name for f in dataclasses.fields(WorkerConfig) if f.metadata["fingerprint"])
 
 
 def _default_of(f: dataclasses.Field) -> Any:
@@ -326,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Classify every image under INPUT exactly once and write CSV parts under OUTPUT. "
             "Run it directly for one process, or as `torchrun --nproc_per_node=K -m worker ...` "
             "for K ranks (inside a PyTorchJob torchrun reads the PET_* environment). "
-            "A rerun with the same OUTPUT resumes: committed shards are skipped."
+            "A rerun with the same OUTPUT resumes: committed shards are skipped; one made from "
+            "another input, model or settings is refused (see --overwrite)."
         ),
         argument_default=argparse.SUPPRESS,
     )

@@ -2,7 +2,8 @@
 
 MODEL is a Hugging Face hub id, a local directory, or a gs:// directory. Local rank 0 of
 each node fetches it into a node-local cache; the other local ranks wait at a barrier and
-then load from that cache, so a node never downloads twice.
+then load from that cache, so a node never downloads twice. A gs:// model is cached by its
+URI and the generations of its files, so a model rewritten in place is fetched anew.
 """
 
 from __future__ import annotations
@@ -15,22 +16,31 @@ import tempfile
 from pathlib import Path
 
 from worker.dist import Topology
-from worker.storage import is_gcs, open_storage, split_uri
+from worker.storage import ObjectInfo, folder, is_gcs, open_storage, split_uri
 
 log = logging.getLogger(__name__)
 
 
-def _gcs_cache_dir(model_uri: str, cache_root: str) -> Path:
-    digest = hashlib.sha256(model_uri.encode()).hexdigest()[:16]
-    return Path(cache_root) / f"gcs-{digest}"
-
-
-def _download_gcs_dir(model_uri: str, target: Path, project: str | None) -> None:
-    storage = open_storage(model_uri, project=project)
-    prefix = model_uri.rstrip("/") + "/"
-    objects = [o for o in storage.list(prefix)]
+def _gcs_listing(model_uri: str, project: str | None) -> list[ObjectInfo]:
+    objects = list(open_storage(model_uri, project=project).list(folder(model_uri)))
     if not objects:
         raise FileNotFoundError(f"no model files under {model_uri}")
+    return objects
+
+
+def _gcs_cache_dir(model_uri: str, objects: list[ObjectInfo], cache_root: str) -> Path:
+    """One folder per URI *and version* of its files: a model rewritten in place is fetched
+    anew, never served from an older copy (nodes could otherwise run different models).
+    """
+    digest = hashlib.sha256(model_uri.encode())
+    for o in sorted(objects, key=lambda o: o.uri):
+        digest.update(f"\0{o.uri}\0{o.size}\0{o.generation}\0{o.crc32c}".encode())
+    return Path(cache_root) / f"gcs-{digest.hexdigest()[:16]}"
+
+
+def _download_gcs_dir(model_uri: str, objects: list[ObjectInfo], target: Path, project: str | None) -> None:
+    storage = open_storage(model_uri, project=project)
+    prefix = folder(model_uri)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
@@ -53,10 +63,11 @@ def fetch_model(model: str, cache_root: str, *, download: bool, project: str | N
     """A local directory (or hub id resolvable offline) holding the model."""
     if is_gcs(model):
         split_uri(model)  # validates the URI early
-        target = _gcs_cache_dir(model, cache_root)
+        objects = _gcs_listing(model, project)
+        target = _gcs_cache_dir(model, objects, cache_root)
         if download and not target.exists():
             log.info("downloading %s to %s", model, target)
-            _download_gcs_dir(model, target, project)
+            _download_gcs_dir(model, objects, target, project)
         if not target.exists():
             raise FileNotFoundError(f"model {model} was not fetched into {target}")
         return str(target)

@@ -5,7 +5,8 @@ The plan is the job's contract. It is listed once (rank 0), written to
 A rerun with the same OUTPUT reuses the plan already there, so shard boundaries
 never move under committed parts. ``OUTPUT/run.json``, written just before the plan,
 records what the plan was made from (input, model, and for ``--incremental`` runs the
-base run the plan is the difference to: see ``worker.incremental``).
+base run the plan is the difference to: see ``worker.incremental``); ``worker.fingerprint``
+decides whether OUTPUT's plan is this run's, and writes both.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from dataclasses import dataclass
 from worker.archives.listing import archives_in_listing, list_archived_input
 from worker.config import WorkerConfig, is_image
 from worker.incremental import plan_incremental
-from worker.results import PLAN_FILE, decode_plan, encode_plan, run_record, write_run_record
-from worker.storage import Member, ObjectInfo, is_gcs, join, open_storage
+from worker.results import run_record
+from worker.storage import Member, ObjectInfo, is_gcs, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +62,16 @@ def list_input(cfg: WorkerConfig) -> list[ObjectInfo]:
     return images
 
 
-def load_or_create_plan(cfg: WorkerConfig) -> list[ObjectInfo]:
-    """Reuse OUTPUT/plan.jsonl when present (resume), else list, write it atomically, and return it."""
-    plan_uri = join(cfg.output, PLAN_FILE)
-    out = open_storage(plan_uri, project=cfg.project)
-    if out.exists(plan_uri):
-        plan = decode_plan(out.read(plan_uri))
-        log.info("reusing the existing plan %s: %d images", plan_uri, len(plan))
-        return plan
+def make_plan(cfg: WorkerConfig) -> tuple[list[ObjectInfo], dict]:
+    """A new plan from a listing of the input, and the record of what it was made from.
+
+    For ``--incremental`` the plan is the difference to the base run (``worker.incremental``),
+    whose inventory it writes; nothing else is written (``worker.fingerprint`` writes the
+    record and then the plan).
+    """
     if cfg.incremental:
-        plan, record = plan_incremental(cfg, list_input)
-    else:
-        plan = list_input(cfg)
-        record = run_record(cfg.input, cfg.model, incremental=False)
-    write_run_record(cfg.output, record, project=cfg.project)
-    if not out.write(plan_uri, encode_plan(plan), if_absent=True):
-        # Another job won the race to write the plan: theirs is the contract.
-        return decode_plan(out.read(plan_uri))
-    log.info("planned %d images from %s -> %s", len(plan), cfg.input, plan_uri)
-    return plan
+        return plan_incremental(cfg, list_input)
+    return list_input(cfg), run_record(cfg.input, cfg.model, incremental=False)
 
 
 @dataclass(frozen=True)

@@ -3,21 +3,28 @@
 Everything that the worker writes and the aggregate, incremental planning or a user reads is
 named and encoded here, once::
 
-    OUTPUT/run.json              the run record: what the plan was made from
+    OUTPUT/run.json              the run record: what the results are made from, and its fingerprint
     OUTPUT/inventory.jsonl       incremental runs: every input image with its generation
     OUTPUT/plan.jsonl            the plan: one JSON object per image, sorted by URI (or archive and offset)
-    OUTPUT/parts/part-NNNNN.csv  one per shard, PART_COLUMNS; its existence commits the shard
-    OUTPUT/errors/part-NNNNN.csv the shard's error rows, ERROR_COLUMNS, written before its part
+    OUTPUT/parts/part-NNNNN-F.csv  one per shard, PART_COLUMNS; its existence commits the shard
+                                 for the run whose fingerprint is F (16 hex digits)
+    OUTPUT/errors/part-NNNNN-F.csv the shard's error rows, ERROR_COLUMNS, written before its part
     OUTPUT/summary/rank-R.json   one per rank: images, seconds, start-up and read figures
     OUTPUT/aggregate/results.parquet  the manifest: every row with its GCS generation
     OUTPUT/aggregate/metrics.json     the marker, written last: the run is complete
 
 A run is *complete* once its marker exists; runs sharing a results root are sibling folders.
+
+The run's *fingerprint* is a digest of everything its rows depend on (``FINGERPRINT_KEYS``):
+input, model and its revision, the settings that change outputs, the incremental base and the
+plan's SHA-256. Every part carries it in its name, so a part computed for another run (another
+input, model, plan...) is never counted, and the aggregate names it (``check_parts``).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
@@ -28,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
+from worker.config import FINGERPRINTED
 from worker.storage import Member, ObjectInfo, folder, join, open_storage
 
 if TYPE_CHECKING:  # pandas is imported only where a manifest is read
@@ -42,8 +50,9 @@ SUMMARY_DIR = "summary"
 MANIFEST = "aggregate/results.parquet"
 MARKER = "aggregate/metrics.json"
 
-# Only committed files match: the local backend's in-flight temp files start with '.'.
-PART_FILE = re.compile(r"part-(\d+)\.csv")
+# Only committed files match: the local backend's in-flight temp files start with '.'. Names
+# without a fingerprint (older workers) or with another's match too, so they can be named.
+PART_FILE = re.compile(r"part-(\d+)(?:-([0-9a-f]+))?\.csv")
 SUMMARY_FILE = re.compile(r"rank-\d+\.json")
 _MARKER_UNDER_ROOT = re.compile(r"[^/]+/" + re.escape(MARKER))
 _READ_THREADS = 16
@@ -58,18 +67,21 @@ ERROR_DTYPES = {"uri": str, "reason": str}
 MANIFEST_COLUMNS = (*PART_COLUMNS, "generation")
 
 
-def part_name(shard_index: int) -> str:
-    return f"part-{shard_index:05d}.csv"
+def part_name(shard_index: int, fingerprint: str) -> str:
+    """The part (and error file) of shard ``shard_index`` of the run with ``fingerprint``."""
+    return f"part-{shard_index:05d}-{fingerprint}.csv"
 
 
 def summary_name(rank: int) -> str:
     return f"rank-{rank}.json"
 
 
-def shard_of(name: str) -> int | None:
-    """The shard index of a part or error file name; None for any other file."""
+def parse_part(name: str) -> tuple[int, str | None] | None:
+    """``(shard index, fingerprint)`` of a part or error file name (fingerprint None in names of
+    older workers); None for any other file.
+    """
     m = PART_FILE.fullmatch(name)
-    return int(m.group(1)) if m else None
+    return (int(m.group(1)), m.group(2)) if m else None
 
 
 def image_id(uri: str) -> str:
@@ -129,27 +141,116 @@ def decode_plan(data: bytes) -> list[ObjectInfo]:
     ]
 
 
-# The run record (run.json): written once, before the plan, which derives from it.
+# The run record (run.json) and the run's fingerprint.
+
+# What a run's rows depend on: the WorkerConfig fields marked ``fingerprint`` (``device`` as the
+# device type the job resolved), the model's revision, the incremental base and the plan's
+# SHA-256. A record without one of them has not learnt it yet (a plan made before the model loaded).
+FINGERPRINT_KEYS = (*FINGERPRINTED, "model_revision", "base", "plan_sha256")
+# Hex digits of the fingerprint in part names: 64 bits, so two runs at one OUTPUT never share one.
+FINGERPRINT_DIGITS = 16
+
+
+class MixedResultsError(ValueError):
+    """A results prefix holds parts that were not computed for its run record, or a record and
+    plan that do not belong together; the message names them.
+    """
 
 
 def run_record(input_uri: str, model: str, *, incremental: bool, base: str | None = None, **facts) -> dict:
     """What a run's plan was made from: its input and model, and for incremental runs its base
-    run and the counts of the difference (``facts``).
+    run and the counts of the difference (``facts``; settings and the plan's digest go here too).
     """
     return {"input": input_uri, "model": model, "incremental": incremental, "base": base, **facts}
 
 
+def plan_digest(plan_bytes: bytes) -> str:
+    """The SHA-256 of a plan file's bytes (``plan_sha256`` of the record)."""
+    return hashlib.sha256(plan_bytes).hexdigest()
+
+
+def fingerprint_of(record: dict) -> str:
+    """The digest of the record's ``FINGERPRINT_KEYS``, as part names carry it."""
+    canonical = json.dumps(
+        {k: record.get(k) for k in FINGERPRINT_KEYS}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:FINGERPRINT_DIGITS]
+
+
+def sealed(record: dict) -> dict:
+    """The record with its ``fingerprint``: what a worker writes before any rank reads an image.
+
+    Raises:
+        ValueError: The record lacks one of ``FINGERPRINT_KEYS``.
+    """
+    missing = [k for k in FINGERPRINT_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"a run record needs {', '.join(missing)} before it is sealed")
+    return {**record, "fingerprint": fingerprint_of(record)}
+
+
+def differences(recorded: dict, current: dict) -> str:
+    """What differs between two records, over the fingerprint keys both have, in one line ("" if nothing)."""
+    return "; ".join(
+        f"{key} was {_shown(recorded[key])}, now {_shown(current[key])}"
+        for key in FINGERPRINT_KEYS
+        if key in recorded and key in current and recorded[key] != current[key]
+    )
+
+
+def _shown(value: object) -> str:
+    text = str(value)
+    # Digests are told apart by their first digits; 12 keep the line short.
+    digest = re.fullmatch(r"((?:sha256|hub):)?([0-9a-f]{12})[0-9a-f]{20,}", text)
+    return f"{digest.group(1) or ''}{digest.group(2)}..." if digest else text
+
+
+def check_parts(results_uri: str, record: dict, plan_sha256: str, part_uris: Iterable[str]) -> None:
+    """Check that the record was made with this plan and that every part was computed for it.
+
+    A record that no worker has sealed (the launcher planned an incremental run that found
+    nothing to classify, so no job ran) is fine as long as no part claims it.
+
+    Args:
+        results_uri: The results prefix (for the messages).
+        record: Its ``run.json``.
+        plan_sha256: The SHA-256 of its ``plan.jsonl``.
+        part_uris: The part files found under ``parts/``.
+
+    Raises:
+        MixedResultsError: The record was made for another plan (or has a fingerprint that
+            does not match it), or some part carries another fingerprint than the record's;
+            the message names the first such parts.
+    """
+    run_uri = join(results_uri, RUN_FILE)
+    if record.get("plan_sha256") != plan_sha256:
+        recorded = record.get("plan_sha256")
+        raise MixedResultsError(
+            f"{join(results_uri, PLAN_FILE)} (sha256 {_shown(plan_sha256)}) is not the plan {run_uri} "
+            + (f"was made with (sha256 {_shown(recorded)})" if recorded else "records (it names no plan)")
+        )
+    fingerprint = record.get("fingerprint")
+    if fingerprint is not None and fingerprint != fingerprint_of(record):
+        raise MixedResultsError(f"{run_uri} does not match its own fingerprint {fingerprint}: it was edited")
+    foreign = [u for u in part_uris if (parse_part(u.rsplit("/", 1)[-1]) or (0, None))[1] != fingerprint]
+    if foreign:
+        whose = f"fingerprint {fingerprint}" if fingerprint else "which no worker has sealed"
+        raise MixedResultsError(
+            f"{len(foreign)} part(s) under {join(results_uri, PARTS_DIR)} were computed for another run "
+            f"than {run_uri} ({whose}): {', '.join(sorted(foreign)[:5])}; rerun the worker with "
+            "--overwrite to replace them"
+        )
+
+
 def write_run_record(results_uri: str, record: dict, *, project: str | None = None) -> None:
-    """Write ``run.json`` unless one is there: on a rerun after a crash the first record stands."""
+    """Write ``run.json``, replacing any record there (``worker.fingerprint`` decides when)."""
     open_storage(results_uri, project=project).write(
-        join(results_uri, RUN_FILE),
-        (json.dumps(record, indent=2, sort_keys=True) + "\n").encode("utf-8"),
-        if_absent=True,
+        join(results_uri, RUN_FILE), (json.dumps(record, indent=2, sort_keys=True) + "\n").encode("utf-8")
     )
 
 
 def read_run_record(results_uri: str, *, project: str | None = None) -> dict:
-    """The run's ``run.json``; empty for results of workers older than the record."""
+    """The run's ``run.json``; empty where there is none."""
     storage = open_storage(results_uri, project=project)
     uri = join(results_uri, RUN_FILE)
     try:

@@ -13,9 +13,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from worker import dist
-from worker.commit import Committer, ShardResult
+from worker.commit import Committer, ShardResult, discard_interrupted_writes
 from worker.config import ConfigError, WorkerConfig
 from worker.decode.stage import DecodeStage, default_decode_threads
+from worker.fingerprint import OutputGuard
 from worker.infer import (
     DECODE_LOOKAHEAD,
     GPU_BATCHES_IN_FLIGHT,
@@ -26,7 +27,7 @@ from worker.infer import (
     warm_up,
 )
 from worker.model_files import fetch_model_once_per_node
-from worker.plan import PlanColumns, Shard, load_or_create_plan, make_shards, static_assignment
+from worker.plan import PlanColumns, Shard, make_shards, static_assignment
 from worker.read import batches, prefetch_map, read_batches
 from worker.storage import is_gcs, open_storage
 from worker.tasks import Task, task_module
@@ -85,31 +86,38 @@ class Worker:
         self.batch_size = cfg.batch_size_on(self.device.type)
         self.topo = dist.init(self.device.type)
         self.startup.mark("process_group")
+        self.model_fetched: Future[str] | None = None  # rank 0: where load_task found the model
+        self.planning: Future | None = None  # rank 0's planning thread
 
     # Stage 1
     def start_planning(self) -> Future | None:
         """Rank 0 lists the input in a background thread, while every rank loads the model:
         on a large local dataset the listing takes seconds that would otherwise be start-up.
+        The thread seals the run's record once the model is fetched (``worker.fingerprint``).
         """
         if self.topo.rank != 0:
             return None
+        guard = OutputGuard(self.cfg, self.device.type)
+        guard.check_settings()  # another run's results in OUTPUT stop the job before the model loads
+        self.model_fetched = Future()
         pool = ThreadPoolExecutor(1, thread_name_prefix="plan")
-        committer = Committer(self.cfg.output, self.cfg.project)
 
-        def plan_on_rank0() -> tuple[PlanColumns, set[int]]:
-            committer.discard_interrupted_writes()
-            return PlanColumns.of(load_or_create_plan(self.cfg)), committer.committed_shards()
+        def plan_on_rank0() -> tuple[PlanColumns, str, set[int]]:
+            discard_interrupted_writes(self.cfg.output, self.cfg.project)
+            plan = guard.plan()
+            fingerprint, committed = guard.seal(plan, self.model_fetched.result())
+            return PlanColumns.of(plan.objects), fingerprint, committed
 
-        planning = pool.submit(plan_on_rank0)
+        self.planning = pool.submit(plan_on_rank0)
         pool.shutdown(wait=False)
-        return planning
+        return self.planning
 
-    def finish_planning(self, planning: Future | None) -> tuple[PlanColumns, list[Shard], set[int]]:
-        plan, committed = self.topo.broadcast(planning.result() if planning else None)
+    def finish_planning(self, planning: Future | None) -> tuple[PlanColumns, str, list[Shard], set[int]]:
+        plan, fingerprint, committed = self.topo.broadcast(planning.result() if planning else None)
         shards = make_shards(len(plan), self.cfg.shard_size)
         if committed:
             log.info("resuming: %d of %d shards are already committed", len(committed), len(shards))
-        return plan, shards, committed
+        return plan, fingerprint, shards, committed
 
     def my_shards(self, shards: list[Shard], committed: set[int]) -> tuple[Iterator[Shard], int]:
         """This rank's shards, and an estimate of its image count (exact for static assignment)."""
@@ -129,9 +137,13 @@ class Worker:
         cfg, startup = self.cfg, self.startup
         task = task_module(cfg.task)
         model_path = fetch_model_once_per_node(cfg.model, self.topo, cfg.model_cache, cfg.project)
+        if self.model_fetched is not None:
+            self.model_fetched.set_result(model_path)
         startup.mark("model_fetched")
         task = task.load(model_path, self.device)
         startup.mark("model_loaded")
+        if self.planning is not None and self.planning.done():
+            self.planning.result()  # a refusal to add to OUTPUT stops the job before the GPU warm-up
         graph = None
         if self.device.type == "cuda":
             shape = (self.batch_size, 3, *task.preprocess.output_hw)
@@ -148,15 +160,20 @@ class Worker:
             cfg.model, project=cfg.project, decode=cfg.decode if on_gpu else "cpu"
         )
         planning = self.start_planning()
-        task, graph = self.load_task()
-        plan, shards, committed = self.finish_planning(planning)
+        try:
+            task, graph = self.load_task()
+        except BaseException:
+            if self.model_fetched is not None:
+                self.model_fetched.cancel()  # the planning thread waits for it
+            raise
+        plan, fingerprint, shards, committed = self.finish_planning(planning)
         work, expected = self.my_shards(shards, committed)
         setup_seconds = self.startup.mark("plan_shared")
 
         decode_threads = cfg.decode_threads or default_decode_threads(topo.local_world_size)
         # Pillow batches are decoded by the pil pool already; extra batch-level workers pay off on GPU.
         decode_workers = cfg.decode_workers if on_gpu else 1
-        committer = Committer(cfg.output, cfg.project)
+        committer = Committer(cfg.output, fingerprint, cfg.project)
         infer = Inference(task, self.device, cfg.queued_blocks, graph)
         self.utilization = Utilization()
         kill_after = int(os.environ.get(FAULT_KILL_AFTER_SHARDS, "0"))

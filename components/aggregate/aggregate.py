@@ -40,6 +40,7 @@ from worker.results import (
     PLAN_FILE,
     SUMMARY_DIR,
     SUMMARY_FILE,
+    check_parts,
     completion_marker,
     read_run_record,
 )
@@ -107,6 +108,8 @@ def aggregate(
     Raises:
         FileNotFoundError: There is no plan under ``results_uri``, or the base run of an
             incremental run lost its manifest.
+        MixedResultsError: A part was computed for another run than ``run.json``'s (it is
+            named), or ``run.json`` was made for another plan.
         ValueError: A part or error file does not have the documented columns.
         IncompleteResultsError: Some planned image is missing or appears more than
             once, or the results hold an image the plan does not; nothing but the
@@ -154,6 +157,9 @@ def _aggregate(
     csv_path, parquet_path, html_path, errors_path = outputs
     tables.load_jsonl_listing(con, "plan", plan_path)
     part_files = _list_named(storage, join(results_uri, PARTS_DIR), PART_FILE)
+    run_info = read_run_record(results_uri)
+    # Parts of another run (another input, model, plan...) are rejected by name, never merged.
+    check_parts(results_uri, run_info, plan_sha256, [f.uri for f in part_files])
     error_files = _list_named(storage, join(results_uri, ERRORS_DIR), PART_FILE)
     # Errors are written before their part, and the part is the commit point: an
     # error file without its part belongs to an attempt that never committed.
@@ -165,7 +171,6 @@ def _aggregate(
     tables.load_csv_files(con, "parts", storage, part_files, errors=False)
     tables.load_csv_files(con, "errors", storage, error_files, errors=True)
     ranks = _read_summaries(storage, join(results_uri, SUMMARY_DIR))
-    run_info = read_run_record(results_uri)
     reused, changed, deleted = _carry_over(con, storage, results_uri, run_info, scratch)
     con.execute(
         f"CREATE VIEW merged AS SELECT {_USER_COLUMNS}, plan.generation FROM parts "

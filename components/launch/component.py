@@ -15,6 +15,7 @@ def classify_images(
     results_root: str,
     results_prefix: str,
     incremental: bool,
+    overwrite: bool,
     model: str,
     backend: str,
     job_kind: str,
@@ -50,6 +51,7 @@ def classify_images(
         results_root: Where each run writes its results, under its own folder.
         results_prefix: The run's exact results prefix instead; one holding a plan is resumed.
         incremental: Classify only what changed since the latest complete run.
+        overwrite: Replace another run's results at the results prefix instead of failing.
         model: The model: a hub id, or a gs:// or local model directory.
         backend: kubernetes (a job on GKE) or local (torchrun in this container).
         job_kind: pytorchjob, trainjob or jobset: the Kubernetes resource of the job.
@@ -87,6 +89,7 @@ def classify_images(
         results_root=results_root,
         results_prefix=results_prefix,
         incremental=incremental,
+        overwrite=overwrite,
         model=model,
         backend=backend,
         job_kind=job_kind,

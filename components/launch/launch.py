@@ -22,7 +22,8 @@ from components.launch.kubernetes.kinds import (
     job_kind,
     job_name_for,
 )
-from worker.config import WorkerConfig
+from worker.config import WorkerConfig, parse_args
+from worker.fingerprint import check_output, prepare_plan
 from worker.storage import is_gcs, join
 
 LOCAL = "local"
@@ -43,6 +44,7 @@ class LaunchRequest:
     results_root: str
     results_prefix: str
     incremental: bool
+    overwrite: bool
     model: str
     backend: str
     batch_size: int
@@ -120,6 +122,7 @@ class LaunchRequest:
             shard_size=self.shard_size,
             device=self.device,
             incremental=self.incremental,
+            overwrite=self.overwrite,
         )
         # Extra flags go last: argparse keeps the last value, so they can override anything above.
         return cfg.to_args() + shlex.split(self.extra_worker_args)
@@ -165,20 +168,13 @@ def _plan_here(req: LaunchRequest, log: Callable[[str], None]) -> int:
     A nightly run often finds nothing new; planning here lets it skip provisioning GPU nodes
     just to learn that. The worker then finds the plan in place and uses it (the resume path).
     """
-    import json
-
-    from worker.config import parse_args
-    from worker.plan import load_or_create_plan
-    from worker.results import RUN_FILE
-    from worker.storage import read_text
-
-    plan = load_or_create_plan(parse_args(req.worker_args()))
-    info = json.loads(read_text(join(req.results_uri, RUN_FILE)))
+    plan = prepare_plan(parse_args(req.worker_args()))
+    info = plan.record
     log(
-        f"incremental plan: {len(plan)} of {info.get('listed', '?')} images under {req.images_uri} are new or "
-        f"changed since {info.get('base') or 'no earlier complete run'}"
+        f"incremental plan: {len(plan.objects)} of {info.get('listed', '?')} images under {req.images_uri} are "
+        f"new or changed since {info.get('base') or 'no earlier complete run'}"
     )
-    return len(plan)
+    return len(plan.objects)
 
 
 @dataclass(frozen=True)
@@ -205,10 +201,13 @@ def launch(req: LaunchRequest, *, log: Callable[[str], None] | None = None, api=
 
     Raises:
         ValueError: The request is invalid.
+        worker.fingerprint.RunMismatch: The results prefix holds results of another run (and
+            ``overwrite`` is off); raised before any job exists, so no GPU is provisioned for it.
         components.launch.local.LocalRunError: The local worker failed.
         components.launch.kubernetes.errors.LauncherError: The job failed, was rejected or timed out.
     """
     req.validate()
+    check_output(parse_args(req.worker_args()))
     if req.incremental and not _plan_here(req, log or print):
         # Nothing new or changed: no job, no GPUs; the aggregate carries every row over.
         return LaunchResult(req.backend, req.results_uri, "", 0, 0)

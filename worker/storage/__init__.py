@@ -170,6 +170,10 @@ class Storage(Protocol):
 
     def exists(self, uri: str) -> bool: ...
 
+    def delete(self, uri: str) -> bool:
+        """Remove the object; False if it was not there (not an error: a retried delete finds it gone)."""
+        ...
+
     def discard_interrupted_writes(self, prefix_uri: str) -> int:
         """Remove what killed writers left under the prefix; returns how many."""
         ...

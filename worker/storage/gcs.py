@@ -190,6 +190,16 @@ class GCSStorage:
         bucket_name, name = split_uri(uri)
         return self.client.bucket(bucket_name).blob(name).exists()
 
+    def delete(self, uri: str) -> bool:
+        from google.api_core import exceptions
+
+        bucket_name, name = split_uri(uri)
+        try:
+            self.client.bucket(bucket_name).blob(name).delete(retry=self.retry)
+        except exceptions.NotFound:
+            return False  # also a retried delete whose first response was lost
+        return True
+
     def stat(self, uri: str) -> ObjectInfo | None:
         bucket_name, name = split_uri(uri)
         blob = self.client.bucket(bucket_name).get_blob(name, retry=self.retry)

@@ -116,6 +116,13 @@ class LocalStorage:
     def exists(self, uri: str) -> bool:
         return Path(uri).exists()
 
+    def delete(self, uri: str) -> bool:
+        try:
+            os.unlink(uri)
+        except FileNotFoundError:
+            return False
+        return True
+
     def stat(self, uri: str) -> ObjectInfo | None:
         try:
             return ObjectInfo(uri, Path(uri).stat().st_size)

@@ -6,6 +6,8 @@ local backend runs in the pipeline tests.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from components.launch.kubernetes.api import KubernetesApi
@@ -13,6 +15,8 @@ from components.launch.kubernetes.kinds import JOB_KINDS
 from components.launch.launch import LaunchRequest, launch
 from pipelines.batch_inference import launch_inputs
 from tests.support.k8s_stand_in import KubeApiStandIn, Step, listed_workloads
+from worker.fingerprint import RunMismatch
+from worker.storage import join, read_text, write_text
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,6 +45,7 @@ def test_worker_args_carry_the_run_and_extra_flags_win():
         "google/vit-base-patch16-224",
     ]
     assert args[-4:] == ["--assignment", "dynamic", "--batch-size", "64"]
+    assert "--overwrite" not in args and "--overwrite" in request(overwrite=True).worker_args()
 
 
 def test_job_config_maps_empty_to_unset_and_names_networks():
@@ -73,6 +78,20 @@ def test_invalid_requests_fail_before_anything_starts(overrides, message):
         launch(request(**overrides))
 
 
+def test_a_results_prefix_of_another_run_fails_before_any_job(gcs):
+    """The worker would refuse it too, but only once DWS has provisioned its GPUs."""
+    prefix = f"gs://{gcs.new_bucket('taken')}/run"
+    record = {"input": "gs://images/other", "model": "m", "incremental": False, "plan_sha256": "0" * 64}
+    write_text(join(prefix, "run.json"), json.dumps(record))
+    write_text(join(prefix, "parts", "part-00000-0123456789abcdef.csv"), "image_id\n")
+    with KubeApiStandIn(kind=JOB_KINDS[0]) as cluster:
+        api = KubernetesApi(cluster.url, token="t")
+        with pytest.raises(RunMismatch, match="input was gs://images/other, now gs://images/coco/val2017"):
+            launch(request(results_prefix=prefix), api=api)
+        assert cluster.calls("POST", cluster.jobs_path) == []
+    assert read_text(join(prefix, "run.json")) == json.dumps(record), "a refusal changes nothing"
+
+
 def commands(obj) -> list[list[str]]:
     """Every ``command`` list in a manifest, wherever its kind puts the container."""
     if isinstance(obj, dict):
@@ -84,7 +103,8 @@ def commands(obj) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("job_kind", JOB_KINDS)
-def test_kubernetes_backend_creates_the_job_of_its_kind_and_waits_for_it(job_kind):
+def test_kubernetes_backend_creates_the_job_of_its_kind_and_waits_for_it(job_kind, gcs):
+    # gcs: the launcher reads the results prefix's run.json (on the emulator) before the job.
     req = request(nodes=3, gpus_per_node=4, job_kind=job_kind)
     name = req.job_config().name
     lines: list[str] = []

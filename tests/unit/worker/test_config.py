@@ -92,6 +92,7 @@ def test_every_field_is_a_flag_and_round_trips(tmp_path):
         project="p",
         log_interval=0.5,
         incremental=True,
+        overwrite=True,
     )
     args = changed.to_args()
     forwarded = {f.name for f in dataclasses.fields(WorkerConfig) if f.metadata["forwarded"]}
@@ -103,6 +104,22 @@ def test_every_field_is_a_flag_and_round_trips(tmp_path):
     help_text = build_parser().format_help()
     for f in dataclasses.fields(WorkerConfig):
         assert flag_of(f.name) in help_text
+
+
+def test_fingerprint_settings_are_the_marked_fields_with_the_resolved_device():
+    cfg = WorkerConfig(input="/i", output="/o", model="m", device="auto", shard_size=9)
+    settings = cfg.fingerprint_settings("cuda")
+    assert settings == {
+        "input": "/i",
+        "model": "m",
+        "task": "image-classification",
+        "shard_size": 9,
+        "device": "cuda",
+        "decode": "auto",
+        "gpu_jpeg": "cuda",
+        "incremental": False,
+    }
+    assert "device" not in cfg.fingerprint_settings(None)  # the launcher: no device resolved yet
 
 
 def test_batch_size_defaults_per_device():

@@ -14,7 +14,16 @@ import pytest
 from components.aggregate.aggregate import IncompleteResultsError, aggregate
 from components.launch.job_record import JobRecord
 from tests.support.html import parse_html
-from worker.results import MANIFEST, MARKER, read_manifest
+from worker.results import (
+    FINGERPRINT_KEYS,
+    MANIFEST,
+    MARKER,
+    RUN_FILE,
+    part_name,
+    plan_digest,
+    read_manifest,
+    sealed,
+)
 from worker.storage import join, open_storage, read_text, write_text
 
 COLUMNS = ["image_id", "classification", "label_index", "score", "uri"]
@@ -46,13 +55,16 @@ def write_layout(
     errors: dict[int, list[int]] | None = None,
     summaries: list[dict] | None = None,
     extra_part_uris: dict[int, list[str]] | None = None,
-) -> None:
-    """Write OUTPUT/{plan.jsonl, parts/, errors/, summary/} in the worker's documented format."""
+) -> str:
+    """Write OUTPUT/{run.json, plan.jsonl, parts/, errors/, summary/} in the worker's documented
+    format; returns the run's fingerprint.
+    """
     plan = "".join(
         json.dumps({"uri": _uri(i), "size": 1000 + i, "generation": None if i % 2 else 1712345678901234 + i})
         + "\n"
         for i in sorted(planned, key=_uri)
     )
+    fingerprint = write_record(out, plan)
     write_text(join(out, "plan.jsonl"), plan)
     for shard, images in parts.items():
         rows = [
@@ -62,12 +74,24 @@ def write_layout(
             (u.rsplit("/", 1)[1].split(".")[0], "tabby cat", 0, 0.9, u)
             for u in (extra_part_uris or {}).get(shard, [])
         ]
-        write_text(join(out, "parts", f"part-{shard:05d}.csv"), _csv(COLUMNS, rows))
+        write_text(join(out, "parts", part_name(shard, fingerprint)), _csv(COLUMNS, rows))
     for shard, images in (errors or {}).items():
         rows = [(_uri(i), f"decode failed: <corrupt> #{i}") for i in images]
-        write_text(join(out, "errors", f"part-{shard:05d}.csv"), _csv(["uri", "reason"], rows))
+        write_text(join(out, "errors", part_name(shard, fingerprint)), _csv(["uri", "reason"], rows))
     for s in summaries or []:
         write_text(join(out, "summary", f"rank-{s['rank']}.json"), json.dumps(s))
+    return fingerprint
+
+
+def write_record(out: str, plan: str) -> str:
+    """Write OUTPUT/run.json as a worker seals it for ``plan``; returns the fingerprint."""
+    record = sealed(
+        {key: None for key in FINGERPRINT_KEYS}
+        | {"input": "gs://images/coco", "model": "tiny", "incremental": False}
+        | {"plan_sha256": plan_digest(plan.encode("utf-8"))}
+    )
+    write_text(join(out, RUN_FILE), json.dumps(record))
+    return record["fingerprint"]
 
 
 def _summary(rank: int, images: int, seconds: float, device: str = "cuda") -> dict:
@@ -95,12 +119,9 @@ def _outputs(tmp_path: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(params=["local", "gcs"])
-def results_root(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "results")
-    bucket = request.getfixturevalue("gcs").new_bucket("results")
-    return f"gs://{bucket}/runs/r1"
+@pytest.fixture
+def results_root(any_prefix) -> str:
+    return any_prefix
 
 
 def test_complete_results(results_root, tmp_path):
@@ -258,7 +279,7 @@ def test_error_file_of_uncommitted_shard_does_not_count(tmp_path):
 
 
 def test_empty_plan(results_root, tmp_path):
-    write_text(join(results_root, "plan.jsonl"), "")
+    write_layout(results_root, [], parts={})
     out = _outputs(tmp_path)
 
     report = aggregate(results_root, **out)
@@ -275,10 +296,10 @@ def test_empty_plan(results_root, tmp_path):
 
 def test_part_with_wrong_columns_is_named(tmp_path):
     root = str(tmp_path / "results")
-    write_layout(root, [0], parts={})
-    write_text(join(root, "parts", "part-00000.csv"), "image_id,classification\nx,cat\n")
+    fingerprint = write_layout(root, [0], parts={})
+    write_text(join(root, "parts", part_name(0, fingerprint)), "image_id,classification\nx,cat\n")
 
-    with pytest.raises(ValueError, match="part-00000.csv"):
+    with pytest.raises(ValueError, match=part_name(0, fingerprint)):
         aggregate(root, **_outputs(tmp_path))
 
 

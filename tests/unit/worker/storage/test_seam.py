@@ -19,12 +19,9 @@ from worker.storage import (
 )
 
 
-@pytest.fixture(params=["local", "gcs"])
-def root(request, tmp_path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "store")
-    gcs = request.getfixturevalue("gcs")
-    return f"gs://{gcs.new_bucket('seam')}/root"
+@pytest.fixture
+def root(any_prefix) -> str:
+    return any_prefix
 
 
 def test_uri_helpers():
