@@ -55,12 +55,14 @@ def loose_subset(images: Path, paths: list[Path], n: int, work: Path) -> Path:
     return root
 
 
-def upload_both(images: Path, loose: Path, prefix: str, shard_mb: int) -> dict[str, float]:
-    """Upload ``loose`` loose and ``images`` packed to ``prefix``; the images/s and MB/s of each."""
+def upload_both(images: Path, loose: Path | None, prefix: str, shard_mb: int) -> dict[str, float]:
+    """Upload ``loose`` (if any) loose and ``images`` packed to ``prefix``; the images/s and MB/s of each."""
     from components.upload.upload import upload_dataset
 
     figures = {}
     for layout, source in (("loose", loose), ("packed", images)):
+        if source is None:
+            continue
         start = time.perf_counter()
         report = upload_dataset(str(source), prefix, layout=layout, shard_mb=shard_mb, workers=16)
         seconds = time.perf_counter() - start
@@ -150,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         "--loose-images",
         type=int,
         default=4096,
-        help="of them, uploaded loose too (the first ones): fake-gcs-server's memory backend takes new "
-        "objects ever more slowly, about 100 a second past 15,000, while one shard is one object",
+        help="of them, uploaded loose too (the first ones; 0: no loose runs): fake-gcs-server's memory "
+        "backend takes new objects ever more slowly, about 100 a second past 15,000, while one shard is "
+        "one object",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 on cuda, 32 on cpu")
@@ -178,13 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         runs[name].update(requests=None, bytes=None)
 
     with gcs_emulator(buckets=(BUCKET,)) as emulator:
-        loose = loose_subset(images, paths, args.loose_images, work)
+        loose = loose_subset(images, paths, args.loose_images, work) if args.loose_images else None
         figures.update(upload_both(images, loose, prefix, args.shard_mb))
         log.info("uploads: %s", figures)
         local("local disk, before")
         for delay in delays:
             with GcsProxy(emulator, Faults(delay=delay / 1e3)) as proxy:
-                for layout in ("packed", "loose"):
+                for layout in ("packed", "loose") if loose else ("packed",):
                     name = f"gs:// {layout}, {delay} ms"
                     before = (proxy.counters.requests, proxy.counters.bytes_out)
                     runs[name] = run_worker(
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         figures[name]["over_local_disk"] = ratio
         figures[name]["exactly_once"] = once
-    for delay in delays:
+    for delay in delays if args.loose_images else ():
         packed, loose = (read_rows(work / "out" / f"gs:// {lay}, {delay} ms") for lay in ("packed", "loose"))
         # The loose run's images are the first of the packed run's; compare their rows.
         same = sum(packed.get(uri) == row for uri, row in loose.items())
@@ -245,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         f"\ndevice: {figures['device']}; {len(paths):,} JPEGs; batch {args.batch_size}; --compile {args.compile}"
     )
     print(
-        f"upload to the emulator: loose {figures['loose_upload_images_per_s']:,.0f} images/s "
-        f"({figures['loose_uploaded_images']:,} images), packed {figures['packed_upload_images_per_s']:,.0f} images/s "
+        f"upload to the emulator: loose {figures.get('loose_upload_images_per_s', 0):,.0f} images/s "
+        f"({figures.get('loose_uploaded_images', 0):,} images), "
+        f"packed {figures['packed_upload_images_per_s']:,.0f} images/s "
         f"({figures['packed_upload_mb_per_s']:,.0f} MB/s, {figures['shards']} shards of <= {args.shard_mb} MB)"
     )
     print(
@@ -255,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for row in table:
         print("| " + " | ".join(row) + " |")
-    for delay in delays:
+    for delay in delays if args.loose_images else ():
         print(
             f"rows equal between loose and packed at {delay} ms (the loose run's images): {figures[f'rows equal, {delay} ms']}"
         )
