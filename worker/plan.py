@@ -15,11 +15,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from worker.archives.columns import MemberColumns
 from worker.archives.listing import archives_in_listing, list_archived_input
 from worker.config import WorkerConfig, is_image
 from worker.incremental import plan_incremental
 from worker.results import run_record
-from worker.storage import Member, ObjectInfo, is_gcs, open_storage
+from worker.storage import ObjectInfo, is_gcs, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -79,44 +80,33 @@ class PlanColumns(Sequence[ObjectInfo]):
     """A plan as parallel lists: cheap to pickle and broadcast to every rank, and an
     ObjectInfo is built only when a rank reads it, not a million of them up front.
 
-    ``crc32cs`` and ``members`` are empty unless the plan holds archive members.
+    ``members``: where each image lies inside an archive, for a plan of archive members.
     """
 
     uris: list[str]
     sizes: list[int]
     generations: list[int | None]
-    crc32cs: list[str | None]
-    members: list[Member | None]
+    members: MemberColumns | None = None
 
     @classmethod
     def of(cls, plan: Sequence[ObjectInfo]) -> PlanColumns:
-        archived = any(o.member is not None for o in plan)
-        return cls(
-            [o.uri for o in plan],
-            [o.size for o in plan],
-            [o.generation for o in plan],
-            [o.crc32c for o in plan] if archived else [],
-            [o.member for o in plan] if archived else [],
-        )
+        members = MemberColumns() if plan and plan[0].member is not None else None
+        for o in plan if members is not None else ():
+            members.append(o)
+        return cls([o.uri for o in plan], [o.size for o in plan], [o.generation for o in plan], members)
 
     def __len__(self) -> int:
         return len(self.uris)
 
+    def _get(self, i: int) -> ObjectInfo:
+        if self.members is None:
+            return ObjectInfo(self.uris[i], self.sizes[i], self.generations[i])
+        return ObjectInfo(self.uris[i], self.sizes[i], self.generations[i], *self.members.get(i))
+
     def __getitem__(self, index):
         if isinstance(index, slice):
-            if not self.members:
-                return list(map(ObjectInfo, self.uris[index], self.sizes[index], self.generations[index]))
-            columns = (self.uris, self.sizes, self.generations, self.crc32cs, self.members)
-            return list(map(ObjectInfo, *(c[index] for c in columns)))
-        if not self.members:
-            return ObjectInfo(self.uris[index], self.sizes[index], self.generations[index])
-        return ObjectInfo(
-            self.uris[index],
-            self.sizes[index],
-            self.generations[index],
-            self.crc32cs[index],
-            self.members[index],
-        )
+            return [self._get(i) for i in range(*index.indices(len(self)))]
+        return self._get(index if index >= 0 else index + len(self))
 
 
 def make_shards(n_images: int, shard_size: int) -> list[Shard]:
