@@ -124,3 +124,19 @@ def test_shards_stay_under_their_size_and_a_big_file_gets_one_of_its_own(gcs, tm
     manifest = Manifest.decode(_objects(gcs, bucket)["ds/packed/manifest.json"][1])
     assert [s.members for s in manifest.shards] == [2, 1, 1, 1]
     assert all(s.size <= 8200 for s in manifest.shards if s.members > 1)
+
+
+def test_an_interrupted_upload_is_adopted_not_packed_again(gcs, tmp_path):
+    bucket = gcs.new_bucket("adopt")
+    src = tmp_path / "src"
+    write_images(src, 5)
+    dest = f"gs://{bucket}/ds"
+    upload_dataset(str(src), dest, layout="packed", shard_files=3)
+    # As if the upload had died after its shards and indexes, before its manifest.
+    gcs.client.bucket(bucket).blob("ds/packed/manifest.json").delete()
+    shards = _objects(gcs, bucket)
+    again = upload_dataset(str(src), dest, layout="packed", shard_files=3)
+    assert (again.uploaded, again.skipped, again.shards_written) == (0, 5, 0)
+    after = _objects(gcs, bucket)
+    manifest = Manifest.decode(after.pop("ds/packed/manifest.json")[1])
+    assert after == shards and [s.shard for s in manifest.shards] == ["shard-000000.tar", "shard-000001.tar"]
