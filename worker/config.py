@@ -187,7 +187,42 @@ class WorkerConfig:
         ),
     )
     read_threads: int = field(
-        default=4, metadata=_option("background threads reading bytes ahead of compute", minimum=1)
+        default=4,
+        metadata=_option(
+            "threads reading local files, GCS composites with --compose, or the ranged reads of archive "
+            "members (packed shards, tar, zip), ahead of compute",
+            minimum=1,
+        ),
+    )
+    read_rate: float = field(
+        default=10000.0,
+        metadata=_option("GCS reads per second a rank should sustain (rate x latency in flight)", minimum=1),
+    )
+    read_latency: float = field(
+        default=0.05,
+        metadata=_option("seconds one GCS read is planned to take (rate x latency in flight)", minimum=0.001),
+    )
+    read_concurrency: int = field(
+        default=0,
+        metadata=_option("GCS requests in flight per rank (0: --read-rate x --read-latency)", minimum=0),
+    )
+    read_ahead_mb: float = field(
+        default=256.0,
+        metadata=_option("most MiB of images read ahead of compute per rank (bounds memory)", minimum=1),
+    )
+    bucket_read_limit: float = field(
+        default=0.0,
+        metadata=_option(
+            "most GCS read requests per second to one bucket from the whole job, shared evenly by "
+            "the ranks (a new bucket starts at about 5,000 reads/s and ramps up); 0: no limit",
+            minimum=0,
+        ),
+    )
+    retry_deadline: float = field(
+        default=300.0,
+        metadata=_option(
+            "seconds a GCS request failing with 429, 5xx or a dropped connection is retried", minimum=0
+        ),
     )
     decode_threads: int = field(
         default=0,
@@ -201,7 +236,10 @@ class WorkerConfig:
             minimum=1,
         ),
     )
-    prefetch_batches: int = field(default=8, metadata=_option("batches read ahead of the GPU", minimum=1))
+    prefetch_batches: int = field(
+        default=8,
+        metadata=_option("batches read ahead of compute at least (within --read-ahead-mb)", minimum=1),
+    )
     queued_blocks: int = field(
         default=2,
         metadata=_option(
@@ -235,11 +273,13 @@ class WorkerConfig:
         ),
     )
     compose: bool = field(
-        default=True,
+        default=False,
         metadata=_option(
-            "use DataFlux composed downloads on GCS (temporary composites under "
-            "dataflux-composed-objects/ in the input bucket, deleted after use); "
-            "--no-compose reads objects one by one and never writes to the input bucket"
+            "read GCS objects as server-side composites of 32 (3 requests per 32 images instead of 32, "
+            "but it needs create and delete permission on the input bucket and counts against its "
+            "write quota; the temporary composites under dataflux-composed-objects/ at the bucket "
+            "root are deleted after use); off: one GET per image from the native reader process, "
+            "which never writes to the input bucket"
         ),
     )
     project: str | None = field(

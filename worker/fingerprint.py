@@ -32,13 +32,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from worker.commit import Committer
 from worker.config import ConfigError, WorkerConfig
-from worker.plan import make_plan
+from worker.plan import PlanColumns, make_plan
 from worker.results import (
     ERRORS_DIR,
     INVENTORY_FILE,
@@ -48,9 +49,9 @@ from worker.results import (
     PLAN_FILE,
     RUN_FILE,
     SUMMARY_DIR,
-    decode_plan,
     differences,
     encode_plan,
+    iter_plan,
     parse_part,
     plan_digest,
     read_run_record,
@@ -82,7 +83,7 @@ class Plan:
         record: What it was made from, with this run's settings: the record before it is sealed.
     """
 
-    objects: list[ObjectInfo]
+    objects: Sequence[ObjectInfo]
     sha256: str
     record: dict
 
@@ -185,7 +186,8 @@ class OutputGuard:
             objects, made_from = make_plan(cfg)
             data = encode_plan(objects)
         else:
-            objects, made_from = decode_plan(data), self.recorded
+            # Compact columns, parsed line by line: a million-image plan stays small in memory.
+            objects, made_from = PlanColumns.of(iter_plan(data)), self.recorded
         sha256 = plan_digest(data)
         if self.recorded and (why := differences(self.recorded, {"plan_sha256": sha256})):
             self._start_over(f"{why} (the input's listing changed since)", everything=False)

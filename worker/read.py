@@ -1,16 +1,24 @@
-"""Stage 2 — read: fetch each batch's bytes in background threads, ahead of the compute."""
+"""Stage 2 — read: fetch each batch's bytes ahead of the compute, within a bounded window.
+
+The backend's batch reader (``worker.storage``) does the requests; this stage decides how far
+ahead of the compute it reads: batches are submitted while the planned bytes of those not yet
+consumed stay under ``read_ahead_bytes`` and their objects under what keeps ``concurrency``
+requests busy, so memory stays flat on any dataset, and results come back in order.
+"""
 
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from worker.archives.members import read_members
+from worker.archives.members import MemberReader
+from worker.config import WorkerConfig
 from worker.plan import Shard
-from worker.storage import ObjectInfo, ReadError, Storage
+from worker.storage import BatchReader, ObjectInfo, ReadError, ReadSettings, ReadStats, open_storage
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -21,7 +29,8 @@ class Batch:
     shard: Shard
     objects: list[ObjectInfo]
     last_in_shard: bool
-    payloads: list[bytes | ReadError] | None = None
+    # Bytes-like (bytes, or a memoryview into the batch's buffer) or a ReadError, per object.
+    payloads: list[bytes | memoryview | ReadError] | None = None
 
 
 def batches(plan: Sequence[ObjectInfo], shards: Iterable[Shard], batch_size: int) -> Iterator[Batch]:
@@ -46,10 +55,59 @@ def prefetch_map(fn: Callable[[T], R], items: Iterable[T], pool: Executor, depth
         yield pending.popleft().result()
 
 
-def read_batches(storage: Storage, work: Iterable[Batch], pool: Executor, depth: int) -> Iterator[Batch]:
-    def read(batch: Batch) -> Batch:
-        # Images inside archives are read by ranged GETs over neighbouring members.
-        batch.payloads = read_members(storage, batch.objects)
-        return batch
+def read_settings(cfg: WorkerConfig, world_size: int) -> ReadSettings:
+    """The rank's read settings: requests in flight = target rate x latency, unless set."""
+    concurrency = cfg.read_concurrency or math.ceil(cfg.read_rate * cfg.read_latency)
+    return ReadSettings(
+        concurrency=max(1, concurrency),
+        read_ahead_bytes=int(cfg.read_ahead_mb * (1 << 20)),
+        batches_ahead=cfg.prefetch_batches,
+        threads=cfg.read_threads,
+        # The limit is the job's, per bucket: each rank keeps its share.
+        rate_limit=cfg.bucket_read_limit / max(1, world_size),
+        retry_deadline=cfg.retry_deadline,
+    )
 
-    return prefetch_map(read, work, pool, depth)
+
+def open_reader(cfg: WorkerConfig, settings: ReadSettings, *, archived: bool = False) -> BatchReader:
+    """The batch reader of the input's backend; for a plan of archive members (``archived``),
+    one that reads each batch with ranged GETs over neighbouring members.
+    """
+    storage = open_storage(cfg.input, project=cfg.project, compose=cfg.compose)
+    if archived:
+        return MemberReader(storage, settings.threads, ReadStats())
+    return storage.reader(settings, ReadStats())
+
+
+def read_batches(reader: BatchReader, work: Iterable[Batch], settings: ReadSettings) -> Iterator[Batch]:
+    """The batches of ``work`` with their payloads, in order, read ahead within the window.
+
+    ``work`` is pulled lazily (a generator that claims shards claims only as far as the window).
+    """
+    pending: collections.deque = collections.deque()
+    ahead_bytes = ahead_objects = 0
+    work = iter(work)
+    exhausted = False
+    while True:
+        # Enough objects submitted to keep every request slot busy while the oldest batches are
+        # consumed, and never more planned bytes than the bound (but always one batch).
+        while not exhausted and (
+            not pending
+            or ahead_bytes < settings.read_ahead_bytes
+            and (len(pending) < settings.batches_ahead or ahead_objects < 2 * settings.concurrency)
+        ):
+            batch = next(work, None)
+            if batch is None:
+                exhausted = True
+                break
+            size = sum(o.size for o in batch.objects)
+            pending.append((batch, reader.submit(batch.objects), size))
+            ahead_bytes += size
+            ahead_objects += len(batch.objects)
+        if not pending:
+            return
+        batch, future, size = pending.popleft()
+        batch.payloads = future.result()
+        ahead_bytes -= size
+        ahead_objects -= len(batch.objects)
+        yield batch

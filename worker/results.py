@@ -28,7 +28,7 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -122,23 +122,21 @@ def encode_plan(objects: list[ObjectInfo]) -> bytes:
     return ("\n".join(lines) + "\n" if lines else "").encode("utf-8")
 
 
+def iter_plan(data: bytes) -> Iterator[ObjectInfo]:
+    """The plan's entries one by one, so that a million of them are never all dicts at once."""
+    loads = json.JSONDecoder().decode
+    for line in io.BytesIO(data):
+        if line.strip():
+            d = loads(line.decode("utf-8"))
+            if "archive" not in d:
+                yield ObjectInfo(d["uri"], int(d["size"]), d.get("generation"))
+                continue
+            member = Member(d["archive"], int(d["offset"]), d.get("format", "tar"))
+            yield ObjectInfo(d["uri"], int(d["size"]), d.get("generation"), d.get("crc32c"), member)
+
+
 def decode_plan(data: bytes) -> list[ObjectInfo]:
-    lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
-    # One parse of the whole file as a JSON array, not one json.loads call per line.
-    entries = json.loads("[" + ",".join(lines) + "]")
-    archives: dict[str, str] = {}  # one string per archive, not one per member
-    return [
-        ObjectInfo(d["uri"], int(d["size"]), d.get("generation"))
-        if "archive" not in d
-        else ObjectInfo(
-            d["uri"],
-            int(d["size"]),
-            d.get("generation"),
-            d.get("crc32c"),
-            Member(archives.setdefault(d["archive"], d["archive"]), int(d["offset"]), d.get("format", "tar")),
-        )
-        for d in entries
-    ]
+    return list(iter_plan(data))
 
 
 # The run record (run.json) and the run's fingerprint.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import logging
 import os
@@ -28,8 +29,8 @@ from worker.infer import (
 )
 from worker.model_files import fetch_model_once_per_node
 from worker.plan import PlanColumns, Shard, make_shards, static_assignment
-from worker.read import batches, prefetch_map, read_batches
-from worker.storage import is_gcs, open_storage
+from worker.read import batches, open_reader, prefetch_map, read_batches, read_settings
+from worker.storage import is_gcs
 from worker.tasks import Task, task_module
 from worker.telemetry import Progress, StartupClock, Utilization, log_done
 
@@ -181,7 +182,7 @@ class Worker:
 
         with (
             model_stream(self.device),
-            ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="read") as read_pool,
+            contextlib.ExitStack() as stack,
             ThreadPoolExecutor(decode_threads, thread_name_prefix="pil") as pil_pool,
             ThreadPoolExecutor(decode_workers, thread_name_prefix="decode") as decode_pool,
         ):
@@ -190,11 +191,11 @@ class Worker:
                 task.preprocess, self.device, self.batch_size, pil_pool, decode_pool, decode_workers, jpeg
             )
             self.startup.mark("decoder_ready")
-            progress = Progress(topo.rank, expected, cfg.log_interval)
-            storage = open_storage(cfg.input, project=cfg.project, compose=cfg.compose)
-            read = read_batches(
-                storage, batches(plan, work, self.batch_size), read_pool, cfg.prefetch_batches
-            )
+            settings = read_settings(cfg, topo.world_size)
+            archived = plan.members is not None
+            reader = stack.enter_context(contextlib.closing(open_reader(cfg, settings, archived=archived)))
+            progress = Progress(topo.rank, expected, cfg.log_interval, reads=reader.stats)
+            read = read_batches(reader, batches(plan, work, self.batch_size), settings)
             decoded_batches = prefetch_map(decode, read, decode_pool, depth=decode_workers + DECODE_LOOKAHEAD)
             pending: collections.deque[Prediction] = collections.deque()
             results: dict[int, ShardResult] = {}
@@ -231,6 +232,7 @@ class Worker:
             # Shares of the processing time: GPU busy with the model (low: the input can't keep
             # up, or the host can't queue the work fast enough) and the loop waiting for decode.
             **shares,
+            **reader.stats.summary(progress.done),
         }
         committer.write_summary(topo.rank, summary)
         log_done(progress, shards_done, shares, on_gpu)

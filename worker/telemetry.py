@@ -40,11 +40,12 @@ class StartupClock:
 class Progress:
     """Images done, img/s and ETA, logged at a steady interval."""
 
-    def __init__(self, rank: int, total: int, interval: float, clock=time.monotonic):
+    def __init__(self, rank: int, total: int, interval: float, clock=time.monotonic, reads=None):
         self.rank = rank
         self.total = total
         self.interval = interval
         self.clock = clock
+        self.reads = reads  # the read stage's counters (worker.storage.reading.ReadStats), if any
         self.start = clock()
         self.last_log = self.start
         self.done = 0
@@ -75,7 +76,9 @@ class Progress:
         pct = min(100.0, 100.0 * self.done / self.total) if self.total else 100.0
         return (
             f"rank {self.rank}: {self.done}/{self.total} images ({pct:.1f}%), "
-            f"{self.errors} errors, {rate:.1f} img/s, ETA {eta}"
+            f"{self.errors} errors, {rate:.1f} img/s, "
+            + (f"{self.reads.line()}, " if self.reads else "")
+            + f"ETA {eta}"
         )
 
 

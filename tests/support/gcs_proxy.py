@@ -44,12 +44,23 @@ class Faults:
 
 @dataclass
 class Counters:
+    """What the proxy saw. ``native_*`` count the native reader's requests (obstore's user agent)
+    apart from google-cloud-storage's.
+    """
+
     requests: int = 0
     reads: int = 0
     bytes_out: int = 0  # response bytes sent to the clients
     reads_in_flight: int = 0
     peak_reads_in_flight: int = 0
     injected: dict[str, int] = field(default_factory=lambda: {"503": 0, "429": 0, "dropped": 0})
+    native_reads: int = 0
+    native_injected: int = 0
+
+
+def is_native(headers: dict[str, str]) -> bool:
+    """A request of the native reader: obstore sends object_store's user agent."""
+    return "object_store" in headers.get("user-agent", "")
 
 
 def is_object_read(method: str, target: str) -> bool:
@@ -126,18 +137,22 @@ class _Proxy:
             while (head := await _read_head(client_reader)) is not None:
                 method, target, _ = head.split(b" ", 2)
                 method, target = method.decode(), target.decode("latin-1")
-                body = await _read_body(client_reader, _headers(head), to_eof=False)
+                request_headers = _headers(head)
+                body = await _read_body(client_reader, request_headers, to_eof=False)
                 read = is_object_read(method, target)
+                native = read and is_native(request_headers)
                 c = self.counters
                 c.requests += 1
                 if read:
                     c.reads += 1
+                    c.native_reads += native
                     c.reads_in_flight += 1
                     c.peak_reads_in_flight = max(c.peak_reads_in_flight, c.reads_in_flight)
                 try:
                     if self.faults.delay:
                         await asyncio.sleep(self.faults.delay)
                     fault = self._fault() if read else None
+                    c.native_injected += native and fault is not None
                     if fault in ("503", "429"):
                         reason = "Service Unavailable" if fault == "503" else "Too Many Requests"
                         client_writer.write(_error(int(fault), reason))

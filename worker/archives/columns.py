@@ -45,10 +45,10 @@ class MemberColumns:
         self.formats.append(FORMATS.index(o.member.format))
         self.crc32cs.append(_crc_to_int(o.crc32c))
 
-    def get(self, i: int) -> tuple[str | None, Member]:
-        """Entry ``i``'s CRC32C and member."""
+    def get(self, i: int) -> dict:
+        """Entry ``i``'s ``crc32c`` and ``member`` (``ObjectInfo`` fields)."""
         member = Member(self.archives[self.archive_of[i]], self.offsets[i], FORMATS[self.formats[i]])
-        return _int_to_crc(self.crc32cs[i]), member
+        return {"crc32c": _int_to_crc(self.crc32cs[i]), "member": member}
 
     def __len__(self) -> int:
         return len(self.offsets)

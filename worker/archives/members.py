@@ -11,12 +11,13 @@ its end), so the batch always comes back whole, in order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from worker.archives import zip as zip_format
 from worker.archives.packed import crc32c
-from worker.storage import ObjectInfo, ReadError, Storage
+from worker.storage import ObjectInfo, ReadError, ReadStats, Storage
 
 # Reading this many unplanned bytes costs less than one more request (tens of ms on GCS).
 MAX_GAP = 1 << 20
@@ -66,29 +67,41 @@ def coalesce(objects: Sequence[ObjectInfo], max_gap: int = MAX_GAP, max_span: in
     return spans
 
 
-def count_requests(objects: Sequence[ObjectInfo]) -> int:
-    """Requests ``read_members`` sends for ``objects``."""
-    return len(coalesce(objects))
+class MemberReader:
+    """The read stage's batch reader (``worker.storage.BatchReader``) for a plan of archive
+    members: each batch's ranged reads in a pool thread, counted in ``stats`` as they are sent.
+    """
+
+    def __init__(self, storage: Storage, threads: int, stats: ReadStats):
+        self.storage = storage
+        self.stats = stats
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="read-members")
+
+    def submit(self, objects: Sequence[ObjectInfo]) -> Future:
+        return self._pool.submit(read_members, self.storage, objects, self.stats)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def read_members(
-    storage: Storage,
-    objects: Sequence[ObjectInfo],
-    read_loose: Callable[[Sequence[ObjectInfo]], list] | None = None,
+    storage: Storage, objects: Sequence[ObjectInfo], stats: ReadStats | None = None
 ) -> list[bytes | ReadError]:
     """The bytes of every object, in order: archive members by coalesced ranged reads, any object
-    of its own through ``read_loose`` (default: ``storage.read_many``).
+    of its own through ``storage.read_many``. ``stats`` counts the objects, requests and bytes.
     """
     out: list = [None] * len(objects)
     loose = [i for i, o in enumerate(objects) if o.member is None]
     if loose:
-        got = (read_loose or storage.read_many)([objects[i] for i in loose])
+        got = storage.read_many([objects[i] for i in loose])
         for i, payload in zip(loose, got, strict=True):
             out[i] = payload
     for i, o in enumerate(objects):
         if o.member is not None and o.member.format in _NOT_READ:
             out[i] = ReadError(_NOT_READ[o.member.format].format(o.member.archive))
-    for span in coalesce(objects):
+    spans = coalesce(objects)
+    nbytes = 0
+    for span in spans:
         try:
             data = memoryview(storage.read_range(span.archive, span.start, span.stop - span.start))
         except Exception as exc:  # a failed span fails its members, never the batch
@@ -96,8 +109,11 @@ def read_members(
             for i in span.indices:
                 out[i] = reason
             continue
+        nbytes += len(data)
         for i in span.indices:
             out[i] = _member_bytes(objects[i], data, span)
+    if stats is not None:
+        stats.add(objects=len(objects), nbytes=nbytes, requests=len(spans) + len(loose))
     return out
 
 

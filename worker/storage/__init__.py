@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -122,11 +125,89 @@ class StorageOptions:
 
     Attributes:
         project: GCP project for GCS clients (default: from the environment).
-        compose: Read small GCS objects in DataFlux composed downloads.
+        compose: Read small GCS objects as composites of 32 (3 requests per 32 objects, but
+            writes to the input bucket); else one request per object from the native reader.
     """
 
     project: str | None = None
-    compose: bool = True
+    compose: bool = False
+
+
+# Batch reads: what the read stage (worker.read) asks of a backend.
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """How a rank reads its input.
+
+    Attributes:
+        concurrency: Requests in flight at once (object stores).
+        read_ahead_bytes: Planned bytes submitted but not yet consumed: the memory bound.
+        batches_ahead: Batches submitted ahead at least (within ``read_ahead_bytes``).
+        threads: Threads of the thread-pool readers (local files, composed GCS reads).
+        rate_limit: Most requests per second to one bucket from this rank; 0: no limit.
+        retry_deadline: Seconds a request is retried (429, 5xx, dropped connections) before it
+            becomes a read error.
+    """
+
+    concurrency: int = 500
+    read_ahead_bytes: int = 256 << 20
+    batches_ahead: int = 8
+    threads: int = 4
+    rate_limit: float = 0.0
+    retry_deadline: float = 300.0
+
+
+class ReadStats:
+    """A rank's read counters: objects, bytes, requests sent and retries, from any thread."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.started = clock()
+        self.objects = 0
+        self.bytes = 0
+        self.requests = 0
+        self.retries = 0
+        self._lock = threading.Lock()
+
+    def add(self, *, objects: int = 0, nbytes: int = 0, requests: int = 0, retries: int = 0) -> None:
+        with self._lock:
+            self.objects += objects
+            self.bytes += nbytes
+            self.requests += requests
+            self.retries += retries
+
+    def count_retry(self, _exc: BaseException | None = None) -> None:
+        """An ``on_error`` callback for google-api-core's Retry: one more retry."""
+        self.add(retries=1)
+
+    def rates(self) -> tuple[float, float]:
+        """Reads (requests) and retries per second since the start."""
+        seconds = max(self.clock() - self.started, 1e-9)
+        return self.requests / seconds, self.retries / seconds
+
+    def line(self) -> str:
+        reads, retries = self.rates()
+        return f"{reads:.0f} reads/s, {retries:.1f} retries/s"
+
+    def summary(self, images: int) -> dict:
+        """The rank summary's read figures."""
+        return {
+            "read_requests": self.requests,
+            "read_retries": self.retries,
+            "read_bytes": self.bytes,
+            "requests_per_image": round(self.requests / images, 4) if images else 0.0,
+        }
+
+
+class BatchReader(Protocol):
+    stats: ReadStats
+
+    def submit(self, objects: Sequence[ObjectInfo]) -> Future:
+        """A future of the objects' payloads (bytes-like or ``ReadError``), in order."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class Storage(Protocol):
@@ -150,6 +231,10 @@ class Storage(Protocol):
 
     def read_many(self, objects: Sequence[ObjectInfo]) -> list[bytes | ReadError]:
         """The objects' bytes in order; an object that could not be read is a ``ReadError``."""
+        ...
+
+    def reader(self, settings: ReadSettings, stats: ReadStats) -> BatchReader:
+        """The batch reader the read stage submits batches to."""
         ...
 
     def write(self, uri: str, data: bytes, *, if_absent: bool = False) -> bool:

@@ -1,54 +1,77 @@
-"""The GCS backend: google-cloud-storage, with DataFlux for listing and batched reads."""
+"""The GCS backend: google-cloud-storage for listing and writes, DataFlux's fast listing for plans,
+and two batch readers: the native reader process (``gcs_reader``, the default) and composed reads.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from worker.storage import (
+    BatchReader,
     ObjectInfo,
     ReadError,
+    ReadSettings,
+    ReadStats,
     StorageOptions,
     default_project,
     gcs_uri,
     split_uri,
 )
 from worker.storage.gcs_ranges import RangeReader
+from worker.storage.reading import ThreadedReader
 
 log = logging.getLogger(__name__)
 
+# Temporary composites live here, at the bucket root, as DataFlux's own do: the one folder that
+# listings skip. A user's folder of that name anywhere below the root is data like any other.
+COMPOSITES = "dataflux-composed-objects/"
+# GCS composes at most 32 sources into one object.
+COMPOSE_MAX_OBJECTS = 32
 
-class GCSStorage:
-    """GCS backend over google-cloud-storage, with DataFlux for listing and batched reads.
 
-    DataFlux's composed download concatenates up to 32 small objects server-side and
-    fetches them in one GET. It has a known defect: a failed download thread drops its
-    chunk silently, so a batch can come back short. ``read_many`` therefore never pairs
-    names with bytes by position unless the counts and every size match; otherwise it
-    re-reads the objects one by one.
+class _EveryStorageClass(list):
+    """DataFlux's listing keeps only objects whose storage class is ``in`` its allowed list
+    (STANDARD by default, which silently drops NEARLINE, COLDLINE and ARCHIVE images): this
+    list holds every class, present and future.
     """
 
-    # One DataFlux call per composite: a short return then means "this whole call
-    # failed", so we know exactly which objects to re-read.
-    COMPOSE_MAX_OBJECTS = 32
+    def __contains__(self, _storage_class: object) -> bool:
+        return True
+
+
+class GCSStorage:
+    """GCS over google-cloud-storage; DataFlux for the parallel listing."""
 
     def __init__(self, options: StorageOptions | None = None, *, retry_deadline: float = 300.0):
-        from google.cloud.storage.retry import DEFAULT_RETRY
-
         options = options or StorageOptions()
         self.project = options.project or default_project()
         self.compose = options.compose
-        # Transient errors (429, 5xx, resets) are retried with backoff up to this deadline;
-        # DataFlux's own default would keep retrying for over a day.
-        self.retry = DEFAULT_RETRY.with_deadline(retry_deadline)
+        self.retry = self._retry(retry_deadline)
         self._local = threading.local()
-        self._ranges = RangeReader(retry_deadline, self._download_range)
+        self._ranges = RangeReader(retry_deadline)
+
+    @staticmethod
+    def _retry(deadline: float, stats: ReadStats | None = None):
+        """google-api-core's retry of 429, 5xx and dropped connections (exponential backoff with
+        jitter) up to ``deadline`` seconds, counting each retry in ``stats``.
+        """
+        from google.api_core.retry import Retry
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        return Retry(
+            predicate=DEFAULT_RETRY._predicate,
+            timeout=deadline,
+            on_error=stats.count_retry if stats else None,
+        )
 
     @property
     def client(self):
         # google-cloud-storage clients hold a requests session that is not safe to
-        # share across threads under load, so each reader thread gets its own.
+        # share across threads under load, so each thread gets its own.
         client = getattr(self._local, "client", None)
         if client is None:
             from google.cloud import storage
@@ -71,13 +94,13 @@ class GCSStorage:
     def list(self, prefix_uri: str) -> Iterator[ObjectInfo]:
         bucket_name, prefix = split_uri(prefix_uri)
         bucket = self._bucket(bucket_name)
-        for blob in self.client.list_blobs(bucket, prefix=prefix or None):
-            if blob.name.endswith("/"):
+        for blob in self.client.list_blobs(bucket, prefix=prefix or None, retry=self.retry):
+            if blob.name.endswith("/") or blob.name.startswith(COMPOSITES):
                 continue
             yield _info(bucket_name, blob)
 
     def fast_list(self, prefix_uri: str, processes: int = 8) -> list[ObjectInfo]:
-        """DataFlux's parallel work-stealing listing. Unordered, and without generations."""
+        """DataFlux's parallel work-stealing listing, every storage class. Unordered, no generations."""
         from dataflux_core.fast_list import ListingController
 
         bucket_name, prefix = split_uri(prefix_uri)
@@ -88,85 +111,39 @@ class GCSStorage:
             bucket=bucket_name,
             sort_results=False,
             prefix=prefix or None,
+            skip_compose=True,  # only the composites folder at the bucket root
+            allowed_storage_classes=_EveryStorageClass(),
         )
         return [ObjectInfo(gcs_uri(bucket_name, name), int(size)) for name, size in lister.run()]
 
-    def read(self, uri: str) -> bytes:
+    def read(self, uri: str, *, retry=None) -> bytes:
         from google.api_core import exceptions
 
         bucket_name, name = split_uri(uri)
         try:
-            return self.client.bucket(bucket_name).blob(name).download_as_bytes(retry=self.retry)
+            return self.client.bucket(bucket_name).blob(name).download_as_bytes(retry=retry or self.retry)
         except exceptions.NotFound as exc:
             raise FileNotFoundError(f"object not found: {uri}") from exc
 
     def read_range(self, uri: str, offset: int, length: int) -> bytes | memoryview:
         return self._ranges.read(uri, offset, length)
 
-    def _download_range(self, uri: str, offset: int, length: int) -> bytes:
-        from google.api_core import exceptions
-
-        bucket_name, name = split_uri(uri)
-        blob = self.client.bucket(bucket_name).blob(name)
-        try:
-            # No checksum: GCS's covers the whole object, never a range (members carry their own).
-            return blob.download_as_bytes(
-                start=offset, end=offset + length - 1, raw_download=True, checksum=None, retry=self.retry
-            )
-        except exceptions.RequestRangeNotSatisfiable:
-            return b""  # the range starts at or past the object's end
-        except exceptions.NotFound as exc:
-            raise FileNotFoundError(f"object not found: {uri}") from exc
-
-    def _read_each(self, objects: Sequence[ObjectInfo]) -> list[bytes | ReadError]:
+    def read_many(self, objects: Sequence[ObjectInfo], *, retry=None) -> list[bytes | ReadError]:
         out: list[bytes | ReadError] = []
         for obj in objects:
             try:
-                out.append(self.read(obj.uri))
+                out.append(self.read(obj.uri, retry=retry))
             except Exception as exc:  # noqa: BLE001 - one bad object must not sink the batch
                 out.append(ReadError(f"read failed: {type(exc).__name__}: {exc}"))
         return out
 
-    def _dataflux_read(self, bucket_name: str, objects: Sequence[ObjectInfo]) -> list[bytes] | None:
-        """One composed download; None when DataFlux returned a short or mis-sized batch."""
-        from dataflux_core import download
+    def reader(self, settings: ReadSettings, stats: ReadStats) -> BatchReader:
+        """The native reader process; composed reads where the options ask for them."""
+        if self.compose:
+            return _ComposedReader(self, settings, stats)
+        from worker.storage.gcs_reader import GCSReader
 
-        names = [(split_uri(o.uri)[1], o.size) for o in objects]
-        params = download.DataFluxDownloadOptimizationParams(
-            max_composite_object_size=100_000_000 if self.compose else 0
-        )
-        try:
-            got = download.dataflux_download_threaded(
-                project_name=self.project,
-                bucket_name=bucket_name,
-                objects=names,
-                storage_client=self.client,
-                dataflux_download_optimization_params=params,
-                threads=1,
-                retry_config=self.retry,
-            )
-        except Exception as exc:  # noqa: BLE001
-            log.warning(
-                "DataFlux batch read of %d objects failed (%s); re-reading one by one", len(objects), exc
-            )
-            return None
-        if len(got) != len(objects) or any(len(b) != o.size for b, o in zip(got, objects, strict=False)):
-            log.warning(
-                "DataFlux returned %d of %d objects (or sizes changed); re-reading one by one",
-                len(got),
-                len(objects),
-            )
-            return None
-        return list(got)
-
-    def read_many(self, objects: Sequence[ObjectInfo]) -> list[bytes | ReadError]:
-        out: list[bytes | ReadError] = []
-        for start in range(0, len(objects), self.COMPOSE_MAX_OBJECTS):
-            chunk = objects[start : start + self.COMPOSE_MAX_OBJECTS]
-            buckets = {split_uri(o.uri)[0] for o in chunk}
-            got = self._dataflux_read(buckets.pop(), chunk) if len(buckets) == 1 else None
-            out.extend(got if got is not None else self._read_each(chunk))
-        return out
+        return GCSReader(settings, stats)
 
     def write(self, uri: str, data: bytes, *, if_absent: bool = False) -> bool:
         from google.api_core import exceptions
@@ -188,7 +165,7 @@ class GCSStorage:
 
     def exists(self, uri: str) -> bool:
         bucket_name, name = split_uri(uri)
-        return self.client.bucket(bucket_name).blob(name).exists()
+        return self.client.bucket(bucket_name).blob(name).exists(retry=self.retry)
 
     def delete(self, uri: str) -> bool:
         from google.api_core import exceptions
@@ -233,6 +210,80 @@ class GCSStorage:
     def discard_interrupted_writes(self, prefix_uri: str) -> int:
         # A GCS upload is all or nothing: a killed writer leaves no partial object.
         return 0
+
+
+class _ComposedReader(ThreadedReader):
+    """Reads batches as composites of up to 32 objects: compose, download, delete (3 requests per
+    32 objects instead of 32). Needs create and delete permission on the input bucket, and counts
+    against its write quota.
+
+    The composite is deleted whatever happens after it may have been created, so a failed read
+    leaves nothing behind; its bytes are used only if their length is the sum of the planned
+    sizes, else the chunk is read object by object.
+    """
+
+    def __init__(self, storage: GCSStorage, settings: ReadSettings, stats: ReadStats):
+        self.storage = storage
+        self.retry = storage._retry(settings.retry_deadline, stats)
+        self._chunks = ThreadPoolExecutor(max(1, settings.threads), thread_name_prefix="compose")
+        super().__init__(self._read_batch, settings.threads, stats, requests_of=lambda _: 0)
+
+    def _read_batch(self, objects: Sequence[ObjectInfo]) -> list:
+        chunks = [objects[i : i + COMPOSE_MAX_OBJECTS] for i in range(0, len(objects), COMPOSE_MAX_OBJECTS)]
+        return [p for payloads in self._chunks.map(self._read_chunk, chunks) for p in payloads]
+
+    def _read_chunk(self, chunk: Sequence[ObjectInfo]) -> list:
+        buckets = {split_uri(o.uri)[0] for o in chunk}
+        data = self._composed(buckets.pop(), chunk) if len(buckets) == 1 and len(chunk) > 1 else None
+        if data is None:
+            self.stats.add(requests=len(chunk))
+            return self.storage.read_many(chunk, retry=self.retry)
+        out, offset = [], 0
+        for obj in chunk:
+            out.append(data[offset : offset + obj.size])
+            offset += obj.size
+        return out
+
+    def _composed(self, bucket_name: str, chunk: Sequence[ObjectInfo]) -> memoryview | None:
+        from google.api_core import exceptions
+
+        bucket = self.storage.client.bucket(bucket_name)
+        sources = [bucket.blob(split_uri(o.uri)[1]) for o in chunk]
+        generations = [o.generation for o in chunk]
+        composite = bucket.blob(f"{COMPOSITES}{uuid.uuid4().hex}")
+        try:
+            self.stats.add(requests=2)
+            composite.compose(
+                sources,
+                if_generation_match=0,  # create-only, so a retried compose is safe
+                if_source_generation_match=generations if None not in generations else None,
+                retry=self.retry,
+            )
+            # A fresh handle: the compose answer's mediaLink may name another host than the client's.
+            data = bucket.blob(composite.name, generation=composite.generation).download_as_bytes(
+                retry=self.retry
+            )
+        except Exception as exc:  # noqa: BLE001 - the chunk is then read object by object
+            log.warning("composed read of %d objects failed (%s); reading them one by one", len(chunk), exc)
+            return None
+        finally:
+            self.stats.add(requests=1)
+            try:
+                composite.delete(retry=self.retry)
+            except exceptions.NotFound:
+                pass  # never created
+            except Exception as exc:  # noqa: BLE001 - reported; the read itself may have succeeded
+                log.error("could not delete the temporary composite %s: %s", composite.name, exc)
+        if len(data) != sum(o.size for o in chunk):
+            log.warning(
+                "a composite of %d objects has an unplanned size; reading them one by one", len(chunk)
+            )
+            return None
+        return memoryview(data)
+
+    def close(self) -> None:
+        super().close()
+        self._chunks.shutdown(wait=True)
 
 
 def _info(bucket_name: str, blob) -> ObjectInfo:

@@ -12,7 +12,8 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from worker.storage import ObjectInfo, ReadError, StorageOptions
+from worker.storage import BatchReader, ObjectInfo, ReadError, ReadSettings, ReadStats, StorageOptions
+from worker.storage.reading import ThreadedReader
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ class LocalStorage:
             except OSError as exc:
                 out.append(ReadError(f"read failed: {exc.strerror or exc}"))
         return out
+
+    def reader(self, settings: ReadSettings, stats: ReadStats) -> BatchReader:
+        return ThreadedReader(self.read_many, settings.threads, stats)
 
     def write(self, uri: str, data: bytes, *, if_absent: bool = False) -> bool:
         target = Path(uri)

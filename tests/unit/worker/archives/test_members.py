@@ -6,7 +6,7 @@ import pytest
 
 from worker.archives import members as m
 from worker.archives.packed import crc32c
-from worker.storage import Member, ObjectInfo, ReadError
+from worker.storage import Member, ObjectInfo, ReadError, ReadStats
 from worker.storage.local import LocalStorage
 
 
@@ -41,9 +41,11 @@ def test_neighbours_share_one_request_and_come_back_in_the_batch_order(tmp_path)
     _, entries, payloads = _archive(tmp_path)
     storage = CountingStorage()
     order = [2, 0, 3, 1]
-    got = m.read_members(storage, [entries[i] for i in order])
+    stats = ReadStats()
+    got = m.read_members(storage, [entries[i] for i in order], stats)
     assert got == [payloads[i] for i in order]
-    assert len(storage.ranges) == 1 == m.count_requests(entries)
+    assert len(storage.ranges) == 1 == stats.requests
+    assert stats.bytes == storage.ranges[0][2] == entries[3].member.offset + 400 - entries[0].member.offset
 
 
 def test_far_apart_members_and_other_archives_are_separate_requests(tmp_path):

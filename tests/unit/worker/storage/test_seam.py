@@ -48,7 +48,7 @@ def test_importing_the_seam_loads_no_cloud_client():
 def test_one_backend_per_scheme_and_options(gcs):
     assert open_storage("/a") is open_storage("/b")
     assert open_storage("gs://x/a") is open_storage("gs://y/b")
-    assert open_storage("gs://x/a", compose=False) is not open_storage("gs://x/a")
+    assert open_storage("gs://x/a", compose=True) is not open_storage("gs://x/a")
 
 
 def test_write_create_only_stat_list_copy_and_upload(root, tmp_path):
