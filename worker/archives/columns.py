@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 from array import array
 
+from worker.archives.members import DAMAGED, TAR, UNPACKED, ZIP
 from worker.storage import Member, ObjectInfo
 
-FORMATS = ("tar", "zip", "unpacked", "damaged")
+FORMATS = (TAR, ZIP, UNPACKED, DAMAGED)
 _NONE = -1  # no CRC32C (CRC32C values are 0..2**32-1)
 
 
