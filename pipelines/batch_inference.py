@@ -30,6 +30,7 @@ from components.images import WORKER_IMAGE
 from components.launch.component import classify_images
 from components.launch.kubernetes.kinds import DEFAULT_JOB_KIND
 from components.upload.component import upload_images
+from components.upload.packing import DEFAULT_SHARD_MB
 from worker.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
 
 PIPELINE_NAME = "batch-inference"
@@ -134,6 +135,9 @@ def make_pipeline(flavour: str) -> Callable:
         incremental: bool = False,
         overwrite: bool = False,
         upload_workers: int = 16,
+        upload_layout: str = "loose",
+        packed_shard_mb: int = DEFAULT_SHARD_MB,
+        packed_shard_images: int = 0,
         model: str = DEFAULT_MODEL,
         backend: str = "kubernetes",
         job_kind: str = DEFAULT_JOB_KIND,
@@ -181,6 +185,13 @@ def make_pipeline(flavour: str) -> Callable:
                 instead of failing. Results of this same run are resumed either way, so a retried
                 run keeps its committed shards.
             upload_workers: Parallel transfers of the upload.
+            upload_layout: How the upload stores the images under images_uri: loose (one object per
+                file) or packed (WebDataset tar shards with an index each and a manifest, under
+                images_uri/packed/; a run then reads a batch of images with one ranged request
+                instead of one request per image, and a rerun packs only new or changed files).
+                The worker finds packed shards by itself, also when source is empty.
+            packed_shard_mb: With upload_layout packed: the most MB per shard.
+            packed_shard_images: With upload_layout packed: the most images per shard. 0: no limit.
             model: Hugging Face hub id, or a gs:// or local directory holding a save_pretrained()
                 image-classification model and its preprocessor_config.json.
             backend: Where the worker runs: kubernetes (a PyTorchJob on GKE) or local (torchrun
@@ -226,10 +237,20 @@ def make_pipeline(flavour: str) -> Callable:
             batch_size=batch_size,
             shard_size=shard_size,
             incremental=incremental,
+            upload_layout=upload_layout,
+            packed_shard_mb=packed_shard_mb,
+            packed_shard_images=packed_shard_images,
         )
         # Always one upload task, which copies nothing when source is empty. A dsl.If/Else would
         # skip the pod too, but the local run must execute this very graph.
-        upload = upload_images(source=source, images_uri=images_uri, workers=upload_workers).after(check)
+        upload = upload_images(
+            source=source,
+            images_uri=images_uri,
+            workers=upload_workers,
+            layout=upload_layout,
+            shard_mb=packed_shard_mb,
+            shard_images=packed_shard_images,
+        ).after(check)
         launch = classify_images(
             images_uri=upload.outputs["images_uri"],
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,

@@ -20,9 +20,18 @@ from typing import Any
 from worker.storage import absolute, is_gcs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+def is_image(name: str) -> bool:
+    """Whether a URI or member name is an image the worker plans (by extension)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 # worker.cuda_graph.COMPILE_MODES' keys; kept here so that parsing a config never imports torch.
 COMPILE_CHOICES = ("none", "default", "max-autotune")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# The layouts worker.archives.listing plans from (loose objects, or images inside archives).
+INPUT_LAYOUTS = ("auto", "loose", "packed", "tar", "zip")
 # worker.tasks.TASKS' keys, for the same reason.
 TASK_CHOICES = ("image-classification",)
 
@@ -112,6 +121,18 @@ class WorkerConfig:
             fingerprint=True,
         )
     )
+    input_layout: str = field(
+        default="auto",
+        metadata=_option(
+            "how INPUT holds its images: loose (one object each); packed (the tar shards, indexes and "
+            "manifest that the upload step's packed layout writes under INPUT/packed/); tar "
+            "(WebDataset-style .tar shards under INPUT, or INPUT is one); zip (.zip archives under "
+            "INPUT, or INPUT is one, read in place); auto: packed where INPUT/packed/manifest.json "
+            "exists, the archive INPUT names, the archives under INPUT where it holds no loose "
+            "images, else loose",
+            choices=INPUT_LAYOUTS,
+        ),
+    )
     task: str = field(
         default="image-classification",
         metadata=_option("what the model does with each image", choices=TASK_CHOICES, fingerprint=True),
@@ -168,7 +189,9 @@ class WorkerConfig:
     read_threads: int = field(
         default=4,
         metadata=_option(
-            "threads reading local files, or GCS composites with --compose, ahead of compute", minimum=1
+            "threads reading local files, GCS composites with --compose, or the ranged reads of archive "
+            "members (packed shards, tar, zip), ahead of compute",
+            minimum=1,
         ),
     )
     read_rate: float = field(

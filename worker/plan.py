@@ -16,7 +16,9 @@ from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from worker.config import IMAGE_EXTENSIONS, WorkerConfig
+from worker.archives.columns import MemberColumns
+from worker.archives.listing import archives_in_listing, list_archived_input
+from worker.config import WorkerConfig, is_image
 from worker.incremental import plan_incremental
 from worker.results import run_record
 from worker.storage import ObjectInfo, folder, is_gcs, open_storage
@@ -34,16 +36,15 @@ class Shard:
         return self.stop - self.start
 
 
-def is_image(uri: str) -> bool:
-    return uri.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def list_input(cfg: WorkerConfig) -> list[ObjectInfo]:
-    """Every image in the input folder, sorted by URI (with GCS generations for incremental runs).
+    """Every image in the input folder, sorted by URI (with GCS generations for incremental runs);
+    images inside archives (``--input-layout``) by archive and offset instead.
 
     ``gs://bucket/pre`` is the folder ``pre/``: ``pre2/a.jpg`` and ``preview.jpg`` are not in it.
     """
     storage = open_storage(cfg.input, project=cfg.project)
+    if (archived := list_archived_input(cfg, storage)) is not None:
+        return archived
     root = folder(cfg.input)
     if cfg.incremental:
         listed = list(storage.list(root))  # with GCS generations, which fast_list lacks
@@ -52,6 +53,8 @@ def list_input(cfg: WorkerConfig) -> list[ObjectInfo]:
     output_prefix = folder(cfg.output)
     images = [o for o in listed if is_image(o.uri) and not o.uri.startswith(output_prefix)]
     images.sort(key=lambda o: o.uri)
+    if not images and cfg.input_layout == "auto":
+        images = archives_in_listing(storage, [o for o in listed if not o.uri.startswith(output_prefix)])
     if is_gcs(cfg.input) and not listed:
         log.warning("no objects at all under %s (check the prefix)", root)
     return images
@@ -77,25 +80,33 @@ class PlanColumns(Sequence[ObjectInfo]):
     """A plan in compact columns: the URIs as one UTF-8 buffer with their end offsets, the sizes
     and generations as machine integers. A million images take ~70 MB instead of ~300 MB of
     Python objects, pickle fast for the broadcast to every rank, and an ``ObjectInfo`` is built
-    only when a rank reads it.
+    only when a rank reads it. ``members``: where each image lies, for a plan of archive members.
     """
 
     uris: bytearray
     ends: array
     sizes: array
     generations: array
+    members: MemberColumns | None = None
 
     @classmethod
     def of(cls, plan: Iterable[ObjectInfo]) -> PlanColumns:
         if isinstance(plan, PlanColumns):
             return plan
         uris, ends, sizes, generations = bytearray(), array("Q"), array("q"), array("q")
+        members = None
         for o in plan:
+            if not ends and o.member is not None:
+                members = MemberColumns()
+            if (o.member is None) != (members is None):
+                raise ValueError("a plan holds archive members and objects of their own at once")
             uris += o.uri.encode("utf-8")
             ends.append(len(uris))
             sizes.append(o.size)
             generations.append(_NO_GENERATION if o.generation is None else o.generation)
-        return cls(uris, ends, sizes, generations)
+            if members is not None:
+                members.append(o)
+        return cls(uris, ends, sizes, generations, members)
 
     def __len__(self) -> int:
         return len(self.ends)
@@ -103,11 +114,12 @@ class PlanColumns(Sequence[ObjectInfo]):
     def _get(self, i: int) -> ObjectInfo:
         start = self.ends[i - 1] if i else 0
         generation = self.generations[i]
-        return ObjectInfo(
+        info = ObjectInfo(
             self.uris[start : self.ends[i]].decode("utf-8"),
             self.sizes[i],
             None if generation == _NO_GENERATION else generation,
         )
+        return info if self.members is None else info._replace(**self.members.get(i))
 
     def __getitem__(self, index):
         if isinstance(index, slice):

@@ -15,6 +15,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from worker.archives.members import MemberReader
 from worker.config import WorkerConfig
 from worker.plan import Shard
 from worker.storage import BatchReader, ObjectInfo, ReadError, ReadSettings, ReadStats, open_storage
@@ -68,9 +69,13 @@ def read_settings(cfg: WorkerConfig, world_size: int) -> ReadSettings:
     )
 
 
-def open_reader(cfg: WorkerConfig, settings: ReadSettings) -> BatchReader:
-    """The batch reader of the input's backend."""
+def open_reader(cfg: WorkerConfig, settings: ReadSettings, *, archived: bool = False) -> BatchReader:
+    """The batch reader of the input's backend; for a plan of archive members (``archived``),
+    one that reads each batch with ranged GETs over neighbouring members.
+    """
     storage = open_storage(cfg.input, project=cfg.project, compose=cfg.compose)
+    if archived:
+        return MemberReader(storage, settings.threads, ReadStats())
     return storage.reader(settings, ReadStats())
 
 

@@ -5,7 +5,7 @@ named and encoded here, once::
 
     OUTPUT/run.json              the run record: what the results are made from, and its fingerprint
     OUTPUT/inventory.jsonl       incremental runs: every input image with its generation
-    OUTPUT/plan.jsonl            the plan: one JSON object per image, sorted by URI
+    OUTPUT/plan.jsonl            the plan: one JSON object per image, sorted by URI (or archive and offset)
     OUTPUT/parts/part-NNNNN-F.csv  one per shard, PART_COLUMNS; its existence commits the shard
                                  for the run whose fingerprint is F (16 hex digits)
     OUTPUT/errors/part-NNNNN-F.csv the shard's error rows, ERROR_COLUMNS, written before its part
@@ -36,7 +36,7 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
 from worker.config import FINGERPRINTED
-from worker.storage import ObjectInfo, folder, join, open_storage
+from worker.storage import Member, ObjectInfo, folder, join, open_storage
 
 if TYPE_CHECKING:  # pandas is imported only where a manifest is read
     import pandas as pd
@@ -102,15 +102,23 @@ def encode_rows(header: tuple[str, ...], rows: Iterable[tuple]) -> bytes:
 
 
 def encode_plan(objects: list[ObjectInfo]) -> bytes:
-    # One JSON object per line, built by hand: json.dumps of a dict per entry is 3x slower,
-    # and plans run to millions of lines.
+    """One JSON object per line: ``uri``, ``size``, ``generation`` where known, and for an image
+    inside an archive ``archive``, ``offset``, ``format`` (unless ``tar``) and its ``crc32c``.
+    """
+    # Built by hand: json.dumps of a dict per entry is 3x slower, and plans run to millions of lines.
     quote = json.JSONEncoder(ensure_ascii=False).encode
-    lines = [
-        f'{{"uri": {quote(o.uri)}, "size": {int(o.size)}}}'
-        if o.generation is None
-        else f'{{"uri": {quote(o.uri)}, "size": {int(o.size)}, "generation": {int(o.generation)}}}'
-        for o in objects
-    ]
+    lines = []
+    for o in objects:
+        line = f'{{"uri": {quote(o.uri)}, "size": {int(o.size)}'
+        if o.generation is not None:
+            line += f', "generation": {int(o.generation)}'
+        if o.member is not None:
+            line += f', "archive": {quote(o.member.archive)}, "offset": {int(o.member.offset)}'
+            if o.member.format != "tar":
+                line += f', "format": {quote(o.member.format)}'
+            if o.crc32c:
+                line += f', "crc32c": {quote(o.crc32c)}'
+        lines.append(line + "}")
     return ("\n".join(lines) + "\n" if lines else "").encode("utf-8")
 
 
@@ -120,7 +128,11 @@ def iter_plan(data: bytes) -> Iterator[ObjectInfo]:
     for line in io.BytesIO(data):
         if line.strip():
             d = loads(line.decode("utf-8"))
-            yield ObjectInfo(d["uri"], int(d["size"]), d.get("generation"))
+            if "archive" not in d:
+                yield ObjectInfo(d["uri"], int(d["size"]), d.get("generation"))
+                continue
+            member = Member(d["archive"], int(d["offset"]), d.get("format", "tar"))
+            yield ObjectInfo(d["uri"], int(d["size"]), d.get("generation"), d.get("crc32c"), member)
 
 
 def decode_plan(data: bytes) -> list[ObjectInfo]:

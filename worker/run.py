@@ -192,7 +192,8 @@ class Worker:
             )
             self.startup.mark("decoder_ready")
             settings = read_settings(cfg, topo.world_size)
-            reader = stack.enter_context(contextlib.closing(open_reader(cfg, settings)))
+            archived = plan.members is not None
+            reader = stack.enter_context(contextlib.closing(open_reader(cfg, settings, archived=archived)))
             progress = Progress(topo.rank, expected, cfg.log_interval, reads=reader.stats)
             read = read_batches(reader, batches(plan, work, self.batch_size), settings)
             decoded_batches = prefetch_map(decode, read, decode_pool, depth=decode_workers + DECODE_LOOKAHEAD)

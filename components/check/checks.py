@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from components.upload.upload import LAYOUTS
+from worker.archives.listing import holds_images
 from worker.config import IMAGE_EXTENSIONS, ConfigError, WorkerConfig
 from worker.storage import is_gcs, open_storage, split_uri
 
@@ -41,7 +43,16 @@ def check_uri(name: str, uri: str, *, local_ok: bool = True) -> None:
 
 
 def check_run(
-    *, images_uri: str, results_root: str, results_prefix: str, model: str, batch_size: int, shard_size: int
+    *,
+    images_uri: str,
+    results_root: str,
+    results_prefix: str,
+    model: str,
+    batch_size: int,
+    shard_size: int,
+    upload_layout: str = "loose",
+    packed_shard_mb: int = 1,
+    packed_shard_images: int = 0,
 ) -> None:
     """Check the parameters that would otherwise fail a run only after its upload.
 
@@ -53,11 +64,21 @@ def check_run(
             classifier whose preprocessing the worker reproduces.
         batch_size: Images per forward pass.
         shard_size: Images per shard.
+        upload_layout: How the upload stores the images.
+        packed_shard_mb: The packed layout's most MB per shard.
+        packed_shard_images: The packed layout's most images per shard (0: no limit).
 
     Raises:
         ValueError: The first problem, on one line naming the parameter.
     """
     check_uri("images_uri", images_uri)
+    if upload_layout not in LAYOUTS:
+        raise ValueError(f"upload_layout must be one of {', '.join(LAYOUTS)}, got {upload_layout!r}")
+    if packed_shard_mb < 1 or packed_shard_images < 0:
+        raise ValueError(
+            "packed_shard_mb must be at least 1 and packed_shard_images at least 0, "
+            f"got {packed_shard_mb} and {packed_shard_images}"
+        )
     if results_prefix:
         check_uri("results_prefix", results_prefix)
     elif not results_root:
@@ -84,20 +105,15 @@ def check_run(
 
 
 def check_images_present(images_uri: str) -> None:
-    """At least one image lies under ``images_uri`` (it stops listing at the first).
+    """At least one image (or archive of images) lies under ``images_uri`` (it stops listing at the first).
 
     Raises:
         ValueError: There is none (or the folder or bucket does not exist).
     """
-    prefix = images_uri.rstrip("/") + "/"
-    try:
-        found = any(o.uri.lower().endswith(IMAGE_EXTENSIONS) for o in open_storage(prefix).list(prefix))
-    except FileNotFoundError:
-        found = False
-    if not found:
+    if not holds_images(open_storage(images_uri), images_uri):
         raise ValueError(
-            f"images_uri {images_uri} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
-            "check the prefix, or set source to upload them"
+            f"images_uri {images_uri} holds no images ({', '.join(IMAGE_EXTENSIONS)}), packed shards "
+            "or .tar/.zip archives: check the prefix, or set source to upload them"
         )
 
 

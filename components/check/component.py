@@ -15,6 +15,9 @@ def check_parameters(
     batch_size: int,
     shard_size: int,
     incremental: bool,
+    upload_layout: str,
+    packed_shard_mb: int,
+    packed_shard_images: int,
 ):
     """Checks a run's parameters in seconds, before anything is uploaded or any GPU asked for.
 
@@ -29,6 +32,9 @@ def check_parameters(
         batch_size: Images per forward pass.
         shard_size: Images per shard.
         incremental: Whether an input with no images is allowed (nothing new since the last run).
+        upload_layout: How the upload stores the images (loose or packed).
+        packed_shard_mb: The packed layout's most MB per shard.
+        packed_shard_images: The packed layout's most images per shard.
     """
     from components.check.checks import check_input, check_run
 
@@ -39,6 +45,9 @@ def check_parameters(
         model=model,
         batch_size=batch_size,
         shard_size=shard_size,
+        upload_layout=upload_layout,
+        packed_shard_mb=packed_shard_mb,
+        packed_shard_images=packed_shard_images,
     )
     if not incremental:
         check_input(source, images_uri)

@@ -6,6 +6,10 @@ copied with its relative path kept; the worker decides later which files are ima
 
 A rerun is cheap: the destination is listed once, and an object whose size and CRC32C
 already match the source is skipped, so only new or changed files travel.
+
+With ``layout="packed"`` the files go into WebDataset tar shards instead, with an index per
+shard and a manifest (``components.upload.packing``), so a run reads them with a few large
+requests rather than one per image.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from components.upload.packing import DEFAULT_SHARD_MB, Packer, PackReport
 from worker.storage import Storage, folder, is_gcs, open_storage
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,8 @@ _CHUNK = 1 << 20
 _BATCH_FILES_PER_WORKER = 16
 _BATCH_MAX_BYTES = 1 << 30
 _LOG_INTERVAL_S = 10.0
+LOOSE, PACKED = "loose", "packed"
+LAYOUTS = (LOOSE, PACKED)
 
 
 @dataclass
@@ -47,11 +54,14 @@ class UploadReport:
 
     Attributes:
         destination: The gs:// prefix the files now live under.
-        uploaded: Objects written in this run.
-        skipped: Objects already present with the same size and CRC32C.
+        uploaded: Objects (packed: files) written in this run.
+        skipped: Objects (files) already present with the same size and CRC32C.
         bytes_uploaded: Bytes written in this run.
         total_objects: Regular files in the source.
         total_bytes: Bytes in the source.
+        layout: ``loose`` or ``packed``.
+        shards_written: Packed: new shards.
+        unreadable: Packed: files that could not be read (listed in the manifest).
     """
 
     destination: str
@@ -60,6 +70,9 @@ class UploadReport:
     bytes_uploaded: int
     total_objects: int
     total_bytes: int
+    layout: str = "loose"
+    shards_written: int = 0
+    unreadable: int = 0
 
 
 class UnsafeArchiveError(ValueError):
@@ -82,7 +95,14 @@ class _SourceFile:
 
 
 def upload_dataset(
-    source: str, destination: str, *, workers: int = 16, project: str | None = None
+    source: str,
+    destination: str,
+    *,
+    workers: int = 16,
+    project: str | None = None,
+    layout: str = LOOSE,
+    shard_mb: float = DEFAULT_SHARD_MB,
+    shard_files: int = 0,
 ) -> UploadReport:
     """Copy every regular file of ``source`` under the gs:// prefix ``destination``.
 
@@ -92,6 +112,11 @@ def upload_dataset(
         destination: A gs:// prefix; its bucket must exist.
         workers: Parallel transfers.
         project: Google Cloud project for the storage client; the environment's by default.
+        layout: ``loose``: one object per file, at ``destination/<relative path>``; ``packed``:
+            the files in tar shards with indexes and a manifest under ``destination/packed/``
+            (``components.upload.packing``), read by the worker with few requests.
+        shard_mb: Packed: the most MB per shard.
+        shard_files: Packed: the most files per shard; 0: no limit.
 
     Returns:
         The counts of uploaded and skipped objects and bytes.
@@ -99,16 +124,25 @@ def upload_dataset(
     Raises:
         FileNotFoundError: The source, or the destination or source bucket, does not exist.
         UnsafeArchiveError: A zip entry is absolute, contains ``..`` or is a symlink.
-        ValueError: The destination is not a gs:// URI, or the source is not a zip archive.
+        UnsafeMemberError: Packed: a file's name would be an unsafe tar member name.
+        ValueError: The destination is not a gs:// URI, the layout is unknown, or the source is
+            not a zip archive.
         OSError: The zip archive could not be downloaded.
         RuntimeError: Some transfers failed; the message names the first few.
     """
     if not is_gcs(destination):
         raise ValueError(f"destination must be a gs:// prefix, got {destination!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     dest = _Destination(destination, open_storage(destination, project=project))
     # The destination is listed first: it fails fast on a missing bucket, before a
     # long download, and needs only object-list permission (unlike a bucket GET).
-    existing = dest.existing()
+    packer = None
+    if layout == PACKED:
+        packer = Packer(
+            destination, shard_mb=shard_mb, shard_files=shard_files, workers=workers, project=project
+        )
+    existing = dest.existing() if packer is None else {}
     workers = max(1, workers)
     with contextlib.ExitStack() as stack:
         if is_gcs(source):
@@ -130,7 +164,23 @@ def upload_dataset(
                 raise FileNotFoundError(f"source is neither a directory nor a zip file: {source}")
             files = _local_files(root)
             run_batch = _uploader(dest, workers)
+        if packer is not None:
+            return _packed_report(dest.uri, files, packer.pack(files))
         return _transfer(files, existing, dest, workers, run_batch, label=source)
+
+
+def _packed_report(destination: str, files: Sequence[_SourceFile], packed: PackReport) -> UploadReport:
+    return UploadReport(
+        destination=destination,
+        uploaded=packed.packed,
+        skipped=packed.skipped,
+        bytes_uploaded=packed.bytes_written,
+        total_objects=len(files),
+        total_bytes=sum(f.size for f in files),
+        layout=PACKED,
+        shards_written=packed.shards_written,
+        unreadable=packed.bad,
+    )
 
 
 def download(url: str, target: Path, *, timeout: float = 60.0) -> Path:
@@ -393,7 +443,16 @@ class _Progress:
         )
 
 
-def upload_and_record(source: str, destination: str, *, workers: int, path: str) -> dict:
+def upload_and_record(
+    source: str,
+    destination: str,
+    *,
+    workers: int,
+    path: str,
+    layout: str = LOOSE,
+    shard_mb: float = DEFAULT_SHARD_MB,
+    shard_files: int = 0,
+) -> dict:
     """Upload ``source`` to ``destination`` (nothing when ``source`` is empty) and record it.
 
     Args:
@@ -401,13 +460,18 @@ def upload_and_record(source: str, destination: str, *, workers: int, path: str)
         destination: The gs:// prefix.
         workers: Parallel transfers.
         path: Local file for the JSON record (the upload step's manifest artifact).
+        layout: ``loose`` or ``packed`` (see :func:`upload_dataset`).
+        shard_mb: Packed: the most MB per shard.
+        shard_files: Packed: the most files per shard; 0: no limit.
 
     Returns:
         The record: source, destination, and the counts of :class:`UploadReport`.
     """
     record: dict = {"source": source, "destination": destination, "upload_skipped": not source}
     if source:
-        report = upload_dataset(source, destination, workers=workers)
+        report = upload_dataset(
+            source, destination, workers=workers, layout=layout, shard_mb=shard_mb, shard_files=shard_files
+        )
         record.update(dataclasses.asdict(report))
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,9 @@ LOCAL_PARAMETERS = (
     "results_prefix",
     "incremental",
     "upload_workers",
+    "upload_layout",
+    "packed_shard_mb",
+    "packed_shard_images",
     "batch_size",
     "shard_size",
     "device",
@@ -281,6 +284,9 @@ def run_local_main(args: argparse.Namespace) -> int:
         model=model,
         batch_size=args.batch_size,
         shard_size=args.shard_size,
+        upload_layout=args.upload_layout,
+        packed_shard_mb=args.packed_shard_mb,
+        packed_shard_images=args.packed_shard_images,
     )
     if not args.incremental:
         check_input(upload, images_uri)

@@ -50,6 +50,7 @@ class Counters:
 
     requests: int = 0
     reads: int = 0
+    bytes_out: int = 0  # response bytes sent to the clients
     reads_in_flight: int = 0
     peak_reads_in_flight: int = 0
     injected: dict[str, int] = field(default_factory=lambda: {"503": 0, "429": 0, "dropped": 0})
@@ -181,6 +182,7 @@ class _Proxy:
                         await client_writer.drain()
                         return
                     client_writer.write(response_head + response)
+                    c.bytes_out += len(response_head) + len(response)
                     await client_writer.drain()
                     if headers.get("connection", "").lower() == "close":
                         up_writer.close()

@@ -75,23 +75,44 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+class Member(NamedTuple):
+    """Where an image's bytes lie inside an archive object (``worker.archives``).
+
+    Attributes:
+        archive: The archive object's URI (a tar shard or a zip file).
+        offset: Where the image's bytes start in it: a tar member's data, or a zip member's
+            local file header.
+        format: How its bytes are taken out (``worker.archives.members``): ``"tar"``, they are
+            the image; ``"zip"``, a zip local record; ``"unpacked"`` and ``"damaged"``, there are
+            none to read (the file could not be read when it was packed; the archive could not be
+            listed), so the image becomes an error row.
+    """
+
+    archive: str
+    offset: int
+    format: str = "tar"
+
+
 class ObjectInfo(NamedTuple):
-    """One object (or local file) as listed.
+    """One object (or local file) as listed, or one image inside an archive.
 
     A tuple, not a dataclass: plans hold millions of these, and tuples are several times
     cheaper to build, pickle and broadcast.
 
     Attributes:
-        uri: Its URI.
-        size: Bytes.
-        generation: The GCS generation it was listed at; None where the listing has none.
-        crc32c: GCS's base64 big-endian CRC32C, where the listing reports it.
+        uri: Its URI (for an archive member: the image's own URI, which result rows carry).
+        size: Bytes (for an archive member: the bytes to read at ``member.offset``).
+        generation: The GCS generation it was listed at (for a member: its archive's); None
+            where the listing has none.
+        crc32c: GCS's base64 big-endian CRC32C, where the listing (or a packed index) reports it.
+        member: Where it lies inside an archive; None for an object of its own.
     """
 
     uri: str
     size: int
     generation: int | None = None
     crc32c: str | None = None
+    member: Member | None = None
 
 
 class ReadError(Exception):
@@ -201,6 +222,12 @@ class Storage(Protocol):
         ...
 
     def read(self, uri: str) -> bytes: ...
+
+    def read_range(self, uri: str, offset: int, length: int) -> bytes | memoryview:
+        """``length`` bytes from ``offset`` in one request: fewer where the object ends first, none
+        past its end.
+        """
+        ...
 
     def read_many(self, objects: Sequence[ObjectInfo]) -> list[bytes | ReadError]:
         """The objects' bytes in order; an object that could not be read is a ``ReadError``."""

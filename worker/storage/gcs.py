@@ -21,6 +21,7 @@ from worker.storage import (
     gcs_uri,
     split_uri,
 )
+from worker.storage.gcs_ranges import RangeReader
 from worker.storage.reading import ThreadedReader
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class GCSStorage:
         self.compose = options.compose
         self.retry = self._retry(retry_deadline)
         self._local = threading.local()
+        self._ranges = RangeReader(retry_deadline)
 
     @staticmethod
     def _retry(deadline: float, stats: ReadStats | None = None):
@@ -122,6 +124,9 @@ class GCSStorage:
             return self.client.bucket(bucket_name).blob(name).download_as_bytes(retry=retry or self.retry)
         except exceptions.NotFound as exc:
             raise FileNotFoundError(f"object not found: {uri}") from exc
+
+    def read_range(self, uri: str, offset: int, length: int) -> bytes | memoryview:
+        return self._ranges.read(uri, offset, length)
 
     def read_many(self, objects: Sequence[ObjectInfo], *, retry=None) -> list[bytes | ReadError]:
         out: list[bytes | ReadError] = []

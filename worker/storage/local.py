@@ -71,6 +71,18 @@ class LocalStorage:
     def read(self, uri: str) -> bytes:
         return Path(uri).read_bytes()
 
+    def read_range(self, uri: str, offset: int, length: int) -> bytes:
+        fd = os.open(uri, os.O_RDONLY)
+        try:
+            chunks = []
+            while length > 0 and (chunk := os.pread(fd, length, offset)):
+                chunks.append(chunk)
+                offset += len(chunk)
+                length -= len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
     def read_many(self, objects: Sequence[ObjectInfo]) -> list[bytes | ReadError]:
         out: list[bytes | ReadError] = []
         for obj in objects:

@@ -73,6 +73,7 @@ def test_every_field_is_a_flag_and_round_trips(tmp_path):
         input="gs://b/in",
         output=str(tmp_path / "o"),
         model="gs://b/model",
+        input_layout="packed",
         batch_size=7,
         shard_size=9,
         device="cpu",

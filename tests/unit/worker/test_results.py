@@ -19,7 +19,7 @@ from worker.results import (
     plan_digest,
     sealed,
 )
-from worker.storage import ObjectInfo
+from worker.storage import Member, ObjectInfo
 
 
 def test_plan_file_round_trips_and_stays_one_json_object_per_line():
@@ -37,6 +37,26 @@ def test_plan_file_round_trips_and_stays_one_json_object_per_line():
     ]
     assert decode_plan(data) == plan
     assert encode_plan([]) == b"" and decode_plan(b"") == []
+
+
+def test_archive_members_round_trip_with_where_their_bytes_are():
+    plan = [
+        ObjectInfo("gs://b/ds/a.jpg", 70, 17, "4waSgw==", Member("gs://b/ds/packed/shard-000000.tar", 512)),
+        ObjectInfo("gs://b/v.zip/x.jpg", 90, 18, None, Member("gs://b/v.zip", 0, "zip")),
+        ObjectInfo(
+            "gs://b/ds/bad.jpg", 0, None, None, Member("gs://b/ds/packed/manifest.json", 0, "unpacked")
+        ),
+    ]
+    data = encode_plan(plan)
+    assert json.loads(data.decode().splitlines()[0]) == {
+        "uri": "gs://b/ds/a.jpg",
+        "size": 70,
+        "generation": 17,
+        "archive": "gs://b/ds/packed/shard-000000.tar",
+        "offset": 512,
+        "crc32c": "4waSgw==",
+    }
+    assert decode_plan(data) == plan
 
 
 def test_part_names_round_trip_and_temp_files_are_not_parts():

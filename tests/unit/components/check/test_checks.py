@@ -31,6 +31,8 @@ GOOD = {
         ({"batch_size": 0}, "batch_size: --batch-size must be at least 1, got 0"),
         ({"shard_size": -1}, "shard_size: --shard-size must be at least 1, got -1"),
         ({"model": ""}, "model ''"),
+        ({"upload_layout": "tarball"}, "upload_layout must be one of loose, packed, got 'tarball'"),
+        ({"packed_shard_mb": 0}, "packed_shard_mb must be at least 1"),
     ],
 )
 def test_a_bad_parameter_is_named_in_one_line(change, message):
@@ -69,3 +71,15 @@ def test_an_input_needs_at_least_one_image(tmp_path, gcs):
     with pytest.raises(ValueError, match="holds no images"):
         check_input("", f"gs://{bucket}/imag")  # a prefix names a folder, not a name's start
     check_input("https://example.com/val2017.zip", "gs://b/images")  # known only once downloaded
+
+
+def test_packed_shards_and_archives_hold_images(tmp_path, gcs):
+    from components.upload.upload import upload_dataset
+
+    bucket = gcs.new_bucket("check-packed")
+    write_images(tmp_path / "src", 2)
+    upload_dataset(str(tmp_path / "src"), f"gs://{bucket}/ds", layout="packed")
+    check_input("", f"gs://{bucket}/ds")  # no loose image there, only shards
+    gcs.client.bucket(bucket).blob("coco/val2017.zip").upload_from_string(b"PK")
+    check_input("", f"gs://{bucket}/coco/val2017.zip")
+    check_input("", f"gs://{bucket}/coco")
