@@ -75,7 +75,7 @@ def open_reader(cfg: WorkerConfig, settings: ReadSettings, *, archived: bool = F
     """
     storage = open_storage(cfg.input, project=cfg.project, compose=cfg.compose)
     if archived:
-        return MemberReader(storage, settings.threads, ReadStats())
+        return MemberReader(storage, settings, ReadStats())
     return storage.reader(settings, ReadStats())
 
 

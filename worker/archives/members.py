@@ -11,18 +11,23 @@ its end), so the batch always comes back whole, in order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from worker.archives import zip as zip_format
 from worker.archives.packed import crc32c
-from worker.storage import ObjectInfo, ReadError, ReadStats, Storage
+from worker.storage import ObjectInfo, ReadError, ReadSettings, ReadStats, Storage
 
 # Reading this many unplanned bytes costs less than one more request (tens of ms on GCS).
 MAX_GAP = 1 << 20
-# Large enough that a GPU batch of ~70 KB JPEGs is one request; small enough to bound memory.
+# Large enough that a GPU batch of ~70 KB JPEGs is one span; small enough to bound memory.
 MAX_SPAN = 64 << 20
+# A span is read as parallel pieces of about this size, cut at member boundaries: one stream from
+# GCS (or the emulator) delivers a fraction of what several do, and pieces this large keep a batch
+# of 256 ~70 KB members at two requests (under 0.01 per image).
+PIECE = 8 << 20
 
 # Member formats (``worker.storage.Member.format``): the bytes are the image; a zip local record;
 # a file the upload could not read, so no archive holds it; an archive the plan could not list.
@@ -67,28 +72,72 @@ def coalesce(objects: Sequence[ObjectInfo], max_gap: int = MAX_GAP, max_span: in
     return spans
 
 
+def split(span: Span, objects: Sequence[ObjectInfo], piece: int = PIECE) -> list[Span]:
+    """``span`` as ``len // piece`` (at least one) ranged reads of about equal size, cut between members."""
+    n = max(1, (span.stop - span.start) // piece)
+    if n == 1:
+        return [span]
+    target = (span.stop - span.start) / n
+    pieces = [Span(span.archive, span.start, span.start)]
+    for i in span.indices:
+        start = objects[i].member.offset
+        stop = start + objects[i].size
+        last = pieces[-1]
+        if last.indices and len(pieces) < n and start - span.start >= len(pieces) * target:
+            last = Span(span.archive, start, start)
+            pieces.append(last)
+        last.indices.append(i)
+        last.stop = max(last.stop, stop)
+    return pieces
+
+
+def requests_in_flight(settings: ReadSettings, member_bytes: float) -> int:
+    """Ranged reads in flight: the bytes of twice the loose reads' rate x latency (``concurrency``
+    members; twice, as the read window keeps, since a piece's transfer adds to its latency) in
+    pieces, at least ``threads``, at most the read-ahead bound. More only contends for the CPU.
+    """
+    wanted = math.ceil(2 * settings.concurrency * member_bytes / PIECE)
+    return max(1, settings.threads, min(wanted, settings.read_ahead_bytes // PIECE))
+
+
 class MemberReader:
     """The read stage's batch reader (``worker.storage.BatchReader``) for a plan of archive
-    members: each batch's ranged reads in a pool thread, counted in ``stats`` as they are sent.
+    members: each batch in a pool thread, its spans' pieces as ranged reads in parallel
+    (``requests_in_flight``, sized by the first batch's members), counted in ``stats`` as they
+    are sent.
     """
 
-    def __init__(self, storage: Storage, threads: int, stats: ReadStats):
+    def __init__(self, storage: Storage, settings: ReadSettings, stats: ReadStats):
         self.storage = storage
+        self.settings = settings
         self.stats = stats
-        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="read-members")
+        self._batches = ThreadPoolExecutor(
+            max(1, settings.threads, settings.batches_ahead), thread_name_prefix="read-members"
+        )
+        self._ranges: ThreadPoolExecutor | None = None
 
     def submit(self, objects: Sequence[ObjectInfo]) -> Future:
-        return self._pool.submit(read_members, self.storage, objects, self.stats)
+        if self._ranges is None:
+            member_bytes = sum(o.size for o in objects) / max(1, len(objects))
+            threads = requests_in_flight(self.settings, member_bytes)
+            self._ranges = ThreadPoolExecutor(threads, thread_name_prefix="read-ranges")
+        return self._batches.submit(read_members, self.storage, objects, self.stats, self._ranges)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._batches.shutdown(wait=True, cancel_futures=True)
+        if self._ranges is not None:
+            self._ranges.shutdown(wait=True, cancel_futures=True)
 
 
 def read_members(
-    storage: Storage, objects: Sequence[ObjectInfo], stats: ReadStats | None = None
+    storage: Storage,
+    objects: Sequence[ObjectInfo],
+    stats: ReadStats | None = None,
+    ranges: Executor | None = None,
 ) -> list[bytes | ReadError]:
-    """The bytes of every object, in order: archive members by coalesced ranged reads, any object
-    of its own through ``storage.read_many``. ``stats`` counts the objects, requests and bytes.
+    """The bytes of every object, in order: archive members by coalesced ranged reads (in
+    ``ranges``, in parallel, where given), any object of its own through ``storage.read_many``.
+    ``stats`` counts the objects, requests and bytes.
     """
     out: list = [None] * len(objects)
     loose = [i for i, o in enumerate(objects) if o.member is None]
@@ -99,11 +148,16 @@ def read_members(
     for i, o in enumerate(objects):
         if o.member is not None and o.member.format in _NOT_READ:
             out[i] = ReadError(_NOT_READ[o.member.format].format(o.member.archive))
-    spans = coalesce(objects)
+    spans = [piece for span in coalesce(objects) for piece in split(span, objects, PIECE)]
+
+    def read(span: Span) -> bytes | memoryview:
+        return storage.read_range(span.archive, span.start, span.stop - span.start)
+
+    reads = [ranges.submit(read, span) for span in spans] if ranges is not None else None
     nbytes = 0
-    for span in spans:
+    for n, span in enumerate(spans):
         try:
-            data = memoryview(storage.read_range(span.archive, span.start, span.stop - span.start))
+            data = memoryview(reads[n].result() if reads is not None else read(span))
         except Exception as exc:  # a failed span fails its members, never the batch
             reason = ReadError(f"read failed: {span.archive}: {type(exc).__name__}: {exc}")
             for i in span.indices:
@@ -130,7 +184,7 @@ def _member_bytes(obj: ObjectInfo, data: memoryview, span: Span) -> bytes | Read
             return zip_format.extract(piece)
         except ValueError as exc:
             return ReadError(f"{span.archive}: {exc}")
-    payload = bytes(piece)
+    payload = bytes(piece)  # google_crc32c takes bytes only
     if obj.crc32c and crc32c(payload) != obj.crc32c:
         return ReadError(
             f"{span.archive}: the member's CRC32C does not match its shard index (corrupt member)"

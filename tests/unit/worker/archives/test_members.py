@@ -6,7 +6,7 @@ import pytest
 
 from worker.archives import members as m
 from worker.archives.packed import crc32c
-from worker.storage import Member, ObjectInfo, ReadError, ReadStats
+from worker.storage import Member, ObjectInfo, ReadError, ReadSettings, ReadStats
 from worker.storage.local import LocalStorage
 
 
@@ -101,3 +101,35 @@ def test_an_unchecked_member_is_returned_as_read(tmp_path, gap):
     _, entries, payloads = _archive(tmp_path, gap=gap)
     unchecked = [e._replace(crc32c=None) for e in entries]
     assert m.read_members(LocalStorage(), unchecked) == payloads
+
+
+def test_a_long_span_is_read_as_parallel_pieces_cut_between_members(tmp_path, monkeypatch):
+    sizes = [1000 + 37 * i for i in range(40)]
+    _, entries, payloads = _archive(tmp_path, sizes=sizes, gap=512)
+    (span,) = m.coalesce(entries)
+    piece = (span.stop - span.start) // 3
+    pieces = m.split(span, entries, piece=piece)
+    assert len(pieces) == 3
+    assert [i for p in pieces for i in p.indices] == span.indices  # each member once, in order
+    for p in pieces:
+        assert p.start == entries[p.indices[0]].member.offset
+        assert p.stop == entries[p.indices[-1]].member.offset + entries[p.indices[-1]].size
+    # Through the reader: the same bytes, one request per piece, sent at once.
+    monkeypatch.setattr(m, "PIECE", piece)
+    storage = CountingStorage()
+    settings = ReadSettings(concurrency=500, threads=2, batches_ahead=1)
+    reader = m.MemberReader(storage, settings, ReadStats())
+    try:
+        assert reader.submit(entries).result() == payloads
+    finally:
+        reader.close()
+    assert len(storage.ranges) == len(pieces) == reader.stats.requests
+
+
+def test_requests_in_flight_follow_rate_times_latency_within_the_read_ahead_bound():
+    small = ReadSettings(concurrency=10, threads=4, read_ahead_bytes=256 << 20)
+    assert m.requests_in_flight(small, member_bytes=70_000) == 4  # never fewer than the threads
+    wide = ReadSettings(concurrency=500, threads=4, read_ahead_bytes=256 << 20)
+    assert m.requests_in_flight(wide, member_bytes=70_000) == -(-2 * 500 * 70_000 // m.PIECE)
+    tight = ReadSettings(concurrency=5000, threads=4, read_ahead_bytes=64 << 20)
+    assert m.requests_in_flight(tight, member_bytes=70_000) == (64 << 20) // m.PIECE
