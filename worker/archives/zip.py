@@ -140,16 +140,42 @@ def extract(record: bytes | memoryview) -> bytes:
         if flags & _HAS_DESCRIPTOR:
             crc = _descriptor_crc(inflater.unused_data)
     elif method == STORED:
-        if flags & _HAS_DESCRIPTOR:
-            raise ValueError("a stored zip member with a data descriptor (sizes unknown) is not supported")
-        data = bytes(record[start : start + csize])
-        if len(data) != csize:
-            raise ValueError("the zip member's data is cut short (archive truncated?)")
+        if flags & _HAS_DESCRIPTOR:  # streamed: sizes and CRC-32 come after the data
+            data, crc = _stored_before_descriptor(record[start:])
+        else:
+            data = bytes(record[start : start + csize])
+            if len(data) != csize:
+                raise ValueError("the zip member's data is cut short (archive truncated?)")
     else:
         raise ValueError(f"zip compression method {method} is not supported (only stored and deflate)")
     if zlib.crc32(data) != crc:
         raise ValueError("the zip member's CRC-32 does not match its data (corrupt member)")
     return data
+
+
+# A data descriptor's layouts: with or without its signature, 32- or 64-bit (ZIP64) sizes.
+_DESCRIPTORS = (("<IIII", True), ("<IIQQ", True), ("<III", False), ("<IQQ", False))
+
+
+def _stored_before_descriptor(rest: bytes | memoryview) -> tuple[bytes, int]:
+    """A stored member's data and CRC-32 where its local header has no sizes (a streamed zip).
+
+    The record runs from the data to the next record, so the descriptor is its last bytes: the
+    layout whose compressed size equals the bytes before it is the one written.
+    """
+    for layout, signed in _DESCRIPTORS:
+        n = struct.calcsize(layout)
+        if len(rest) < n:
+            continue
+        fields = struct.unpack_from(layout, rest, len(rest) - n)
+        if signed:
+            if fields[0] != _DESCRIPTOR_SIG:
+                continue
+            fields = fields[1:]
+        crc, csize = fields[0], fields[1]
+        if csize == len(rest) - n:
+            return bytes(rest[:csize]), crc
+    raise ValueError("the stored zip member's data descriptor is missing or damaged (archive truncated?)")
 
 
 def _descriptor_crc(after_data: bytes) -> int:

@@ -34,7 +34,10 @@ def test_stored_and_deflated_members_with_folders_and_a_comment(tmp_path):
     assert _records(path) == MEMBERS
 
 
-def test_streamed_zip_with_data_descriptors(tmp_path):
+@pytest.mark.parametrize("zip64", [False, True])
+def test_streamed_zip_with_data_descriptors(tmp_path, zip64):
+    """As a zip written to a pipe or an upload stream is: sizes after the data, stored members too."""
+
     class Unseekable(io.RawIOBase):
         def __init__(self):
             self.buf = bytearray()
@@ -47,15 +50,25 @@ def test_streamed_zip_with_data_descriptors(tmp_path):
             return len(b)
 
     sink = Unseekable()
-    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, data in MEMBERS.items():
-            with zf.open(name, "w") as fh:
+    with zipfile.ZipFile(sink, "w") as zf:
+        for i, (name, data) in enumerate(MEMBERS.items()):
+            zf.compression = zipfile.ZIP_STORED if i % 2 else zipfile.ZIP_DEFLATED
+            with zf.open(name, "w", force_zip64=zip64) as fh:
                 fh.write(data)
     path = tmp_path / "streamed.zip"
     path.write_bytes(bytes(sink.buf))
     with zipfile.ZipFile(path) as zf:
         assert all(info.flag_bits & 0x8 for info in zf.infolist())  # the data-descriptor bit
+        assert {info.compress_type for info in zf.infolist()} == {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
     assert _records(path) == MEMBERS
+    raw = path.read_bytes()
+    stored = next(
+        e for e in zip_format.central_directory(LocalStorage(), str(path), len(raw)) if "2" in e.name
+    )
+    record = bytearray(raw[stored.offset : stored.offset + stored.length])
+    record[len(record) // 2] ^= 0xFF
+    with pytest.raises(ValueError, match="CRC-32"):
+        zip_format.extract(bytes(record))
 
 
 def test_zip64_members(tmp_path):
