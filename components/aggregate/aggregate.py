@@ -320,17 +320,23 @@ def _build_report(
 
 
 def _cost_metrics(report: AggregateReport) -> dict[str, float]:
-    """GPUs, the job's wall time and, on GPU runs, GPU-hours and the cost they come to.
+    """GPUs, the job's times and, on GPU runs, GPU-hours and the cost they come to.
 
-    GPU-hours are GPUs x the job's wall time as the launch step saw it (start-up included);
-    without a job record, the slowest rank's time stands in.
+    GPU-hours are GPUs x the time the job held them: from its admission (on Kubernetes, once DWS
+    provisioned its nodes; locally torchrun's start) to its end, start-up included, the wait in
+    the queue for capacity not. Without those times, the launch step's wall time stands in, and
+    without a job record, the slowest rank's time.
     """
     m = report.metrics
     gpus = sum(1 for r in report.ranks if r.get("device") == "cuda")
-    job_seconds = report.job.job_seconds if report.job else m["wall_seconds"]
-    out: dict[str, float] = {"gpus": gpus, "job_seconds": job_seconds}
+    job = report.job
+    job_seconds = job.job_seconds if job else m["wall_seconds"]
+    held_seconds = job.held_seconds if job and job.held_seconds is not None else job_seconds
+    out: dict[str, float] = {"gpus": gpus, "job_seconds": job_seconds, "held_seconds": held_seconds}
+    if job and job.queue_seconds is not None:
+        out["queue_seconds"] = job.queue_seconds
     if gpus:
-        out["gpu_hours"] = gpus * job_seconds / 3600.0
+        out["gpu_hours"] = gpus * held_seconds / 3600.0
         if report.price_per_gpu_hour > 0:
             out["cost"] = out["gpu_hours"] * report.price_per_gpu_hour
             if m["images"]:

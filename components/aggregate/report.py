@@ -238,6 +238,14 @@ def _run(report: AggregateReport) -> str:
         ("Job started", job.started_at),
         ("Job finished", job.finished_at),
         ("Job wall time (start-up included)", f"{_num(job.job_seconds)} s"),
+        *(
+            (caption, f"{_num(seconds)} s")
+            for caption, seconds in (
+                ("Waited for capacity (queued, no GPUs held)", job.queue_seconds),
+                ("Held its GPUs (admission to end)", job.held_seconds),
+            )
+            if seconds is not None
+        ),
         *((name, value) for name, value in sorted(job.parameters.items())),
     ]
     if report.price_per_gpu_hour > 0 and report.metrics.get("gpus"):

@@ -15,7 +15,8 @@ class AggregateReport:
         results_uri: The worker's output prefix that was aggregated.
         metrics: images, classified, errors, missing, duplicated, unexpected, rows, reused,
             changed, deleted, distinct_classes, images_per_second, wall_seconds, ranks, gpus,
-            job_seconds, and on GPU runs gpu_hours (plus cost and cost_per_million_images
+            job_seconds, held_seconds (the GPUs' time: admission to end), queue_seconds (the wait
+            for capacity, on Kubernetes), and on GPU runs gpu_hours (plus cost and cost_per_million_images
             when a price was given). ``images`` to ``unexpected`` concern the images this run
             planned; ``rows`` is the merged table's size, ``reused`` of its rows come from the
             base run of an incremental run, whose ``changed`` and ``deleted`` rows were dropped.

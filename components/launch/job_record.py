@@ -38,7 +38,15 @@ class JobRecord:
         world_size: Worker processes (on Kubernetes one per GPU).
         started_at: When the launch step submitted the job (ISO 8601, UTC).
         finished_at: When the job had ended.
-        job_seconds: ``finished_at - started_at``: the job's wall time, its start-up included.
+        job_seconds: ``finished_at - started_at``: the launch step's wall time, the job's wait for
+            capacity and start-up included.
+        admitted_at: When the job got its GPUs: on Kubernetes its admission (once DWS provisioned
+            its nodes), locally torchrun's start; "" when unknown (no job ran, or an adopted job).
+        ended_at: When the job ended; "" when unknown.
+        held_seconds: ``ended_at - admitted_at``: the time the job held its GPUs, start-up
+            included, the wait for capacity not; None when unknown.
+        queue_seconds: ``admitted_at - started_at`` on Kubernetes: the wait in the Kueue queue
+            for capacity; None locally or when unknown.
     """
 
     backend: str
@@ -52,6 +60,10 @@ class JobRecord:
     started_at: str
     finished_at: str
     job_seconds: float
+    admitted_at: str
+    ended_at: str
+    held_seconds: float | None
+    queue_seconds: float | None
 
     def write(self, path: str | Path) -> None:
         target = Path(path)
@@ -86,6 +98,9 @@ def record_job(request, result, started: datetime, finished: datetime) -> JobRec
     """
     names = RECORDED_PARAMETERS + BACKEND_PARAMETERS.get(result.backend, ())
     parameters = {name: getattr(request, name) for name in names}
+    admitted, ended = result.admitted_at, result.ended_at
+    held = _seconds(admitted, ended) if admitted and ended else None
+    queued = _seconds(started, admitted) if admitted and result.backend == "kubernetes" else None
     return JobRecord(
         backend=result.backend,
         job_name=result.job_name,
@@ -95,10 +110,22 @@ def record_job(request, result, started: datetime, finished: datetime) -> JobRec
         parameters=parameters,
         nodes=result.nodes,
         world_size=result.world_size,
-        started_at=started.isoformat(timespec="seconds"),
-        finished_at=finished.isoformat(timespec="seconds"),
-        job_seconds=round((finished - started).total_seconds(), 3),
+        started_at=_iso(started),
+        finished_at=_iso(finished),
+        job_seconds=_seconds(started, finished),
+        admitted_at=_iso(admitted) if admitted else "",
+        ended_at=_iso(ended) if ended else "",
+        held_seconds=held,
+        queue_seconds=queued,
     )
+
+
+def _seconds(start: datetime, end: datetime) -> float:
+    return round((end - start).total_seconds(), 3)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds")
 
 
 def utc_now() -> datetime:

@@ -13,6 +13,7 @@ import math
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from components.launch.kubernetes.kinds import (
     DEFAULT_JOB_KIND,
@@ -179,11 +180,20 @@ def _plan_here(req: LaunchRequest, log: Callable[[str], None]) -> int:
 
 @dataclass(frozen=True)
 class LaunchResult:
+    """What ran.
+
+    ``admitted_at`` to ``ended_at`` is the time the run held its GPUs: from the job's admission
+    (on Kubernetes, once DWS provisioned its nodes: ``kueue.Admission``; locally, torchrun's
+    start) to its end. Both are None when no job ran or an adopted job's admission is unknown.
+    """
+
     backend: str
     results_uri: str
     job_name: str  # "" for the local backend
     nodes: int
     world_size: int
+    admitted_at: datetime | None = None
+    ended_at: datetime | None = None
 
 
 def launch(req: LaunchRequest, *, log: Callable[[str], None] | None = None, api=None) -> LaunchResult:
@@ -214,8 +224,11 @@ def launch(req: LaunchRequest, *, log: Callable[[str], None] | None = None, api=
     if req.backend == LOCAL:
         from components.launch.local import run_local
 
+        admitted = datetime.now(timezone.utc)
         run_local(req.worker_args(), req.local_nproc, log=log, timeout_s=req.timeout_seconds or None)
-        return LaunchResult(LOCAL, req.results_uri, "", 1, req.local_nproc)
+        return LaunchResult(
+            LOCAL, req.results_uri, "", 1, req.local_nproc, admitted, datetime.now(timezone.utc)
+        )
 
     # Imported here: the local backend (and kfp.local) never needs the Kubernetes client.
     from components.launch.kubernetes.credentials import gke_api, in_cluster_api
@@ -226,4 +239,12 @@ def launch(req: LaunchRequest, *, log: Callable[[str], None] | None = None, api=
         api = gke_api(*req.gke) if req.gke else in_cluster_api()
     outcome = run_job(api, req.kind, req.kind.build(cfg), timeout_s=req.timeout_seconds or math.inf, log=log)
     # An adopted job (a retry of this run found its job still running) keeps its own name.
-    return LaunchResult(KUBERNETES, req.results_uri, outcome.name, cfg.nodes, cfg.nodes * cfg.gpus_per_node)
+    return LaunchResult(
+        KUBERNETES,
+        req.results_uri,
+        outcome.name,
+        cfg.nodes,
+        cfg.nodes * cfg.gpus_per_node,
+        outcome.admitted_at,
+        outcome.ended_at,
+    )

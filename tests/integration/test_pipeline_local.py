@@ -91,6 +91,9 @@ def test_compiled_kubeflow_pipeline_through_the_gcs_emulator(gcs, tiny_model, tm
         run.results_uri,
     )
     assert run.job["job_seconds"] > 0 and run.metrics["job_seconds"] == run.job["job_seconds"]
+    # Locally the job holds its devices for torchrun's run, within the launch step; no queue.
+    assert 0 < run.job["held_seconds"] <= run.job["job_seconds"] and run.job["queue_seconds"] is None
+    assert run.metrics["held_seconds"] == run.job["held_seconds"] and "queue_seconds" not in run.metrics
     # A CPU run holds no GPU: no GPU-hours and no cost, whatever the price.
     assert run.metrics["gpus"] == 0 and "gpu_hours" not in run.metrics and "cost" not in run.metrics
 

@@ -9,10 +9,11 @@ them while the job waits and stops at a rejected check.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from components.launch.kubernetes.api import ApiError, KubernetesApi, Resource
-from components.launch.kubernetes.kinds import true_conditions
+from components.launch.kubernetes.kinds import SUSPENDED, true_conditions
 
 # What Kueue's provisioning admission check creates for GKE's queued provisioning (DWS).
 PROVISIONING_REQUEST = Resource("autoscaling.x-k8s.io", "v1", "provisioningrequests", "ProvisioningRequest")
@@ -125,3 +126,37 @@ class QueueReporter:
             if key not in self._evictions:
                 self._evictions.add(key)
                 self.log(f"evicted: workload {name} was evicted ({condition_text(evicted)})")
+
+
+class Admission:
+    """When a job got its GPUs (its admission) and gave them back (its end), as the launcher saw it.
+
+    Admission is the job's unsuspend by Kueue, which Kueue does once the job's Workload is
+    Admitted: with the DWS admission check, once the ProvisioningRequest is Provisioned, that is
+    once the GPU nodes exist and are billed. The nodes' start-up (image pull, model load) is billed
+    too, so the first Running pod would be too late, and the job's creation too early: it can wait
+    for capacity for hours holding nothing. A job without a queue is admitted as it is created.
+    The launcher's own clock times both ends, not the objects' timestamps, so that they compare
+    with the launch step's start without clock skew (the watch delivers the change within a
+    fraction of a second). A job evicted and readmitted keeps its first admission: the time it
+    waited in between is counted (evictions are rare; the launcher logs each).
+
+    Args:
+        wall_clock: The current UTC time.
+    """
+
+    def __init__(self, wall_clock: Callable[[], datetime]):
+        self.wall_clock = wall_clock
+        self.admitted_at: datetime | None = None
+        self.ended_at: datetime | None = None
+        self._unknown = False
+
+    def saw(self, phase: str, *, adopted_running: bool) -> None:
+        """The job entered ``phase``; ``adopted_running``: it was adopted, already admitted."""
+        if adopted_running and phase != SUSPENDED:
+            self._unknown = True  # admitted before this launcher looked: when is not known here
+        if phase != SUSPENDED and self.admitted_at is None and not self._unknown:
+            self.admitted_at = self.wall_clock()
+
+    def ended(self) -> None:
+        self.ended_at = self.wall_clock()

@@ -15,12 +15,14 @@ calling thread (it must be the main thread for the handler to be installed).
 
 from __future__ import annotations
 
+import functools
 import queue
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, NoReturn
 
 from components.launch.kubernetes.api import ApiError, KubernetesApi
@@ -43,7 +45,7 @@ from components.launch.kubernetes.kinds import (
     JobKind,
     JobState,
 )
-from components.launch.kubernetes.kueue import QueueReporter
+from components.launch.kubernetes.kueue import Admission, QueueReporter
 from components.launch.kubernetes.pod import is_terminating
 from components.launch.kubernetes.streams import JobLogs, JobWatcher, Log
 
@@ -60,6 +62,8 @@ class JobOutcome:
         uid: Job uid.
         adopted: Whether an already running job was adopted instead of creating one.
         log_tail: The last lines streamed from the job's pods.
+        admitted_at: When it was first admitted (see ``kueue.Admission``); None if adopted running.
+        ended_at: When it ended.
     """
 
     name: str
@@ -67,10 +71,8 @@ class JobOutcome:
     uid: str
     adopted: bool
     log_tail: list[str] = field(default_factory=list)
-
-
-def _print(line: str) -> None:
-    print(line, flush=True)
+    admitted_at: datetime | None = None
+    ended_at: datetime | None = None
 
 
 class _Run:
@@ -91,17 +93,16 @@ class _Run:
         watch_timeout_s: int,
         log_drain_timeout_s: float,
         clock: Callable[[], float],
+        wall_clock: Callable[[], datetime],
     ):
         self.api, self.kind, self.manifest, self.log, self.clock = api, kind, manifest, log, clock
+        self.admission = Admission(wall_clock)
         meta = manifest.get("metadata") or {}
         self.namespace: str = meta.get("namespace") or "default"
         self.name: str = meta["name"]
         self.labels: dict[str, str] = meta.get("labels") or {}
-        self.timeout_s, self.poll_interval_s, self.retry_interval_s = (
-            timeout_s,
-            poll_interval_s,
-            retry_interval_s,
-        )
+        self.timeout_s, self.poll_interval_s = timeout_s, poll_interval_s
+        self.retry_interval_s = retry_interval_s
         self.log_tail_lines, self.deletion_wait_s = log_tail_lines, deletion_wait_s
         self.watch_timeout_s, self.log_drain_timeout_s = watch_timeout_s, log_drain_timeout_s
         self.deadline = clock() + timeout_s
@@ -280,6 +281,7 @@ class _Run:
             phase = state.phase
             if phase != last_phase:
                 self.on_phase_change(state, last_phase, ever_admitted)
+                self.admission.saw(phase, adopted_running=self.adopted and last_phase is None)
                 ever_admitted = ever_admitted or phase != SUSPENDED
                 last_phase = phase
                 next_report = self.clock()
@@ -343,6 +345,7 @@ class _Run:
             self.logs.report_pods(self.name)
 
     def succeeded(self, job: dict[str, Any]) -> JobOutcome:
+        self.admission.ended()  # before draining the logs: the nodes are released from now
         self.logs.finish(self.log_drain_timeout_s)
         self.owns_live_job = False
         self.log(f"{self.ref} succeeded")
@@ -352,6 +355,8 @@ class _Run:
             job["metadata"].get("uid", ""),
             self.adopted,
             self.logs.leader_tail(self.log_tail_lines),
+            self.admission.admitted_at,
+            self.admission.ended_at,
         )
 
     def raise_failed(self, state: JobState) -> NoReturn:
@@ -421,6 +426,7 @@ def run_job(
     watch_timeout_s: int = 300,
     log_drain_timeout_s: float = 30.0,
     clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     handle_sigterm: bool = True,
 ) -> JobOutcome:
     """Creates (or adopts) a job and follows it to success, or raises.
@@ -439,6 +445,7 @@ def run_job(
         watch_timeout_s: Server-side timeout of each watch request.
         log_drain_timeout_s: How long, once the job has ended, the rest of the logs is waited for.
         clock: Monotonic clock in seconds (injectable for tests).
+        wall_clock: The UTC time of admission and end (injectable for tests).
         handle_sigterm: Install a SIGTERM handler that deletes the job (main thread only).
 
     Returns:
@@ -459,12 +466,13 @@ def run_job(
         timeout_s=timeout_s,
         poll_interval_s=poll_interval_s,
         retry_interval_s=retry_interval_s,
-        log=_print if log is None else log,
+        log=functools.partial(print, flush=True) if log is None else log,
         log_tail_lines=log_tail_lines,
         deletion_wait_s=deletion_wait_s,
         watch_timeout_s=watch_timeout_s,
         log_drain_timeout_s=log_drain_timeout_s,
         clock=clock,
+        wall_clock=wall_clock,
     )
     restore_sigterm = _install_sigterm_handler() if handle_sigterm else (lambda: None)
     try:

@@ -127,3 +127,5 @@ def test_kubernetes_backend_creates_the_job_of_its_kind_and_waits_for_it(job_kin
     (command,) = {c[-1] for c in commands(body)}
     assert "--input gs://images/coco/val2017 --output gs://results/runs/run-1" in command
     assert any(line.endswith("] all shards done") for line in lines)
+    assert result.admitted_at is not None and result.ended_at is not None
+    assert result.admitted_at <= result.ended_at

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -149,6 +150,43 @@ def test_queued_job_reports_the_dws_wait_then_streams_every_nodes_log_and_succee
     assert workload_list.query["labelSelector"] == f"kueue.x-k8s.io/job-uid={outcome.uid}"
     streams = stand_in.calls("GET", "/log", follow="true")
     assert {r.query["container"] for r in streams} == {stand_in.controller.container}
+
+
+class StepClock:
+    """A wall clock that moves only when a scripted step moves it: times the test can predict."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 10, 1, 2, 0, tzinfo=timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+def test_the_job_is_timed_from_its_admission_not_from_its_wait_for_capacity(stand_in):
+    manifest = make_manifest(stand_in.controller.name)
+    name = manifest["metadata"]["name"]
+    wall = StepClock()
+    submitted = wall.now
+    stand_in.script(
+        # Three hours queued for DWS capacity, then DWS provisions the nodes and Kueue admits the job.
+        Step(listed_provisioning_requests, lambda s: (wall.advance(hours=3), s.admit(name))),
+        Step(
+            listed_all_pods,
+            lambda s: (wall.advance(minutes=5), s.add_pod(name, 0, ["done"], state="terminated")),
+        ),
+        Step(stand_in.followed_log(0), lambda s: (wall.advance(minutes=25), s.finish(name, succeeded=True))),
+    )
+    log = CollectedLog()
+
+    outcome = launch(stand_in, manifest, log, wall_clock=wall)
+
+    assert outcome.admitted_at == submitted + timedelta(hours=3)  # the queue wait is not counted
+    # Its start-up (the 5 minutes until the pods ran) is: the nodes were billed from admission.
+    assert outcome.ended_at == outcome.admitted_at + timedelta(minutes=30)
+    assert stand_in.steps_left() == 0
 
 
 def test_eviction_is_reported_and_the_readmitted_job_is_followed_again(stand_in):
@@ -508,6 +546,7 @@ def test_rerun_for_the_same_results_prefix_adopts_the_running_job(stand_in):
     outcome = launch(stand_in, rerun, log)
 
     assert outcome.adopted and outcome.name == first_name
+    assert outcome.admitted_at is None  # admitted before this launcher looked: not known when
     assert stand_in.calls("POST", stand_in.jobs_path) == []  # no second job
     assert stand_in.calls("DELETE") == []
     lookup = stand_in.calls("GET", stand_in.jobs_path)[0]

@@ -153,6 +153,7 @@ def test_complete_results(results_root, tmp_path):
         # One rank ran on a GPU; without a job record the slowest rank's time stands in.
         "gpus": 1,
         "job_seconds": 4.0,
+        "held_seconds": 4.0,
         "gpu_hours": 4.0 / 3600,
         "rows": 9,
         "reused": 0,
@@ -308,7 +309,7 @@ def test_missing_plan_is_explained(tmp_path):
         aggregate(str(tmp_path / "nothing"), **_outputs(tmp_path))
 
 
-def _job(seconds: float) -> JobRecord:
+def _job(seconds: float, held: float | None = None, queued: float | None = None) -> JobRecord:
     return JobRecord(
         backend="kubernetes",
         job_name="bi-run-1",
@@ -321,6 +322,10 @@ def _job(seconds: float) -> JobRecord:
         started_at="2026-10-01T02:00:00+00:00",
         finished_at="2026-10-01T02:30:00+00:00",
         job_seconds=seconds,
+        admitted_at="2026-10-01T02:00:00+00:00" if held is not None else "",
+        ended_at="2026-10-01T02:30:00+00:00" if held is not None else "",
+        held_seconds=held,
+        queue_seconds=queued,
     )
 
 
@@ -343,6 +348,29 @@ def test_a_gpu_run_reports_what_it_was_and_what_it_cost(tmp_path):
         assert fact in text
     for caption in ("GPU-hours", "Cost / million images", "nvidia-h200-141gb"):
         assert caption in text
+
+
+def test_gpu_hours_count_from_admission_not_the_wait_for_capacity(tmp_path):
+    root = str(tmp_path / "results")
+    write_layout(
+        root, list(range(4)), parts={0: [0, 1, 2, 3]}, summaries=[_summary(0, 2, 5.0), _summary(1, 2, 6.0)]
+    )
+    out = _outputs(tmp_path)
+    # Three hours queued for DWS capacity, then half an hour holding the nodes.
+    job = _job(3 * 3600.0 + 1800.0, held=1800.0, queued=3 * 3600.0)
+
+    report = aggregate(root, **out, job=job, price_per_gpu_hour=10.0)
+
+    m = report.metrics
+    assert (m["gpus"], m["held_seconds"], m["queue_seconds"]) == (2, 1800.0, 3 * 3600.0)
+    assert m["job_seconds"] == 3 * 3600.0 + 1800.0
+    assert m["gpu_hours"] == 1.0 and m["cost"] == 10.0
+    assert m["cost_per_million_images"] == 10.0 / 4 * 1e6
+    # The report shows the wait apart from the time the GPUs were held.
+    text = parse_html(Path(out["html_path"])).text
+    waited = text.index("Waited for capacity (queued, no GPUs held)")
+    held = text.index("Held its GPUs (admission to end)")
+    assert (text[waited + 1], text[held + 1]) == ("10,800.0 s", "1,800.0 s")
 
 
 def test_a_cpu_run_shows_no_gpu_time_or_cost(tmp_path):
