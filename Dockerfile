@@ -74,7 +74,8 @@ RUN BEFORE="$(python3 -c 'import torch, torchvision; print(torch.__version__, to
  && echo "torch torchvision before: ${BEFORE}; after: ${AFTER}" && test "${BEFORE}" = "${AFTER}" \
  && cd / \
  && python3 -c "import torchvision.io, kfp, kfp.kubernetes, dataflux_pytorch, google.cloud.storage, google.cloud.container_v1, transformers, \
-        worker, components.upload.component, components.launch.component, components.aggregate.component, pipelines" \
+        worker, components.check.component, components.upload.component, components.launch.component, \
+        components.aggregate.component, pipelines" \
  && python3 -m worker --help > /dev/null \
  && rm -rf /opt/kfp-batch-inference
 
@@ -124,7 +125,8 @@ COPY pipelines ./pipelines
 RUN python3 -m pip install ".[vertex]" \
  && cd / \
  && python3 -c "import torch, kfp, kfp.kubernetes, duckdb, google.cloud.storage, google.cloud.container_v1, \
-        components.upload.component, components.launch.component, components.aggregate.component, pipelines; \
+        components.check.component, components.upload.component, components.launch.component, \
+        components.aggregate.component, pipelines; \
         assert not torch.version.cuda, 'the tasks image must hold a CPU build of torch'" \
  && python3 -m worker --help > /dev/null \
  && rm -rf /opt/kfp-batch-inference

@@ -24,7 +24,7 @@ from components.launch.kubernetes.kinds import (
     SUSPENDED,
     JobConfig,
     JobState,
-    job_metadata,
+    job_object,
     true_conditions,
 )
 from components.launch.kubernetes.pod import pod_template
@@ -111,12 +111,7 @@ class JobSetKind(JobSetPods):
             spec["suspend"] = True  # Kueue admits it; until then no pod exists
         if cfg.ttl_seconds_after_finished is not None:
             spec["ttlSecondsAfterFinished"] = cfg.ttl_seconds_after_finished
-        return {
-            "apiVersion": self.resource.api_version,
-            "kind": self.resource.kind,
-            "metadata": job_metadata(cfg),
-            "spec": spec,
-        }
+        return job_object(self.resource, cfg, spec)
 
     def state(self, job: dict[str, Any]) -> JobState:
         conditions = true_conditions(job)

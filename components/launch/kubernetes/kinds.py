@@ -233,6 +233,16 @@ def job_name_for(run_id: str, results_uri: str) -> str:
     return name
 
 
+def job_object(resource: Resource, cfg: JobConfig, spec: dict[str, Any]) -> dict[str, Any]:
+    """A job of ``resource``'s kind around ``spec``, with the metadata Kueue and DWS read (``job_metadata``)."""
+    return {
+        "apiVersion": resource.api_version,
+        "kind": resource.kind,
+        "metadata": job_metadata(cfg),
+        "spec": spec,
+    }
+
+
 def job_metadata(cfg: JobConfig) -> dict[str, Any]:
     """The job object's own metadata: name, namespace, Kueue queue and priority, DWS duration.
 

@@ -24,7 +24,7 @@ from components.launch.kubernetes.kinds import (
     SUSPENDED,
     JobConfig,
     JobState,
-    job_metadata,
+    job_object,
     true_conditions,
 )
 from components.launch.kubernetes.pod import pod_template
@@ -64,16 +64,12 @@ class PyTorchJobKind:
             run_policy["ttlSecondsAfterFinished"] = cfg.ttl_seconds_after_finished
         if cfg.queue:
             run_policy["suspend"] = True  # Kueue admits it; until then no pod exists
-        return {
-            "apiVersion": self.resource.api_version,
-            "kind": self.resource.kind,
-            "metadata": job_metadata(cfg),
-            "spec": {
-                "nprocPerNode": str(cfg.gpus_per_node),
-                "runPolicy": run_policy,
-                "pytorchReplicaSpecs": replica_specs,
-            },
+        spec = {
+            "nprocPerNode": str(cfg.gpus_per_node),
+            "runPolicy": run_policy,
+            "pytorchReplicaSpecs": replica_specs,
         }
+        return job_object(self.resource, cfg, spec)
 
     def state(self, job: dict[str, Any]) -> JobState:
         conditions = true_conditions(job)

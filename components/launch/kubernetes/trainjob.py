@@ -24,7 +24,7 @@ from components.launch.kubernetes.kinds import (
     SUCCEEDED,
     JobConfig,
     JobState,
-    job_metadata,
+    job_object,
     true_conditions,
 )
 from components.launch.kubernetes.pod import pod_template
@@ -79,12 +79,7 @@ class TrainJobKind(JobSetPods):
             spec["suspend"] = True  # Kueue admits it; until then no pod exists
         if cfg.active_deadline_seconds is not None:
             spec["activeDeadlineSeconds"] = cfg.active_deadline_seconds
-        return {
-            "apiVersion": self.resource.api_version,
-            "kind": self.resource.kind,
-            "metadata": job_metadata(cfg),
-            "spec": spec,
-        }
+        return job_object(self.resource, cfg, spec)
 
     def state(self, job: dict[str, Any]) -> JobState:
         conditions = true_conditions(job)
