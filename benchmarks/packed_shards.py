@@ -7,16 +7,20 @@ for a quick check anywhere):
    (``--tiny``: a 2-layer ViT), and starts fake-gcs-server on loopback.
 2. Uploads the images to one prefix packed and the first ``--loose-images`` of them loose too
    (``upload_dataset``), timing each: the packing throughput in images/s.
-3. For each added latency (``--delays``, ms per request), puts a proxy in front of the emulator
-   (``tests.support.gcs_proxy``: it adds the delay to every request and counts requests and
-   response bytes) and runs the real worker (``python -m worker``, its own process) from gs://
-   on the loose objects and on the packed shards.
-4. Runs the worker from local disk, before the gs:// runs and after them.
+3. Warms the emulator up: reads every shard once with obstore, untimed but printed. The first
+   large reads from a freshly filled fake-gcs-server run at ~60 % of later ones (its process, not
+   the objects: any first pass is slow), which no real bucket does.
+4. ``--rounds`` times, the conditions in a rotated order each round (so drift and warm-up hit
+   every condition alike): the worker from local disk, then for each added latency
+   (``--delays``, ms per request) through a proxy (``tests.support.gcs_proxy``: it adds the delay
+   to every request and counts requests and response bytes) the real worker (``python -m
+   worker``, its own process) from gs:// on the packed shards and on the loose objects.
 
-It prints one table: per run, requests and bytes per image (counted at the proxy, so listing,
-indexes and retries included), end-to-end img/s and GPU busy (the worker's summary), and img/s
-over the local-disk mean; whether each run classified every image exactly once; and whether the
-loose and packed runs at each delay wrote the same rows.
+It prints one table: per condition, requests and bytes per image (counted at the proxy, so
+listing, indexes and retries included), the mean end-to-end img/s and its range over the rounds,
+GPU busy (the worker's summary), and the mean over the local-disk mean; whether every run
+classified every image exactly once; and whether the loose and packed runs at each delay wrote
+the same rows.
 """
 
 from __future__ import annotations
@@ -141,6 +145,32 @@ def error_uris(out: Path) -> set[str]:
     return uris
 
 
+def warm_up_emulator(emulator: str, prefix: str, passes: int = 2) -> list[float]:
+    """Read every shard of the packed dataset ``passes`` times with obstore: the MB/s of each pass."""
+    from benchmarks.packed_read import native_ceiling
+    from worker.archives.packed import packed_dir
+    from worker.storage import open_storage
+    from worker.storage.gcs_reader import EMULATOR_HOST
+
+    os.environ[EMULATOR_HOST] = emulator
+    shards = [
+        (o.uri, o.size) for o in open_storage(prefix).list(packed_dir(prefix)) if o.uri.endswith(".tar")
+    ]
+    rates = []
+    for _ in range(passes):
+        seconds, nbytes = native_ceiling(shards, 8 << 20, 8)
+        rates.append(nbytes / seconds / 1e6)
+    return rates
+
+
+def conditions(delays: list[int], loose: bool) -> list[tuple[str, int | None, str]]:
+    """(name, delay or None for local disk, layout) of every condition a round runs."""
+    out = [("local disk", None, "loose")]
+    for delay in delays:
+        out += [(f"gs:// {layout}, {delay} ms", delay, layout) for layout in ("packed", "loose")[: 1 + loose]]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.packed_shards",
@@ -159,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 on cuda, 32 on cpu")
     p.add_argument("--delays", default="0,50", help="ms added per request, comma-separated")
+    p.add_argument("--rounds", type=int, default=2, help="runs of every condition, in rotated orders")
     p.add_argument("--shard-mb", type=int, default=256, help="the packed layout's shard size")
     p.add_argument("--tiny", action="store_true", help="a 2-layer ViT instead of ViT-B/16 (quick CPU runs)")
     p.add_argument("--compile", default="none", help="the worker's --compile (none: shorter start-up)")
@@ -172,80 +203,87 @@ def main(argv: list[str] | None = None) -> int:
     paths = bench_images(images, args.images)
     model = make_model(work / ("vit-tiny" if args.tiny else "vit-base-patch16-224-random"), tiny=args.tiny)
     delays = [int(d) for d in args.delays.split(",")]
+    todo = conditions(delays, bool(args.loose_images))
     figures: dict = {"device": _device_name(args.device), "images": len(paths), "batch_size": args.batch_size}
-    runs: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in todo}
     prefix = f"gs://{BUCKET}/dataset"
-
-    def local(name: str) -> None:
-        runs[name] = run_worker(str(images), work / "out" / name, model, args, layout="loose", env={})
-        runs[name].update(requests=None, bytes=None)
+    expected = {
+        "packed": {f"{prefix}/{p.relative_to(images).as_posix()}" for p in paths},
+        "loose": {f"{prefix}/{p.relative_to(images).as_posix()}" for p in paths[: args.loose_images]},
+        "local": {str(p) for p in paths},
+    }
 
     with gcs_emulator(buckets=(BUCKET,)) as emulator:
         loose = loose_subset(images, paths, args.loose_images, work) if args.loose_images else None
         figures.update(upload_both(images, loose, prefix, args.shard_mb))
+        figures["emulator_warm_up_mb_per_s"] = warm_up_emulator(emulator, prefix)
         log.info("uploads: %s", figures)
-        local("local disk, before")
-        for delay in delays:
-            with GcsProxy(emulator, Faults(delay=delay / 1e3)) as proxy:
-                for layout in ("packed", "loose") if loose else ("packed",):
-                    name = f"gs:// {layout}, {delay} ms"
-                    before = (proxy.counters.requests, proxy.counters.bytes_out)
-                    runs[name] = run_worker(
-                        prefix,
-                        work / "out" / name,
-                        model,
-                        args,
-                        layout=layout,
-                        env={"STORAGE_EMULATOR_HOST": proxy.url},
-                    )
-                    runs[name].update(
-                        requests=proxy.counters.requests - before[0],
-                        bytes=proxy.counters.bytes_out - before[1],
-                        delay=delay,
-                        layout=layout,
-                    )
-                    log.info(
-                        "%s: %d requests, %.1f MB at the proxy",
-                        name,
-                        runs[name]["requests"],
-                        runs[name]["bytes"] / 1e6,
-                    )
-        local("local disk, after")
+        for round_ in range(args.rounds):
+            shift = round_ % len(todo)
+            for name, delay, layout in todo[shift:] + todo[:shift]:
+                out = work / "out" / f"{name}, round {round_}"
+                if delay is None:
+                    s = run_worker(str(images), out, model, args, layout="loose", env={})
+                    s.update(requests=None, bytes=None, want=expected["local"])
+                else:
+                    with GcsProxy(emulator, Faults(delay=delay / 1e3)) as proxy:
+                        env = {"STORAGE_EMULATOR_HOST": proxy.url}
+                        s = run_worker(prefix, out, model, args, layout=layout, env=env)
+                        s.update(requests=proxy.counters.requests, bytes=proxy.counters.bytes_out)
+                    s["want"] = expected[layout]
+                    log.info("%s: %d requests, %.1f MB at the proxy", name, s["requests"], s["bytes"] / 1e6)
+                uris = set(read_rows(out)) | error_uris(out)
+                s["exactly_once"] = uris == s["want"] and s["images"] == len(s["want"])
+                s["out"] = out
+                runs[name].append(s)
 
-    local_rate = sum(runs[n]["images_per_second"] for n in runs if n.startswith("local")) / 2
-    expected = {f"{prefix}/{p.relative_to(images).as_posix()}" for p in paths}
-    expected_loose = {f"{prefix}/{p.relative_to(images).as_posix()}" for p in paths[: args.loose_images]}
+    local_rate = _mean(s["images_per_second"] for s in runs["local disk"])
     table = []
-    for name, s in runs.items():
-        out = work / "out" / name
-        uris = set(read_rows(out)) | error_uris(out)
-        want = {str(p) for p in paths}
-        if name.startswith("gs"):
-            want = expected_loose if s["layout"] == "loose" else expected
-        once = "yes" if uris == want and s["images"] == len(want) else "NO"
+    for name, done in runs.items():
+        want = len(done[0]["want"])
+        rates = [s["images_per_second"] for s in done]
+        requests = done[-1]["requests"]
         per_image = (
             ("", "")
-            if s["requests"] is None
-            else (f"{s['requests'] / len(want):.4f}", f"{s['bytes'] / len(want) / 1e3:,.1f} KB")
+            if requests is None
+            else (f"{requests / want:.4f}", f"{done[-1]['bytes'] / want / 1e3:,.1f} KB")
         )
-        busy = f"{100 * s.get('gpu_busy', 0):.0f} %" if args.device == "cuda" else ""
-        ratio = s["images_per_second"] / local_rate
+        busy = f"{100 * _mean(s.get('gpu_busy', 0) for s in done):.0f} %" if args.device == "cuda" else ""
+        ratio = _mean(rates) / local_rate
+        once = all(s["exactly_once"] for s in done)
+        spread = f"{min(rates):,.0f}–{max(rates):,.0f}"
         table.append(
-            (name, f"{len(want):,}", *per_image, f"{s['images_per_second']:,.0f}", busy, f"{ratio:.3f}", once)
+            (
+                name,
+                f"{want:,}",
+                *per_image,
+                f"{_mean(rates):,.0f}",
+                spread,
+                busy,
+                f"{ratio:.3f}",
+                "yes" if once else "NO",
+            )
         )
         figures[name] = {
-            k: s.get(k) for k in ("images_per_second", "gpu_busy", "requests", "bytes", "wall_seconds")
+            "images_per_second": rates,
+            "gpu_busy": [s.get("gpu_busy") for s in done],
+            "requests": requests,
+            "bytes": done[-1]["bytes"],
+            "wall_seconds": [s["wall_seconds"] for s in done],
+            "over_local_disk": ratio,
+            "exactly_once": once,
         }
-        figures[name]["over_local_disk"] = ratio
-        figures[name]["exactly_once"] = once
     for delay in delays if args.loose_images else ():
-        packed, loose = (read_rows(work / "out" / f"gs:// {lay}, {delay} ms") for lay in ("packed", "loose"))
+        packed, loose = (
+            read_rows(runs[f"gs:// {lay}, {delay} ms"][-1]["out"]) for lay in ("packed", "loose")
+        )
         # The loose run's images are the first of the packed run's; compare their rows.
         same = sum(packed.get(uri) == row for uri, row in loose.items())
         figures[f"rows equal, {delay} ms"] = f"{same}/{len(loose)}"
 
     print(
-        f"\ndevice: {figures['device']}; {len(paths):,} JPEGs; batch {args.batch_size}; --compile {args.compile}"
+        f"\ndevice: {figures['device']}; {len(paths):,} JPEGs; batch {args.batch_size}; --compile {args.compile}; "
+        f"{args.rounds} rounds"
     )
     print(
         f"upload to the emulator: loose {figures.get('loose_upload_images_per_s', 0):,.0f} images/s "
@@ -253,10 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         f"packed {figures['packed_upload_images_per_s']:,.0f} images/s "
         f"({figures['packed_upload_mb_per_s']:,.0f} MB/s, {figures['shards']} shards of <= {args.shard_mb} MB)"
     )
+    warm = figures["emulator_warm_up_mb_per_s"]
+    print(f"emulator warm-up, obstore over every shard: {' then '.join(f'{r:,.0f}' for r in warm)} MB/s")
     print(
-        "\n| run | images | requests / image | bytes / image | img/s | GPU busy | / local disk | exactly once |"
+        "\n| condition | images | requests / image | bytes / image | img/s, mean | range | GPU busy "
+        "| / local disk | exactly once |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in table:
         print("| " + " | ".join(row) + " |")
     for delay in delays if args.loose_images else ():
@@ -265,8 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
-    ok = all(r[-1] == "yes" for r in table)
-    return 0 if ok else 1
+    return 0 if all(r[-1] == "yes" for r in table) else 1
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 def _device_name(device: str) -> str:
