@@ -104,6 +104,22 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str], *, t
     return await reader.read() if to_eof else b""
 
 
+async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, length: int) -> None:
+    """Forward ``length`` body bytes as they arrive: a large ranged read is never held whole, so
+    the proxy adds its delay and not a second transfer's time.
+    """
+    while length > 0:
+        chunk = await reader.read(min(length, RELAY_CHUNK))
+        if not chunk:
+            raise asyncio.IncompleteReadError(b"", length)
+        length -= len(chunk)
+        writer.write(chunk)
+        await writer.drain()
+
+
+RELAY_CHUNK = 1 << 20
+
+
 def _error(status: int, reason: str) -> bytes:
     body = json.dumps(
         {"error": {"code": status, "message": f"{reason} (injected by the test proxy)"}}
@@ -159,7 +175,7 @@ class _Proxy:
                         await client_writer.drain()
                         continue
                     if upstream is None:
-                        upstream = await asyncio.open_connection(self.host, self.port)
+                        upstream = await asyncio.open_connection(self.host, self.port, limit=RELAY_CHUNK)
                     up_reader, up_writer = upstream
                     lines = head.split(b"\r\n")
                     lines = [
@@ -176,6 +192,21 @@ class _Proxy:
                     status = int(response_head.split(b" ", 2)[1])
                     no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
                     headers = _headers(response_head)
+                    streamed = (
+                        not no_body
+                        and fault is None
+                        and "content-length" in headers
+                        and "chunked" not in headers.get("transfer-encoding", "").lower()
+                    )
+                    if streamed:
+                        length = int(headers["content-length"])
+                        client_writer.write(response_head)
+                        await _relay(up_reader, client_writer, length)
+                        c.bytes_out += len(response_head) + length
+                        if headers.get("connection", "").lower() == "close":
+                            up_writer.close()
+                            upstream = None
+                        continue
                     response = b"" if no_body else await _read_body(up_reader, headers, to_eof=True)
                     if fault == "dropped":
                         client_writer.write(response_head + response[: len(response) // 2])

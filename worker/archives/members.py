@@ -91,12 +91,16 @@ def split(span: Span, objects: Sequence[ObjectInfo], piece: int = PIECE) -> list
     return pieces
 
 
-def requests_in_flight(settings: ReadSettings, member_bytes: float) -> int:
-    """Ranged reads in flight: the bytes of twice the loose reads' rate x latency (``concurrency``
-    members; twice, as the read window keeps, since a piece's transfer adds to its latency) in
-    pieces, at least ``threads``, at most the read-ahead bound. More only contends for the CPU.
+def requests_in_flight(settings: ReadSettings, member_bytes: float, batch_pieces: int = 1) -> int:
+    """Ranged reads in flight: enough for every piece of the batches read ahead
+    (``batches_ahead`` x ``batch_pieces``) and for the bytes of twice the loose reads' rate x
+    latency (``concurrency`` members; twice, as the read window keeps, since a piece's transfer
+    adds to its latency); at least ``threads``, at most the read-ahead bound. More only contends
+    for the CPU.
     """
-    wanted = math.ceil(2 * settings.concurrency * member_bytes / PIECE)
+    wanted = max(
+        math.ceil(2 * settings.concurrency * member_bytes / PIECE), settings.batches_ahead * batch_pieces
+    )
     return max(1, settings.threads, min(wanted, settings.read_ahead_bytes // PIECE))
 
 
@@ -118,8 +122,9 @@ class MemberReader:
 
     def submit(self, objects: Sequence[ObjectInfo]) -> Future:
         if self._ranges is None:
-            member_bytes = sum(o.size for o in objects) / max(1, len(objects))
-            threads = requests_in_flight(self.settings, member_bytes)
+            batch_bytes = sum(o.size for o in objects)
+            member_bytes = batch_bytes / max(1, len(objects))
+            threads = requests_in_flight(self.settings, member_bytes, max(1, batch_bytes // PIECE))
             self._ranges = ThreadPoolExecutor(threads, thread_name_prefix="read-ranges")
         return self._batches.submit(read_members, self.storage, objects, self.stats, self._ranges)
 

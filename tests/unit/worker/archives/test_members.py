@@ -127,9 +127,17 @@ def test_a_long_span_is_read_as_parallel_pieces_cut_between_members(tmp_path, mo
 
 
 def test_requests_in_flight_follow_rate_times_latency_within_the_read_ahead_bound():
-    small = ReadSettings(concurrency=10, threads=4, read_ahead_bytes=256 << 20)
+    small = ReadSettings(concurrency=10, threads=4, batches_ahead=1, read_ahead_bytes=256 << 20)
     assert m.requests_in_flight(small, member_bytes=70_000) == 4  # never fewer than the threads
     wide = ReadSettings(concurrency=500, threads=4, read_ahead_bytes=256 << 20)
     assert m.requests_in_flight(wide, member_bytes=70_000) == -(-2 * 500 * 70_000 // m.PIECE)
     tight = ReadSettings(concurrency=5000, threads=4, read_ahead_bytes=64 << 20)
     assert m.requests_in_flight(tight, member_bytes=70_000) == (64 << 20) // m.PIECE
+
+
+def test_requests_in_flight_cover_every_piece_of_the_batches_read_ahead():
+    settings = ReadSettings(concurrency=100, threads=4, batches_ahead=8, read_ahead_bytes=256 << 20)
+    by_rate = m.requests_in_flight(settings, member_bytes=70_000)
+    assert m.requests_in_flight(settings, member_bytes=70_000, batch_pieces=3) == 24 > by_rate
+    bounded = ReadSettings(concurrency=100, threads=4, batches_ahead=8, read_ahead_bytes=64 << 20)
+    assert m.requests_in_flight(bounded, member_bytes=70_000, batch_pieces=3) == (64 << 20) // m.PIECE
