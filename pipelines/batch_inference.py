@@ -177,8 +177,9 @@ def make_pipeline(flavour: str) -> Callable:
                 results (other images, model or model files, plan or settings) is refused unless
                 overwrite is set. Empty: a new prefix per run.
             incremental: Classify only the images that are new or changed (by GCS generation) since the
-                latest complete run with the same images_uri and model among the sibling folders of this
-                run's results prefix (the runs under results_root). The results still cover every image:
+                latest complete run with the same images_uri and model (the same model files too, and
+                task, device type and decode) among the sibling folders of this run's results prefix
+                (the runs under results_root). The results still cover every image:
                 that run's rows are carried over for unchanged images, and deleted images are dropped.
                 Needs a gs:// images_uri. False: classify everything.
             overwrite: If the results prefix holds results of another run, delete them and start over

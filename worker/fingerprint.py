@@ -30,19 +30,22 @@ too, so a retried job keeps its committed shards.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from worker.commit import Committer
 from worker.config import ConfigError, WorkerConfig
+from worker.model_files import fetch_model
 from worker.plan import PlanColumns, make_plan
 from worker.results import (
     ERRORS_DIR,
     INVENTORY_FILE,
+    LABEL_KEYS,
     MANIFEST,
     MARKER,
     PARTS_DIR,
@@ -164,8 +167,12 @@ class OutputGuard:
         if self.recorded and (why := differences(self.recorded, self.settings)):
             self._start_over(why, everything=True)
 
-    def plan(self) -> Plan:
+    def plan(self, revision: Callable[[], str] | None = None) -> Plan:
         """Step 2: OUTPUT's plan, or a new one, written after the record of what it was made from.
+
+        Args:
+            revision: The model's revision (it may wait for the model): an incremental run
+                builds only on a base made with the same one (``worker.incremental``).
 
         Raises:
             RunMismatch: OUTPUT holds results made with another plan, and no --overwrite.
@@ -183,9 +190,15 @@ class OutputGuard:
             data = None
         fresh = data is None
         if fresh:
-            objects, made_from = make_plan(cfg)
+            current = (lambda: {**self.settings, "model_revision": revision()}) if revision else None
+            objects, made_from = make_plan(cfg, current)
             data = encode_plan(objects)
         else:
+            if revision and (why := self._base_disagrees(self.recorded, revision())):
+                # Planned where the revision was not known (an older launcher): its base would
+                # carry another model's labels over. Nothing is committed before the seal.
+                self._start_over(f"its incremental base was classified with {why}", everything=True)
+                return self.plan(revision)
             # Compact columns, parsed line by line: a million-image plan stays small in memory.
             objects, made_from = PlanColumns.of(iter_plan(data)), self.recorded
         sha256 = plan_digest(data)
@@ -203,12 +216,12 @@ class OutputGuard:
             log.info("reusing the existing plan %s: %d images", plan_uri, len(objects))
         return Plan(objects, sha256, record)
 
-    def seal(self, plan: Plan, model_path: str) -> tuple[str, set[int]]:
+    def seal(self, plan: Plan, revision: str) -> tuple[str, set[int]]:
         """Step 3: seal this run's record once its model is fetched.
 
         Args:
             plan: This run's plan (from ``plan``).
-            model_path: The local directory the model was loaded from.
+            revision: The model's revision (``model_revision`` of the directory it was loaded from).
 
         Returns:
             The run's fingerprint, and the shards it has already committed.
@@ -218,7 +231,7 @@ class OutputGuard:
                 run, and no --overwrite.
         """
         cfg = self.cfg
-        record = sealed({**plan.record, "model_revision": model_revision(model_path)})
+        record = sealed({**plan.record, "model_revision": revision})
         fingerprint = record["fingerprint"]
         if self.recorded.get("fingerprint") not in (None, fingerprint):
             self._start_over(
@@ -233,6 +246,17 @@ class OutputGuard:
             write_run_record(cfg.output, record, project=cfg.project)
         log.info("run %s: %s with %s (%s)", fingerprint, cfg.input, cfg.model, record["model_revision"])
         return fingerprint, committed
+
+    def _base_disagrees(self, record: dict, revision: str) -> str:
+        """How the incremental base in ``record`` differs from this run in what labels depend on ("" if not)."""
+        base = record.get("base")
+        if not base:
+            return ""
+        try:
+            marker = json.loads(self.storage.read(join(base, MARKER)))
+        except FileNotFoundError:
+            return ""  # the aggregate reports a base that is gone
+        return differences(marker.get("run", {}), {**self.settings, "model_revision": revision}, LABEL_KEYS)
 
     def _start_over(self, why: str, *, everything: bool) -> None:
         """Refuse, or delete OUTPUT's results (and with ``everything`` its plan and record)."""
@@ -268,7 +292,19 @@ def check_output(cfg: WorkerConfig) -> None:
 
 
 def prepare_plan(cfg: WorkerConfig) -> Plan:
-    """Steps 1 and 2 where no model is at hand (the launcher plans incremental runs before any job)."""
+    """Steps 1 and 2 where no job runs yet (the launcher plans incremental runs before any job).
+
+    The model's revision decides which earlier run's rows may be reused, so the model is
+    fetched here once it is needed: for a hub id only its config (the snapshot's folder names
+    the commit), otherwise into the model cache, as a node would.
+    """
     guard = OutputGuard(cfg, None)
     guard.check_settings()
-    return guard.plan()
+
+    def revision() -> str:
+        path = fetch_model(
+            cfg.model, cfg.model_cache, download=True, project=cfg.project, hub_files=["config.json"]
+        )
+        return model_revision(path)
+
+    return guard.plan(revision)

@@ -30,10 +30,12 @@ from typing import TYPE_CHECKING
 
 from worker.results import (
     INVENTORY_FILE,
+    LABEL_KEYS,
     MANIFEST,
     CompletedRun,
     completed_runs,
     decode_plan,
+    differences,
     encode_plan,
     read_manifest,
     read_run_record,
@@ -49,29 +51,43 @@ log = logging.getLogger(__name__)
 
 
 def latest_base(
-    results_uri: str, input_uri: str, model: str, *, project: str | None = None
+    results_uri: str,
+    input_uri: str,
+    model: str,
+    *,
+    current: dict | None = None,
+    project: str | None = None,
 ) -> CompletedRun | None:
     """The run an incremental run at ``results_uri`` builds on: the latest complete incremental
-    sibling that classified the same input with the same model (another model's labels are not
-    reusable, and only an incremental run recorded the generation each row was classified at).
+    sibling that classified the same input with the same model (only an incremental run recorded
+    the generation each row was classified at) and, where ``current`` holds this run's settings
+    and model revision, agrees on what the labels depend on (``LABEL_KEYS``): rows of another
+    revision of the model, another task or another decode are not this run's labels.
     """
     own = results_uri.rstrip("/")
-    candidates = [
-        r
-        for r in completed_runs(results_root_of(results_uri), project=project)
-        if r.results_uri != own and r.incremental and r.input == input_uri and r.model == model
-    ]
-    return candidates[-1] if candidates else None
+    for run in reversed(completed_runs(results_root_of(results_uri), project=project)):
+        if run.results_uri == own or not run.incremental or run.input != input_uri or run.model != model:
+            continue
+        why = differences(run.marker.get("run", {}), current or {}, LABEL_KEYS)
+        if why:
+            log.info("not building on %s: its rows were made with other settings (%s)", run.results_uri, why)
+            continue
+        return run
+    return None
 
 
 def plan_incremental(
-    cfg: WorkerConfig, list_input: Callable[[WorkerConfig], list[ObjectInfo]]
+    cfg: WorkerConfig,
+    list_input: Callable[[WorkerConfig], list[ObjectInfo]],
+    current: Callable[[], dict] | None = None,
 ) -> tuple[list[ObjectInfo], dict]:
     """Plan an incremental run: the inventory minus what the base run already classified.
 
     Args:
         cfg: The worker config (``cfg.incremental`` is set, the input is gs://).
         list_input: Lists the input's images with their generations (stage 1's listing).
+        current: This run's settings and model revision, called once the inventory is listed
+            (it may wait for the model), to choose a base whose labels are this run's.
 
     Returns:
         The plan, and the ``run.json`` content to record with it.
@@ -88,7 +104,9 @@ def plan_incremental(
     if recorded:
         base_uri = recorded["base"]
     else:
-        base = latest_base(cfg.output, cfg.input, cfg.model, project=cfg.project)
+        base = latest_base(
+            cfg.output, cfg.input, cfg.model, current=current() if current else None, project=cfg.project
+        )
         base_uri = base.results_uri if base else None
 
     done: dict[str, int | None] = {}

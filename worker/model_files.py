@@ -14,9 +14,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from worker.dist import Topology
 from worker.storage import ObjectInfo, folder, is_gcs, open_storage, split_uri
+
+if TYPE_CHECKING:
+    from worker.dist import Topology
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +62,17 @@ def _download_gcs_dir(model_uri: str, objects: list[ObjectInfo], target: Path, p
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def fetch_model(model: str, cache_root: str, *, download: bool, project: str | None = None) -> str:
-    """A local directory (or hub id resolvable offline) holding the model."""
+def fetch_model(
+    model: str,
+    cache_root: str,
+    *,
+    download: bool,
+    project: str | None = None,
+    hub_files: list[str] | None = None,
+) -> str:
+    """A local directory (or hub id resolvable offline) holding the model; of a hub id only
+    ``hub_files`` where given (its snapshot folder still names the commit).
+    """
     if is_gcs(model):
         split_uri(model)  # validates the URI early
         objects = _gcs_listing(model, project)
@@ -78,7 +90,7 @@ def fetch_model(model: str, cache_root: str, *, download: bool, project: str | N
     # A hub id: snapshot_download fills the shared HF cache; other ranks then read it offline.
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(model, local_files_only=not download)
+    return snapshot_download(model, local_files_only=not download, allow_patterns=hub_files)
 
 
 def fetch_model_once_per_node(model: str, topo: Topology, cache_root: str, project: str | None) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from worker.archives.columns import MemberColumns
@@ -60,15 +60,16 @@ def list_input(cfg: WorkerConfig) -> list[ObjectInfo]:
     return images
 
 
-def make_plan(cfg: WorkerConfig) -> tuple[list[ObjectInfo], dict]:
+def make_plan(cfg: WorkerConfig, current: Callable[[], dict] | None = None) -> tuple[list[ObjectInfo], dict]:
     """A new plan from a listing of the input, and the record of what it was made from.
 
-    For ``--incremental`` the plan is the difference to the base run (``worker.incremental``),
-    whose inventory it writes; nothing else is written (``worker.fingerprint`` writes the
-    record and then the plan).
+    For ``--incremental`` the plan is the difference to the base run (``worker.incremental``;
+    ``current``: this run's settings and model revision, which the base must agree with), whose
+    inventory it writes; nothing else is written (``worker.fingerprint`` writes the record and
+    then the plan).
     """
     if cfg.incremental:
-        return plan_incremental(cfg, list_input)
+        return plan_incremental(cfg, list_input, current)
     return list_input(cfg), run_record(cfg.input, cfg.model, incremental=False)
 
 

@@ -28,7 +28,7 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -145,6 +145,10 @@ def decode_plan(data: bytes) -> list[ObjectInfo]:
 # device type the job resolved), the model's revision, the incremental base and the plan's
 # SHA-256. A record without one of them has not learnt it yet (a plan made before the model loaded).
 FINGERPRINT_KEYS = (*FINGERPRINTED, "model_revision", "base", "plan_sha256")
+# What a run's labels depend on: its fingerprint less how its plan was made and cut. An
+# incremental run reuses the rows of a base run only where the base agrees on every one of these
+# that both records hold (a base aggregated before a key was recorded is not held to it).
+LABEL_KEYS = (*(k for k in FINGERPRINTED if k not in ("shard_size", "incremental")), "model_revision")
 # Hex digits of the fingerprint in part names: 64 bits, so two runs at one OUTPUT never share one.
 FINGERPRINT_DIGITS = 16
 
@@ -187,11 +191,11 @@ def sealed(record: dict) -> dict:
     return {**record, "fingerprint": fingerprint_of(record)}
 
 
-def differences(recorded: dict, current: dict) -> str:
-    """What differs between two records, over the fingerprint keys both have, in one line ("" if nothing)."""
+def differences(recorded: dict, current: dict, keys: Sequence[str] = FINGERPRINT_KEYS) -> str:
+    """What differs between two records, over the ``keys`` both have, in one line ("" if nothing)."""
     return "; ".join(
         f"{key} was {_shown(recorded[key])}, now {_shown(current[key])}"
-        for key in FINGERPRINT_KEYS
+        for key in keys
         if key in recorded and key in current and recorded[key] != current[key]
     )
 

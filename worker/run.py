@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -17,7 +18,7 @@ from worker import dist
 from worker.commit import Committer, ShardResult, discard_interrupted_writes
 from worker.config import ConfigError, WorkerConfig
 from worker.decode.stage import DecodeStage, default_decode_threads
-from worker.fingerprint import OutputGuard
+from worker.fingerprint import OutputGuard, model_revision
 from worker.infer import (
     DECODE_LOOKAHEAD,
     GPU_BATCHES_IN_FLIGHT,
@@ -105,8 +106,10 @@ class Worker:
 
         def plan_on_rank0() -> tuple[PlanColumns, str, set[int]]:
             discard_interrupted_writes(self.cfg.output, self.cfg.project)
-            plan = guard.plan()
-            fingerprint, committed = guard.seal(plan, self.model_fetched.result())
+            # Hashed once, when first needed: an incremental plan needs it to choose its base.
+            revision = functools.cache(lambda: model_revision(self.model_fetched.result()))
+            plan = guard.plan(revision)
+            fingerprint, committed = guard.seal(plan, revision())
             return PlanColumns.of(plan.objects), fingerprint, committed
 
         self.planning = pool.submit(plan_on_rank0)

@@ -21,9 +21,10 @@ from pipelines.batch_inference import launch_inputs
 from tests.support.helpers import jpeg_bytes
 from tests.support.html import parse_html
 from tests.support.worker_harness import read_results, run_worker
-from worker.config import WorkerConfig
+from worker.config import WorkerConfig, parse_args
+from worker.fingerprint import OutputGuard, model_revision, prepare_plan
 from worker.incremental import latest_base
-from worker.results import MANIFEST, MARKER, completed_runs, read_manifest
+from worker.results import MANIFEST, MARKER, completed_runs, read_manifest, read_run_record
 from worker.storage import join, open_storage, read_text, write_text
 
 pytestmark = pytest.mark.timeout(240)
@@ -150,12 +151,13 @@ def _complete_run(
     input_uri: str = "gs://b/images",
     manifest: bool = True,
     incremental: bool = True,
+    extra: dict | None = None,
 ) -> str:
-    """A run folder with only the marker the base-run search reads."""
+    """A run folder with only the marker the base-run search reads (``extra``: more of its record)."""
     results = str(root / name)
     marker = {
         "aggregated_at": at,
-        "run": {"input": input_uri, "model": model, "incremental": incremental},
+        "run": {"input": input_uri, "model": model, "incremental": incremental, **(extra or {})},
         "metrics": {},
     }
     if manifest:
@@ -189,13 +191,13 @@ def test_incremental_needs_generations():
     assert "--incremental" in args
 
 
-def test_a_run_with_nothing_new_plans_in_the_launcher_and_starts_no_job(gcs, tmp_path):
-    bucket = gcs.new_bucket("unchanged")
+def _launcher_night(gcs, tiny_model: Path, bucket: str, base_revision: str) -> tuple[dict, str, list[str]]:
+    """Three objects and a complete earlier run of them (its base record made with
+    ``base_revision`` of ``tiny_model``): the launch values of the next night's run, the base, the URIs.
+    """
     names = [f"data/img_{i}.jpg" for i in range(3)]
     generations = [_put(gcs.client, bucket, name, jpeg_bytes(i)) for i, name in enumerate(names)]
     uris = [f"gs://{bucket}/{name}" for name in names]
-    model = launch_inputs()["model"].default
-    # A complete earlier run that classified exactly these objects at these generations.
     base = f"gs://{bucket}/runs/night-1"
     manifest = pd.DataFrame(
         {
@@ -210,14 +212,17 @@ def test_a_run_with_nothing_new_plans_in_the_launcher_and_starts_no_job(gcs, tmp
     buf = io.BytesIO()
     manifest.to_parquet(buf, index=False)
     open_storage(base).write(join(base, MANIFEST), buf.getvalue())
+    record = {
+        "input": f"gs://{bucket}/data",
+        "model": str(tiny_model),
+        "incremental": True,
+        "task": "image-classification",
+        "model_revision": base_revision,
+    }
     write_text(
         join(base, MARKER),
         json.dumps(
-            {
-                "aggregated_at": "2026-01-01T02:00:00.000001+00:00",
-                "manifest": MANIFEST,
-                "run": {"input": f"gs://{bucket}/data", "model": model, "incremental": True},
-            }
+            {"aggregated_at": "2026-01-01T02:00:00.000001+00:00", "manifest": MANIFEST, "run": record}
         ),
     )
     values = {name: spec.default for name, spec in launch_inputs().items()}
@@ -227,7 +232,14 @@ def test_a_run_with_nothing_new_plans_in_the_launcher_and_starts_no_job(gcs, tmp
         run_id="night-2",
         incremental=True,
         backend="kubernetes",
+        model=str(tiny_model),
     )
+    return values, base, uris
+
+
+def test_a_run_with_nothing_new_plans_in_the_launcher_and_starts_no_job(gcs, tiny_model, tmp_path):
+    bucket = gcs.new_bucket("unchanged")
+    values, base, uris = _launcher_night(gcs, tiny_model, bucket, model_revision(str(tiny_model)))
     lines: list[str] = []
 
     # No Kubernetes API is given or reachable here: reaching for one would fail the call.
@@ -241,3 +253,49 @@ def test_a_run_with_nothing_new_plans_in_the_launcher_and_starts_no_job(gcs, tmp
     metrics, table = _aggregate(result.results_uri, tmp_path, "night-2")
     assert (metrics["images"], metrics["rows"], metrics["reused"]) == (0, 3, 3)
     assert table["classification"].tolist() == ["cat", "dog", "cat"] and table["uri"].tolist() == uris
+
+
+def test_the_launcher_reuses_no_rows_of_another_model_revision(gcs, tiny_model, tmp_path):
+    """The same model path with other files (a fine-tune written over it): every image is planned
+    again, so the job runs rather than carrying the old model's labels over.
+    """
+    bucket = gcs.new_bucket("retrained")
+    values, base, uris = _launcher_night(gcs, tiny_model, bucket, "sha256:" + "0" * 64)
+
+    plan = prepare_plan(parse_args(LaunchRequest(**values).worker_args()))
+
+    assert sorted(o.uri for o in plan.objects) == uris
+    assert plan.record["base"] is None and plan.record["reused"] == 0
+
+
+def test_base_must_agree_on_the_model_revision_and_the_labels_settings(tmp_path):
+    root = tmp_path / "runs"
+    old = _complete_run(root, "r1", at="2026-01-01T02:00:00+00:00", extra={"model_revision": "hub:a"})
+    _complete_run(root, "r2", at="2026-01-02T02:00:00+00:00", extra={"model_revision": "hub:b"})
+    _complete_run(
+        root, "r3", at="2026-01-03T02:00:00+00:00", extra={"model_revision": "hub:a", "decode": "cpu"}
+    )
+    unrecorded = _complete_run(root, "r4", at="2026-01-04T02:00:00+00:00")  # aggregated before revisions
+
+    current = {"model_revision": "hub:a", "decode": "auto", "shard_size": 7}
+    assert latest_base(str(root / "r9"), "gs://b/images", "m", current=current).results_uri == unrecorded
+    open_storage(str(root)).delete(join(unrecorded, MARKER))
+    # r3 decoded otherwise and r2 ran another revision; r1's rows are this run's labels (shard size aside).
+    assert latest_base(str(root / "r9"), "gs://b/images", "m", current=current).results_uri == old
+    assert latest_base(str(root / "r9"), "gs://b/images", "m", current={"model_revision": "hub:c"}) is None
+
+
+def test_a_plan_made_without_the_revision_is_made_again_when_its_base_ran_another(gcs, tiny_model, tmp_path):
+    bucket = gcs.new_bucket("replan")
+    values, base, uris = _launcher_night(gcs, tiny_model, bucket, "sha256:" + "0" * 64)
+    cfg = parse_args(LaunchRequest(**values).worker_args())
+    # As a launcher that knew no revision planned it: on the base, with nothing to classify.
+    early = OutputGuard(cfg, None).plan()
+    assert early.record["base"] == base and len(early.objects) == 0
+
+    guard = OutputGuard(cfg, "cpu")  # the job's rank 0, with the model fetched
+    plan = guard.plan(lambda: model_revision(str(tiny_model)))
+    guard.seal(plan, model_revision(str(tiny_model)))
+
+    assert sorted(o.uri for o in plan.objects) == uris and plan.record["base"] is None
+    assert read_run_record(cfg.output)["model_revision"] == model_revision(str(tiny_model))

@@ -44,7 +44,7 @@ def _start(cfg: WorkerConfig, model_path: Path, device: str = "cpu") -> tuple[st
     """What rank 0 does before any rank reads an image."""
     guard = OutputGuard(cfg, device)
     guard.check_settings()
-    return guard.seal(guard.plan(), str(model_path))
+    return guard.seal(guard.plan(), model_revision(str(model_path)))
 
 
 def _listing(out: str) -> dict[str, bytes]:
