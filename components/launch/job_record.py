@@ -43,8 +43,9 @@ class JobRecord:
         admitted_at: When the job got its GPUs: on Kubernetes its admission (once DWS provisioned
             its nodes), locally torchrun's start; "" when unknown (no job ran, or an adopted job).
         ended_at: When the job ended; "" when unknown.
-        held_seconds: ``ended_at - admitted_at``: the time the job held its GPUs, start-up
-            included, the wait for capacity not; None when unknown.
+        held_seconds: The time the job held its GPUs, start-up included, the wait for capacity
+            not: ``ended_at - admitted_at``, less any time evicted and waiting to be readmitted;
+            None when unknown.
         queue_seconds: ``admitted_at - started_at`` on Kubernetes: the wait in the Kueue queue
             for capacity; None locally or when unknown.
     """
@@ -99,7 +100,11 @@ def record_job(request, result, started: datetime, finished: datetime) -> JobRec
     names = RECORDED_PARAMETERS + BACKEND_PARAMETERS.get(result.backend, ())
     parameters = {name: getattr(request, name) for name in names}
     admitted, ended = result.admitted_at, result.ended_at
-    held = _seconds(admitted, ended) if admitted and ended else None
+    held = result.held_seconds
+    if held is None and admitted and ended:
+        held = _seconds(admitted, ended)
+    elif held is not None:
+        held = round(held, 3)
     queued = _seconds(started, admitted) if admitted and result.backend == "kubernetes" else None
     return JobRecord(
         backend=result.backend,

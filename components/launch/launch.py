@@ -182,9 +182,11 @@ def _plan_here(req: LaunchRequest, log: Callable[[str], None]) -> int:
 class LaunchResult:
     """What ran.
 
-    ``admitted_at`` to ``ended_at`` is the time the run held its GPUs: from the job's admission
+    ``admitted_at`` to ``ended_at`` is when the run held its GPUs: from the job's first admission
     (on Kubernetes, once DWS provisioned its nodes: ``kueue.Admission``; locally, torchrun's
     start) to its end. Both are None when no job ran or an adopted job's admission is unknown.
+    ``held_seconds``: how long it held them, any time evicted and waiting to be readmitted left
+    out; None: ``ended_at - admitted_at``.
     """
 
     backend: str
@@ -194,6 +196,7 @@ class LaunchResult:
     world_size: int
     admitted_at: datetime | None = None
     ended_at: datetime | None = None
+    held_seconds: float | None = None
 
 
 def launch(req: LaunchRequest, *, log: Callable[[str], None] | None = None, api=None) -> LaunchResult:
@@ -247,4 +250,5 @@ def launch(req: LaunchRequest, *, log: Callable[[str], None] | None = None, api=
         cfg.nodes * cfg.gpus_per_node,
         outcome.admitted_at,
         outcome.ended_at,
+        outcome.held_seconds,
     )

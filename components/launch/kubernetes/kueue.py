@@ -138,8 +138,9 @@ class Admission:
     for capacity for hours holding nothing. A job without a queue is admitted as it is created.
     The launcher's own clock times both ends, not the objects' timestamps, so that they compare
     with the launch step's start without clock skew (the watch delivers the change within a
-    fraction of a second). A job evicted and readmitted keeps its first admission: the time it
-    waited in between is counted (evictions are rare; the launcher logs each).
+    fraction of a second). A job evicted and readmitted holds its GPUs only while admitted: its
+    ``held_seconds`` add up each admission until the next eviction or the end, the wait between
+    them left out (the nodes go back to DWS).
 
     Args:
         wall_clock: The current UTC time.
@@ -147,16 +148,37 @@ class Admission:
 
     def __init__(self, wall_clock: Callable[[], datetime]):
         self.wall_clock = wall_clock
-        self.admitted_at: datetime | None = None
+        self.admitted_at: datetime | None = None  # the first admission
         self.ended_at: datetime | None = None
+        self.evictions = 0
         self._unknown = False
+        self._since: datetime | None = None  # the admission the job holds its GPUs from now
+        self._held = 0.0
 
     def saw(self, phase: str, *, adopted_running: bool) -> None:
         """The job entered ``phase``; ``adopted_running``: it was adopted, already admitted."""
         if adopted_running and phase != SUSPENDED:
             self._unknown = True  # admitted before this launcher looked: when is not known here
-        if phase != SUSPENDED and self.admitted_at is None and not self._unknown:
-            self.admitted_at = self.wall_clock()
+        if self._unknown:
+            return
+        now = self.wall_clock()
+        if phase != SUSPENDED and self._since is None:
+            self._since = now
+            self.admitted_at = self.admitted_at or now
+        elif phase == SUSPENDED and self._since is not None:
+            self._held += (now - self._since).total_seconds()
+            self._since = None
+            self.evictions += 1
+
+    @property
+    def held_seconds(self) -> float | None:
+        """Seconds admitted, every admission until its eviction or the end; None if not known."""
+        if self._unknown or self.admitted_at is None or self.ended_at is None:
+            return None
+        return self._held
 
     def ended(self) -> None:
+        if self._since is not None and not self._unknown:
+            self._held += (self.wall_clock() - self._since).total_seconds()
+            self._since = None
         self.ended_at = self.wall_clock()

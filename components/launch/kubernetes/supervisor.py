@@ -64,6 +64,8 @@ class JobOutcome:
         log_tail: The last lines streamed from the job's pods.
         admitted_at: When it was first admitted (see ``kueue.Admission``); None if adopted running.
         ended_at: When it ended.
+        held_seconds: How long it was admitted, each admission until its eviction or the end;
+            None if adopted running.
     """
 
     name: str
@@ -73,6 +75,7 @@ class JobOutcome:
     log_tail: list[str] = field(default_factory=list)
     admitted_at: datetime | None = None
     ended_at: datetime | None = None
+    held_seconds: float | None = None
 
 
 class _Run:
@@ -357,6 +360,7 @@ class _Run:
             self.logs.leader_tail(self.log_tail_lines),
             self.admission.admitted_at,
             self.admission.ended_at,
+            self.admission.held_seconds,
         )
 
     def raise_failed(self, state: JobState) -> NoReturn:

@@ -192,30 +192,42 @@ def test_the_job_is_timed_from_its_admission_not_from_its_wait_for_capacity(stan
 def test_eviction_is_reported_and_the_readmitted_job_is_followed_again(stand_in):
     manifest = make_manifest(stand_in.controller.name)
     name = manifest["metadata"]["name"]
+    wall = StepClock()
+    submitted = wall.now
     stand_in.script(
         Step(
             listed_workloads,
             lambda s: (
+                wall.advance(minutes=10),
                 s.admit(name),
                 s.add_pod(name, 0, ["first attempt"], state="terminated", exit_code=143),
             ),
         ),
         Step(
             stand_in.followed_log(0),
-            lambda s: s.evict(name, "PodsReadyTimeout", "Exceeded the PodsReady timeout default/job"),
+            lambda s: (
+                wall.advance(minutes=20),
+                s.evict(name, "PodsReadyTimeout", "Exceeded the PodsReady timeout default/job"),
+            ),
         ),
         Step(
             listed_workloads,
             lambda s: (
+                wall.advance(hours=2),  # back in the queue, holding no GPUs
                 s.admit(name),
                 s.add_pod(name, 0, ["second attempt", "all shards done"], state="terminated"),
             ),
         ),
-        Step(stand_in.followed_log(0), lambda s: s.finish(name, succeeded=True)),
+        Step(stand_in.followed_log(0), lambda s: (wall.advance(minutes=40), s.finish(name, succeeded=True))),
     )
     log = CollectedLog()
 
-    outcome = launch(stand_in, manifest, log)
+    outcome = launch(stand_in, manifest, log, wall_clock=wall)
+
+    # GPUs held: 20 minutes until the eviction, then 40 after the readmission; not the 2 hours between.
+    assert outcome.admitted_at == submitted + timedelta(minutes=10)
+    assert outcome.ended_at == outcome.admitted_at + timedelta(hours=3)
+    assert outcome.held_seconds == 60 * 60
 
     assert outcome.log_tail[-2:] == ["second attempt", "all shards done"]
     assert len(stand_in.calls("POST", stand_in.jobs_path)) == 1

@@ -31,6 +31,16 @@ def test_a_kubernetes_record_splits_the_wait_for_capacity_from_the_time_the_gpus
     assert (record.admitted_at, record.ended_at) == ("2026-10-01T05:00:00+00:00", "2026-10-01T05:30:00+00:00")
 
 
+def test_an_evicted_jobs_record_holds_the_gpus_only_while_admitted():
+    admitted, ended = START + timedelta(hours=1), START + timedelta(hours=4)
+    result = LaunchResult("kubernetes", "gs://r/runs/run-1", "bi-run-1", 2, 16, admitted, ended, 3600.0)
+
+    record = record_job(_request(backend="kubernetes"), result, START, ended)
+
+    # Queued for an hour before its first admission; evicted for two hours of the three after it.
+    assert (record.held_seconds, record.queue_seconds, record.job_seconds) == (3600.0, 3600.0, 4 * 3600.0)
+
+
 def test_a_local_record_holds_the_gpus_for_torchruns_run_and_waits_for_nothing():
     admitted, ended = START + timedelta(seconds=2), START + timedelta(seconds=62)
     result = LaunchResult("local", "gs://results/runs/run-1", "", 1, 2, admitted, ended)
