@@ -62,10 +62,8 @@ class JobOutcome:
         uid: Job uid.
         adopted: Whether an already running job was adopted instead of creating one.
         log_tail: The last lines streamed from the job's pods.
-        admitted_at: When it was first admitted (see ``kueue.Admission``); None if adopted running.
-        ended_at: When it ended.
-        held_seconds: How long it was admitted, each admission until its eviction or the end;
-            None if adopted running.
+        admitted_at: Its first admission, ``ended_at`` its end, ``held_seconds`` the time it was
+            admitted (``kueue.Admission``); None where it was adopted running.
     """
 
     name: str
