@@ -41,7 +41,8 @@ class JobRecord:
         job_seconds: ``finished_at - started_at``: the launch step's wall time, the job's wait for
             capacity and start-up included.
         admitted_at: When the job got its GPUs: on Kubernetes its admission (once DWS provisioned
-            its nodes), locally torchrun's start; "" when unknown (no job ran, or an adopted job).
+            its nodes), locally torchrun's start; "" when unknown (no job ran, or one adopted running
+            whose admission the cluster did not tell).
         ended_at: When the job ended; "" when unknown.
         held_seconds: The time the job held its GPUs, start-up included, the wait for capacity
             not: ``ended_at - admitted_at``, less any time evicted and waiting to be readmitted;

@@ -13,13 +13,23 @@ from datetime import datetime
 from typing import Any
 
 from components.launch.kubernetes.api import ApiError, KubernetesApi, Resource
-from components.launch.kubernetes.kinds import SUSPENDED, true_conditions
+from components.launch.kubernetes.kinds import QUEUE_NAME_LABEL, SUSPENDED, true_conditions
 
 # What Kueue's provisioning admission check creates for GKE's queued provisioning (DWS).
 PROVISIONING_REQUEST = Resource("autoscaling.x-k8s.io", "v1", "provisioningrequests", "ProvisioningRequest")
 
 # Reports without any Workload after which the kind's Kueue integration is suspected to be off.
 MISSING_WORKLOAD_REPORTS = 3
+
+
+def parse_time(stamp: str | None) -> datetime | None:
+    """A Kubernetes RFC 3339 timestamp (``2026-10-01T02:00:00Z``) as an aware datetime."""
+    if not stamp:
+        return None
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def condition_text(condition: dict[str, Any] | None) -> str:
@@ -99,6 +109,22 @@ class QueueReporter:
                     return check
         return None
 
+    def admitted_since(self, job: dict[str, Any]) -> datetime | None:
+        """When a job found running was admitted: its Workload's ``Admitted`` condition (the
+        latest admission), or for a job outside Kueue its creation; None if the cluster says neither.
+        """
+        if not (job["metadata"].get("labels") or {}).get(QUEUE_NAME_LABEL):
+            return parse_time(job["metadata"].get("creationTimestamp"))
+        try:
+            workloads = self.api.list_workloads(self.namespace, job["metadata"].get("uid", ""))
+        except ApiError:
+            return None
+        for workload in workloads:
+            for condition in (workload.get("status") or {}).get("conditions") or []:
+                if condition.get("type") == "Admitted" and condition.get("status") == "True":
+                    return parse_time(condition.get("lastTransitionTime"))
+        return None
+
     def _report_provisioning(self, workload: dict[str, Any], prefix: str) -> None:
         """The DWS ProvisioningRequests Kueue made for the workload (owned by it), one line each."""
         if not self._read_provisioning_requests:
@@ -155,10 +181,15 @@ class Admission:
         self._since: datetime | None = None  # the admission the job holds its GPUs from now
         self._held = 0.0
 
-    def saw(self, phase: str, *, adopted_running: bool) -> None:
-        """The job entered ``phase``; ``adopted_running``: it was adopted, already admitted."""
+    def saw(self, phase: str, *, adopted_running: bool, admitted_since: datetime | None = None) -> None:
+        """The job entered ``phase``; ``adopted_running``: it was adopted, already admitted, since
+        ``admitted_since`` (its Workload's or creation's timestamp, if the cluster had one).
+        """
         if adopted_running and phase != SUSPENDED:
-            self._unknown = True  # admitted before this launcher looked: when is not known here
+            if admitted_since is None:
+                self._unknown = True  # admitted before this launcher looked: when is not known here
+            else:
+                self._since = self.admitted_at = admitted_since
         if self._unknown:
             return
         now = self.wall_clock()
@@ -179,6 +210,7 @@ class Admission:
 
     def ended(self) -> None:
         if self._since is not None and not self._unknown:
-            self._held += (self.wall_clock() - self._since).total_seconds()
+            # An adopted job's admission is the API server's time: a skew must not make it negative.
+            self._held += max(0.0, (self.wall_clock() - self._since).total_seconds())
             self._since = None
         self.ended_at = self.wall_clock()

@@ -57,13 +57,11 @@ class JobOutcome:
     """A job that succeeded.
 
     Attributes:
-        name: Job name (the adopted job's name when adopted).
-        namespace: Job namespace.
-        uid: Job uid.
+        name: Job name (the adopted job's when adopted), in ``namespace``, with ``uid``.
         adopted: Whether an already running job was adopted instead of creating one.
         log_tail: The last lines streamed from the job's pods.
         admitted_at: Its first admission, ``ended_at`` its end, ``held_seconds`` the time it was
-            admitted (``kueue.Admission``); None where it was adopted running.
+            admitted (``kueue.Admission``); adopted running: from its Workload's admission.
     """
 
     name: str
@@ -282,7 +280,9 @@ class _Run:
             phase = state.phase
             if phase != last_phase:
                 self.on_phase_change(state, last_phase, ever_admitted)
-                self.admission.saw(phase, adopted_running=self.adopted and last_phase is None)
+                adopted = self.adopted and last_phase is None  # found running: when was it admitted?
+                since = self.queue.admitted_since(job) if adopted and phase != SUSPENDED else None
+                self.admission.saw(phase, adopted_running=adopted, admitted_since=since)
                 ever_admitted = ever_admitted or phase != SUSPENDED
                 last_phase = phase
                 next_report = self.clock()

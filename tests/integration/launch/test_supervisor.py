@@ -555,10 +555,19 @@ def test_rerun_for_the_same_results_prefix_adopts_the_running_job(stand_in):
     )
     log = CollectedLog()
 
-    outcome = launch(stand_in, rerun, log)
+    wall = StepClock()
+    admitted = next(
+        c["lastTransitionTime"]
+        for c in stand_in.workload_of(first_name)["status"]["conditions"]
+        if c["type"] == "Admitted"
+    )
+    wall.now = datetime.fromisoformat(admitted.replace("Z", "+00:00")) + timedelta(minutes=50)
+
+    outcome = launch(stand_in, rerun, log, wall_clock=wall)
 
     assert outcome.adopted and outcome.name == first_name
-    assert outcome.admitted_at is None  # admitted before this launcher looked: not known when
+    # Admitted before this launcher looked: the GPUs were held from the Workload's admission.
+    assert outcome.admitted_at == wall.now - timedelta(minutes=50) and outcome.held_seconds == 50 * 60
     assert stand_in.calls("POST", stand_in.jobs_path) == []  # no second job
     assert stand_in.calls("DELETE") == []
     lookup = stand_in.calls("GET", stand_in.jobs_path)[0]
