@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -67,6 +68,17 @@ def crc32c(data: bytes | memoryview) -> str:
     import google_crc32c
 
     return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode("ascii")
+
+
+def file_crc32c(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    """``crc32c`` of a file's bytes, read in chunks (a model's weights need not fit in memory)."""
+    import google_crc32c
+
+    checksum = google_crc32c.Checksum()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            checksum.update(block)
+    return base64.b64encode(checksum.digest()).decode("ascii")
 
 
 def check_member_name(name: str) -> None:
