@@ -11,7 +11,8 @@ that a rerun after a crash recomputes the same plan:
 1. ``inventory.jsonl``: every image under the input now, with its generation (a plain GCS
    listing, since DataFlux's fast listing carries no generation).
 2. ``run.json``: the base run, the latest complete incremental sibling with the same input
-   and model (none on a first run), and what the plan holds. A full run is never a base: its
+   and model that agrees on what labels depend on, the model's revision included (none on a
+   first run), and what the plan holds. A full run is never a base: its
    fast DataFlux listing has no generations, so it cannot show that an image is unchanged.
 3. ``plan.jsonl``: the inventory entries whose ``(uri, generation)`` the base's manifest does
    not hold, i.e. new objects, overwritten objects, and objects the base could not classify
