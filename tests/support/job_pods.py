@@ -13,9 +13,22 @@ from functools import cache
 
 import yaml
 
+from components.launch.kubernetes.kinds import JobConfig, job_name_for
 from tests.support import ROOT
 
 TRAINING_RUNTIME = ROOT / "cluster" / "overlays" / "trainjob" / "training-runtime.yaml"
+RESULTS = "gs://results-bucket/runs/coco-val2017"
+
+
+def job_config(**overrides) -> JobConfig:
+    """The job of run ``run-1`` writing to ``RESULTS``, with ``overrides``."""
+    values = dict(
+        name=job_name_for("run-1", RESULTS),
+        image="img:1",
+        worker_args=["--input", "gs://b/i"],
+        results_uri=RESULTS,
+    )
+    return JobConfig(**{**values, **overrides})
 
 
 @cache

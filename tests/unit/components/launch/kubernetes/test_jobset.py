@@ -5,20 +5,12 @@ from __future__ import annotations
 import pytest
 
 from components.launch.kubernetes.jobset import KIND
-from components.launch.kubernetes.kinds import JobConfig, job_name_for
+from tests.support.job_pods import job_config
 from tests.support.schemas import assert_valid_for_kubernetes
-
-RESULTS = "gs://results-bucket/runs/coco-val2017"
 
 
 def build(**overrides) -> dict:
-    values = dict(
-        name=job_name_for("run-1", RESULTS),
-        image="img:1",
-        worker_args=["--input", "gs://b/i"],
-        results_uri=RESULTS,
-    )
-    return KIND.build(JobConfig(**{**values, **overrides}))
+    return KIND.build(job_config(**overrides))
 
 
 @pytest.mark.parametrize("nodes", [1, 2, 16])

@@ -18,16 +18,15 @@ from components.launch.kubernetes.kinds import (
     PRIORITY_CLASS_LABEL,
     QUEUE_NAME_LABEL,
     RESULTS_HASH_LABEL,
-    JobConfig,
     job_kind,
     job_name_for,
     render_yaml,
     results_hash,
 )
+from tests.support.job_pods import RESULTS, job_config
 from tests.support.schemas import CrdValidator, assert_valid_for_crd, crd_schema, unknown_fields
 
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-RESULTS = "gs://results-bucket/runs/coco-val2017"
 CRDS = {
     "pytorchjob": ("kubeflow.org_pytorchjobs.yaml", "v1"),
     "trainjob": ("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1"),
@@ -57,16 +56,6 @@ CONFIGS = {
 }
 
 
-def config(**overrides) -> JobConfig:
-    values = dict(
-        name=job_name_for("run-1", RESULTS),
-        image="img:1",
-        worker_args=["--input", "gs://b/i"],
-        results_uri=RESULTS,
-    )
-    return JobConfig(**{**values, **overrides})
-
-
 def schema(crds_dir, kind: str) -> dict:
     return crd_schema(crds_dir, *CRDS[kind])
 
@@ -74,7 +63,7 @@ def schema(crds_dir, kind: str) -> dict:
 @pytest.mark.parametrize("kind", JOB_KINDS)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_manifest_is_valid_for_its_crd(kind, name, crds_dir):
-    manifest = job_kind(kind).build(config(**CONFIGS[name]))
+    manifest = job_kind(kind).build(job_config(**CONFIGS[name]))
     assert (manifest["apiVersion"], manifest["kind"]) == (
         job_kind(kind).resource.api_version,
         job_kind(kind).resource.kind,
@@ -88,10 +77,10 @@ def test_the_crds_cover_exactly_the_registered_kinds():
 
 @pytest.mark.parametrize("kind", JOB_KINDS)
 def test_crd_check_catches_what_strict_field_validation_rejects(kind, crds_dir):
-    manifest = job_kind(kind).build(config())
+    manifest = job_kind(kind).build(job_config())
     manifest["spec"]["parallelism"] = 4  # not a field of any of the three
     assert unknown_fields(manifest, schema(crds_dir, kind)) == [".spec.parallelism"]
-    manifest = job_kind(kind).build(config())
+    manifest = job_kind(kind).build(job_config())
     *path, key = WRONG_TYPE[kind]
     parent = manifest["spec"]
     for part in path:
@@ -106,7 +95,7 @@ def test_crd_check_catches_what_strict_field_validation_rejects(kind, crds_dir):
 
 @pytest.mark.parametrize("kind", JOB_KINDS)
 def test_kueue_queue_label_and_dws_max_run_annotation_are_on_the_job_object(kind):
-    meta = job_kind(kind).build(config(priority_class="batch-low", max_run_duration_seconds=14400))[
+    meta = job_kind(kind).build(job_config(priority_class="batch-low", max_run_duration_seconds=14400))[
         "metadata"
     ]
     assert meta["labels"][QUEUE_NAME_LABEL] == "dws-local-queue"
@@ -117,7 +106,7 @@ def test_kueue_queue_label_and_dws_max_run_annotation_are_on_the_job_object(kind
 
 @pytest.mark.parametrize("kind", JOB_KINDS)
 def test_without_a_queue_no_kueue_label_is_set(kind):
-    manifest = job_kind(kind).build(config(queue=None, max_run_duration_seconds=None))
+    manifest = job_kind(kind).build(job_config(queue=None, max_run_duration_seconds=None))
     assert QUEUE_NAME_LABEL not in manifest["metadata"]["labels"]
     assert "annotations" not in manifest["metadata"]
 
@@ -134,7 +123,7 @@ def test_job_names_are_short_dns_1035_labels(results):
     assert DNS1035.match(name) and len(name) <= 52, name
     for kind in JOB_KINDS:
         job_kind(kind).build(
-            config(name=name, nodes=64)
+            job_config(name=name, nodes=64)
         )  # room left for "<name>-worker-62", "<name>-node-0-63"
 
 
@@ -165,7 +154,7 @@ def test_job_names_are_unique_per_run_and_stable_per_retry():
 )
 def test_invalid_configs_are_rejected_with_a_clear_message(kind, overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        job_kind(kind).build(config(**overrides))
+        job_kind(kind).build(job_config(**overrides))
 
 
 def test_an_unknown_kind_is_named():
@@ -177,5 +166,5 @@ def test_an_unknown_kind_is_named():
 
 @pytest.mark.parametrize("kind", JOB_KINDS)
 def test_render_yaml_is_the_manifest(kind):
-    manifest = job_kind(kind).build(config(gcsfuse_bucket="images-bucket"))
+    manifest = job_kind(kind).build(job_config(gcsfuse_bucket="images-bucket"))
     assert yaml.safe_load(render_yaml(manifest)) == manifest

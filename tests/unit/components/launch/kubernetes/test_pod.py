@@ -16,13 +16,12 @@ import subprocess
 import kubernetes_validate
 import pytest
 
-from components.launch.kubernetes.kinds import JOB_KINDS, JobConfig, job_kind, job_name_for
+from components.launch.kubernetes.kinds import JOB_KINDS, JobConfig, job_kind
 from components.launch.kubernetes.pod import pod_template
-from tests.support.job_pods import pod_templates, worker_container
+from tests.support.job_pods import RESULTS, job_config, pod_templates, worker_container
 from tests.support.schemas import assert_valid_for_kubernetes, pod_template_resource
 from worker.config import WorkerConfig
 
-RESULTS = "gs://results-bucket/runs/coco-val2017"
 WORKER_ARGS = WorkerConfig(
     input="gs://images/coco val2017", output=RESULTS, model="google/vit-base-patch16-224", batch_size=256
 ).to_args()
@@ -39,14 +38,7 @@ CONFIGS = {
 
 
 def config(**overrides) -> JobConfig:
-    values = dict(
-        name=job_name_for("run-1", RESULTS),
-        image="us-docker.pkg.dev/p/r/worker:1",
-        worker_args=WORKER_ARGS,
-        results_uri=RESULTS,
-    )
-    values.update(overrides)
-    return JobConfig(**values)
+    return job_config(**{"image": "us-docker.pkg.dev/p/r/worker:1", "worker_args": WORKER_ARGS, **overrides})
 
 
 def pods(kind: str, **overrides) -> list[dict]:

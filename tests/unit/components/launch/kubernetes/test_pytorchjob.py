@@ -6,21 +6,14 @@ import re
 
 import pytest
 
-from components.launch.kubernetes.kinds import JobConfig, job_name_for
 from components.launch.kubernetes.pytorchjob import KIND
+from tests.support.job_pods import job_config
 
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-RESULTS = "gs://results-bucket/runs/coco-val2017"
 
 
 def build(**overrides) -> dict:
-    values = dict(
-        name=job_name_for("run-1", RESULTS),
-        image="img:1",
-        worker_args=["--input", "gs://b/i"],
-        results_uri=RESULTS,
-    )
-    return KIND.build(JobConfig(**{**values, **overrides}))
+    return KIND.build(job_config(**overrides))
 
 
 def templates(manifest: dict) -> dict[str, dict]:

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from components.launch.kubernetes.kinds import JobConfig, job_name_for
+from components.launch.kubernetes.kinds import JobConfig
 from components.launch.kubernetes.trainjob import KIND
-from tests.support.job_pods import training_runtime
-
-RESULTS = "gs://results-bucket/runs/coco-val2017"
+from tests.support.job_pods import job_config, training_runtime
 
 
 def build(**overrides) -> dict:
-    values = dict(
-        name=job_name_for("run-1", RESULTS),
-        image="img:1",
-        worker_args=["--input", "gs://b/i"],
-        results_uri=RESULTS,
-    )
-    return KIND.build(JobConfig(**{**values, **overrides}))
+    return KIND.build(job_config(**overrides))
 
 
 def test_it_names_the_training_runtime_cluster_installs():
