@@ -145,14 +145,14 @@ def error_uris(out: Path) -> set[str]:
     return uris
 
 
-def warm_up_emulator(emulator: str, prefix: str, passes: int = 2) -> list[float]:
-    """Read every shard of the packed dataset ``passes`` times with obstore: the MB/s of each pass."""
+def warm_up_emulator(prefix: str, passes: int = 2) -> list[float]:
+    """Read every shard of the packed dataset ``passes`` times with obstore (from the emulator that
+    ``gcs_emulator`` points the clients at): the MB/s of each pass.
+    """
     from benchmarks.packed_read import native_ceiling
     from worker.archives.packed import packed_dir
     from worker.storage import open_storage
-    from worker.storage.gcs_reader import EMULATOR_HOST
 
-    os.environ[EMULATOR_HOST] = emulator
     shards = [
         (o.uri, o.size) for o in open_storage(prefix).list(packed_dir(prefix)) if o.uri.endswith(".tar")
     ]
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     with gcs_emulator(buckets=(BUCKET,)) as emulator:
         loose = loose_subset(images, paths, args.loose_images, work) if args.loose_images else None
         figures.update(upload_both(images, loose, prefix, args.shard_mb))
-        figures["emulator_warm_up_mb_per_s"] = warm_up_emulator(emulator, prefix)
+        figures["emulator_warm_up_mb_per_s"] = warm_up_emulator(prefix)
         log.info("uploads: %s", figures)
         for round_ in range(args.rounds):
             shift = round_ % len(todo)

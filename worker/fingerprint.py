@@ -189,12 +189,12 @@ class OutputGuard:
             self._start_over(f"{PLAN_FILE} has no {RUN_FILE} beside it", everything=True)
             data = None
         fresh = data is None
+        current = (lambda: {**self.settings, "model_revision": revision()}) if revision else None
         if fresh:
-            current = (lambda: {**self.settings, "model_revision": revision()}) if revision else None
             objects, made_from = make_plan(cfg, current)
             data = encode_plan(objects)
         else:
-            if revision and (why := self._base_disagrees(self.recorded, revision())):
+            if current and (why := self._base_disagrees(self.recorded, current)):
                 # Planned where the revision was not known (an older launcher): its base would
                 # carry another model's labels over. Nothing is committed before the seal.
                 self._start_over(f"its incremental base was classified with {why}", everything=True)
@@ -247,7 +247,7 @@ class OutputGuard:
         log.info("run %s: %s with %s (%s)", fingerprint, cfg.input, cfg.model, record["model_revision"])
         return fingerprint, committed
 
-    def _base_disagrees(self, record: dict, revision: str) -> str:
+    def _base_disagrees(self, record: dict, current: Callable[[], dict]) -> str:
         """How the incremental base in ``record`` differs from this run in what labels depend on ("" if not)."""
         base = record.get("base")
         if not base:
@@ -256,7 +256,7 @@ class OutputGuard:
             marker = json.loads(self.storage.read(join(base, MARKER)))
         except FileNotFoundError:
             return ""  # the aggregate reports a base that is gone
-        return differences(marker.get("run", {}), {**self.settings, "model_revision": revision}, LABEL_KEYS)
+        return differences(marker.get("run", {}), current(), LABEL_KEYS)
 
     def _start_over(self, why: str, *, everything: bool) -> None:
         """Refuse, or delete OUTPUT's results (and with ``everything`` its plan and record)."""

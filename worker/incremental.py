@@ -56,20 +56,24 @@ def latest_base(
     input_uri: str,
     model: str,
     *,
-    current: dict | None = None,
+    current: Callable[[], dict] | None = None,
     project: str | None = None,
 ) -> CompletedRun | None:
     """The run an incremental run at ``results_uri`` builds on: the latest complete incremental
     sibling that classified the same input with the same model (only an incremental run recorded
-    the generation each row was classified at) and, where ``current`` holds this run's settings
+    the generation each row was classified at) and, where ``current`` gives this run's settings
     and model revision, agrees on what the labels depend on (``LABEL_KEYS``): rows of another
     revision of the model, another task or another decode are not this run's labels.
+    ``current`` is called once a sibling qualifies on the rest, since it may fetch the model.
     """
     own = results_uri.rstrip("/")
+    settings: dict | None = None
     for run in reversed(completed_runs(results_root_of(results_uri), project=project)):
         if run.results_uri == own or not run.incremental or run.input != input_uri or run.model != model:
             continue
-        why = differences(run.marker.get("run", {}), current or {}, LABEL_KEYS)
+        if settings is None:
+            settings = current() if current else {}
+        why = differences(run.marker.get("run", {}), settings, LABEL_KEYS)
         if why:
             log.info("not building on %s: its rows were made with other settings (%s)", run.results_uri, why)
             continue
@@ -87,8 +91,8 @@ def plan_incremental(
     Args:
         cfg: The worker config (``cfg.incremental`` is set, the input is gs://).
         list_input: Lists the input's images with their generations (stage 1's listing).
-        current: This run's settings and model revision, called once the inventory is listed
-            (it may wait for the model), to choose a base whose labels are this run's.
+        current: This run's settings and model revision (it may wait for the model), to choose a
+            base whose labels are this run's.
 
     Returns:
         The plan, and the ``run.json`` content to record with it.
@@ -105,9 +109,7 @@ def plan_incremental(
     if recorded:
         base_uri = recorded["base"]
     else:
-        base = latest_base(
-            cfg.output, cfg.input, cfg.model, current=current() if current else None, project=cfg.project
-        )
+        base = latest_base(cfg.output, cfg.input, cfg.model, current=current, project=cfg.project)
         base_uri = base.results_uri if base else None
 
     done: dict[str, int | None] = {}

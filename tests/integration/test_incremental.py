@@ -277,12 +277,17 @@ def test_base_must_agree_on_the_model_revision_and_the_labels_settings(tmp_path)
     )
     unrecorded = _complete_run(root, "r4", at="2026-01-04T02:00:00+00:00")  # aggregated before revisions
 
-    current = {"model_revision": "hub:a", "decode": "auto", "shard_size": 7}
+    def current() -> dict:
+        return {"model_revision": "hub:a", "decode": "auto", "shard_size": 7}
+
     assert latest_base(str(root / "r9"), "gs://b/images", "m", current=current).results_uri == unrecorded
     open_storage(str(root)).delete(join(unrecorded, MARKER))
     # r3 decoded otherwise and r2 ran another revision; r1's rows are this run's labels (shard size aside).
     assert latest_base(str(root / "r9"), "gs://b/images", "m", current=current).results_uri == old
-    assert latest_base(str(root / "r9"), "gs://b/images", "m", current={"model_revision": "hub:c"}) is None
+    assert (
+        latest_base(str(root / "r9"), "gs://b/images", "m", current=lambda: {"model_revision": "hub:c"})
+        is None
+    )
 
 
 def test_a_plan_made_without_the_revision_is_made_again_when_its_base_ran_another(gcs, tiny_model, tmp_path):
