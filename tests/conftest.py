@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import SHARED
 from tests.support.helpers import make_tiny_model
 
 # google-auth probes the GCE metadata server (169.254.169.254) when it looks for credentials,
@@ -59,8 +58,12 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def crds_dir() -> Path:
-    path = SHARED / "crds"
-    if not path.is_dir():
-        pytest.skip(f"CRD schemas not found at {path} (the shared/ folder beside the project)")
-    return path
+def crds_dir(tmp_path_factory) -> Path:
+    """The CRDs of Kueue, JobSet, Trainer and the Training Operator, from their Go modules at the
+    versions the cluster tier runs (``tests/support/control_plane.py``), one file each by CRD name."""
+    from tests.support.control_plane import crd_files
+
+    directory = tmp_path_factory.mktemp("crds")
+    for path in crd_files():
+        (directory / path.name).symlink_to(path)
+    return directory

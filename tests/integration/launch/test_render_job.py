@@ -1,6 +1,6 @@
 """``python -m pipelines render-job --job-kind K``: the manifest each kind would create, strictly valid offline.
 
-The printed YAML is checked against the real CRD of its kind (``shared/crds``: PyTorchJob 1.9,
+The printed YAML is checked against the real CRD of its kind (from its Go module, ``tests/support/control_plane.py``: PyTorchJob 1.9,
 TrainJob of Trainer v2.3.0, JobSet v0.12.0, unknown fields rejected) and its pods against
 Kubernetes' own strict schemas; for a TrainJob, the pod is its runtime's merged with its
 trainer and runtime patches.

@@ -1,6 +1,6 @@
 """The cluster/ setup: schema-valid, wired to each other, one overlay per job kind, least-privilege RBAC.
 
-Kueue and Trainer objects are checked against their CRD schemas in ``shared/crds`` (unknown
+Kueue and Trainer objects are checked against their CRD schemas from the controllers' Go modules (unknown
 fields rejected), built-in kinds against Kubernetes' own strict schemas (``kubernetes-validate``).
 Each overlay is rendered as ``kubectl apply -k`` would (by ``kubectl kustomize`` itself where it is
 installed); its Roles are checked both against the brief (exact verbs) and against what the

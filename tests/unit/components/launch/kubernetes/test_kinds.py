@@ -1,6 +1,6 @@
 """Every job kind's manifest: strictly valid for its real CRD, queued by Kueue with DWS, well named.
 
-The CRD schemas come from ``shared/crds`` (PyTorchJob from Training Operator 1.9, TrainJob from
+The CRD schemas come from the controllers' Go modules (``crds_dir``: PyTorchJob from Training Operator 1.9, TrainJob from
 Trainer v2.3.0, JobSet v0.12.0), with unknown fields rejected as ``fieldValidation=Strict`` does.
 """
 

@@ -1,0 +1,1184 @@
+"""A real Kubernetes control plane on loopback, built from Go modules: the cluster tier's fixture.
+
+etcd, kube-apiserver, kube-controller-manager and kube-scheduler, Kueue (with its webhooks and
+the ProvisioningRequest admission check live), JobSet, Kubeflow Trainer, the Kubeflow Training
+Operator (PyTorchJob) and kwok, which plays the GPU nodes and serves their pods' logs from files.
+Everything is built once from its Go module at the versions in :data:`VERSIONS`, through the Go
+module proxy, into a cache outside the clone keyed by those versions; every start gets a fresh
+etcd, its own CA and free loopback ports, and is stopped by PID.
+
+    python -m tests.support.control_plane build      # build (or find) the binaries
+    python -m tests.support.control_plane up DIR     # start one and wait (Ctrl-C stops it)
+
+What it cannot give: containers never run (kwok moves the pods' status: a test ends a pod by
+annotating it, see :data:`EXIT_CODE_ANNOTATION`), there is no GKE autoscaler (a test plays it by
+setting the ProvisioningRequest's conditions), no GCS, no Workload Identity.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+# Module versions, as the Go module proxy serves them (``go list -m -versions``). Wanted but not
+# served on 2026-12-06: Kueue v0.20 (the proxy serves v0.19.0-v0.19.2), JobSet > v0.12.0.
+KUBERNETES = "v1.36.3"
+VERSIONS = {
+    "go.etcd.io/etcd/server/v3": "v3.6.8",
+    "k8s.io/kubernetes": KUBERNETES,
+    "sigs.k8s.io/kueue": "v0.19.2",
+    "sigs.k8s.io/jobset": "v0.12.0",
+    "github.com/kubeflow/trainer/v2": "v2.3.0",
+    "github.com/kubeflow/training-operator": "v1.9.4",
+    "sigs.k8s.io/kwok": "v0.8.0",
+    # The ProvisioningRequest CRD, at the version Kueue v0.19.2's go.mod requires.
+    "k8s.io/autoscaler/cluster-autoscaler/apis": "v0.0.0-20240830133931-adfbe7e45277",
+}
+
+# binary -> (module, package); the package's module is built at its VERSIONS entry.
+BINARIES = {
+    "etcd": ("go.etcd.io/etcd/server/v3", None),  # a wrapper main around etcdmain (see _build_etcd)
+    "kube-apiserver": ("k8s.io/kubernetes", "k8s.io/kubernetes/cmd/kube-apiserver"),
+    "kube-controller-manager": ("k8s.io/kubernetes", "k8s.io/kubernetes/cmd/kube-controller-manager"),
+    "kube-scheduler": ("k8s.io/kubernetes", "k8s.io/kubernetes/cmd/kube-scheduler"),
+    "kueue": ("sigs.k8s.io/kueue", "sigs.k8s.io/kueue/cmd/kueue"),
+    "jobset": ("sigs.k8s.io/jobset", "sigs.k8s.io/jobset"),
+    "trainer": (
+        "github.com/kubeflow/trainer/v2",
+        "github.com/kubeflow/trainer/v2/cmd/trainer-controller-manager",
+    ),
+    "training-operator": (
+        "github.com/kubeflow/training-operator",
+        "github.com/kubeflow/training-operator/cmd/training-operator.v1",
+    ),
+    "kwok": ("sigs.k8s.io/kwok", "sigs.k8s.io/kwok/cmd/kwok"),
+}
+
+# Kubernetes' staging modules: k8s.io/kubernetes replaces them with local paths, so a module that
+# builds its commands must pin each to the release of the same minor (v0.36.3 for v1.36.3).
+K8S_STAGING = (
+    "api apiextensions-apiserver apimachinery apiserver cli-runtime client-go cloud-provider "
+    "cluster-bootstrap code-generator component-base component-helpers controller-manager cri-api "
+    "cri-client cri-streaming csi-translation-lib dynamic-resource-allocation endpointslice externaljwt "
+    "kms kube-aggregator kube-controller-manager kube-proxy kube-scheduler kubectl kubelet metrics "
+    "mount-utils pod-security-admission sample-apiserver sample-cli-plugin sample-controller streaming"
+).split()
+
+CACHE_ROOT = Path(
+    os.environ.get("KFP_BI_CONTROL_PLANE_CACHE", Path.home() / ".cache" / "kfp-batch-inference")
+)
+
+# What a test sets on a pod to end it: kwok's stage then terminates its container with this exit
+# code (0: Succeeded, else Failed with reason Error), and the reason/message annotations, if set.
+EXIT_CODE_ANNOTATION = "test.batch-inference.dev/exit-code"
+EXIT_REASON_ANNOTATION = "test.batch-inference.dev/exit-reason"
+FAKE_NODE_LABEL = "type"
+FAKE_NODE_VALUE = "kwok"
+GPU_NODE_ACCELERATOR = "nvidia-h200-141gb"
+
+KUEUE_FRAMEWORKS = (
+    "batch/job",
+    "jobset.x-k8s.io/jobset",
+    "trainer.kubeflow.org/trainjob",
+    "kubeflow.org/pytorchjob",
+)
+# Resources whose admission webhooks the fixture registers: the ones the enabled integrations and
+# the installed controllers serve (Kueue's manifests also list pods, deployments, Ray, ...).
+WEBHOOK_RESOURCES = {
+    "jobs",
+    "jobsets",
+    "trainjobs",
+    "trainingruntimes",
+    "clustertrainingruntimes",
+    "pytorchjobs",
+    "tfjobs",
+    "mpijobs",
+    "xgboostjobs",
+    "paddlejobs",
+    "jaxjobs",
+    "pods",
+}
+KUEUE_OWN_GROUP = "kueue.x-k8s.io"
+
+
+def say(message: str) -> None:
+    print(f"[control-plane] {message}", file=sys.stderr, flush=True)
+
+
+# -- building -------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where the binaries of :data:`VERSIONS` live: one folder per set of versions."""
+    key = hashlib.sha256(json.dumps(VERSIONS, sort_keys=True).encode()).hexdigest()[:12]
+    return CACHE_ROOT / f"control-plane-{key}"
+
+
+class BuildError(RuntimeError):
+    """A binary could not be built: the message holds the go command and its output's end."""
+
+
+def _go(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(["go", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        raise BuildError(f"`go {' '.join(args)}` (in {cwd}) failed with exit code {proc.returncode}:\n{tail}")
+    return proc.stdout
+
+
+def _go_env() -> dict[str, str]:
+    if shutil.which("go") is None:
+        raise BuildError("the `go` command is not on PATH: the cluster tier builds its control plane with Go")
+    env = dict(os.environ)
+    env.setdefault("GOFLAGS", "")
+    env["GOFLAGS"] = (env["GOFLAGS"] + " -trimpath -buildvcs=false").strip()
+    env["CGO_ENABLED"] = "0"
+    return env
+
+
+def module_dir(module: str) -> Path:
+    """The module's source at its pinned version (downloaded into the module cache if needed)."""
+    out = _go(["mod", "download", "-json", f"{module}@{VERSIONS[module]}"], Path.cwd(), _go_env())
+    return Path(json.loads(out)["Dir"])
+
+
+def _wrapper_module(directory: Path, name: str, requires: dict[str, str], replaces: dict[str, str]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = [f"module {name}", "", "go 1.26.0", ""]
+    lines += [f"require {m} {v}" for m, v in requires.items()]
+    lines += [f"replace {m} => {m} {v}" for m, v in replaces.items()]
+    (directory / "go.mod").write_text("\n".join(lines) + "\n")
+
+
+def _build_one(binary: str, bin_dir: Path, src_dir: Path, env: dict[str, str]) -> None:
+    module, package = BINARIES[binary]
+    version = VERSIONS[module]
+    out = bin_dir / binary
+    ldflags = "-ldflags=-s -w"
+    if binary == "etcd":
+        # etcd's main module replaces its submodules with local paths: wrap etcdmain instead.
+        wrapper = src_dir / "etcd"
+        _wrapper_module(wrapper, "controlplane/etcd", {module: version}, {})
+        (wrapper / "main.go").write_text(
+            'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\n'
+            "func main() { etcdmain.Main(os.Args) }\n"
+        )
+        _go(["build", "-mod=mod", ldflags, "-o", str(out), "."], wrapper, env)
+    elif module == "k8s.io/kubernetes":
+        wrapper = src_dir / "kubernetes"
+        staging = "v0." + version.removeprefix("v1.")
+        _wrapper_module(
+            wrapper,
+            "controlplane/kubernetes",
+            {module: version},
+            {f"k8s.io/{m}": staging for m in K8S_STAGING},
+        )
+        _go(["build", "-mod=mod", ldflags, "-o", str(out), package], wrapper, env)
+    else:
+        gobin = src_dir / f"gobin-{binary}"
+        gobin.mkdir(parents=True, exist_ok=True)
+        _go(["install", ldflags, f"{package}@{version}"], src_dir, {**env, "GOBIN": str(gobin)})
+        (built,) = list(gobin.iterdir())
+        shutil.move(str(built), out)
+
+
+def build() -> Path:
+    """Builds every missing binary (minutes per binary on a cold Go cache); returns their folder.
+
+    Raises:
+        BuildError: Go is missing, a module is not served, or a build fails (the error names the
+            go command and ends with its output).
+    """
+    bin_dir = cache_dir() / "bin"
+    missing = [b for b in BINARIES if not (bin_dir / b).is_file()]
+    if not missing:
+        return bin_dir
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    env = _go_env()
+    with open(cache_dir() / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; a second waits, then finds the binaries
+        for binary in [b for b in BINARIES if not (bin_dir / b).is_file()]:
+            started = time.monotonic()
+            say(f"building {binary} from {BINARIES[binary][0]}@{VERSIONS[BINARIES[binary][0]]} ...")
+            _build_one(binary, bin_dir, cache_dir() / "src", env)
+            say(f"built {binary} in {time.monotonic() - started:.0f}s")
+    return bin_dir
+
+
+def crd_files() -> list[Path]:
+    """The CRDs the control plane installs, from the controllers' own modules (no build needed)."""
+    kueue = module_dir("sigs.k8s.io/kueue") / "config/components/crd/bases"
+    trainer = module_dir("github.com/kubeflow/trainer/v2") / "manifests/base/crds"
+    operator = module_dir("github.com/kubeflow/training-operator") / "manifests/base/crds"
+    return [
+        *sorted(kueue.glob("*.yaml")),
+        module_dir("sigs.k8s.io/jobset") / "config/components/crd/bases/jobset.x-k8s.io_jobsets.yaml",
+        *sorted(trainer.glob("trainer.kubeflow.org_*.yaml")),
+        *sorted(operator.glob("kubeflow.org_*.yaml")),
+        module_dir("k8s.io/autoscaler/cluster-autoscaler/apis")
+        / "config/crd/autoscaling.x-k8s.io_provisioningrequests.yaml",
+        module_dir("sigs.k8s.io/kwok") / "kustomize/crd/bases/kwok.x-k8s.io_logs.yaml",
+    ]
+
+
+# -- certificates ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Pki:
+    """The control plane's own CA, one serving certificate for every loopback server, an admin."""
+
+    ca_cert: Path
+    ca_key: Path
+    serving_cert: Path
+    serving_key: Path
+    admin_cert: Path
+    admin_key: Path
+    sa_key: Path
+    sa_pub: Path
+
+
+def make_pki(directory: Path, extra_dns: tuple[str, ...] = ()) -> Pki:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def write_key(key: Any, path: Path) -> None:
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
+
+    def name(cn: str, org: str | None = None) -> x509.Name:
+        parts = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+        if org:
+            parts.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+        return x509.Name(parts)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("batch-inference-test-ca"))
+        .issuer_name(name("batch-inference-test-ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def issue(subject: x509.Name, usage: Any, sans: list[x509.GeneralName] | None) -> tuple[Any, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=365))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True
+            )
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return builder.sign(ca_key, hashes.SHA256()), key
+
+    dns = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", *extra_dns]
+    serving, serving_key = issue(
+        name("127.0.0.1"),
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] + [x509.DNSName(d) for d in dns],
+    )
+    admin, admin_key = issue(name("admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH, None)
+    sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pki = Pki(
+        *(
+            directory / n
+            for n in (
+                "ca.crt",
+                "ca.key",
+                "serving.crt",
+                "serving.key",
+                "admin.crt",
+                "admin.key",
+                "sa.key",
+                "sa.pub",
+            )
+        )
+    )
+    pki.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    write_key(ca_key, pki.ca_key)
+    pki.serving_cert.write_bytes(serving.public_bytes(serialization.Encoding.PEM))
+    write_key(serving_key, pki.serving_key)
+    pki.admin_cert.write_bytes(admin.public_bytes(serialization.Encoding.PEM))
+    write_key(admin_key, pki.admin_key)
+    write_key(sa_key, pki.sa_key)
+    pki.sa_pub.write_bytes(
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return pki
+
+
+# -- an admin client --------------------------------------------------------------------------------
+
+
+class Kube:
+    """The tests' own client: any resource by apiVersion and kind, found through discovery.
+
+    It authenticates as cluster admin (a client certificate in ``system:masters``), or as another
+    identity with ``token``/``impersonate``; the launcher under test uses its own client
+    (:class:`components.launch.kubernetes.api.KubernetesApi`).
+    """
+
+    def __init__(self, url: str, pki: Pki, *, token: str | None = None, impersonate: str | None = None):
+        self.url, self.pki = url, pki
+        self.session = requests.Session()
+        self.session.verify = str(pki.ca_cert)
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        else:
+            self.session.cert = (str(pki.admin_cert), str(pki.admin_key))
+            if impersonate:
+                self.session.headers["Impersonate-User"] = impersonate
+        self._plurals: dict[tuple[str, str], tuple[str, bool]] = {}
+
+    def _resource(self, api_version: str, kind: str) -> tuple[str, bool]:
+        """``(plural, namespaced)`` of a kind, from the API's discovery."""
+        key = (api_version, kind)
+        if key not in self._plurals:
+            root = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+            listing = self.request("GET", root)
+            for r in listing.get("resources", []):
+                if "/" not in r["name"]:
+                    self._plurals[(api_version, r["kind"])] = (r["name"], r["namespaced"])
+            if key not in self._plurals:
+                raise KeyError(f"{kind} is not served at {api_version}")
+        return self._plurals[key]
+
+    def path(self, api_version: str, kind: str, name: str | None = None, namespace: str | None = None) -> str:
+        plural, namespaced = self._resource(api_version, kind)
+        root = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        ns = f"/namespaces/{namespace}" if namespaced and namespace else ""
+        return f"{root}{ns}/{plural}" + (f"/{name}" if name else "")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        data = None if body is None else (body if isinstance(body, (str, bytes)) else json.dumps(body))
+        resp = self.session.request(
+            method,
+            self.url + path,
+            params=params,
+            data=data,
+            headers={"Content-Type": content_type},
+            timeout=30,
+        )
+        if not resp.ok:
+            raise KubeError(resp.status_code, resp.text.strip()[:2000], method, path)
+        return (
+            resp.json()
+            if resp.content and resp.headers.get("Content-Type", "").startswith("application/json")
+            else {}
+        )
+
+    def apply(self, obj: dict[str, Any], *, subresource: str = "") -> dict[str, Any]:
+        """Server-side apply, as ``kubectl apply --server-side --force-conflicts`` does."""
+        meta = obj["metadata"]
+        path = self.path(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
+        return self.request(
+            "PATCH",
+            path + (f"/{subresource}" if subresource else ""),
+            params={"fieldManager": "batch-inference-tests", "force": "true"},
+            body=obj,
+            content_type="application/apply-patch+yaml",
+        )
+
+    def get(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> dict[str, Any]:
+        return self.request("GET", self.path(api_version, kind, name, namespace))
+
+    def find(
+        self, api_version: str, kind: str, name: str, namespace: str | None = None
+    ) -> dict[str, Any] | None:
+        try:
+            return self.get(api_version, kind, name, namespace)
+        except KubeError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def list(
+        self, api_version: str, kind: str, namespace: str | None = None, **params: str
+    ) -> list[dict[str, Any]]:
+        return self.request("GET", self.path(api_version, kind, namespace=namespace), params=params).get(
+            "items", []
+        )
+
+    def merge_patch(
+        self,
+        api_version: str,
+        kind: str,
+        name: str,
+        namespace: str | None,
+        patch: dict[str, Any],
+        *,
+        subresource: str = "",
+    ) -> dict[str, Any]:
+        path = self.path(api_version, kind, name, namespace) + (f"/{subresource}" if subresource else "")
+        return self.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
+
+    def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> None:
+        with contextlib.suppress(KubeError):
+            self.request(
+                "DELETE",
+                self.path(api_version, kind, name, namespace),
+                params={"propagationPolicy": "Background"},
+            )
+
+    def token(self, service_account: str, namespace: str, seconds: int = 3600) -> str:
+        """A real bound token of the service account (the TokenRequest API)."""
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": seconds},
+        }
+        path = f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token"
+        return self.request("POST", path, body=body)["status"]["token"]
+
+    def can(self, verb: str, resource: str, namespace: str, group: str = "", subresource: str = "") -> bool:
+        """Whether this identity may do it: asked of the API server (a SelfSubjectAccessReview)."""
+        attrs = {"verb": verb, "resource": resource, "namespace": namespace, "group": group}
+        if subresource:
+            attrs["subresource"] = subresource
+        body = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": attrs},
+        }
+        return bool(
+            self.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", body=body)[
+                "status"
+            ].get("allowed")
+        )
+
+    def wait_for(self, what: str, probe: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+        """Polls ``probe`` (the server's state, not a clock) until it returns something truthy."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = probe()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {timeout_s:g}s for {what}")
+            time.sleep(0.2)
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, text: str, method: str, path: str):
+        super().__init__(f"{method} {path}: {status} {text}")
+        self.status, self.text = status, text
+
+
+# -- the running control plane ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, what: str, proc: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{_tail(log)}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout_s:g}s:\n{_tail(log)}")
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class ControlPlane:
+    """One running control plane under ``workdir`` (its etcd data, certificates, configs and logs).
+
+    Attributes:
+        url: The API server, ``https://127.0.0.1:PORT``.
+        pki: Its certificates; ``pki.ca_cert`` verifies every server here.
+        admin: A cluster-admin :class:`Kube`.
+        kwok_logs: Where pods' log files go (``log_file(pod)``).
+    """
+
+    workdir: Path
+    bin_dir: Path
+    url: str = ""
+    pki: Pki | None = None
+    admin: Kube | None = None
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+    kueue_frameworks: tuple[str, ...] = KUEUE_FRAMEWORKS
+
+    @property
+    def kwok_logs(self) -> Path:
+        return self.workdir / "pod-logs"
+
+    def log_path(self, component: str) -> Path:
+        return self.workdir / "logs" / f"{component}.log"
+
+    # processes -------------------------------------------------------------------------------
+
+    def _spawn(self, component: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = self.log_path(component)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log, "ab")  # noqa: SIM115 - the child writes to it for its whole life
+        proc = subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            cwd=self.workdir,
+        )
+        out.close()
+        self.processes[component] = proc
+        with open(self.workdir / "pids", "a") as pids:
+            pids.write(f"{proc.pid} {component}\n")
+        return proc
+
+    def stop_component(self, component: str) -> None:
+        proc = self.processes.pop(component, None)
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def stop(self) -> None:
+        """Stops every process, controllers first, etcd last."""
+        for component in reversed(list(self.processes)):
+            self.stop_component(component)
+
+    # start ---------------------------------------------------------------------------------------
+
+    def start(self) -> ControlPlane:
+        started = time.monotonic()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.kwok_logs.mkdir(exist_ok=True)
+        self.pki = make_pki(self.workdir / "pki", extra_dns=("training-operator.kubeflow.svc",))
+        for name in (
+            "etcd",
+            "etcd-peer",
+            "apiserver",
+            "kwok",
+            "kueue",
+            "jobset",
+            "trainer",
+            "training-operator",
+        ):
+            self.ports[name] = free_port()
+        self._start_etcd()
+        self._start_apiserver()
+        self.admin = Kube(self.url, self.pki)
+        kubeconfig = self._kubeconfig()
+        b = self.bin_dir
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(b / "kube-controller-manager"),
+                f"--kubeconfig={kubeconfig}",
+                "--secure-port=0",
+                "--leader-elect=false",
+                f"--service-account-private-key-file={self.pki.sa_key}",
+                f"--root-ca-file={self.pki.ca_cert}",
+                "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle",
+                "--concurrent-gc-syncs=5",
+                "--node-monitor-grace-period=3600s",
+            ],
+        )
+        self._spawn(
+            "kube-scheduler",
+            [
+                str(b / "kube-scheduler"),
+                f"--kubeconfig={kubeconfig}",
+                "--secure-port=0",
+                "--leader-elect=false",
+            ],
+        )
+        self._install_crds()
+        self._start_kwok(kubeconfig)
+        self._install_webhooks()
+        self._start_controllers(kubeconfig)
+        say(f"up in {time.monotonic() - started:.1f}s at {self.url} (workdir {self.workdir})")
+        return self
+
+    def _start_etcd(self) -> None:
+        port, peer = self.ports["etcd"], self.ports["etcd-peer"]
+        proc = self._spawn(
+            "etcd",
+            [
+                str(self.bin_dir / "etcd"),
+                f"--data-dir={self.workdir / 'etcd'}",
+                f"--listen-client-urls=http://127.0.0.1:{port}",
+                f"--advertise-client-urls=http://127.0.0.1:{port}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-cluster=default=http://127.0.0.1:{peer}",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        )
+        _wait_port(port, "etcd", proc, self.log_path("etcd"))
+
+    def _start_apiserver(self) -> None:
+        port = self.ports["apiserver"]
+        p = self.pki
+        proc = self._spawn(
+            "kube-apiserver",
+            [
+                str(self.bin_dir / "kube-apiserver"),
+                f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={port}",
+                f"--tls-cert-file={p.serving_cert}",
+                f"--tls-private-key-file={p.serving_key}",
+                f"--client-ca-file={p.ca_cert}",
+                "--authorization-mode=RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                f"--service-account-key-file={p.sa_pub}",
+                f"--service-account-signing-key-file={p.sa_key}",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--endpoint-reconciler-type=none",
+                f"--cert-dir={self.workdir / 'apiserver-certs'}",
+                "--allow-privileged=true",
+                # kwok's kubelet endpoint (pods' logs) presents the same serving certificate.
+                f"--kubelet-certificate-authority={p.ca_cert}",
+                f"--kubelet-client-certificate={p.admin_cert}",
+                f"--kubelet-client-key={p.admin_key}",
+                "--kubelet-preferred-address-types=InternalIP",
+            ],
+        )
+        _wait_port(port, "kube-apiserver", proc, self.log_path("kube-apiserver"))
+        self.url = f"https://127.0.0.1:{port}"
+        admin = Kube(self.url, p)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                resp = admin.session.get(self.url + "/readyz", timeout=5)
+                if resp.ok:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"kube-apiserver is not ready:\n{_tail(self.log_path('kube-apiserver'))}")
+            time.sleep(0.2)
+
+    def _kubeconfig(self) -> Path:
+        p = self.pki
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "admin",
+            "clusters": [
+                {"name": "local", "cluster": {"server": self.url, "certificate-authority": str(p.ca_cert)}}
+            ],
+            "users": [
+                {
+                    "name": "admin",
+                    "user": {"client-certificate": str(p.admin_cert), "client-key": str(p.admin_key)},
+                }
+            ],
+            "contexts": [{"name": "admin", "context": {"cluster": "local", "user": "admin"}}],
+        }
+        path = self.workdir / "admin.kubeconfig"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    # CRDs and webhooks -----------------------------------------------------------------------------
+
+    def _install_crds(self) -> None:
+        assert self.admin is not None
+        ca_bundle = base64.b64encode(self.pki.ca_cert.read_bytes()).decode()
+        names = []
+        for path in crd_files():
+            for crd in yaml.safe_load_all(path.read_text()):
+                if not crd:
+                    continue
+                if crd["spec"]["group"] == KUEUE_OWN_GROUP and len(crd["spec"]["versions"]) > 1:
+                    # Kueue converts between its served versions itself, as its own kustomize patches set up.
+                    crd["spec"]["conversion"] = {
+                        "strategy": "Webhook",
+                        "webhook": {
+                            "conversionReviewVersions": ["v1"],
+                            "clientConfig": {
+                                "url": f"https://127.0.0.1:{self.ports['kueue']}/convert",
+                                "caBundle": ca_bundle,
+                            },
+                        },
+                    }
+                self.admin.apply(crd)
+                names.append(crd["metadata"]["name"])
+
+        def established() -> bool:
+            for name in names:
+                crd = self.admin.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", name)
+                conds = {c["type"]: c["status"] for c in crd.get("status", {}).get("conditions", [])}
+                if conds.get("Established") != "True":
+                    return False
+            return True
+
+        self.admin.wait_for("CRDs established", established)
+
+    def _webhook_configs(self) -> list[dict[str, Any]]:
+        sources = {
+            "kueue": module_dir("sigs.k8s.io/kueue") / "config/components/webhook/manifests.yaml",
+            "jobset": module_dir("sigs.k8s.io/jobset") / "config/components/webhook/manifests.yaml",
+            "trainer": module_dir("github.com/kubeflow/trainer/v2") / "manifests/base/webhook/manifests.yaml",
+            "training-operator": module_dir("github.com/kubeflow/training-operator")
+            / "manifests/base/webhook/manifests.yaml",
+        }
+        ca_bundle = base64.b64encode(self.pki.ca_cert.read_bytes()).decode()
+        configs = []
+        for component, path in sources.items():
+            for doc in yaml.safe_load_all(path.read_text()):
+                if not doc:
+                    continue
+                kept = []
+                for hook in doc.get("webhooks") or []:
+                    resources = {r for rule in hook.get("rules") or [] for r in rule.get("resources") or []}
+                    groups = {g for rule in hook.get("rules") or [] for g in rule.get("apiGroups") or []}
+                    ours = resources <= WEBHOOK_RESOURCES or groups <= {
+                        KUEUE_OWN_GROUP,
+                        "trainer.kubeflow.org",
+                    }
+                    if component == "kueue" and "pods" in resources:
+                        ours = "pod" in self.kueue_frameworks
+                    if not ours:
+                        continue
+                    hook["clientConfig"] = {
+                        "url": f"https://127.0.0.1:{self.ports[component]}{hook['clientConfig']['service']['path']}",
+                        "caBundle": ca_bundle,
+                    }
+                    kept.append(hook)
+                if not kept:
+                    continue
+                doc["webhooks"] = kept
+                # The training operator's certificate rotator looks its configuration up by this name.
+                doc["metadata"] = {
+                    "name": "validator.training-operator.kubeflow.org"
+                    if component == "training-operator"
+                    else f"{component}-{doc['metadata']['name']}"
+                }
+                configs.append(doc)
+        return configs
+
+    def _install_webhooks(self) -> None:
+        for config in self._webhook_configs():
+            self.admin.apply(config)
+
+    # kwok ---------------------------------------------------------------------------------------
+
+    def _start_kwok(self, kubeconfig: Path) -> None:
+        stages = self.workdir / "kwok-stages.yaml"
+        stages.write_text(yaml.safe_dump_all(kwok_stages(), sort_keys=False))
+        port = self.ports["kwok"]
+        proc = self._spawn(
+            "kwok",
+            [
+                str(self.bin_dir / "kwok"),
+                f"--kubeconfig={kubeconfig}",
+                f"--config={stages}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-label-selector={FAKE_NODE_LABEL}={FAKE_NODE_VALUE}",
+                "--node-ip=127.0.0.1",
+                f"--node-port={port}",
+                f"--server-address=127.0.0.1:{port}",
+                f"--tls-cert-file={self.pki.serving_cert}",
+                f"--tls-private-key-file={self.pki.serving_key}",
+                "--enable-crds=Logs",
+                "--node-lease-duration-seconds=40",
+            ],
+        )
+        _wait_port(port, "kwok", proc, self.log_path("kwok"))
+
+    def add_gpu_nodes(self, count: int, gpus: int = 8, prefix: str = "a3u") -> list[str]:
+        """Fake A3 Ultra nodes (8 H200 each) as GKE's queued provisioning makes them; returns their names."""
+        names = []
+        for i in range(count):
+            name = f"{prefix}-{i}"
+            self.admin.apply(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {
+                        "name": name,
+                        "labels": {
+                            FAKE_NODE_LABEL: FAKE_NODE_VALUE,
+                            "kubernetes.io/hostname": name,
+                            "cloud.google.com/gke-accelerator": GPU_NODE_ACCELERATOR,
+                            "cloud.google.com/gke-queued": "true",
+                            "node.kubernetes.io/instance-type": "a3-ultragpu-8g",
+                        },
+                        "annotations": {"kwok.x-k8s.io/node": "fake"},
+                    },
+                    "spec": {
+                        "taints": [
+                            {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"},
+                            {"key": "cloud.google.com/gke-queued", "value": "true", "effect": "NoSchedule"},
+                        ]
+                    },
+                }
+            )
+            self.admin.merge_patch(
+                "v1",
+                "Node",
+                name,
+                None,
+                {
+                    "status": {
+                        "capacity": {
+                            "cpu": "224",
+                            "memory": "2906Gi",
+                            "nvidia.com/gpu": str(gpus),
+                            "pods": "110",
+                        },
+                        "allocatable": {
+                            "cpu": "220",
+                            "memory": "2800Gi",
+                            "nvidia.com/gpu": str(gpus),
+                            "pods": "110",
+                        },
+                    }
+                },
+                subresource="status",
+            )
+            names.append(name)
+
+        def ready() -> bool:
+            for name in names:
+                node = self.admin.get("v1", "Node", name)
+                conds = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
+                if conds.get("Ready") != "True":
+                    return False
+            return True
+
+        self.admin.wait_for("fake GPU nodes ready", ready)
+        return names
+
+    def serve_pod_log(
+        self, namespace: str, pod: str, container: str, log_file: Path, previous: Path | None = None
+    ) -> None:
+        """kwok serves ``log_file`` (followed as it grows) as the container's log."""
+        entry: dict[str, Any] = {"containers": [container], "logsFile": str(log_file), "follow": True}
+        if previous is not None:
+            entry["previousLogsFile"] = str(previous)
+        self.admin.apply(
+            {
+                "apiVersion": "kwok.x-k8s.io/v1alpha1",
+                "kind": "Logs",
+                "metadata": {"name": pod, "namespace": namespace},
+                "spec": {"logs": [entry]},
+            }
+        )
+
+    # the controllers ------------------------------------------------------------------------------
+
+    def _cert_tmpdir(self, component: str) -> dict[str, str]:
+        """``TMPDIR`` of a controller whose webhook server reads ``$TMPDIR/k8s-webhook-server/serving-certs``."""
+        tmp = self.workdir / "tmp" / component
+        certs = tmp / "k8s-webhook-server" / "serving-certs"
+        certs.mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.pki.serving_cert, certs / "tls.crt")
+        shutil.copy(self.pki.serving_key, certs / "tls.key")
+        shutil.copy(self.pki.ca_cert, certs / "ca.crt")
+        return {"TMPDIR": str(tmp)}
+
+    def _start_controllers(self, kubeconfig: Path) -> None:
+        self.start_kueue(kubeconfig)
+        self._start_jobset(kubeconfig)
+        self._start_trainer(kubeconfig)
+        self._start_training_operator(kubeconfig)
+
+    def start_kueue(self, kubeconfig: Path | None = None, frameworks: tuple[str, ...] | None = None) -> None:
+        """(Re)starts Kueue with these integrations (default :data:`KUEUE_FRAMEWORKS`)."""
+        kubeconfig = kubeconfig or self.workdir / "admin.kubeconfig"
+        if frameworks is not None:
+            self.kueue_frameworks = frameworks
+        self.stop_component("kueue")
+        self.admin.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kueue-system"}})
+        env = self._cert_tmpdir("kueue")
+        config = {
+            "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+            "kind": "Configuration",
+            "namespace": "kueue-system",
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{free_port()}"},
+            "metrics": {"bindAddress": "0"},
+            "webhook": {
+                "port": self.ports["kueue"],
+                "host": "127.0.0.1",
+                "certDir": str(Path(env["TMPDIR"]) / "k8s-webhook-server" / "serving-certs"),
+            },
+            "leaderElection": {"leaderElect": False},
+            "internalCertManagement": {"enable": False},
+            "integrations": {"frameworks": list(self.kueue_frameworks)},
+        }
+        path = self.workdir / "kueue-config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = self._spawn(
+            "kueue",
+            [
+                str(self.bin_dir / "kueue"),
+                f"--config={path}",
+                f"--kubeconfig={kubeconfig}",
+                "--feature-gates=VisibilityOnDemand=false",
+                "--zap-log-level=info",
+            ],
+            env={**env, "POD_NAMESPACE": "kueue-system"},
+        )
+        _wait_port(self.ports["kueue"], "kueue's webhook server", proc, self.log_path("kueue"))
+        self._wait_webhook_ready("kueue")
+
+    def _start_jobset(self, kubeconfig: Path) -> None:
+        env = self._cert_tmpdir("jobset")
+        config = {
+            "apiVersion": "config.jobset.x-k8s.io/v1alpha1",
+            "kind": "Configuration",
+            "leaderElection": {"leaderElect": False},
+            "internalCertManagement": {"enable": False},
+            "webhook": {"port": self.ports["jobset"], "host": "127.0.0.1"},
+            "metrics": {"bindAddress": "0"},
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{free_port()}"},
+        }
+        path = self.workdir / "jobset-config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = self._spawn(
+            "jobset",
+            [str(self.bin_dir / "jobset"), f"--config={path}", f"--kubeconfig={kubeconfig}"],
+            env=env,
+        )
+        _wait_port(self.ports["jobset"], "jobset's webhook server", proc, self.log_path("jobset"))
+
+    def _start_trainer(self, kubeconfig: Path) -> None:
+        env = self._cert_tmpdir("trainer")
+        config = {
+            "apiVersion": "config.trainer.kubeflow.org/v1alpha1",
+            "kind": "Configuration",
+            "webhook": {"port": self.ports["trainer"], "host": "127.0.0.1"},
+            "leaderElection": {"leaderElect": False},
+            "metrics": {"bindAddress": "0"},
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{free_port()}"},
+            "certManagement": {"enable": False},
+            "statusServer": {"port": free_port()},
+        }
+        path = self.workdir / "trainer-config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = self._spawn(
+            "trainer",
+            [str(self.bin_dir / "trainer"), f"--config={path}", f"--kubeconfig={kubeconfig}"],
+            env=env,
+        )
+        _wait_port(self.ports["trainer"], "trainer's webhook server", proc, self.log_path("trainer"))
+
+    def _start_training_operator(self, kubeconfig: Path) -> None:
+        # Its certificate rotator keeps a valid certificate it finds in its Secret, and its webhook
+        # server reads the files at a fixed path that a pod would have mounted from that Secret.
+        self.admin.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kubeflow"}})
+        p = self.pki
+        self.admin.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "Opaque",
+                "metadata": {"name": "training-operator-webhook-cert", "namespace": "kubeflow"},
+                "data": {
+                    k: base64.b64encode(f.read_bytes()).decode()
+                    for k, f in (
+                        ("ca.crt", p.ca_cert),
+                        ("ca.key", p.ca_key),
+                        ("tls.crt", p.serving_cert),
+                        ("tls.key", p.serving_key),
+                    )
+                },
+            }
+        )
+        certs = Path("/tmp/k8s-webhook-server/serving-certs")
+        certs.mkdir(parents=True, exist_ok=True)
+        for name, source in (("tls.crt", p.serving_cert), ("tls.key", p.serving_key), ("ca.crt", p.ca_cert)):
+            shutil.copy(source, certs / name)
+        proc = self._spawn(
+            "training-operator",
+            [
+                str(self.bin_dir / "training-operator"),
+                f"--kubeconfig={kubeconfig}",
+                "--leader-elect=false",
+                f"--webhook-server-port={self.ports['training-operator']}",
+                "--metrics-bind-address=0",
+                f"--health-probe-bind-address=127.0.0.1:{free_port()}",
+                "--enable-scheme=pytorchjob",
+            ],
+        )
+        _wait_port(
+            self.ports["training-operator"],
+            "training-operator's webhook server",
+            proc,
+            self.log_path("training-operator"),
+        )
+
+    def _wait_webhook_ready(self, component: str) -> None:
+        """Until the component's webhook answers over TLS with our CA (its server starts after its certs)."""
+        url = f"https://127.0.0.1:{self.ports[component]}/"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(url, verify=str(self.pki.ca_cert), timeout=2)
+                return
+            except requests.RequestException:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{component}'s webhook server never answered:\n{_tail(self.log_path(component))}"
+                    ) from None
+                time.sleep(0.2)
+
+
+def kwok_stages() -> list[dict[str, Any]]:
+    """kwok's stages: nodes come up Ready and keep their Lease; pods run until a test ends them."""
+    stage_dir = module_dir("sigs.k8s.io/kwok") / "kustomize/stage"
+    stages = [
+        yaml.safe_load((stage_dir / "node/fast/node-initialize.yaml").read_text()),
+        yaml.safe_load((stage_dir / "node/heartbeat-with-lease/node-heartbeat-with-lease.yaml").read_text()),
+    ]
+    general = stage_dir / "pod/general"
+    for name in (
+        "pod-create",
+        "pod-init-container-running",
+        "pod-init-container-completed",
+        "pod-ready",
+        "pod-delete",
+    ):
+        stage = yaml.safe_load((general / f"{name}.yaml").read_text())
+        stage["spec"].pop("delay", None)  # at once: the tests, not a timer, decide what happens next
+        stages.append(stage)
+    stages.append(_pod_exit_stage())
+    return stages
+
+
+def _pod_exit_stage() -> dict[str, Any]:
+    """A running pod whose exit-code annotation a test set: its containers terminate with it."""
+    code = f'(index .metadata.annotations "{EXIT_CODE_ANNOTATION}")'
+    reason = f'(index .metadata.annotations "{EXIT_REASON_ANNOTATION}")'
+    template = (
+        "{{ $now := Now }}\n{{ $code := " + code + " }}\n{{ $reason := " + reason + " }}\n"
+        "containerStatuses:\n"
+        "{{ range $index, $item := .spec.containers }}\n"
+        "- image: {{ $item.image | Quote }}\n"
+        "  name: {{ $item.name | Quote }}\n"
+        "  ready: false\n  restartCount: 0\n  started: false\n"
+        "  state:\n    terminated:\n"
+        "      exitCode: {{ $code }}\n"
+        "      finishedAt: {{ $now | Quote }}\n"
+        '      reason: {{ if $reason }}{{ $reason | Quote }}{{ else if eq $code "0" }}"Completed"{{ else }}"Error"{{ end }}\n'
+        "      startedAt: {{ $now | Quote }}\n"
+        "{{ end }}\n"
+        'phase: {{ if eq $code "0" }}Succeeded{{ else }}Failed{{ end }}\n'
+    )
+    return {
+        "apiVersion": "kwok.x-k8s.io/v1alpha1",
+        "kind": "Stage",
+        "metadata": {"name": "pod-exit"},
+        "spec": {
+            "resourceRef": {"apiGroup": "v1", "kind": "Pod"},
+            "selector": {
+                "matchExpressions": [
+                    {"key": ".metadata.deletionTimestamp", "operator": "DoesNotExist"},
+                    {"key": ".status.phase", "operator": "In", "values": ["Running"]},
+                    {"key": f'.metadata.annotations["{EXIT_CODE_ANNOTATION}"]', "operator": "Exists"},
+                ]
+            },
+            "next": {"statusTemplate": template},
+        },
+    }
+
+
+@contextlib.contextmanager
+def running(workdir: Path) -> Iterator[ControlPlane]:
+    """A control plane started under ``workdir`` (built first if needed), stopped on exit."""
+    plane = ControlPlane(workdir, build())
+    try:
+        yield plane.start()
+    finally:
+        plane.stop()
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["build"]:
+        print(build())
+        return 0
+    if argv[:1] == ["up"] and len(argv) == 2:
+        with running(Path(argv[1]).resolve()) as plane:
+            print(
+                f"API server {plane.url}; kubeconfig {plane.workdir / 'admin.kubeconfig'}; Ctrl-C stops it",
+                flush=True,
+            )
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()
+        return 0
+    print(__doc__.split("\n\n")[2], file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
