@@ -18,9 +18,11 @@ setting the ProvisioningRequest's conditions), no GCS, no Workload Identity.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import datetime
 import fcntl
+import functools
 import hashlib
 import ipaddress
 import json
@@ -110,14 +112,12 @@ WEBHOOK_RESOURCES = {
     "trainingruntimes",
     "clustertrainingruntimes",
     "pytorchjobs",
-    "tfjobs",
-    "mpijobs",
-    "xgboostjobs",
-    "paddlejobs",
-    "jaxjobs",
     "pods",
 }
 KUEUE_OWN_GROUP = "kueue.x-k8s.io"
+
+
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def say(message: str) -> None:
@@ -129,7 +129,8 @@ def say(message: str) -> None:
 
 def cache_dir() -> Path:
     """Where the binaries of :data:`VERSIONS` live: one folder per set of versions."""
-    key = hashlib.sha256(json.dumps(VERSIONS, sort_keys=True).encode()).hexdigest()[:12]
+    recipe = {"versions": VERSIONS, "ldflags": {b: _ldflags(b) for b in BINARIES}}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return CACHE_ROOT / f"control-plane-{key}"
 
 
@@ -155,6 +156,7 @@ def _go_env() -> dict[str, str]:
     return env
 
 
+@functools.cache
 def module_dir(module: str) -> Path:
     """The module's source at its pinned version (downloaded into the module cache if needed)."""
     out = _go(["mod", "download", "-json", f"{module}@{VERSIONS[module]}"], Path.cwd(), _go_env())
@@ -169,36 +171,44 @@ def _wrapper_module(directory: Path, name: str, requires: dict[str, str], replac
     (directory / "go.mod").write_text("\n".join(lines) + "\n")
 
 
+def _ldflags(binary: str) -> str:
+    """Stripped; Kubernetes' commands also get the version stamp its release build sets (Kueue and
+    the other controllers parse the server's version and refuse ``v0.0.0-master``)."""
+    flags = "-s -w"
+    if BINARIES[binary][0] == "k8s.io/kubernetes":
+        major, minor = KUBERNETES.removeprefix("v").split(".")[:2]
+        for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+            flags += (
+                f" -X {package}.gitVersion={KUBERNETES} -X {package}.gitMajor={major}"
+                f" -X {package}.gitMinor={minor} -X {package}.gitTreeState=clean"
+                f" -X {package}.buildDate=2026-01-01T00:00:00Z"
+            )
+    return flags
+
+
 def _build_one(binary: str, bin_dir: Path, src_dir: Path, env: dict[str, str]) -> None:
+    """Builds one binary inside a small module of its own that requires the pinned version.
+
+    Not ``go install pkg@version``: it asks the proxy for the module's version list (for its
+    deprecation notice), which the proxy refuses for some modules it serves (JobSet).
+    """
     module, package = BINARIES[binary]
     version = VERSIONS[module]
-    out = bin_dir / binary
-    ldflags = "-ldflags=-s -w"
-    if binary == "etcd":
+    wrapper = src_dir / binary
+    replaces = {}
+    if module == "k8s.io/kubernetes":
+        replaces = {f"k8s.io/{m}": "v0." + version.removeprefix("v1.") for m in K8S_STAGING}
+    _wrapper_module(wrapper, f"controlplane/{binary}", {module: version}, replaces)
+    if package is None:
         # etcd's main module replaces its submodules with local paths: wrap etcdmain instead.
-        wrapper = src_dir / "etcd"
-        _wrapper_module(wrapper, "controlplane/etcd", {module: version}, {})
         (wrapper / "main.go").write_text(
             'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\n'
             "func main() { etcdmain.Main(os.Args) }\n"
         )
-        _go(["build", "-mod=mod", ldflags, "-o", str(out), "."], wrapper, env)
-    elif module == "k8s.io/kubernetes":
-        wrapper = src_dir / "kubernetes"
-        staging = "v0." + version.removeprefix("v1.")
-        _wrapper_module(
-            wrapper,
-            "controlplane/kubernetes",
-            {module: version},
-            {f"k8s.io/{m}": staging for m in K8S_STAGING},
-        )
-        _go(["build", "-mod=mod", ldflags, "-o", str(out), package], wrapper, env)
-    else:
-        gobin = src_dir / f"gobin-{binary}"
-        gobin.mkdir(parents=True, exist_ok=True)
-        _go(["install", ldflags, f"{package}@{version}"], src_dir, {**env, "GOBIN": str(gobin)})
-        (built,) = list(gobin.iterdir())
-        shutil.move(str(built), out)
+        package = "."
+    partial = bin_dir / f".{binary}.partial"
+    _go(["build", "-mod=mod", f"-ldflags={_ldflags(binary)}", "-o", str(partial), package], wrapper, env)
+    partial.rename(bin_dir / binary)  # only a whole binary ever has the final name
 
 
 def build() -> Path:
@@ -233,7 +243,7 @@ def crd_files() -> list[Path]:
         *sorted(kueue.glob("*.yaml")),
         module_dir("sigs.k8s.io/jobset") / "config/components/crd/bases/jobset.x-k8s.io_jobsets.yaml",
         *sorted(trainer.glob("trainer.kubeflow.org_*.yaml")),
-        *sorted(operator.glob("kubeflow.org_*.yaml")),
+        operator / "kubeflow.org_pytorchjobs.yaml",  # the operator runs with --enable-scheme=pytorchjob
         module_dir("k8s.io/autoscaler/cluster-autoscaler/apis")
         / "config/crd/autoscaling.x-k8s.io_provisioningrequests.yaml",
         module_dir("sigs.k8s.io/kwok") / "kustomize/crd/bases/kwok.x-k8s.io_logs.yaml",
@@ -368,7 +378,8 @@ class Kube:
     def __init__(self, url: str, pki: Pki, *, token: str | None = None, impersonate: str | None = None):
         self.url, self.pki = url, pki
         self.session = requests.Session()
-        self.session.verify = str(pki.ca_cert)
+        # Passed on every call: a session's own verify loses to REQUESTS_CA_BUNDLE in the environment.
+        self.verify = str(pki.ca_cert)
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
         else:
@@ -413,6 +424,7 @@ class Kube:
             data=data,
             headers={"Content-Type": content_type},
             timeout=30,
+            verify=self.verify,
         )
         if not resp.ok:
             raise KubeError(resp.status_code, resp.text.strip()[:2000], method, path)
@@ -433,6 +445,18 @@ class Kube:
             body=obj,
             content_type="application/apply-patch+yaml",
         )
+
+    def create_or_apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Creates the object (cheaper than an apply for large objects), or applies it when it exists."""
+        meta = obj["metadata"]
+        try:
+            return self.request(
+                "POST", self.path(obj["apiVersion"], obj["kind"], namespace=meta.get("namespace")), body=obj
+            )
+        except KubeError as e:
+            if e.status != 409:
+                raise
+        return self.apply(obj)
 
     def get(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> dict[str, Any]:
         return self.request("GET", self.path(api_version, kind, name, namespace))
@@ -718,7 +742,7 @@ class ControlPlane:
         deadline = time.monotonic() + 60
         while True:
             try:
-                resp = admin.session.get(self.url + "/readyz", timeout=5)
+                resp = admin.session.get(self.url + "/readyz", timeout=5, verify=admin.verify)
                 if resp.ok:
                     break
             except requests.RequestException:
@@ -753,30 +777,29 @@ class ControlPlane:
     def _install_crds(self) -> None:
         assert self.admin is not None
         ca_bundle = base64.b64encode(self.pki.ca_cert.read_bytes()).decode()
-        names = []
-        for path in crd_files():
-            for crd in yaml.safe_load_all(path.read_text()):
-                if not crd:
-                    continue
-                if crd["spec"]["group"] == KUEUE_OWN_GROUP and len(crd["spec"]["versions"]) > 1:
-                    # Kueue converts between its served versions itself, as its own kustomize patches set up.
-                    crd["spec"]["conversion"] = {
-                        "strategy": "Webhook",
-                        "webhook": {
-                            "conversionReviewVersions": ["v1"],
-                            "clientConfig": {
-                                "url": f"https://127.0.0.1:{self.ports['kueue']}/convert",
-                                "caBundle": ca_bundle,
-                            },
+        crds = [crd for path in crd_files() for crd in yaml.load_all(path.read_text(), Loader=_LOADER) if crd]
+        for crd in crds:
+            if crd["spec"]["group"] == KUEUE_OWN_GROUP and len(crd["spec"]["versions"]) > 1:
+                # Kueue converts between its served versions itself, as its own kustomize patches set up.
+                crd["spec"]["conversion"] = {
+                    "strategy": "Webhook",
+                    "webhook": {
+                        "conversionReviewVersions": ["v1"],
+                        "clientConfig": {
+                            "url": f"https://127.0.0.1:{self.ports['kueue']}/convert",
+                            "caBundle": ca_bundle,
                         },
-                    }
-                self.admin.apply(crd)
-                names.append(crd["metadata"]["name"])
+                    },
+                }
+        # Created side by side: one at a time, the largest schemas make this the slowest step of the start.
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(self.admin.create_or_apply, crds))
+        names = [crd["metadata"]["name"] for crd in crds]
 
         def established() -> bool:
             for name in names:
                 crd = self.admin.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", name)
-                conds = {c["type"]: c["status"] for c in crd.get("status", {}).get("conditions", [])}
+                conds = {c["type"]: c["status"] for c in (crd.get("status") or {}).get("conditions") or []}
                 if conds.get("Established") != "True":
                     return False
             return True
@@ -961,6 +984,11 @@ class ControlPlane:
         self.stop_component("kueue")
         self.admin.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kueue-system"}})
         env = self._cert_tmpdir("kueue")
+        # Out of cluster Kueue still reads a metrics certificate from this fixed path, a mounted Secret in a pod.
+        metrics_certs = Path("/etc/kueue/metrics/certs")
+        metrics_certs.mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.pki.serving_cert, metrics_certs / "tls.crt")
+        shutil.copy(self.pki.serving_key, metrics_certs / "tls.key")
         config = {
             "apiVersion": "config.kueue.x-k8s.io/v1beta2",
             "kind": "Configuration",

@@ -26,6 +26,7 @@ from components.launch.kubernetes.supervisor import run_job
 from tests.support import ROOT
 from tests.support.job_pods import TRAINING_RUNTIME
 from tests.support.k8s_stand_in import KubeApiStandIn, Step, listed_provisioning_requests
+from tests.support.kustomize import rendered
 from tests.support.schemas import (
     assert_valid_for_crd,
     assert_valid_for_kubernetes,
@@ -71,17 +72,6 @@ def manifest_files() -> list[Path]:
 
 def load_all() -> list[tuple[Path, dict]]:
     return [(path, doc) for path in manifest_files() for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-def rendered(directory: Path) -> list[dict]:
-    """The objects ``kubectl apply -k directory`` applies: its resources, kustomizations recursively."""
-    spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    assert set(spec) <= {"apiVersion", "kind", "resources"}, "only resources: the loader here renders no more"
-    docs = []
-    for entry in spec["resources"]:
-        path = (directory / entry).resolve()
-        docs += rendered(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
-    return docs
 
 
 def of_kind(docs: list[dict], kind: str) -> list[dict]:

@@ -1,0 +1,220 @@
+"""The launcher against the real controllers, for every job kind, as the overlay's own service account.
+
+Kueue makes the Workload and asks DWS (a ProvisioningRequest) for the nodes; the test, playing
+GKE's autoscaler, holds the request, then provisions it; Kueue admits the job, its controller
+makes the pods, the scheduler puts them on kwok's A3 Ultra nodes, and kwok serves their logs.
+The verdicts (admitted, running, restarted, failed, succeeded, evicted) are the controllers' own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from components.launch.kubernetes.errors import JobFailed, JobTimedOut, LauncherError
+from components.launch.kubernetes.kinds import JOB_KINDS, job_kind
+from tests.support.gke_player import (
+    KUEUE,
+    LauncherProcess,
+    Launcher,
+    SteppedClock,
+    cluster_job_config,
+)
+
+pytestmark = pytest.mark.cluster
+
+
+def node_lines(rank: int, *lines: str) -> list[str]:
+    return [f"[default{rank * 8}]:{line}" for line in lines]
+
+
+@pytest.mark.parametrize("kind_name", JOB_KINDS)
+def test_queued_job_waits_for_dws_then_runs_on_the_gpu_nodes_and_succeeds(gke, launcher_api, run_id, kind_name):
+    kind = job_kind(kind_name)
+    cfg = cluster_job_config(run_id)
+    launcher = Launcher(launcher_api, kind, kind.build(cfg)).start()
+    uid = gke.job_uid(kind, cfg.name)
+
+    request = gke.pending_provisioning_request(uid)
+    # While DWS has not answered, the launcher says what it waits for.
+    launcher.wait_for_line(lambda line: "dws-prov" in line and "Pending" in line)
+    launcher.wait_for_line(f"provisioning request {request['metadata']['name']}")
+    assert not gke.pods(kind.pod_selector(cfg.name)), "no pod may exist before admission"
+
+    gke.provision(uid)
+    launcher.wait_for_line("admitted by Kueue")
+    pods = gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes)
+    assert all(p["spec"]["nodeName"].startswith("a3u-") for p in pods)
+    assert {p["spec"]["nodeName"] for p in pods}.__len__() == cfg.nodes, "one pod per node"
+    for rank, pod in enumerate(sorted(pods, key=kind.rank)):
+        gke.write_log(pod, kind.container, node_lines(rank, f"worker on node {rank} classified 100 images"))
+    for rank in range(cfg.nodes):
+        launcher.wait_for_line(f"worker on node {rank} classified 100 images")
+    for pod in pods:
+        gke.end(pod, 0)
+
+    outcome = launcher.result()
+    assert outcome.name == cfg.name and not outcome.adopted
+    assert outcome.admitted_at is not None and outcome.ended_at >= outcome.admitted_at
+    assert 0 < outcome.held_seconds < 600
+    assert any("classified 100 images" in line for line in outcome.log_tail)
+
+
+@pytest.mark.parametrize("kind_name", JOB_KINDS)
+def test_a_failed_rank_fails_the_job_with_that_ranks_error(gke, launcher_api, run_id, kind_name):
+    kind = job_kind(kind_name)
+    cfg = cluster_job_config(run_id, backoff_limit=0)
+    manifest = kind.build(cfg)
+    if kind_name == "trainjob":  # the runtime restarts the gang 3 times; this job may not restart
+        manifest["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["failurePolicy"] = {"maxRestarts": 0}
+    launcher = Launcher(launcher_api, kind, manifest).start()
+    gke.provision(gke.job_uid(kind, cfg.name))
+    pods = sorted(gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes), key=kind.rank)
+    gke.write_log(pods[0], kind.container, node_lines(0, "RuntimeError: Connection closed by peer"))
+    gke.write_log(pods[1], kind.container, [
+        "[default8]:Traceback (most recent call last):",
+        '[default8]:  File "/app/worker/infer.py", line 88, in run',
+        "[default8]:torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+    ])
+    launcher.wait_for_line("CUDA out of memory")
+    gke.end(pods[1], 1)
+
+    error = launcher.error()
+    assert isinstance(error, JobFailed), error
+    first_line = str(error).splitlines()[0]
+    assert kind.rank(pods[1]) in first_line and "CUDA out of memory" in first_line
+    gke.end(pods[0], 1)  # torchrun on the other node would stop too; nothing must be left running
+    gke.gone_or_finished = None
+
+
+def test_timeout_while_running_deletes_the_job_and_its_pods(gke, launcher_api, run_id):
+    kind = job_kind("trainjob")  # the kind whose foreground delete kept re-creating pods
+    cfg = cluster_job_config(run_id)
+    clock = SteppedClock()
+    launcher = Launcher(launcher_api, kind, kind.build(cfg), options={"timeout_s": 3600, "clock": clock}).start()
+    gke.provision(gke.job_uid(kind, cfg.name))
+    gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes)
+    launcher.wait_for_line("admitted by Kueue")
+    clock.jump(3600)
+
+    error = launcher.error()
+    assert isinstance(error, JobTimedOut), error
+    gke.gone(kind, cfg.name)
+
+
+@pytest.mark.parametrize("kind_name", JOB_KINDS)
+def test_sigterm_deletes_the_running_job_and_every_pod(plane, gke, admin, launcher_token, run_id, tmp_path, kind_name):
+    kind = job_kind(kind_name)
+    cfg = cluster_job_config(run_id)
+    process = LauncherProcess(plane, launcher_token, kind_name, kind.build(cfg), tmp_path)
+    gke.provision(gke.job_uid(kind, cfg.name))
+    gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes)
+    process.wait_for_output("admitted by Kueue", admin)
+
+    assert process.terminate() == 143
+    assert "cancelled" in process.output
+    gke.gone(kind, cfg.name)
+
+
+def test_a_retry_adopts_the_job_its_killed_predecessor_left_running(plane, gke, admin, launcher_api, launcher_token, run_id, tmp_path):
+    kind = job_kind("jobset")
+    cfg = cluster_job_config(run_id)
+    first = LauncherProcess(plane, launcher_token, "jobset", kind.build(cfg), tmp_path)
+    gke.provision(gke.job_uid(kind, cfg.name))
+    pods = gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes)
+    first.wait_for_output("admitted by Kueue", admin)
+    first.kill()  # the launch pod died: no cleanup ran
+
+    retry = Launcher(launcher_api, kind, kind.build(cfg)).start()
+    retry.wait_for_line("adopting existing JobSet")
+    for rank, pod in enumerate(sorted(pods, key=kind.rank)):
+        gke.write_log(pod, kind.container, node_lines(rank, f"node {rank} done"))
+        gke.end(pod, 0)
+    outcome = retry.result()
+    assert outcome.adopted and outcome.name == cfg.name
+    assert len(admin.list(kind.resource.api_version, kind.resource.kind, "batch-inference",
+                          labelSelector=f"batch-inference.dev/results-hash")) >= 1
+
+
+def test_eviction_is_reported_and_the_readmitted_job_runs_to_the_end(gke, admin, launcher_api, run_id):
+    kind = job_kind("jobset")
+    cfg = cluster_job_config(run_id)
+    launcher = Launcher(launcher_api, kind, kind.build(cfg)).start()
+    uid = gke.job_uid(kind, cfg.name)
+    gke.provision(uid)
+    gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes)
+    launcher.wait_for_line("admitted by Kueue")
+
+    (workload,) = gke.workloads(uid)
+    admin.merge_patch(KUEUE, "Workload", workload["metadata"]["name"], "batch-inference", {"spec": {"active": False}})
+    launcher.wait_for_line("evicted")
+    launcher.wait_for_line("suspended again after admission")
+    admin.merge_patch(KUEUE, "Workload", workload["metadata"]["name"], "batch-inference", {"spec": {"active": True}})
+    gke.provision(uid)
+    pods = gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes)
+    for pod in pods:
+        gke.end(pod, 0)
+    outcome = launcher.result()
+    assert outcome.held_seconds is not None and outcome.held_seconds > 0
+
+
+def test_a_webhook_rejection_is_one_line(launcher_api, run_id):
+    kind = job_kind("trainjob")
+    cfg = cluster_job_config(run_id)
+    manifest = kind.build(cfg)
+    # Trainer's torch plugin owns torchrun's rendezvous variables and rejects a TrainJob that sets one.
+    manifest["spec"]["trainer"]["env"].append({"name": "PET_NNODES", "value": "3"})
+    launcher = Launcher(launcher_api, kind, manifest).start()
+    error = launcher.error()
+    assert isinstance(error, LauncherError) and not isinstance(error, JobFailed)
+    assert len(str(error).splitlines()) == 1
+    assert "denied the request" in str(error) and "PET_NNODES" in str(error)
+
+
+def test_quota_exhausted_the_second_job_waits_and_says_why(gke, admin, launcher_api, run_id):
+    kind = job_kind("jobset")
+    queue = admin.get(KUEUE, "ClusterQueue", "dws-cluster-queue")
+    resources = queue["spec"]["resourceGroups"][0]["flavors"][0]["resources"]
+    original = [dict(r) for r in resources]
+    for r in resources:
+        if r["name"] == "nvidia.com/gpu":
+            r["nominalQuota"] = 16  # one 2 x 8-GPU job
+    patch = {"spec": {"resourceGroups": queue["spec"]["resourceGroups"]}}
+    admin.merge_patch(KUEUE, "ClusterQueue", "dws-cluster-queue", None, patch)
+    try:
+        first_cfg = cluster_job_config(run_id + "-a")
+        second_cfg = cluster_job_config(run_id + "-b")
+        first = Launcher(launcher_api, kind, kind.build(first_cfg)).start()
+        gke.provision(gke.job_uid(kind, first_cfg.name))
+        first_pods = gke.running_pods(kind.pod_selector(first_cfg.name), 2)
+        second = Launcher(launcher_api, kind, kind.build(second_cfg)).start()
+        line = second.wait_for_line("insufficient unused quota")
+        assert "nvidia.com/gpu" in line
+        for pod in first_pods:
+            gke.end(pod, 0)
+        first.result()
+        gke.provision(gke.job_uid(kind, second_cfg.name))
+        for pod in gke.running_pods(kind.pod_selector(second_cfg.name), 2):
+            gke.end(pod, 0)
+        second.result()
+    finally:
+        queue = admin.get(KUEUE, "ClusterQueue", "dws-cluster-queue")
+        queue["spec"]["resourceGroups"][0]["flavors"][0]["resources"] = original
+        admin.merge_patch(KUEUE, "ClusterQueue", "dws-cluster-queue", None, {"spec": {"resourceGroups": queue["spec"]["resourceGroups"]}})
+
+
+def test_kueue_without_the_kinds_integration_is_named(plane, gke, launcher_api, run_id):
+    kind = job_kind("pytorchjob")
+    plane.start_kueue(frameworks=("batch/job", "jobset.x-k8s.io/jobset", "trainer.kubeflow.org/trainjob"))
+    try:
+        cfg = cluster_job_config(run_id)
+        clock = SteppedClock()
+        launcher = Launcher(launcher_api, kind, kind.build(cfg), options={"timeout_s": 3600, "clock": clock}).start()
+        line = launcher.wait_for_line("integration enabled")
+        assert "kubeflow.org/pytorchjob" in line
+        clock.jump(math.inf if False else 3600)
+        assert isinstance(launcher.error(), JobTimedOut)
+        gke.gone(kind, cfg.name)
+    finally:
+        plane.start_kueue(frameworks=None if False else ("batch/job", "jobset.x-k8s.io/jobset", "trainer.kubeflow.org/trainjob", "kubeflow.org/pytorchjob"))
