@@ -28,6 +28,7 @@ import itertools
 import json
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -136,6 +137,7 @@ class KubeApiStandIn:
         kueue_manages: Whether Kueue's integration for the kind is on (else queued jobs get no Workload).
         kueue_version: Kueue API version served.
         provisioning_requests: Whether the ProvisioningRequest API (queued provisioning) is served.
+        tls: Serve HTTPS with this server-side context (``tests.support.tls``) instead of HTTP.
     """
 
     def __init__(
@@ -150,6 +152,7 @@ class KubeApiStandIn:
         kueue_manages: bool = True,
         kueue_version: str = "v1beta2",
         provisioning_requests: bool = True,
+        tls: ssl.SSLContext | None = None,
     ):
         self.controller = CONTROLLERS[kind]
         self.namespaces = set(namespaces)
@@ -177,6 +180,7 @@ class KubeApiStandIn:
         self._log_clock = itertools.count(1)
         self._attempts: dict[tuple[str, int], int] = {}
         self._closing = False
+        self._tls = tls
         self._server: LoopbackServer | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -187,7 +191,7 @@ class KubeApiStandIn:
         class Handler(_Handler):
             world = stand_in
 
-        self._server = LoopbackServer(Handler, "k8s-stand-in")
+        self._server = LoopbackServer(Handler, "k8s-stand-in", self._tls)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,7 +14,9 @@ import os
 import signal
 from datetime import datetime, timedelta, timezone
 
+import certifi
 import pytest
+import requests
 
 from components.launch.kubernetes.api import KubernetesApi
 from components.launch.kubernetes.credentials import in_cluster_api
@@ -43,6 +45,7 @@ from tests.support.k8s_stand_in import (
     listed_provisioning_requests,
     listed_workloads,
 )
+from tests.support.tls import loopback_tls
 from worker.config import WorkerConfig
 
 RESULTS = "gs://results-bucket/runs/coco-val2017"
@@ -85,8 +88,10 @@ def stand_in(request):
     assert not server.step_errors, server.step_errors
 
 
-def launch(stand_in: KubeApiStandIn, manifest: dict, log: CollectedLog, **kwargs):
-    api = KubernetesApi(stand_in.url, token="test-token", request_timeout_s=10, stream_read_timeout_s=20)
+def launch(stand_in: KubeApiStandIn, manifest: dict, log: CollectedLog, verify: bool | str = True, **kwargs):
+    api = KubernetesApi(
+        stand_in.url, token="test-token", verify=verify, request_timeout_s=10, stream_read_timeout_s=20
+    )
     # Short intervals keep the test fast; the 30 s timeout is only a safety net against a hang.
     options = dict(timeout_s=30, poll_interval_s=0.05, retry_interval_s=0.02, log_drain_timeout_s=10)
     options.update(kwargs)
@@ -705,6 +710,29 @@ def test_missing_cluster_resource_is_a_one_line_error_naming_it(kind, cluster, n
         assert len(created) == 1  # the namespace could only be found missing by the create call
     else:
         assert created == []  # found before anything was created
+
+
+def test_the_clusters_ca_verifies_tls_whatever_ca_bundle_the_environment_names(tmp_path, monkeypatch):
+    ca, tls = loopback_tls(tmp_path)
+    # Valid bundles without the cluster's CA: requests lets these replace a session's CA.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
+    monkeypatch.setenv("CURL_CA_BUNDLE", certifi.where())
+    manifest = make_manifest("jobset")
+    name = manifest["metadata"]["name"]
+    log = CollectedLog()
+    with KubeApiStandIn(kind="jobset", tls=tls) as stand_in:
+        stand_in.script(
+            Step(listed_workloads, lambda s: (s.admit(name), s.add_pod(name, 0, ["ok"], state="terminated"))),
+            Step(stand_in.followed_log(0), lambda s: s.finish(name, succeeded=True)),
+        )
+        with pytest.raises(requests.exceptions.SSLError):  # the environment's bundle alone cannot verify it
+            KubernetesApi(stand_in.url, verify=True).kueue_api_version()
+
+        outcome = launch(stand_in, manifest, log, verify=ca)
+
+        streams = stand_in.calls("GET", "/log", follow="true")
+    assert stand_in.url.startswith("https://")
+    assert outcome.log_tail == ["ok"] and streams  # plain calls, the watch and the log streams alike
 
 
 def test_in_cluster_credentials_reread_the_rotated_token(tmp_path, monkeypatch):
