@@ -181,6 +181,7 @@ class KubeApiStandIn:
         self._attempts: dict[tuple[str, int], int] = {}
         self._closing = False
         self._tls = tls
+        self._collector_lags = False
         self._server: LoopbackServer | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -552,8 +553,22 @@ class KubeApiStandIn:
         with self._cond:
             self.requests.append(request)
 
+    def hold_dependents(self) -> None:
+        """The garbage collector lags: the pods of the jobs deleted from now on run until collect_garbage()."""
+        with self._cond:
+            self._collector_lags = True
+
+    def collect_garbage(self, job: str, namespace: str = NAMESPACE) -> None:
+        """The collector reaches a deleted job's pods: they are terminating, and stay listed as such."""
+        with self._cond:
+            for pod in self.pods.values():
+                if pod.job == job and pod.obj["metadata"]["namespace"] == namespace:
+                    pod.obj["metadata"].setdefault("deletionTimestamp", _now())
+
     def delete_job(self, namespace: str, name: str) -> bool:
-        """Deletion with garbage collection: the job, its Workload and its pods go at once."""
+        """Deletion with background propagation: the job and its Workload go at once, its pods at once
+        too unless :meth:`hold_dependents` was called.
+        """
         with self._cond:
             job = self.jobs.pop((namespace, name), None)
             if job is None:
@@ -569,8 +584,9 @@ class KubeApiStandIn:
                         (request["metadata"]["namespace"], request["metadata"]["name"])
                     ]
                 del self.workloads[key]
-            for key in [k for k, p in self.pods.items() if p.job == name]:
-                self.delete_pod(key[1], namespace)
+            if not self._collector_lags:
+                for key in [k for k, p in self.pods.items() if p.job == name]:
+                    self.delete_pod(key[1], namespace)
             return True
 
 

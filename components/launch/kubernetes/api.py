@@ -319,7 +319,7 @@ class KubernetesApi:
         return self._request("GET", resource.path(namespace), params=params)
 
     def delete(
-        self, resource: Resource, namespace: str, name: str, propagation_policy: str = "Foreground"
+        self, resource: Resource, namespace: str, name: str, propagation_policy: str = "Background"
     ) -> bool:
         """Deletes an object and, through garbage collection, what it owns (pods, services).
 
@@ -327,8 +327,8 @@ class KubernetesApi:
             resource: What kind of object.
             namespace: Its namespace.
             name: Its name.
-            propagation_policy: ``Foreground`` keeps the object visible until its dependents are
-                gone; ``Background`` removes it at once and lets the collector follow.
+            propagation_policy: ``Background`` removes the object at once and lets the collector
+                delete its dependents after; ``Foreground`` keeps it visible until they are gone.
 
         Returns:
             False when the object was already gone.

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from typing import Any, NoReturn
 
 from components.launch.kubernetes.api import ApiError, KubernetesApi
+from components.launch.kubernetes.deletion import PROPAGATION, Remains, wait_until_deleted
 from components.launch.kubernetes.errors import (
     AdmissionRejected,
     JobCancelled,
@@ -183,10 +184,11 @@ class _Run:
                     f"{self.kind.resource.kind} {name} for the same results prefix is being deleted; "
                     "waiting until it is gone"
                 )
-                if not self.wait_until_gone(name, self.deadline):
+                left = self._wait_deleted(name, self.deadline)
+                if not left.gone:
                     raise JobTimedOut(
                         f"{self._ref_of(name)} for the same results prefix was still being deleted "
-                        f"after {self.timeout_s:g}s; created nothing"
+                        f"after {self.timeout_s:g}s ({left.describe(self._ref_of(name))}); created nothing"
                     )
         return None
 
@@ -226,11 +228,11 @@ class _Run:
         self.log(
             f"{self.ref} exists from an earlier attempt ({self.kind.state(current).phase}); replacing it"
         )
-        self.api.delete(self.kind.resource, self.namespace, self.name)
-        if not self.wait_until_gone(self.name, self.deadline):
+        left = self.delete("replacing an earlier attempt's finished job", wait=True)
+        if left is not None and left.job:
             raise JobTimedOut(
                 f"{self.ref} from an earlier attempt was still being deleted after "
-                f"{self.timeout_s:g}s; created nothing"
+                f"{self.deletion_wait_s:g}s; created nothing"
             )
         self.create()
 
@@ -242,17 +244,17 @@ class _Run:
             f"instead of creating a new one: {why}"
         )
 
-    def wait_until_gone(self, name: str, deadline: float) -> bool:
-        while True:
-            try:
-                self.api.get(self.kind.resource, self.namespace, name)
-            except ApiError as e:
-                if e.not_found:
-                    return True
-                raise
-            if self.clock() >= deadline:
-                return False
-            self._pause.wait(min(self.retry_interval_s, max(0.0, deadline - self.clock())))
+    def _wait_deleted(self, name: str, deadline: float) -> Remains:
+        return wait_until_deleted(
+            self.api,
+            self.kind,
+            self.namespace,
+            name,
+            deadline=deadline,
+            clock=self.clock,
+            pause=self._pause.wait,
+            retry_interval_s=self.retry_interval_s,
+        )
 
     # following ---------------------------------------------------------------------------------
 
@@ -372,23 +374,32 @@ class _Run:
 
     # cleanup -------------------------------------------------------------------------------------
 
-    def delete(self, why: str, wait: bool) -> None:
-        """Deletes the job with foreground propagation (pods go first); idempotent."""
+    def delete(self, why: str, wait: bool) -> Remains | None:
+        """Deletes the job with background propagation (:mod:`~components.launch.kubernetes.deletion`
+        says why); idempotent. With ``wait``, waits up to ``deletion_wait_s`` until neither the job
+        nor a pod of it that is not terminating is left, and returns what is left (None: unknown).
+        """
         self.logs.stop()
         if self.watcher is not None:
             self.watcher.stop()
         try:
             existed = self.api.delete(
-                self.kind.resource, self.namespace, self.name, propagation_policy="Foreground"
+                self.kind.resource, self.namespace, self.name, propagation_policy=PROPAGATION
             )
         finally:
             self.owns_live_job = False
-        self.log(f"deleted {self.ref} ({why})" if existed else f"{self.ref} was already gone ({why})")
-        if existed and wait and not self.wait_until_gone(self.name, self.clock() + self.deletion_wait_s):
-            self.log(
-                f"{self.ref} is still being deleted after {self.deletion_wait_s:g}s; "
-                "the garbage collector will finish it"
-            )
+        done = f"deleted {self.ref} ({why})" if existed else f"{self.ref} was already gone ({why})"
+        if not wait:
+            self.log(f"{done}; its pods are deleted in the background, not waited for")
+            return None
+        try:
+            left = self._wait_deleted(self.name, self.clock() + self.deletion_wait_s)
+        except ApiError as e:
+            self.log(f"{done}; cannot tell whether its pods are gone ({e})")
+            return None
+        waited = "" if left.gone else f"after {self.deletion_wait_s:g}s, "
+        self.log(f"{done}; {waited}{left.describe(self.ref)}")
+        return left
 
     def close(self) -> None:
         self.logs.stop()
@@ -443,7 +454,8 @@ def run_job(
         retry_interval_s: Pause before reconnecting a dropped watch or log stream.
         log: Where progress and the pods' logs go (default: stdout).
         log_tail_lines: Log lines kept for the failure message.
-        deletion_wait_s: How long a deletion on timeout/rejection is waited for.
+        deletion_wait_s: How long a deletion (on timeout, rejection, or of an earlier attempt's
+            job) is waited for: until neither the job nor a pod of it that is not terminating is left.
         watch_timeout_s: Server-side timeout of each watch request.
         log_drain_timeout_s: How long, once the job has ended, the rest of the logs is waited for.
         clock: Monotonic clock in seconds (injectable for tests).

@@ -102,6 +102,11 @@ def ref(stand_in: KubeApiStandIn, name: str) -> str:
     return f"{stand_in.controller.kind} {NS}/{name}"
 
 
+def position(stand_in: KubeApiStandIn, request) -> int:
+    """Where ``request`` is among those received (requests can be equal, so by identity)."""
+    return next(i for i, r in enumerate(stand_in.requests) if r is request)
+
+
 # How the launcher names node 1: the first Worker of a PyTorchJob, pod 1 of a JobSet.
 NODE_1 = {"pytorchjob": "worker-0", "trainjob": "node-1", "jobset": "node-1"}
 
@@ -389,7 +394,7 @@ def test_failed_job_falls_back_to_the_streamed_logs_when_pods_are_gone(stand_in)
     assert stand_in.steps_left() == 0
 
 
-def test_timeout_while_queued_deletes_the_job_with_foreground_propagation(stand_in):
+def test_timeout_while_queued_deletes_the_job_with_background_propagation(stand_in):
     manifest = make_manifest(stand_in.controller.name)
     name = manifest["metadata"]["name"]
     log = CollectedLog()
@@ -401,12 +406,14 @@ def test_timeout_while_queued_deletes_the_job_with_foreground_propagation(stand_
 
     assert "did not finish within 60s" in str(timeout.value) and "Suspended" in str(timeout.value)
     deletes = stand_in.calls("DELETE", f"{stand_in.jobs_path}/{name}")
-    assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Foreground"}
+    assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Background"}
     assert stand_in.job(name) is None
     assert (
         log.count(f"suspended: workload {stand_in.controller.name}-") >= 2
     )  # reported steadily while queued
-    assert log.has(f"deleted {ref(stand_in, name)} (timed out after 60s)")
+    assert log.has(
+        f"deleted {ref(stand_in, name)} (timed out after 60s); {ref(stand_in, name)} is gone; no pod"
+    )
 
 
 def test_sigterm_while_running_deletes_the_job_and_exits(stand_in):
@@ -434,11 +441,57 @@ def test_sigterm_while_running_deletes_the_job_and_exits(stand_in):
     assert cancelled.value.code == 143
     assert received == []  # the launcher's handler, not the outer one, took the signal
     deletes = stand_in.calls("DELETE", f"{stand_in.jobs_path}/{name}")
-    assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Foreground"}
+    assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Background"}
     assert stand_in.job(name) is None
     assert log.has("cancelled by SIGTERM") and log.has(
-        f"deleted {ref(stand_in, name)} (pipeline run cancelled)"
+        f"deleted {ref(stand_in, name)} (pipeline run cancelled); its pods are deleted in the background"
     )
+
+
+@pytest.mark.parametrize("collected", [True, False], ids=["collector-catches-up", "collector-lags"])
+def test_timeout_while_running_waits_until_no_pod_is_left_running_and_says_what_is_left(stand_in, collected):
+    manifest = make_manifest(stand_in.controller.name)
+    name = manifest["metadata"]["name"]
+    stand_in.hold_dependents()  # the job object goes at once; its pods only once the collector reaches them
+    steps = [
+        Step(
+            listed_workloads,
+            lambda s: (s.admit(name), s.add_pod(name, 0, ["step 1"]), s.add_pod(name, 1, ["step 1"])),
+        )
+    ]
+    if collected:
+        steps += [
+            Step(lambda r: r.method == "DELETE", lambda s: None),
+            Step(listed_all_pods, lambda s: s.collect_garbage(name)),  # after its first look
+        ]
+    stand_in.script(*steps)
+    log = CollectedLog()
+    ticks = itertools.count(0, 10)
+
+    with pytest.raises(JobTimedOut):
+        launch(
+            stand_in,
+            manifest,
+            log,
+            timeout_s=60,
+            deletion_wait_s=100,
+            poll_interval_s=0.01,
+            clock=lambda: float(next(ticks)),
+        )
+
+    deletes = stand_in.calls("DELETE", f"{stand_in.jobs_path}/{name}")
+    assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Background"}
+    after_delete = stand_in.requests[position(stand_in, deletes[0]) :]
+    assert len([r for r in after_delete if listed_all_pods(r)]) >= 2  # it looked again: the pods still ran
+    pods = sorted(stand_in.pod_name(name, node) for node in (0, 1))
+    deleted = next(line for line in log if line.startswith(f"deleted {ref(stand_in, name)} (timed out"))
+    if collected:
+        assert deleted.endswith(f"{ref(stand_in, name)} is gone; its pods: 2 terminating")
+    else:
+        assert deleted.endswith(
+            f"after 100s, {ref(stand_in, name)} is gone; its pods: 2 not terminating yet ({', '.join(pods)})"
+        )
+    assert stand_in.steps_left() == 0
 
 
 def test_dropped_watch_resumes_from_the_last_resource_version(stand_in):
@@ -621,9 +674,14 @@ def test_retry_of_the_same_run_replaces_its_finished_job(stand_in):
     manifest = make_manifest(stand_in.controller.name)
     name = manifest["metadata"]["name"]
     stand_in.create_job(manifest)
+    stand_in.admit(name)
+    stand_in.add_pod(name, 0, ["out of memory"], state="terminated", exit_code=137)
     stand_in.finish(name, succeeded=False)
     old_uid = stand_in.job(name)["metadata"]["uid"]
+    stand_in.hold_dependents()
     stand_in.script(
+        Step(lambda r: r.method == "DELETE", lambda s: None),
+        Step(listed_all_pods, lambda s: s.collect_garbage(name)),
         Step(listed_workloads, lambda s: (s.admit(name), s.add_pod(name, 0, ["ok"], state="terminated"))),
         Step(stand_in.followed_log(0), lambda s: s.finish(name, succeeded=True)),
     )
@@ -632,9 +690,16 @@ def test_retry_of_the_same_run_replaces_its_finished_job(stand_in):
     outcome = launch(stand_in, manifest, log)
 
     assert outcome.uid != old_uid and not outcome.adopted
-    assert len(stand_in.calls("POST", stand_in.jobs_path)) == 2  # 409 AlreadyExists, then the replacement
-    assert len(stand_in.calls("DELETE", f"{stand_in.jobs_path}/{name}")) == 1
+    creates = stand_in.calls("POST", stand_in.jobs_path)
+    assert len(creates) == 2  # 409 AlreadyExists, then the replacement
+    deletes = stand_in.calls("DELETE", f"{stand_in.jobs_path}/{name}")
+    assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Background"}
+    # Created only once the old job's pod was terminating: the first look after the delete found it not yet.
+    between = stand_in.requests[position(stand_in, deletes[0]) : position(stand_in, creates[1])]
+    assert len([r for r in between if listed_all_pods(r)]) == 2
     assert log.has("exists from an earlier attempt (Failed); replacing it")
+    assert log.has(f"{ref(stand_in, name)} is gone; its pods: 1 terminating")
+    assert outcome.log_tail == ["ok"]
 
 
 @pytest.mark.parametrize("kind", JOB_KINDS)
@@ -654,7 +719,7 @@ def test_rejected_admission_check_deletes_the_job_and_fails_with_its_message(kin
         job_left = stand_in.job(name)
         workload_reads = stand_in.calls("GET", "/workloads")
     assert rejection in str(rejected.value) and "'dws-prov'" in str(rejected.value)
-    assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Foreground"}
+    assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Background"}
     assert job_left is None
     assert log.has("dws-prov: Pending") and log.has("dws-prov: Rejected")
     # The Kueue API version is discovered, so older Kueue releases (v1beta1 only) work too.
