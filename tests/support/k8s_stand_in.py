@@ -177,6 +177,7 @@ class KubeApiStandIn:
         self._steps: deque[Step] = deque()
         self._watch_faults: deque[dict[str, Any]] = deque()
         self._log_faults: dict[str, deque[int]] = {}
+        self._lost_logs: set[str] = set()
         self._log_clock = itertools.count(1)
         self._attempts: dict[tuple[str, int], int] = {}
         self._closing = False
@@ -229,6 +230,11 @@ class KubeApiStandIn:
         """The next followed log stream of ``pod`` is cut after ``after_lines`` lines."""
         with self._cond:
             self._log_faults.setdefault(pod, deque()).append(after_lines)
+
+    def lose_logs(self, pod: str) -> None:
+        """``pod``'s log can no longer be read: the API server cannot reach its kubelet."""
+        with self._cond:
+            self._lost_logs.add(pod)
 
     def followed_log(self, node: int, *, since: bool | None = None) -> Callable[[Request], bool]:
         """Step trigger: the launcher opened a followed log stream of node ``node``'s pod.
@@ -492,6 +498,7 @@ class KubeApiStandIn:
                         "labels": labels,
                         "annotations": annotations,
                     },
+                    "spec": {"nodeName": f"gke-a3-ultra-{node}"},
                     "status": {
                         "phase": "Running",
                         "containerStatuses": [
@@ -526,19 +533,31 @@ class KubeApiStandIn:
             self._cond.notify_all()
 
     def terminate_pod(
-        self, pod: str, exit_code: int, namespace: str = NAMESPACE, finished_at: str | None = None
+        self,
+        pod: str,
+        exit_code: int,
+        namespace: str = NAMESPACE,
+        finished_at: str | None = None,
+        reason: str | None = None,
     ) -> None:
+        """The worker container exits (``reason`` as the kubelet gives it, e.g. ``OOMKilled``)."""
         with self._cond:
             obj = self.pods[(namespace, pod)].obj
             obj["status"]["phase"] = "Succeeded" if exit_code == 0 else "Failed"
             obj["status"]["containerStatuses"][0]["state"] = {
                 "terminated": {
                     "exitCode": exit_code,
-                    "reason": "Completed" if exit_code == 0 else "Error",
+                    "reason": reason or ("Completed" if exit_code == 0 else "Error"),
                     "finishedAt": finished_at or _now(),
                 }
             }
             self._cond.notify_all()
+
+    def evict_pod(self, pod: str, message: str, namespace: str = NAMESPACE) -> None:
+        """The kubelet evicts the pod (node pressure): it fails with reason Evicted, its container killed."""
+        with self._cond:
+            self.terminate_pod(pod, 137, namespace)
+            self.pods[(namespace, pod)].obj["status"].update(reason="Evicted", message=message)
 
     def delete_pod(self, pod: str, namespace: str = NAMESPACE) -> None:
         with self._cond:
@@ -962,6 +981,14 @@ class _Handler(QuietHandler):
             state = next(iter(pod.obj["status"]["containerStatuses"][0]["state"])) if pod else None
         if pod is None:
             self._status(404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"})
+            return
+        if name in world._lost_logs:
+            self._status(
+                500,
+                "InternalError",
+                f'Get "https://{pod.obj["spec"]["nodeName"]}:10250/containerLogs/{ns}/{name}": '
+                "dial tcp: connect: no route to host",
+            )
             return
         if state == "waiting":
             self._status(

@@ -336,21 +336,67 @@ def test_failed_job_ends_with_the_first_failing_ranks_error_not_its_peers_echo(s
     node1 = stand_in.pod_name(name, 1)
     assert f"pod {node1}" in message and failure.value.pod == f"pod {node1}"
     # The message ends with the cause (its traceback is in the tail above), the echo named as one before it.
-    assert message.splitlines()[-1].endswith("failed first: RuntimeError: NCCL error: unhandled system error")
-    assert message.splitlines()[-1].startswith(f"{NODE_1[stand_in.controller.name]} (pod {node1}")
+    verdict = (
+        f"{NODE_1[stand_in.controller.name]} (pod {node1} on gke-a3-ultra-1, process 0) failed first "
+        "(exit code 1): RuntimeError: NCCL error: unhandled system error"
+    )
+    assert message.splitlines()[-1] == verdict
     echo_line = next(line for line in message.splitlines() if "failed too" in line)
     assert echo_line.startswith(node0(stand_in)) and "Connection closed by peer" in echo_line
     assert message.index(echo_line) < message.rindex("failed first")
     first_line = message.splitlines()[0]  # what a UI showing one line shows
-    assert condition_reason in first_line and first_line.endswith(
-        "failed first: RuntimeError: NCCL error: unhandled system error"
-    )
+    assert condition_reason in first_line and first_line.endswith(verdict)
     assert failure.value.log_tail[-1] == "[default0]:RuntimeError: NCCL error: unhandled system error"
     tail_reads = stand_in.calls("GET", f"/pods/{node1}/log")
     assert [r for r in tail_reads if r.query.get("tailLines") == "2000"]
     assert log.count(f"[{node0(stand_in)}] [default0]:rank 0: waiting for peers") == 1
     # A failed job is finished, not left running: it is kept for inspection, not deleted.
     assert stand_in.calls("DELETE") == []
+
+
+@pytest.mark.parametrize("ending", ["oom-killed", "evicted"])
+def test_failed_rank_is_named_from_its_pods_status_when_its_log_cannot_be_read(stand_in, ending):
+    manifest = make_manifest(stand_in.controller.name)
+    name = manifest["metadata"]["name"]
+    eviction = "The node was low on resource: memory. Threshold quantity: 100Mi, available: 52Mi."
+    reason = []
+
+    def node1_dies(s: KubeApiStandIn) -> None:
+        pod = s.pod_name(name, 1)
+        s.lose_logs(pod)  # its node is gone: the API server cannot reach the kubelet for its log
+        if ending == "evicted":
+            s.evict_pod(pod, eviction)
+        else:
+            s.terminate_pod(pod, 137, reason="OOMKilled", finished_at="2026-11-24T20:00:05Z")
+        s.append_log(s.pod_name(name, 0), *ECHO)
+        s.terminate_pod(s.pod_name(name, 0), 1, finished_at="2026-11-24T20:00:09Z")
+        reason.append(s.finish(name, succeeded=False))
+
+    stand_in.script(
+        Step(
+            listed_workloads,
+            lambda s: (
+                s.admit(name),
+                s.add_pod(name, 0, ["[default0]:rank 0: waiting for peers"]),
+                s.add_pod(name, 1),
+            ),
+        ),
+        Step(stand_in.followed_log(0), node1_dies, at="received"),
+    )
+
+    with pytest.raises(JobFailed) as failure:
+        launch(stand_in, manifest, CollectedLog())
+
+    ((condition_reason, condition_message),) = reason
+    pod = stand_in.pod_name(name, 1)
+    status = f"exit code 137; Evicted: {eviction}" if ending == "evicted" else "exit code 137 (OOMKilled)"
+    verdict = f"{NODE_1[stand_in.controller.name]} (pod {pod} on gke-a3-ultra-1) failed first: {status}"
+    lines = str(failure.value).splitlines()
+    assert lines[0] == f"{ref(stand_in, name)} failed ({condition_reason}: {condition_message}): {verdict}"
+    assert lines[-1] == verdict and f"(no log lines could be read from pod {pod})" in lines
+    # Node 0's lost connection, which it logged last, is named as what it is: an echo.
+    assert any(line.startswith(f"{node0(stand_in)} failed too: RuntimeError: [gloo") for line in lines)
+    assert failure.value.pod == f"pod {pod}" and failure.value.log_tail == []
 
 
 def test_failed_job_falls_back_to_the_streamed_logs_when_pods_are_gone(stand_in):
