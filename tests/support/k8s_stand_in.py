@@ -180,6 +180,7 @@ class KubeApiStandIn:
         self._lost_logs: set[str] = set()
         self._log_clock = itertools.count(1)
         self._attempts: dict[tuple[str, int], int] = {}
+        self._restarts: dict[str, int] = {}  # gang restarts per job
         self._closing = False
         self._tls = tls
         self._collector_lags = False
@@ -456,6 +457,34 @@ class KubeApiStandIn:
             for key in [k for k, p in self.pods.items() if p.job == name]:
                 self.delete_pod(key[1], namespace)
 
+    def restart(self, name: str, failed_node: int, exit_code: int, namespace: str = NAMESPACE) -> None:
+        """Node ``failed_node`` fails and the job restarts, as its kind does: JobSet (and a TrainJob's
+        JobSet) deletes the whole gang, the failed pod and its killed peers terminating, for new pods
+        to make; the Training Operator restarts the failed container in place.
+        """
+        with self._cond:
+            failed = self.pod_name(name, failed_node)
+            self.terminate_pod(failed, exit_code, namespace)
+            if self.controller.restarts_gang:
+                self._restarts[name] = self._restarts.get(name, 0) + 1
+                for key, pod in list(self.pods.items()):
+                    if pod.job == name and not pod.obj["metadata"].get("deletionTimestamp"):
+                        if key[1] != failed:
+                            self.terminate_pod(key[1], 143, namespace)  # SIGTERM from the Job's deletion
+                        pod.obj["metadata"]["deletionTimestamp"] = _now()
+            else:
+                status = self.pods[(namespace, failed)].obj["status"]
+                container = status["containerStatuses"][0]
+                container.update(
+                    lastState=container["state"],
+                    state={"running": {}},
+                    restartCount=container["restartCount"] + 1,
+                )
+                status["phase"] = "Running"
+            self.update_job(
+                name, lambda job: self.controller.restart(job, _set_condition, failed_node), namespace
+            )
+
     def finish(self, name: str, *, succeeded: bool, namespace: str = NAMESPACE) -> tuple[str, str]:
         """The job ends; returns the (reason, message) its controller gave."""
         with self._cond:
@@ -485,7 +514,7 @@ class KubeApiStandIn:
         with self._cond:
             attempt = self._attempts.get((job, node), 0)
             self._attempts[(job, node)] = attempt + 1
-            name, labels, annotations = self.controller.pod(job, node, attempt)
+            name, labels, annotations = self.controller.pod(job, node, attempt, self._restarts.get(job, 0))
             pod = _Pod(
                 {
                     "apiVersion": "v1",

@@ -20,7 +20,7 @@ import requests
 from components.launch.failures import ProcessError, first_cause, process_errors
 from components.launch.kubernetes.api import ApiError, KubernetesApi
 from components.launch.kubernetes.kinds import JobKind, JobState, node_order
-from components.launch.kubernetes.pod import container_state, failure_status, failure_time
+from components.launch.kubernetes.pod import container_state, failure_status, failure_time, pod_place
 
 # Lines read from each failed pod: its cause can sit above its peers' echoes and torchrun's summary.
 READ_LINES = 2000
@@ -35,7 +35,7 @@ class NodeLog:
         source: ``pod <name>`` or ``<rank> (as streamed)`` (no pod of it is left).
         lines: Its log lines (empty when none could be read).
         status: The failed pod's own account (:func:`~components.launch.kubernetes.pod.failure_status`).
-        host: The Kubernetes node the pod ran on, if known.
+        place: The pod and the Kubernetes node it ran on (:func:`~components.launch.kubernetes.pod.pod_place`).
         as_streamed: The lines are what was streamed of the node, its pod's log being unreadable.
     """
 
@@ -43,7 +43,7 @@ class NodeLog:
     source: str
     lines: list[str]
     status: str = ""
-    host: str = ""
+    place: str = ""
     as_streamed: bool = False
     errors: list[ProcessError] = field(default_factory=list)
 
@@ -54,12 +54,8 @@ class NodeLog:
 
     @property
     def where(self) -> str:
-        """The source with its host: ``pod x-node-0-1 on gke-a3-7``."""
-        return (
-            self.source
-            + (f" on {self.host}" if self.host else "")
-            + (", log as streamed" if self.as_streamed else "")
-        )
+        """Where the lines come from: ``pod x-node-0-1 on gke-a3-7``, ``node-1 (as streamed)``."""
+        return (self.place or self.source) + (", log as streamed" if self.as_streamed else "")
 
 
 @dataclass
@@ -97,6 +93,9 @@ def failed_node_logs(
         pods = api.list_pods(namespace, kind.pod_selector(job_name))
     except ApiError:
         pods = []
+    # The last gang's failure ended the job; the earlier gangs' were restarted past.
+    attempts = [a for p in pods if (a := kind.restart_attempt(p)) is not None]
+    pods = [p for p in pods if kind.restart_attempt(p) in (None, max(attempts, default=None))]
     logs = []
     for pod in failing_pods(kind, pods):
         rank, name = kind.rank(pod), pod["metadata"]["name"]
@@ -106,8 +105,7 @@ def failed_node_logs(
         if as_streamed:
             lines = list(streamed[rank])
         status = failure_status(pod, kind.container)
-        host = (pod.get("spec") or {}).get("nodeName") or ""
-        logs.append(NodeLog(rank, f"pod {name}", lines, status, host, as_streamed))
+        logs.append(NodeLog(rank, f"pod {name}", lines, status, pod_place(pod), as_streamed))
     if any(log.lines for log in logs):
         return logs
     failed_ranks = {log.rank for log in logs}

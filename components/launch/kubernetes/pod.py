@@ -233,6 +233,12 @@ def failure_status(pod: dict[str, Any], container: str) -> str:
     return "; ".join(parts)
 
 
+def pod_place(pod: dict[str, Any]) -> str:
+    """``pod <name> on <node>``: the pod and the Kubernetes node it was scheduled to, if it was."""
+    host = (pod.get("spec") or {}).get("nodeName")
+    return f"pod {pod['metadata']['name']}" + (f" on {host}" if host else "")
+
+
 def is_terminating(obj: dict[str, Any]) -> bool:
     """Whether the object (a pod or a job) is being deleted."""
     return bool((obj.get("metadata") or {}).get("deletionTimestamp"))

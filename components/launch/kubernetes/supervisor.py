@@ -39,6 +39,7 @@ from components.launch.kubernetes.failure import READ_LINES, explain, failed_nod
 from components.launch.kubernetes.kinds import (
     FINISHED,
     QUEUE_NAME_LABEL,
+    RESTARTING,
     RESULTS_HASH_LABEL,
     STARTING,
     SUCCEEDED,
@@ -48,6 +49,7 @@ from components.launch.kubernetes.kinds import (
 )
 from components.launch.kubernetes.kueue import Admission, QueueReporter
 from components.launch.kubernetes.pod import is_terminating
+from components.launch.kubernetes.restarts import RestartReporter
 from components.launch.kubernetes.streams import JobLogs, JobWatcher, Log
 
 DEFAULT_TIMEOUT_S = 24 * 3600  # queueing for DWS capacity can take hours; the run itself is capped by DWS
@@ -274,6 +276,8 @@ class _Run:
         self.watcher.start()
         self.queue = QueueReporter(self.api, self.namespace, self.ref, self.kind.kueue_framework, self.log)
         job: dict[str, Any] = self.job
+        restarts = RestartReporter(self.api, self.kind, self.namespace, self.name, self.ref, self.log)
+        restarts.start(job, self.adopted)
         last_phase: str | None = None
         ever_admitted = False
         next_report = self.clock()
@@ -282,6 +286,8 @@ class _Run:
             phase = state.phase
             if phase != last_phase:
                 self.on_phase_change(state, last_phase, ever_admitted)
+                if phase == RESTARTING and last_phase is not None:
+                    restarts.restarting(job)
                 adopted = self.adopted and last_phase is None  # found running: when was it admitted?
                 since = self.queue.admitted_since(job) if adopted and phase != SUSPENDED else None
                 self.admission.saw(phase, adopted_running=adopted, admitted_since=since)
@@ -291,12 +297,15 @@ class _Run:
             if phase in FINISHED:
                 return self.succeeded(job) if phase == SUCCEEDED else self.raise_failed(state)
             now = self.clock()
+            pods = None  # listed in this turn, if they are
             if now >= next_report:
                 if phase in (SUSPENDED, STARTING):
-                    self.report_waiting(job, phase)
+                    pods = self.report_waiting(job, phase)
                 else:  # running: follow the nodes whose pods appeared (or were recreated) since
-                    self.logs.follow_every_node(self.name)
+                    pods = self.logs.follow_every_node(self.name)
                 next_report = now + self.poll_interval_s
+            if phase != SUSPENDED:
+                restarts.check(job, pods)
             if now >= self.deadline:
                 self.delete(f"timed out after {self.timeout_s:g}s", wait=True)
                 raise JobTimedOut(
@@ -334,7 +343,8 @@ class _Run:
         elif last == SUSPENDED:
             self.log(f"{self.ref} was admitted by Kueue")
 
-    def report_waiting(self, job: dict[str, Any], phase: str) -> None:
+    def report_waiting(self, job: dict[str, Any], phase: str) -> list[dict[str, Any]] | None:
+        """Reports the queue and, for a starting job, its pods (returned; None if not listed)."""
         if (job["metadata"].get("labels") or {}).get(QUEUE_NAME_LABEL):
             assert self.queue is not None
             rejected = self.queue.report(job["metadata"].get("uid"), phase.lower())
@@ -344,8 +354,7 @@ class _Run:
                     f"{self.ref}: admission check {rejected.get('name')!r} rejected the workload: "
                     f"{rejected.get('message') or 'no message'}; deleted the job"
                 )
-        if phase == STARTING:
-            self.logs.report_pods(self.name)
+        return self.logs.report_pods(self.name) if phase == STARTING else None
 
     def succeeded(self, job: dict[str, Any]) -> JobOutcome:
         self.admission.ended()  # before draining the logs: the nodes are released from now

@@ -283,6 +283,60 @@ def test_job_without_a_queue_runs_without_kueue_and_reports_its_pods_while_start
     assert not log.has("Suspended")
 
 
+# How the launcher counts a restart: JobSet's and Trainer's gangs restart whole (a TrainJob's limit
+# is in its runtime, which the launcher may not read); a PyTorchJob restarts the failed pod alone.
+RESTART = {"pytorchjob": "restart 1 of 3", "trainjob": "gang restart 1", "jobset": "gang restart 1 of 3"}
+
+
+def test_a_restart_is_reported_once_naming_the_failed_rank_and_the_new_pods_are_followed(stand_in):
+    manifest = make_manifest(stand_in.controller.name)
+    name = manifest["metadata"]["name"]
+    failed = []
+
+    def node1_fails(s: KubeApiStandIn) -> None:
+        failed.append(s.pod_name(name, 1))
+        s.restart(name, failed_node=1, exit_code=1)
+        if s.controller.restarts_gang:
+            s.add_pod(name, 0, ["attempt 1 of node 0"])
+            s.add_pod(name, 1, ["attempt 1 of node 1"])
+        else:
+            s.append_log(s.pod_name(name, 1), "attempt 1 of node 1")
+        s.start(name)
+
+    def finish(s: KubeApiStandIn) -> None:
+        for node in (0, 1):
+            s.terminate_pod(s.pod_name(name, node), 0)
+        s.finish(name, succeeded=True)
+
+    stand_in.script(
+        Step(
+            listed_workloads,
+            lambda s: (
+                s.admit(name),
+                s.add_pod(name, 0, ["attempt 0 of node 0"]),
+                s.add_pod(name, 1, ["attempt 0 of node 1"]),
+            ),
+        ),
+        Step(stand_in.followed_log(1), node1_fails, at="received"),
+        Step(listed_all_pods, finish),  # once the launcher has looked at the pods after the restart
+    )
+    log = CollectedLog()
+
+    outcome = launch(stand_in, manifest, log)
+
+    node1 = NODE_1[stand_in.controller.name]
+    restarts = [line for line in log if " restart " in line]
+    assert restarts == [
+        f"{ref(stand_in, name)}: {RESTART[stand_in.controller.name]}: "
+        f"{node1} (pod {failed[0]} on gke-a3-ultra-1) failed: exit code 1"
+    ]
+    assert log.count(f"[{node1}] attempt 1 of node 1") == 1  # the restarted node is followed on
+    if stand_in.controller.restarts_gang:
+        assert log.count(f"[{node0(stand_in)}] attempt 1 of node 0") == 1
+    assert outcome.name == name and stand_in.calls("DELETE") == []
+    assert stand_in.steps_left() == 0
+
+
 NCCL_FAILURE = [
     "[default0]:Traceback (most recent call last):",
     '[default0]:  File "worker/run.py", line 12, in run',
