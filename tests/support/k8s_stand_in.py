@@ -44,6 +44,7 @@ from tests.support.k8s_controllers import CONTROLLERS
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 DWS_CHECK = "dws-prov"
+CLUSTER_QUEUE = "dws-cluster-queue"
 DWS_WAITING = (
     "Waiting for resources. Currently there are not enough resources available to fulfill the request."
 )
@@ -183,6 +184,7 @@ class KubeApiStandIn:
         self._restarts: dict[str, int] = {}  # gang restarts per job
         self._closing = False
         self._tls = tls
+        self.cluster_queue_active = True
         self._collector_lags = False
         self._server: LoopbackServer | None = None
 
@@ -340,19 +342,50 @@ class KubeApiStandIn:
             "spec": {"queueName": queue},
             "status": {},
         }
+        self.workloads[(namespace, name)] = workload
+        if self.cluster_queue_active:
+            self._reserve_quota(workload)
+        else:
+            # Kueue's scheduler leaves it unreserved; its workload controller still lists the checks.
+            _set_condition(
+                workload, "QuotaReserved", "False", "Pending", f"ClusterQueue {CLUSTER_QUEUE} is inactive"
+            )
+            workload["status"]["admissionChecks"] = [
+                {"name": DWS_CHECK, "state": "Pending", "message": "", "lastTransitionTime": _now()}
+            ]
+
+    def _reserve_quota(self, workload: dict[str, Any]) -> None:
+        """Kueue reserves quota; the DWS admission check makes its ProvisioningRequest and waits on it."""
         _set_condition(
             workload,
             "QuotaReserved",
             "True",
             "QuotaReserved",
-            "Quota reserved in ClusterQueue dws-cluster-queue",
+            f"Quota reserved in ClusterQueue {CLUSTER_QUEUE}",
         )
         _set_condition(workload, "Admitted", "False", "NoChecks", "The workload has pending admission checks")
         workload["status"]["admissionChecks"] = [
             {"name": DWS_CHECK, "state": "Pending", "message": DWS_WAITING, "lastTransitionTime": _now()}
         ]
-        self.workloads[(namespace, name)] = workload
         self._provisioning_request(workload, attempt=1)
+
+    def deactivate_cluster_queue(self) -> None:
+        """The ClusterQueue goes inactive (e.g. its ProvisioningRequest admission check is inactive):
+        the LocalQueue says so, and new Workloads get no quota.
+        """
+        with self._cond:
+            self.cluster_queue_active = False
+
+    def activate_cluster_queue(self) -> None:
+        """The ClusterQueue is active again: the waiting Workloads get their quota reserved."""
+        with self._cond:
+            self.cluster_queue_active = True
+            for workload in self.workloads.values():
+                if not any(
+                    c["type"] == "QuotaReserved" and c["status"] == "True"
+                    for c in workload["status"].get("conditions", [])
+                ):
+                    self._reserve_quota(workload)
 
     def _provisioning_request(self, workload: dict[str, Any], attempt: int) -> dict[str, Any]:
         """The ProvisioningRequest Kueue's admission check makes for the workload (owned by it)."""
@@ -961,13 +994,26 @@ class _Handler(QuietHandler):
         if not self.world.kueue_installed or v != self.world.kueue_version:
             self._not_found()
         elif (ns, name) in self.world.local_queues:
+            # The reasons and messages of Kueue 0.19's LocalQueue controller.
+            if self.world.cluster_queue_active:
+                condition = dict(
+                    status="True", reason="Ready", message="Can submit new workloads to localQueue"
+                )
+            else:
+                condition = dict(
+                    status="False",
+                    reason="ClusterQueueIsInactive",
+                    message="Can't submit new workloads to clusterQueue",
+                )
+            condition["type"] = "Active"
             self.send_json(
                 200,
                 {
                     "kind": "LocalQueue",
                     "apiVersion": f"kueue.x-k8s.io/{v}",
                     "metadata": {"name": name, "namespace": ns},
-                    "spec": {"clusterQueue": "dws-cluster-queue"},
+                    "spec": {"clusterQueue": CLUSTER_QUEUE},
+                    "status": {"conditions": [condition]},
                 },
             )
         else:

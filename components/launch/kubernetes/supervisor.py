@@ -274,8 +274,11 @@ class _Run:
             self.watch_timeout_s,
         )
         self.watcher.start()
-        self.queue = QueueReporter(self.api, self.namespace, self.ref, self.kind.kueue_framework, self.log)
         job: dict[str, Any] = self.job
+        queue_name = (job["metadata"].get("labels") or {}).get(QUEUE_NAME_LABEL)
+        self.queue = QueueReporter(
+            self.api, self.namespace, self.ref, self.kind.kueue_framework, self.log, queue_name, self.clock
+        )
         restarts = RestartReporter(self.api, self.kind, self.namespace, self.name, self.ref, self.log)
         restarts.start(job, self.adopted)
         last_phase: str | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 from datetime import datetime, timedelta, timezone
 
@@ -64,6 +65,10 @@ class CollectedLog(list):
 
     def has(self, needle: str) -> bool:
         return self.count(needle) > 0
+
+    def at(self, needle: str) -> int:
+        """Where the first line holding ``needle`` is."""
+        return next(i for i, line in enumerate(self) if needle in line)
 
 
 def make_manifest(kind: str, run_id: str = "run-1", results: str = RESULTS, **overrides) -> dict:
@@ -160,6 +165,45 @@ def test_queued_job_reports_the_dws_wait_then_streams_every_nodes_log_and_succee
     assert workload_list.query["labelSelector"] == f"kueue.x-k8s.io/job-uid={outcome.uid}"
     streams = stand_in.calls("GET", "/log", follow="true")
     assert {r.query["container"] for r in streams} == {stand_in.controller.container}
+
+
+def test_an_inactive_local_queue_is_explained_at_once_and_the_wait_is_reported_as_it_changes(stand_in):
+    manifest = make_manifest(stand_in.controller.name)
+    name = manifest["metadata"]["name"]
+    stand_in.deactivate_cluster_queue()  # as with its ProvisioningRequest admission check inactive
+
+    def read_local_queue(request) -> bool:
+        return request.path.endswith("/localqueues/dws-local-queue")
+
+    stand_in.script(
+        *[Step(listed_workloads, lambda s: None) for _ in range(3)],  # three reports see it inactive
+        Step(read_local_queue, lambda s: s.activate_cluster_queue(), at="received"),  # fixed by the fourth
+        Step(listed_workloads, lambda s: (s.admit(name), s.add_pod(name, 0, ["ok"], state="terminated"))),
+        Step(stand_in.followed_log(0), lambda s: s.finish(name, succeeded=True)),
+    )
+    log = CollectedLog()
+
+    launch(stand_in, manifest, log)
+
+    local_queue = f"LocalQueue {NS}/dws-local-queue"
+    inactive = (
+        f"suspended: {local_queue} is inactive (ClusterQueueIsInactive: Can't submit new workloads to "
+        "clusterQueue): its ClusterQueue dws-cluster-queue admits nothing until it is active "
+        "(`kubectl describe clusterqueue dws-cluster-queue` says why, e.g. an inactive admission check)"
+    )
+    assert log.count(inactive) == 1
+    # Said at the first report, right after the job was queued: before any Workload was read.
+    assert log.index(inactive) == log.at("is queued in Kueue") + 1
+    lookups = [i for i, r in enumerate(stand_in.requests) if read_local_queue(r)]
+    first_report = next(i for i, r in enumerate(stand_in.requests) if listed_workloads(r))
+    assert lookups[1] < first_report  # [0] is the check before creating the job
+    unreserved = "QuotaReserved=False (Pending: ClusterQueue dws-cluster-queue is inactive)"
+    assert log.count(unreserved) == 1  # the same state is not repeated ...
+    assert log.count("suspended: still waiting for quota (for ") == 2  # ... but briefly noted at each report
+    assert log.count(f"suspended: {local_queue} is active again (Ready: Can submit new workloads") == 1
+    assert log.count("QuotaReserved=True (QuotaReserved: Quota reserved in ClusterQueue") == 1
+    assert log.at(unreserved) < log.at("is active again") < log.at("QuotaReserved=True")
+    assert stand_in.steps_left() == 0
 
 
 class StepClock:
@@ -508,9 +552,14 @@ def test_timeout_while_queued_deletes_the_job_with_background_propagation(stand_
     deletes = stand_in.calls("DELETE", f"{stand_in.jobs_path}/{name}")
     assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Background"}
     assert stand_in.job(name) is None
+    # Reported once, then briefly at every report while it does not change.
+    assert log.count(f"suspended: workload {stand_in.controller.name}-") == 1
+    assert log.count("suspended: provisioning request ") == 1
+    still = [line for line in log if line.startswith("suspended: still waiting for admission check dws-prov")]
+    waited = [int(re.search(r"\(for (\d+)s\)$", line)[1]) for line in still]
     assert (
-        log.count(f"suspended: workload {stand_in.controller.name}-") >= 2
-    )  # reported steadily while queued
+        len(waited) >= 2 and waited == sorted(set(waited)) and waited[0] > 0
+    )  # counted from the first report
     assert log.has(
         f"deleted {ref(stand_in, name)} (timed out after 60s); {ref(stand_in, name)} is gone; no pod"
     )
