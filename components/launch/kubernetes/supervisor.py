@@ -2,11 +2,11 @@
 
 :func:`run_job` creates the job (or adopts the one already running for the same results
 prefix), reports what Kueue and the Dynamic Workload Scheduler are doing while the job is
-queued, streams its pods' logs once it runs, and ends in exactly one of: success, a failure
-carrying the reason and the failing pod's last lines, a timeout, a rejected admission check, or
-cancellation by SIGTERM. Every path that does not end in a finished job deletes the job. What
-differs between PyTorchJob, TrainJob and JobSet (API, conditions, pod labels) comes from the
-job's kind (:mod:`components.launch.kubernetes.kinds`).
+queued, streams its pods' logs once it runs, says when it restarts, and ends in exactly one of:
+success, a failure carrying the reason and the failing pod's last lines, a timeout, a rejected
+admission check, or cancellation by SIGTERM. Every path that does not end in a finished job
+deletes the job. What differs between PyTorchJob, TrainJob and JobSet (API, conditions, pod
+labels) comes from the job's kind (:mod:`components.launch.kubernetes.kinds`).
 
 Threads: the job is watched in one thread and each followed log in another; they hand their
 results to the calling thread, which alone decides and acts. SIGTERM is delivered to the
@@ -49,6 +49,7 @@ from components.launch.kubernetes.kinds import (
 )
 from components.launch.kubernetes.kueue import Admission, QueueReporter
 from components.launch.kubernetes.pod import is_terminating
+from components.launch.kubernetes.prerequisites import check_prerequisites, missing_api
 from components.launch.kubernetes.restarts import RestartReporter
 from components.launch.kubernetes.streams import JobLogs, JobWatcher, Log
 
@@ -129,35 +130,6 @@ class _Run:
 
     # submission ------------------------------------------------------------------------------
 
-    def _missing_api(self) -> MissingClusterResource:
-        return MissingClusterResource(
-            f"{self.kind.resource.kind} CRD ({self.kind.resource}) is not installed in the cluster: "
-            f"install {self.kind.provider}"
-        )
-
-    def check_prerequisites(self) -> None:
-        if not self.api.serves(self.kind.resource):
-            raise self._missing_api()
-        if self.api.namespace_exists(self.namespace) is False:
-            raise MissingClusterResource(f"namespace {self.namespace!r} does not exist")
-        queue_name = self.labels.get(QUEUE_NAME_LABEL)
-        if queue_name:
-            if self.api.kueue_api_version() is None:
-                raise MissingClusterResource(
-                    f"Kueue is not installed (no kueue.x-k8s.io API), but the job is "
-                    f"labelled for LocalQueue {queue_name!r}"
-                )
-            try:
-                found = self.api.get_localqueue(self.namespace, queue_name)
-            except ApiError as e:
-                self.log(f"cannot check LocalQueue {queue_name!r} ({e}); submitting anyway")
-            else:
-                if found is None:
-                    raise MissingClusterResource(
-                        f"LocalQueue {queue_name!r} does not exist in namespace "
-                        f"{self.namespace!r} (is Kueue installed and cluster/ applied?)"
-                    )
-
     def find_adoptable(self) -> dict[str, Any] | None:
         """A running or queued job for the same results prefix; waits out ones being deleted."""
         results_hash = self.labels.get(RESULTS_HASH_LABEL)
@@ -195,7 +167,7 @@ class _Run:
         return None
 
     def submit(self) -> None:
-        self.check_prerequisites()
+        check_prerequisites(self.api, self.kind, self.namespace, self.labels.get(QUEUE_NAME_LABEL), self.log)
         existing = self.find_adoptable()
         if existing is not None:
             self.adopt(existing, "a rerun for the same results prefix")
@@ -206,7 +178,7 @@ class _Run:
             if e.status == 404:
                 if (e.details or {}).get("kind") == "namespaces":
                     raise MissingClusterResource(f"namespace {self.namespace!r} does not exist") from None
-                raise self._missing_api() from None
+                raise missing_api(self.kind) from None
             if e.status != 409:
                 raise LauncherError(f"creating {self.ref} failed: {e}") from None
             self.replace_or_adopt_same_name()
