@@ -497,6 +497,45 @@ def test_failed_rank_is_named_from_its_pods_status_when_its_log_cannot_be_read(s
     assert failure.value.pod == f"pod {pod}" and failure.value.log_tail == []
 
 
+@pytest.mark.parametrize("kind", ["trainjob", "jobset"])
+def test_after_a_gang_restart_the_failure_is_told_from_the_last_gang(kind):
+    manifest = make_manifest(kind)
+    name = manifest["metadata"]["name"]
+    earlier_cause = [
+        line.replace("RuntimeError: NCCL error: unhandled system error", "ValueError: bad shard")
+        for line in NCCL_FAILURE
+    ]
+    new_pod = []
+
+    def restart_then_fail(s: KubeApiStandIn) -> None:
+        s.restart(name, failed_node=1, exit_code=1)  # the first gang's pods stay listed, terminating
+        new_pod.append(s.add_pod(name, 0, NCCL_FAILURE, state="terminated", exit_code=1))
+        s.add_pod(name, 1, ["[default0]:rank 8: waiting for peers"], state="terminated", exit_code=143)
+        s.finish(name, succeeded=False)
+
+    with KubeApiStandIn(kind=kind) as stand_in:
+        stand_in.script(
+            Step(
+                listed_workloads,
+                lambda s: (
+                    s.admit(name),
+                    s.add_pod(name, 0, ["starting"]),
+                    s.add_pod(name, 1, earlier_cause),
+                ),
+            ),
+            Step(stand_in.followed_log(1), restart_then_fail, at="received"),
+        )
+        with pytest.raises(JobFailed) as failure:
+            launch(stand_in, manifest, CollectedLog())
+
+    lines = str(failure.value).splitlines()
+    assert lines[-1] == (
+        f"node-0 (pod {new_pod[0]} on gke-a3-ultra-0, process 0) failed first (exit code 1): "
+        "RuntimeError: NCCL error: unhandled system error"
+    )
+    assert not any("bad shard" in line for line in lines)  # restarted past, reported then
+
+
 def test_failed_job_falls_back_to_the_streamed_logs_when_pods_are_gone(stand_in):
     manifest = make_manifest(stand_in.controller.name)
     name = manifest["metadata"]["name"]
