@@ -40,14 +40,8 @@ class RestartReporter:
         ref: str,
         log: Callable[[str], None],
     ):
-        self.api, self.kind, self.namespace, self.name, self.ref, self.log = (
-            api,
-            kind,
-            namespace,
-            name,
-            ref,
-            log,
-        )
+        self.api, self.kind, self.log = api, kind, log
+        self.namespace, self.name, self.ref = namespace, name, ref
         self.seen = 0  # the restarts reported so far, or known of when the job was adopted
 
     def start(self, job: dict[str, Any], adopted: bool) -> None:
