@@ -4,6 +4,7 @@ loopback port, quiet request handlers, and JSON bodies in and out."""
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -40,12 +41,17 @@ def forwarding_handler(stand_in: Any) -> type[QuietHandler]:
 
 
 class LoopbackServer:
-    """``handler`` served on 127.0.0.1 at a free port from a daemon thread, until ``stop()``."""
+    """``handler`` served on 127.0.0.1 at a free port from a daemon thread, until ``stop()``;
+    over HTTPS with ``tls`` (a server-side context).
+    """
 
-    def __init__(self, handler: type[BaseHTTPRequestHandler], name: str):
+    def __init__(self, handler: type[BaseHTTPRequestHandler], name: str, tls: ssl.SSLContext | None = None):
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name=name, daemon=True)
         self.thread.start()
 

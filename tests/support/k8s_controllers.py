@@ -34,12 +34,23 @@ class PyTorchJobController:
         set_condition(job, "Running", "False", "PyTorchJobSuspended", "PyTorchJob is suspended.")
         set_condition(job, "Suspended", "True", "PyTorchJobSuspended", "PyTorchJob is suspended.")
 
+    restarts_gang = False  # OnFailure: the kubelet restarts the failed container in place
+
     def run(self, job: dict[str, Any], set_condition: SetCondition, now: str) -> None:
         job["spec"].setdefault("runPolicy", {})["suspend"] = False
-        if any(c["type"] == "Suspended" for c in job["status"].get("conditions", [])):
+        conditions = {c["type"] for c in job["status"].get("conditions", [])}
+        if "Suspended" in conditions:
             set_condition(job, "Suspended", "False", "PyTorchJobResumed", "PyTorchJob is resumed.")
+        if "Restarting" in conditions:  # the operator keeps one of Running and Restarting true
+            set_condition(job, "Restarting", "False", "PyTorchJobRunning", "PyTorchJob is running.")
         set_condition(job, "Running", "True", "PyTorchJobRunning", "PyTorchJob is running.")
         job["status"].setdefault("startTime", now)
+
+    def restart(self, job: dict[str, Any], set_condition: SetCondition, failed_node: int) -> None:
+        replica = "Master" if failed_node == 0 else "Worker"
+        message = f"PyTorchJob {job['metadata']['name']} is restarting because 1 {replica} replica(s) failed."
+        set_condition(job, "Running", "False", "PyTorchJobRestarting", message)
+        set_condition(job, "Restarting", "True", "PyTorchJobRestarting", message)
 
     def end(
         self, job: dict[str, Any], succeeded: bool, set_condition: SetCondition, now: str
@@ -57,7 +68,9 @@ class PyTorchJobController:
         job["status"]["completionTime"] = now
         return reason, message
 
-    def pod(self, job: str, node: int, attempt: int) -> tuple[str, dict[str, str], dict[str, str]]:
+    def pod(
+        self, job: str, node: int, attempt: int, restarts: int
+    ) -> tuple[str, dict[str, str], dict[str, str]]:
         """Name, labels and annotations of node ``node``'s pod: the Master is node 0."""
         replica_type, index = ("master", 0) if node == 0 else ("worker", node - 1)
         labels = {
@@ -77,8 +90,23 @@ class JobSetController:
     status_field = "replicatedJobsStatus"
     success_condition = "Completed"
 
+    restarts_gang = True  # failurePolicy: every Job of the gang is recreated, with the next restart attempt
+
     def created(self, job: dict[str, Any], set_condition: SetCondition) -> None:
         job["status"].setdefault("restarts", 0)
+
+    def restart(self, job: dict[str, Any], set_condition: SetCondition, failed_node: int) -> None:
+        status = job["status"]
+        status["restarts"] = status.get("restarts", 0) + 1
+        status["restartsCountTowardsMax"] = status.get("restartsCountTowardsMax", 0) + 1
+        status[self.status_field] = [self._jobs_status(active=1)]
+        set_condition(
+            job,
+            "RestartingJobSet",
+            "True",
+            "DefaultFailurePolicy",
+            f"applying RestartJobSet failure policy action (first failed job: {job['metadata']['name']}-node-0)",
+        )
 
     def is_suspended(self, job: dict[str, Any]) -> bool:
         return bool(job["spec"].get("suspend"))
@@ -122,15 +150,19 @@ class JobSetController:
             **{k: counts.get(k, 0) for k in ("ready", "succeeded", "failed", "active", "suspended")},
         }
 
-    def pod(self, job: str, node: int, attempt: int) -> tuple[str, dict[str, str], dict[str, str]]:
-        """Name, labels and annotations of node ``node``'s pod: pod ``node`` of Indexed Job ``<job>-node-0``."""
+    def pod(
+        self, job: str, node: int, attempt: int, restarts: int
+    ) -> tuple[str, dict[str, str], dict[str, str]]:
+        """Name, labels and annotations of node ``node``'s pod: pod ``node`` of Indexed Job ``<job>-node-0``,
+        made by the JobSet's ``restarts``-th restart.
+        """
         # The Job controller appends 5 random characters; a hash keeps the stand-in deterministic.
         suffix = hashlib.sha256(f"{job}/{node}/{attempt}".encode()).hexdigest()[:5]
         labels = {
             self.job_label: job,
             "jobset.sigs.k8s.io/replicatedjob-name": "node",
             "jobset.sigs.k8s.io/job-index": "0",
-            "jobset.sigs.k8s.io/restart-attempt": str(attempt),
+            "jobset.sigs.k8s.io/restart-attempt": str(restarts),
             "batch.kubernetes.io/job-name": f"{job}-node-0",
             "batch.kubernetes.io/job-completion-index": str(node),
         }
@@ -152,6 +184,10 @@ class TrainJobController(JobSetController):
     def created(self, job: dict[str, Any], set_condition: SetCondition) -> None:
         job["status"].setdefault(self.status_field, [])
 
+    def restart(self, job: dict[str, Any], set_condition: SetCondition, failed_node: int) -> None:
+        # Its JobSet restarts the gang; the TrainJob's own status shows no count of it.
+        job["status"][self.status_field] = [self._jobs_status(active=1)]
+
     def end(
         self, job: dict[str, Any], succeeded: bool, set_condition: SetCondition, now: str
     ) -> tuple[str, str]:
@@ -162,8 +198,10 @@ class TrainJobController(JobSetController):
         set_condition(job, self.success_condition if succeeded else "Failed", "True", reason, message)
         return reason, message
 
-    def pod(self, job: str, node: int, attempt: int) -> tuple[str, dict[str, str], dict[str, str]]:
-        name, labels, annotations = super().pod(job, node, attempt)
+    def pod(
+        self, job: str, node: int, attempt: int, restarts: int
+    ) -> tuple[str, dict[str, str], dict[str, str]]:
+        name, labels, annotations = super().pod(job, node, attempt, restarts)
         return name, {**labels, "trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}, annotations
 
 

@@ -28,6 +28,7 @@ import itertools
 import json
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -43,6 +44,7 @@ from tests.support.k8s_controllers import CONTROLLERS
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 DWS_CHECK = "dws-prov"
+CLUSTER_QUEUE = "dws-cluster-queue"
 DWS_WAITING = (
     "Waiting for resources. Currently there are not enough resources available to fulfill the request."
 )
@@ -136,6 +138,7 @@ class KubeApiStandIn:
         kueue_manages: Whether Kueue's integration for the kind is on (else queued jobs get no Workload).
         kueue_version: Kueue API version served.
         provisioning_requests: Whether the ProvisioningRequest API (queued provisioning) is served.
+        tls: Serve HTTPS with this server-side context (``tests.support.tls``) instead of HTTP.
     """
 
     def __init__(
@@ -150,6 +153,7 @@ class KubeApiStandIn:
         kueue_manages: bool = True,
         kueue_version: str = "v1beta2",
         provisioning_requests: bool = True,
+        tls: ssl.SSLContext | None = None,
     ):
         self.controller = CONTROLLERS[kind]
         self.namespaces = set(namespaces)
@@ -174,9 +178,14 @@ class KubeApiStandIn:
         self._steps: deque[Step] = deque()
         self._watch_faults: deque[dict[str, Any]] = deque()
         self._log_faults: dict[str, deque[int]] = {}
+        self._lost_logs: set[str] = set()
         self._log_clock = itertools.count(1)
         self._attempts: dict[tuple[str, int], int] = {}
+        self._restarts: dict[str, int] = {}  # gang restarts per job
         self._closing = False
+        self._tls = tls
+        self.cluster_queue_active = True
+        self._collector_lags = False
         self._server: LoopbackServer | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -187,7 +196,7 @@ class KubeApiStandIn:
         class Handler(_Handler):
             world = stand_in
 
-        self._server = LoopbackServer(Handler, "k8s-stand-in")
+        self._server = LoopbackServer(Handler, "k8s-stand-in", self._tls)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -224,6 +233,11 @@ class KubeApiStandIn:
         """The next followed log stream of ``pod`` is cut after ``after_lines`` lines."""
         with self._cond:
             self._log_faults.setdefault(pod, deque()).append(after_lines)
+
+    def lose_logs(self, pod: str) -> None:
+        """``pod``'s log can no longer be read: the API server cannot reach its kubelet."""
+        with self._cond:
+            self._lost_logs.add(pod)
 
     def followed_log(self, node: int, *, since: bool | None = None) -> Callable[[Request], bool]:
         """Step trigger: the launcher opened a followed log stream of node ``node``'s pod.
@@ -328,19 +342,50 @@ class KubeApiStandIn:
             "spec": {"queueName": queue},
             "status": {},
         }
+        self.workloads[(namespace, name)] = workload
+        if self.cluster_queue_active:
+            self._reserve_quota(workload)
+        else:
+            # Kueue's scheduler leaves it unreserved; its workload controller still lists the checks.
+            _set_condition(
+                workload, "QuotaReserved", "False", "Pending", f"ClusterQueue {CLUSTER_QUEUE} is inactive"
+            )
+            workload["status"]["admissionChecks"] = [
+                {"name": DWS_CHECK, "state": "Pending", "message": "", "lastTransitionTime": _now()}
+            ]
+
+    def _reserve_quota(self, workload: dict[str, Any]) -> None:
+        """Kueue reserves quota; the DWS admission check makes its ProvisioningRequest and waits on it."""
         _set_condition(
             workload,
             "QuotaReserved",
             "True",
             "QuotaReserved",
-            "Quota reserved in ClusterQueue dws-cluster-queue",
+            f"Quota reserved in ClusterQueue {CLUSTER_QUEUE}",
         )
         _set_condition(workload, "Admitted", "False", "NoChecks", "The workload has pending admission checks")
         workload["status"]["admissionChecks"] = [
             {"name": DWS_CHECK, "state": "Pending", "message": DWS_WAITING, "lastTransitionTime": _now()}
         ]
-        self.workloads[(namespace, name)] = workload
         self._provisioning_request(workload, attempt=1)
+
+    def deactivate_cluster_queue(self) -> None:
+        """The ClusterQueue goes inactive (e.g. its ProvisioningRequest admission check is inactive):
+        the LocalQueue says so, and new Workloads get no quota.
+        """
+        with self._cond:
+            self.cluster_queue_active = False
+
+    def activate_cluster_queue(self) -> None:
+        """The ClusterQueue is active again: the waiting Workloads get their quota reserved."""
+        with self._cond:
+            self.cluster_queue_active = True
+            for workload in self.workloads.values():
+                if not any(
+                    c["type"] == "QuotaReserved" and c["status"] == "True"
+                    for c in workload["status"].get("conditions", [])
+                ):
+                    self._reserve_quota(workload)
 
     def _provisioning_request(self, workload: dict[str, Any], attempt: int) -> dict[str, Any]:
         """The ProvisioningRequest Kueue's admission check makes for the workload (owned by it)."""
@@ -445,6 +490,34 @@ class KubeApiStandIn:
             for key in [k for k, p in self.pods.items() if p.job == name]:
                 self.delete_pod(key[1], namespace)
 
+    def restart(self, name: str, failed_node: int, exit_code: int, namespace: str = NAMESPACE) -> None:
+        """Node ``failed_node`` fails and the job restarts, as its kind does: JobSet (and a TrainJob's
+        JobSet) deletes the whole gang, the failed pod and its killed peers terminating, for new pods
+        to make; the Training Operator restarts the failed container in place.
+        """
+        with self._cond:
+            failed = self.pod_name(name, failed_node)
+            self.terminate_pod(failed, exit_code, namespace)
+            if self.controller.restarts_gang:
+                self._restarts[name] = self._restarts.get(name, 0) + 1
+                for key, pod in list(self.pods.items()):
+                    if pod.job == name and not pod.obj["metadata"].get("deletionTimestamp"):
+                        if key[1] != failed:
+                            self.terminate_pod(key[1], 143, namespace)  # SIGTERM from the Job's deletion
+                        pod.obj["metadata"]["deletionTimestamp"] = _now()
+            else:
+                status = self.pods[(namespace, failed)].obj["status"]
+                container = status["containerStatuses"][0]
+                container.update(
+                    lastState=container["state"],
+                    state={"running": {}},
+                    restartCount=container["restartCount"] + 1,
+                )
+                status["phase"] = "Running"
+            self.update_job(
+                name, lambda job: self.controller.restart(job, _set_condition, failed_node), namespace
+            )
+
     def finish(self, name: str, *, succeeded: bool, namespace: str = NAMESPACE) -> tuple[str, str]:
         """The job ends; returns the (reason, message) its controller gave."""
         with self._cond:
@@ -474,7 +547,7 @@ class KubeApiStandIn:
         with self._cond:
             attempt = self._attempts.get((job, node), 0)
             self._attempts[(job, node)] = attempt + 1
-            name, labels, annotations = self.controller.pod(job, node, attempt)
+            name, labels, annotations = self.controller.pod(job, node, attempt, self._restarts.get(job, 0))
             pod = _Pod(
                 {
                     "apiVersion": "v1",
@@ -487,6 +560,7 @@ class KubeApiStandIn:
                         "labels": labels,
                         "annotations": annotations,
                     },
+                    "spec": {"nodeName": f"gke-a3-ultra-{node}"},
                     "status": {
                         "phase": "Running",
                         "containerStatuses": [
@@ -521,19 +595,31 @@ class KubeApiStandIn:
             self._cond.notify_all()
 
     def terminate_pod(
-        self, pod: str, exit_code: int, namespace: str = NAMESPACE, finished_at: str | None = None
+        self,
+        pod: str,
+        exit_code: int,
+        namespace: str = NAMESPACE,
+        finished_at: str | None = None,
+        reason: str | None = None,
     ) -> None:
+        """The worker container exits (``reason`` as the kubelet gives it, e.g. ``OOMKilled``)."""
         with self._cond:
             obj = self.pods[(namespace, pod)].obj
             obj["status"]["phase"] = "Succeeded" if exit_code == 0 else "Failed"
             obj["status"]["containerStatuses"][0]["state"] = {
                 "terminated": {
                     "exitCode": exit_code,
-                    "reason": "Completed" if exit_code == 0 else "Error",
+                    "reason": reason or ("Completed" if exit_code == 0 else "Error"),
                     "finishedAt": finished_at or _now(),
                 }
             }
             self._cond.notify_all()
+
+    def evict_pod(self, pod: str, message: str, namespace: str = NAMESPACE) -> None:
+        """The kubelet evicts the pod (node pressure): it fails with reason Evicted, its container killed."""
+        with self._cond:
+            self.terminate_pod(pod, 137, namespace)
+            self.pods[(namespace, pod)].obj["status"].update(reason="Evicted", message=message)
 
     def delete_pod(self, pod: str, namespace: str = NAMESPACE) -> None:
         with self._cond:
@@ -548,8 +634,22 @@ class KubeApiStandIn:
         with self._cond:
             self.requests.append(request)
 
+    def hold_dependents(self) -> None:
+        """The garbage collector lags: the pods of the jobs deleted from now on run until collect_garbage()."""
+        with self._cond:
+            self._collector_lags = True
+
+    def collect_garbage(self, job: str, namespace: str = NAMESPACE) -> None:
+        """The collector reaches a deleted job's pods: they are terminating, and stay listed as such."""
+        with self._cond:
+            for pod in self.pods.values():
+                if pod.job == job and pod.obj["metadata"]["namespace"] == namespace:
+                    pod.obj["metadata"].setdefault("deletionTimestamp", _now())
+
     def delete_job(self, namespace: str, name: str) -> bool:
-        """Deletion with garbage collection: the job, its Workload and its pods go at once."""
+        """Deletion with background propagation: the job and its Workload go at once, its pods at once
+        too unless :meth:`hold_dependents` was called.
+        """
         with self._cond:
             job = self.jobs.pop((namespace, name), None)
             if job is None:
@@ -565,8 +665,9 @@ class KubeApiStandIn:
                         (request["metadata"]["namespace"], request["metadata"]["name"])
                     ]
                 del self.workloads[key]
-            for key in [k for k, p in self.pods.items() if p.job == name]:
-                self.delete_pod(key[1], namespace)
+            if not self._collector_lags:
+                for key in [k for k, p in self.pods.items() if p.job == name]:
+                    self.delete_pod(key[1], namespace)
             return True
 
 
@@ -893,13 +994,26 @@ class _Handler(QuietHandler):
         if not self.world.kueue_installed or v != self.world.kueue_version:
             self._not_found()
         elif (ns, name) in self.world.local_queues:
+            # The reasons and messages of Kueue 0.19's LocalQueue controller.
+            if self.world.cluster_queue_active:
+                condition = dict(
+                    status="True", reason="Ready", message="Can submit new workloads to localQueue"
+                )
+            else:
+                condition = dict(
+                    status="False",
+                    reason="ClusterQueueIsInactive",
+                    message="Can't submit new workloads to clusterQueue",
+                )
+            condition["type"] = "Active"
             self.send_json(
                 200,
                 {
                     "kind": "LocalQueue",
                     "apiVersion": f"kueue.x-k8s.io/{v}",
                     "metadata": {"name": name, "namespace": ns},
-                    "spec": {"clusterQueue": "dws-cluster-queue"},
+                    "spec": {"clusterQueue": CLUSTER_QUEUE},
+                    "status": {"conditions": [condition]},
                 },
             )
         else:
@@ -942,6 +1056,14 @@ class _Handler(QuietHandler):
             state = next(iter(pod.obj["status"]["containerStatuses"][0]["state"])) if pod else None
         if pod is None:
             self._status(404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"})
+            return
+        if name in world._lost_logs:
+            self._status(
+                500,
+                "InternalError",
+                f'Get "https://{pod.obj["spec"]["nodeName"]}:10250/containerLogs/{ns}/{name}": '
+                "dial tcp: connect: no route to host",
+            )
             return
         if state == "waiting":
             self._status(

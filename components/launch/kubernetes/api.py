@@ -181,7 +181,8 @@ class KubernetesApi:
         token: A static bearer token, if any.
         token_provider: Called before each request for a fresh bearer token (GKE tokens expire
             hourly and in-cluster tokens rotate, while a run can wait a day for capacity).
-        verify: ``requests`` TLS verification: ``True``, ``False`` or a CA bundle path.
+        verify: ``requests`` TLS verification: ``True``, ``False`` or a CA bundle path (used as
+            given, whatever the environment's ``REQUESTS_CA_BUNDLE`` says).
         kueue_version: Kueue API version used for Workloads and LocalQueues; ``None`` asks the
             server for its preferred version (Kueue 0.15+ prefers v1beta2, older ones v1beta1).
         request_timeout_s: Connect/read timeout of non-streaming calls.
@@ -217,9 +218,20 @@ class KubernetesApi:
         session = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
-            session.verify = self._verify
             self._local.session = session
         return session
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """One HTTP call with the bearer token and the configured TLS verification.
+
+        ``verify`` goes with every call, not on the session: ``requests`` lets
+        ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` replace a session's CA, which would make
+        the cluster's own CA fail verification; an explicit per-call value is never replaced.
+        Proxies still come from the environment.
+        """
+        return self._session().request(
+            method, self.base_url + path, headers=self.request_headers(), verify=self._verify, **kwargs
+        )
 
     def request_headers(self) -> dict[str, str]:
         """Headers for the next request, with a fresh bearer token when a provider is set."""
@@ -232,14 +244,7 @@ class KubernetesApi:
     def _request(
         self, method: str, path: str, *, params: dict[str, Any] | None = None, body: Any = None
     ) -> dict[str, Any]:
-        resp = self._session().request(
-            method,
-            self.base_url + path,
-            params=params,
-            json=body,
-            headers=self.request_headers(),
-            timeout=self.request_timeout_s,
-        )
+        resp = self._send(method, path, params=params, json=body, timeout=self.request_timeout_s)
         if not resp.ok:
             raise ApiError.from_response(resp)
         return resp.json() if resp.content else {}
@@ -247,12 +252,8 @@ class KubernetesApi:
     def _stream(
         self, path: str, params: dict[str, Any], read_timeout_s: float, keep_partial_last_line: bool
     ) -> LineStream:
-        resp = self._session().get(
-            self.base_url + path,
-            params=params,
-            headers=self.request_headers(),
-            stream=True,
-            timeout=(self.request_timeout_s, read_timeout_s),
+        resp = self._send(
+            "GET", path, params=params, stream=True, timeout=(self.request_timeout_s, read_timeout_s)
         )
         if not resp.ok:
             try:
@@ -318,7 +319,7 @@ class KubernetesApi:
         return self._request("GET", resource.path(namespace), params=params)
 
     def delete(
-        self, resource: Resource, namespace: str, name: str, propagation_policy: str = "Foreground"
+        self, resource: Resource, namespace: str, name: str, propagation_policy: str = "Background"
     ) -> bool:
         """Deletes an object and, through garbage collection, what it owns (pods, services).
 
@@ -326,8 +327,8 @@ class KubernetesApi:
             resource: What kind of object.
             namespace: Its namespace.
             name: Its name.
-            propagation_policy: ``Foreground`` keeps the object visible until its dependents are
-                gone; ``Background`` removes it at once and lets the collector follow.
+            propagation_policy: ``Background`` removes the object at once and lets the collector
+                delete its dependents after; ``Foreground`` keeps it visible until they are gone.
 
         Returns:
             False when the object was already gone.
@@ -436,10 +437,10 @@ class KubernetesApi:
             params["tailLines"] = str(tail_lines)
         if previous:
             params["previous"] = "true"
-        resp = self._session().get(
-            f"{self.base_url}/api/v1/namespaces/{namespace}/pods/{pod}/log",
+        resp = self._send(
+            "GET",
+            f"/api/v1/namespaces/{namespace}/pods/{pod}/log",
             params=params,
-            headers=self.request_headers(),
             timeout=self.request_timeout_s,
         )
         if not resp.ok:

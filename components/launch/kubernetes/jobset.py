@@ -33,6 +33,7 @@ JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
 REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
 NODE_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 COORDINATOR_ANNOTATION = "jobset.sigs.k8s.io/coordinator"
+RESTART_ATTEMPT_LABEL = "jobset.sigs.k8s.io/restart-attempt"  # status.restarts when the pod's Job was made
 REPLICATED_JOB = "node"
 RENDEZVOUS_PORT = "29500"
 
@@ -79,6 +80,10 @@ class JobSetPods:
     def rank(self, pod: dict[str, Any]) -> str:
         return f"{REPLICATED_JOB}-{(pod['metadata'].get('labels') or {}).get(NODE_INDEX_LABEL, '?')}"
 
+    def restart_attempt(self, pod: dict[str, Any]) -> int | None:
+        value = (pod["metadata"].get("labels") or {}).get(RESTART_ATTEMPT_LABEL, "")
+        return int(value) if value.isdigit() else None
+
 
 class JobSetKind(JobSetPods):
     name = "jobset"
@@ -120,6 +125,12 @@ class JobSetKind(JobSetPods):
         if FAILED in conditions:
             return JobState.of(FAILED, conditions[FAILED])
         return jobset_state(job, conditions, (job.get("status") or {}).get("replicatedJobsStatus") or [])
+
+    def gang_restarts(self, job: dict[str, Any]) -> int | None:
+        return int((job.get("status") or {}).get("restarts") or 0)
+
+    def max_restarts(self, job: dict[str, Any]) -> int | None:
+        return ((job.get("spec") or {}).get("failurePolicy") or {}).get("maxRestarts")
 
 
 KIND = JobSetKind()

@@ -338,6 +338,20 @@ class JobKind(Protocol):
         """Label selector of the pods of one node (a restarted node gets a new pod)."""
         ...
 
+    def gang_restarts(self, job: dict[str, Any]) -> int | None:
+        """How many times the job restarted its whole gang, as far as the job object tells (0 if
+        it does not count them); None: the kind restarts single pods, and its Restarting phase says when.
+        """
+        ...
+
+    def restart_attempt(self, pod: dict[str, Any]) -> int | None:
+        """Which gang restart made the pod (0: the first run); None if its labels do not say."""
+        ...
+
+    def max_restarts(self, job: dict[str, Any]) -> int | None:
+        """The restarts the job may make before it fails, if the job object says."""
+        ...
+
 
 def node_order(rank: str) -> tuple[int, int]:
     """Sort key of node names: node 0 (``master-0``, ``node-0``) first, then by index."""

@@ -1,9 +1,12 @@
-"""What Kueue and the Dynamic Workload Scheduler say about a queued job, in one line per report.
+"""What Kueue and the Dynamic Workload Scheduler say about a queued job, as it changes.
 
 Kueue makes one Workload per job (labelled with the job's uid, whatever its kind); its
 conditions say whether quota is reserved and the job admitted, and its admission checks carry
-the DWS ProvisioningRequest's state ("Pending: Waiting for resources..."). The supervisor reports
-them while the job waits and stops at a rejected check.
+the DWS ProvisioningRequest's state ("Pending: Waiting for resources..."). The job's LocalQueue
+says whether anything can be admitted at all: its ``Active`` condition is False when its
+ClusterQueue is inactive (a missing or inactive admission check or flavor), which no Workload
+condition explains. The supervisor reports them while the job waits, each state once when it
+changes and a short "still waiting" line otherwise, and stops at a rejected check.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ PROVISIONING_REQUEST = Resource("autoscaling.x-k8s.io", "v1", "provisioningreque
 
 # Reports without any Workload after which the kind's Kueue integration is suspected to be off.
 MISSING_WORKLOAD_REPORTS = 3
+
+# The LocalQueue's Active reason when its ClusterQueue is inactive (Kueue 0.19, localqueue_controller.go).
+CLUSTER_QUEUE_INACTIVE = "ClusterQueueIsInactive"
 
 
 def parse_time(stamp: str | None) -> datetime | None:
@@ -62,8 +68,30 @@ def describe_workload(workload: dict[str, Any]) -> str:
     return line
 
 
+def waiting_for(workload: dict[str, Any]) -> str:
+    """What the Workload waits for next: quota, an admission check, admission, or the job's start."""
+    conditions = true_conditions(workload)
+    if "QuotaReserved" not in conditions:
+        return "quota"
+    checks = (workload.get("status") or {}).get("admissionChecks") or []
+    pending = [str(c.get("name")) for c in checks if c.get("state") != "Ready"]
+    if pending:
+        return f"admission check {', '.join(pending)}"
+    return "the job to start" if "Admitted" in conditions else "admission"
+
+
+def duration(seconds: float) -> str:
+    """``45s``, ``12m``, ``2h05m``."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class QueueReporter:
-    """Reports a queued job's Kueue Workloads; remembers what it already said.
+    """Reports a queued job's LocalQueue and Kueue Workloads; says each state once, when it changes.
 
     Args:
         api: The API client.
@@ -71,25 +99,39 @@ class QueueReporter:
         ref: How log lines name the job (``PyTorchJob ns/name``).
         framework: The Kueue integration that must be enabled for this job kind.
         log: Where report lines go.
+        queue: The job's LocalQueue.
+        clock: Monotonic seconds, for how long a state has lasted.
     """
 
     def __init__(
-        self, api: KubernetesApi, namespace: str, ref: str, framework: str, log: Callable[[str], None]
+        self,
+        api: KubernetesApi,
+        namespace: str,
+        ref: str,
+        framework: str,
+        log: Callable[[str], None],
+        queue: str | None,
+        clock: Callable[[], float],
     ):
         self.api, self.namespace, self.ref, self.framework, self.log = api, namespace, ref, framework, log
+        self.queue, self.clock = queue, clock
         self._evictions: set[str] = set()
         self._reports_without_workload = 0
         self._read_provisioning_requests = True
+        self._read_local_queue = True
+        self._local_queue_state: tuple[Any, ...] | None = None  # its Active condition as last said
+        self._said: dict[str, tuple[str, float]] = {}  # per object: its line last said, and since when
 
     def report(self, job_uid: str, prefix: str) -> dict[str, Any] | None:
-        """Logs the job's Workloads; returns a rejected admission check, if any."""
+        """Logs what changed in the job's LocalQueue and Workloads; returns a rejected admission check, if any."""
+        self._report_local_queue(prefix)
         try:
             workloads = self.api.list_workloads(self.namespace, job_uid)
         except ApiError as e:
             self.log(f"{prefix}: cannot read Kueue workloads ({e})")
             return None
         if not workloads:
-            self.log(f"{prefix}: no Kueue workload for {self.ref} yet")
+            self._say(prefix, {"": f"no Kueue workload for {self.ref} yet"}, "Kueue to create its Workload")
             self._reports_without_workload += 1
             if self._reports_without_workload == MISSING_WORKLOAD_REPORTS:
                 # A suspended job that Kueue ignores stays suspended until the timeout.
@@ -99,15 +141,71 @@ class QueueReporter:
                     "(integrations.frameworks; see cluster/README.md)?"
                 )
         for workload in workloads:
-            self.log(f"{prefix}: {describe_workload(workload)}")
-            self._report_eviction(workload)
             checks = (workload.get("status") or {}).get("admissionChecks") or []
+            lines = {f"workload {workload['metadata'].get('name')}": describe_workload(workload)}
             if any(c.get("state") in ("Pending", "Retry") for c in checks):
-                self._report_provisioning(workload, prefix)
+                lines.update(self._provisioning(workload))
+            self._say(prefix, lines, waiting_for(workload))
+            self._report_eviction(workload)
             for check in checks:
                 if check.get("state") == "Rejected":
                     return check
         return None
+
+    def _say(self, prefix: str, lines: dict[str, str], waiting: str) -> None:
+        """Logs the lines (keyed by the object each describes) that changed since last said; if
+        none did, one short line: how long the wait for ``waiting`` has stayed as it is.
+        """
+        now = self.clock()
+        changed = {key: line for key, line in lines.items() if self._said.get(key, ("", 0.0))[0] != line}
+        if not changed:
+            since = min(self._said[key][1] for key in lines)
+            self.log(f"{prefix}: still waiting for {waiting} (for {duration(now - since)})")
+            return
+        for key, line in changed.items():
+            self._said[key] = (line, now)
+            self.log(f"{prefix}: {line}")
+
+    def _report_local_queue(self, prefix: str) -> None:
+        """Says why the LocalQueue admits nothing, once per change of its ``Active`` condition."""
+        if not self.queue or not self._read_local_queue:
+            return
+        where = f"LocalQueue {self.namespace}/{self.queue}"
+        try:
+            local_queue = self.api.get_localqueue(self.namespace, self.queue)
+        except ApiError as e:
+            self._read_local_queue = False
+            self.log(f"{prefix}: cannot read {where} ({e}); reporting its Workloads only")
+            return
+        active = next(
+            (
+                c
+                for c in ((local_queue or {}).get("status") or {}).get("conditions") or []
+                if c["type"] == "Active"
+            ),
+            {},
+        )
+        state = ("Missing",) if local_queue is None else (active.get("status"), condition_text(active))
+        previous, self._local_queue_state = self._local_queue_state, state
+        if state == previous:
+            return
+        if local_queue is None:
+            self.log(f"{prefix}: {where} does not exist: nothing in it can be admitted")
+        elif active.get("status") == "False":
+            cluster_queue = (local_queue.get("spec") or {}).get("clusterQueue")
+            # The LocalQueue only says its ClusterQueue is inactive; why is on the ClusterQueue,
+            # which the launcher's namespaced Role may not read.
+            why = (
+                f" (`kubectl describe clusterqueue {cluster_queue}` says why, e.g. an inactive admission check)"
+                if active.get("reason") == CLUSTER_QUEUE_INACTIVE
+                else ""
+            )
+            self.log(
+                f"{prefix}: {where} is inactive ({state[1]}): its ClusterQueue {cluster_queue} "
+                f"admits nothing until it is active{why}"
+            )
+        elif previous is not None and active.get("status") == "True":
+            self.log(f"{prefix}: {where} is active again ({state[1]})")
 
     def admitted_since(self, job: dict[str, Any]) -> datetime | None:
         """When a job found running was admitted: its Workload's ``Admitted`` condition (the
@@ -125,24 +223,29 @@ class QueueReporter:
                     return parse_time(condition.get("lastTransitionTime"))
         return None
 
-    def _report_provisioning(self, workload: dict[str, Any], prefix: str) -> None:
-        """The DWS ProvisioningRequests Kueue made for the workload (owned by it), one line each."""
+    def _provisioning(self, workload: dict[str, Any]) -> dict[str, str]:
+        """The DWS ProvisioningRequests Kueue made for the workload (owned by it), one line each, by name."""
         if not self._read_provisioning_requests:
-            return
+            return {}
         try:
             items = self.api.list(PROVISIONING_REQUEST, self.namespace).get("items") or []
         except ApiError as e:
             # 404: no queued provisioning in this cluster; 403: the Role does not grant it. Either way
-            # the admission check's message above says what Kueue knows; ask no more.
+            # the admission check's message says what Kueue knows; ask no more.
             self._read_provisioning_requests = False
             if e.status != 404:
-                self.log(f"{prefix}: cannot read ProvisioningRequests ({e}); reporting admission checks only")
-            return
+                self.log(f"cannot read ProvisioningRequests ({e}); reporting admission checks only")
+            return {}
         uid = workload["metadata"].get("uid")
-        for request in items:
-            if any(o.get("uid") == uid for o in request["metadata"].get("ownerReferences") or []):
-                state = ", ".join(_conditions(request)) or "no conditions yet"
-                self.log(f"{prefix}: provisioning request {request['metadata'].get('name')}: {state}")
+        owned = (
+            r for r in items if any(o.get("uid") == uid for o in r["metadata"].get("ownerReferences") or [])
+        )
+        return {
+            f"provisioning request {name}": f"provisioning request {name}: "
+            + (", ".join(_conditions(request)) or "no conditions yet")
+            for request in owned
+            if (name := request["metadata"].get("name"))
+        }
 
     def _report_eviction(self, workload: dict[str, Any]) -> None:
         evicted = true_conditions(workload).get("Evicted")

@@ -184,18 +184,59 @@ def container_state(pod: dict[str, Any], container: str) -> tuple[str, dict[str,
     return "waiting", {}
 
 
-def failure_time(pod: dict[str, Any], container: str) -> str | None:
-    """When the container failed (now or before a restart); None when it has not."""
-    if (pod.get("status") or {}).get("phase") == "Failed":
-        return container_state(pod, container)[1].get("finishedAt") or ""
+def failed_termination(pod: dict[str, Any], container: str) -> dict[str, Any] | None:
+    """The named container's ``terminated`` state that failed, now or before a restart; None if none did."""
+    failed_pod = (pod.get("status") or {}).get("phase") == "Failed"
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         if status.get("name") != container:
             continue
         for state in (status.get("state") or {}, status.get("lastState") or {}):
             terminated = state.get("terminated")
-            if terminated and terminated.get("exitCode", 0) != 0:
-                return terminated.get("finishedAt") or ""
+            if terminated and (terminated.get("exitCode", 0) != 0 or failed_pod):
+                return terminated
     return None
+
+
+def failure_time(pod: dict[str, Any], container: str) -> str | None:
+    """When the container failed (now or before a restart); None when it has not."""
+    terminated = failed_termination(pod, container)
+    if terminated is not None:
+        return terminated.get("finishedAt") or ""
+    return "" if (pod.get("status") or {}).get("phase") == "Failed" else None
+
+
+def failure_status(pod: dict[str, Any], container: str) -> str:
+    """What the pod's own status says of its failure, whether or not its log can be read.
+
+    The container's exit code and reason (``exit code 137 (OOMKilled)``; the uninformative
+    ``Error`` left out) with the last line of its termination message, then the pod's own reason
+    and message (``Evicted: The node was low on resource: memory.``, ``DeadlineExceeded``).
+
+    Returns:
+        The parts found, ``; ``-joined; empty when the status says nothing.
+    """
+    parts = []
+    terminated = failed_termination(pod, container)
+    if terminated is not None:
+        code = terminated.get("exitCode")
+        text = f"exit code {code}" if code is not None else "terminated"
+        if terminated.get("reason") and terminated["reason"] != "Error":
+            text += f" ({terminated['reason']})"
+        message = [line.strip() for line in (terminated.get("message") or "").splitlines() if line.strip()]
+        if message:
+            text += f": {message[-1][:200]}"
+        parts.append(text)
+    status = pod.get("status") or {}
+    own = ": ".join(p for p in (status.get("reason"), (status.get("message") or "").strip()) if p)
+    if own:
+        parts.append(own)
+    return "; ".join(parts)
+
+
+def pod_place(pod: dict[str, Any]) -> str:
+    """``pod <name> on <node>``: the pod and the Kubernetes node it was scheduled to, if it was."""
+    host = (pod.get("spec") or {}).get("nodeName")
+    return f"pod {pod['metadata']['name']}" + (f" on {host}" if host else "")
 
 
 def is_terminating(obj: dict[str, Any]) -> bool:

@@ -96,5 +96,14 @@ class PyTorchJobKind:
         labels = pod["metadata"].get("labels") or {}
         return f"{labels.get(REPLICA_TYPE_LABEL, '?')}-{labels.get(REPLICA_INDEX_LABEL, '?')}"
 
+    def gang_restarts(self, job: dict[str, Any]) -> int | None:
+        return None  # a failed pod restarts alone (OnFailure), under the job's Restarting condition
+
+    def restart_attempt(self, pod: dict[str, Any]) -> int | None:
+        return None
+
+    def max_restarts(self, job: dict[str, Any]) -> int | None:
+        return ((job.get("spec") or {}).get("runPolicy") or {}).get("backoffLimit")
+
 
 KIND = PyTorchJobKind()

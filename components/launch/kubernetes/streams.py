@@ -327,13 +327,16 @@ class JobLogs:
         """Every pod of the job."""
         return self.api.list_pods(self.namespace, self.kind.pod_selector(job_name))
 
-    def follow_every_node(self, job_name: str) -> None:
-        """Follows each node of the job that has a pod and no running follower yet."""
+    def follow_every_node(self, job_name: str) -> list[dict[str, Any]] | None:
+        """Follows each node of the job that has a pod and no running follower yet; returns the
+        pods it listed (None if it could not).
+        """
+        listed: list[dict[str, Any]] | None
         try:
-            pods = self.pods(job_name)
+            pods = listed = self.pods(job_name)
         except ApiError as e:
             self.log(f"cannot list the pods of {job_name} ({e}); following node 0 only")
-            pods = []
+            pods, listed = [], None
         for rank in sorted({self.kind.rank(p) for p in pods} | {self.kind.leader_rank}, key=node_order):
             current = self._followers.get(rank)
             if current is None or not current.is_alive():
@@ -351,6 +354,7 @@ class JobLogs:
                 )
                 self._followers[rank] = follower
                 follower.start()
+        return listed
 
     def stop(self) -> None:
         """Cuts every follower off."""
@@ -376,12 +380,14 @@ class JobLogs:
         """The last lines node 0 printed (as streamed)."""
         return list(self.tails.get(self.kind.leader_rank, ()))[-lines:]
 
-    def report_pods(self, job_name: str) -> None:
-        """Logs the state of every pod of a starting job (image pulls, unschedulable pods)."""
+    def report_pods(self, job_name: str) -> list[dict[str, Any]] | None:
+        """Logs the state of every pod of a starting job (image pulls, unschedulable pods); returns
+        the pods (None if they could not be listed).
+        """
         try:
             pods = self.pods(job_name)
         except ApiError:
-            return
+            return None
         states = []
         for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
             key, state = container_state(pod, self.kind.container)
@@ -392,3 +398,4 @@ class JobLogs:
             )
         if states:
             self.log("starting: pods " + ", ".join(states))
+        return pods

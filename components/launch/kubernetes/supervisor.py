@@ -2,11 +2,11 @@
 
 :func:`run_job` creates the job (or adopts the one already running for the same results
 prefix), reports what Kueue and the Dynamic Workload Scheduler are doing while the job is
-queued, streams its pods' logs once it runs, and ends in exactly one of: success, a failure
-carrying the reason and the failing pod's last lines, a timeout, a rejected admission check, or
-cancellation by SIGTERM. Every path that does not end in a finished job deletes the job. What
-differs between PyTorchJob, TrainJob and JobSet (API, conditions, pod labels) comes from the
-job's kind (:mod:`components.launch.kubernetes.kinds`).
+queued, streams its pods' logs once it runs, says when it restarts, and ends in exactly one of:
+success, a failure carrying the reason and the failing pod's last lines, a timeout, a rejected
+admission check, or cancellation by SIGTERM. Every path that does not end in a finished job
+deletes the job. What differs between PyTorchJob, TrainJob and JobSet (API, conditions, pod
+labels) comes from the job's kind (:mod:`components.launch.kubernetes.kinds`).
 
 Threads: the job is watched in one thread and each followed log in another; they hand their
 results to the calling thread, which alone decides and acts. SIGTERM is delivered to the
@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from typing import Any, NoReturn
 
 from components.launch.kubernetes.api import ApiError, KubernetesApi
+from components.launch.kubernetes.deletion import PROPAGATION, Remains, wait_until_deleted
 from components.launch.kubernetes.errors import (
     AdmissionRejected,
     JobCancelled,
@@ -38,6 +39,7 @@ from components.launch.kubernetes.failure import READ_LINES, explain, failed_nod
 from components.launch.kubernetes.kinds import (
     FINISHED,
     QUEUE_NAME_LABEL,
+    RESTARTING,
     RESULTS_HASH_LABEL,
     STARTING,
     SUCCEEDED,
@@ -47,6 +49,8 @@ from components.launch.kubernetes.kinds import (
 )
 from components.launch.kubernetes.kueue import Admission, QueueReporter
 from components.launch.kubernetes.pod import is_terminating
+from components.launch.kubernetes.prerequisites import check_prerequisites, missing_api
+from components.launch.kubernetes.restarts import RestartReporter
 from components.launch.kubernetes.streams import JobLogs, JobWatcher, Log
 
 DEFAULT_TIMEOUT_S = 24 * 3600  # queueing for DWS capacity can take hours; the run itself is capped by DWS
@@ -126,35 +130,6 @@ class _Run:
 
     # submission ------------------------------------------------------------------------------
 
-    def _missing_api(self) -> MissingClusterResource:
-        return MissingClusterResource(
-            f"{self.kind.resource.kind} CRD ({self.kind.resource}) is not installed in the cluster: "
-            f"install {self.kind.provider}"
-        )
-
-    def check_prerequisites(self) -> None:
-        if not self.api.serves(self.kind.resource):
-            raise self._missing_api()
-        if self.api.namespace_exists(self.namespace) is False:
-            raise MissingClusterResource(f"namespace {self.namespace!r} does not exist")
-        queue_name = self.labels.get(QUEUE_NAME_LABEL)
-        if queue_name:
-            if self.api.kueue_api_version() is None:
-                raise MissingClusterResource(
-                    f"Kueue is not installed (no kueue.x-k8s.io API), but the job is "
-                    f"labelled for LocalQueue {queue_name!r}"
-                )
-            try:
-                found = self.api.get_localqueue(self.namespace, queue_name)
-            except ApiError as e:
-                self.log(f"cannot check LocalQueue {queue_name!r} ({e}); submitting anyway")
-            else:
-                if found is None:
-                    raise MissingClusterResource(
-                        f"LocalQueue {queue_name!r} does not exist in namespace "
-                        f"{self.namespace!r} (is Kueue installed and cluster/ applied?)"
-                    )
-
     def find_adoptable(self) -> dict[str, Any] | None:
         """A running or queued job for the same results prefix; waits out ones being deleted."""
         results_hash = self.labels.get(RESULTS_HASH_LABEL)
@@ -183,15 +158,16 @@ class _Run:
                     f"{self.kind.resource.kind} {name} for the same results prefix is being deleted; "
                     "waiting until it is gone"
                 )
-                if not self.wait_until_gone(name, self.deadline):
+                left = self._wait_deleted(name, self.deadline)
+                if not left.gone:
                     raise JobTimedOut(
                         f"{self._ref_of(name)} for the same results prefix was still being deleted "
-                        f"after {self.timeout_s:g}s; created nothing"
+                        f"after {self.timeout_s:g}s ({left.describe(self._ref_of(name))}); created nothing"
                     )
         return None
 
     def submit(self) -> None:
-        self.check_prerequisites()
+        check_prerequisites(self.api, self.kind, self.namespace, self.labels.get(QUEUE_NAME_LABEL), self.log)
         existing = self.find_adoptable()
         if existing is not None:
             self.adopt(existing, "a rerun for the same results prefix")
@@ -202,7 +178,7 @@ class _Run:
             if e.status == 404:
                 if (e.details or {}).get("kind") == "namespaces":
                     raise MissingClusterResource(f"namespace {self.namespace!r} does not exist") from None
-                raise self._missing_api() from None
+                raise missing_api(self.kind) from None
             if e.status != 409:
                 raise LauncherError(f"creating {self.ref} failed: {e}") from None
             self.replace_or_adopt_same_name()
@@ -226,11 +202,11 @@ class _Run:
         self.log(
             f"{self.ref} exists from an earlier attempt ({self.kind.state(current).phase}); replacing it"
         )
-        self.api.delete(self.kind.resource, self.namespace, self.name)
-        if not self.wait_until_gone(self.name, self.deadline):
+        left = self.delete("replacing an earlier attempt's finished job", wait=True)
+        if left is not None and left.job:
             raise JobTimedOut(
                 f"{self.ref} from an earlier attempt was still being deleted after "
-                f"{self.timeout_s:g}s; created nothing"
+                f"{self.deletion_wait_s:g}s; created nothing"
             )
         self.create()
 
@@ -242,17 +218,17 @@ class _Run:
             f"instead of creating a new one: {why}"
         )
 
-    def wait_until_gone(self, name: str, deadline: float) -> bool:
-        while True:
-            try:
-                self.api.get(self.kind.resource, self.namespace, name)
-            except ApiError as e:
-                if e.not_found:
-                    return True
-                raise
-            if self.clock() >= deadline:
-                return False
-            self._pause.wait(min(self.retry_interval_s, max(0.0, deadline - self.clock())))
+    def _wait_deleted(self, name: str, deadline: float) -> Remains:
+        return wait_until_deleted(
+            self.api,
+            self.kind,
+            self.namespace,
+            name,
+            deadline=deadline,
+            clock=self.clock,
+            pause=self._pause.wait,
+            retry_interval_s=self.retry_interval_s,
+        )
 
     # following ---------------------------------------------------------------------------------
 
@@ -270,8 +246,13 @@ class _Run:
             self.watch_timeout_s,
         )
         self.watcher.start()
-        self.queue = QueueReporter(self.api, self.namespace, self.ref, self.kind.kueue_framework, self.log)
         job: dict[str, Any] = self.job
+        queue_name = (job["metadata"].get("labels") or {}).get(QUEUE_NAME_LABEL)
+        self.queue = QueueReporter(
+            self.api, self.namespace, self.ref, self.kind.kueue_framework, self.log, queue_name, self.clock
+        )
+        restarts = RestartReporter(self.api, self.kind, self.namespace, self.name, self.ref, self.log)
+        restarts.start(job, self.adopted)
         last_phase: str | None = None
         ever_admitted = False
         next_report = self.clock()
@@ -280,6 +261,8 @@ class _Run:
             phase = state.phase
             if phase != last_phase:
                 self.on_phase_change(state, last_phase, ever_admitted)
+                if phase == RESTARTING and last_phase is not None:
+                    restarts.restarting(job)
                 adopted = self.adopted and last_phase is None  # found running: when was it admitted?
                 since = self.queue.admitted_since(job) if adopted and phase != SUSPENDED else None
                 self.admission.saw(phase, adopted_running=adopted, admitted_since=since)
@@ -289,12 +272,15 @@ class _Run:
             if phase in FINISHED:
                 return self.succeeded(job) if phase == SUCCEEDED else self.raise_failed(state)
             now = self.clock()
+            pods = None  # listed in this turn, if they are
             if now >= next_report:
                 if phase in (SUSPENDED, STARTING):
-                    self.report_waiting(job, phase)
+                    pods = self.report_waiting(job, phase)
                 else:  # running: follow the nodes whose pods appeared (or were recreated) since
-                    self.logs.follow_every_node(self.name)
+                    pods = self.logs.follow_every_node(self.name)
                 next_report = now + self.poll_interval_s
+            if phase != SUSPENDED:
+                restarts.check(job, pods)
             if now >= self.deadline:
                 self.delete(f"timed out after {self.timeout_s:g}s", wait=True)
                 raise JobTimedOut(
@@ -332,7 +318,8 @@ class _Run:
         elif last == SUSPENDED:
             self.log(f"{self.ref} was admitted by Kueue")
 
-    def report_waiting(self, job: dict[str, Any], phase: str) -> None:
+    def report_waiting(self, job: dict[str, Any], phase: str) -> list[dict[str, Any]] | None:
+        """Reports the queue and, for a starting job, its pods (returned; None if not listed)."""
         if (job["metadata"].get("labels") or {}).get(QUEUE_NAME_LABEL):
             assert self.queue is not None
             rejected = self.queue.report(job["metadata"].get("uid"), phase.lower())
@@ -342,8 +329,7 @@ class _Run:
                     f"{self.ref}: admission check {rejected.get('name')!r} rejected the workload: "
                     f"{rejected.get('message') or 'no message'}; deleted the job"
                 )
-        if phase == STARTING:
-            self.logs.report_pods(self.name)
+        return self.logs.report_pods(self.name) if phase == STARTING else None
 
     def succeeded(self, job: dict[str, Any]) -> JobOutcome:
         self.admission.ended()  # before draining the logs: the nodes are released from now
@@ -372,23 +358,32 @@ class _Run:
 
     # cleanup -------------------------------------------------------------------------------------
 
-    def delete(self, why: str, wait: bool) -> None:
-        """Deletes the job with foreground propagation (pods go first); idempotent."""
+    def delete(self, why: str, wait: bool) -> Remains | None:
+        """Deletes the job with background propagation (:mod:`~components.launch.kubernetes.deletion`
+        says why); idempotent. With ``wait``, waits up to ``deletion_wait_s`` until neither the job
+        nor a pod of it that is not terminating is left, and returns what is left (None: unknown).
+        """
         self.logs.stop()
         if self.watcher is not None:
             self.watcher.stop()
         try:
             existed = self.api.delete(
-                self.kind.resource, self.namespace, self.name, propagation_policy="Foreground"
+                self.kind.resource, self.namespace, self.name, propagation_policy=PROPAGATION
             )
         finally:
             self.owns_live_job = False
-        self.log(f"deleted {self.ref} ({why})" if existed else f"{self.ref} was already gone ({why})")
-        if existed and wait and not self.wait_until_gone(self.name, self.clock() + self.deletion_wait_s):
-            self.log(
-                f"{self.ref} is still being deleted after {self.deletion_wait_s:g}s; "
-                "the garbage collector will finish it"
-            )
+        done = f"deleted {self.ref} ({why})" if existed else f"{self.ref} was already gone ({why})"
+        if not wait:
+            self.log(f"{done}; its pods are deleted in the background, not waited for")
+            return None
+        try:
+            left = self._wait_deleted(self.name, self.clock() + self.deletion_wait_s)
+        except ApiError as e:
+            self.log(f"{done}; cannot tell whether its pods are gone ({e})")
+            return None
+        waited = "" if left.gone else f"after {self.deletion_wait_s:g}s, "
+        self.log(f"{done}; {waited}{left.describe(self.ref)}")
+        return left
 
     def close(self) -> None:
         self.logs.stop()
@@ -443,7 +438,8 @@ def run_job(
         retry_interval_s: Pause before reconnecting a dropped watch or log stream.
         log: Where progress and the pods' logs go (default: stdout).
         log_tail_lines: Log lines kept for the failure message.
-        deletion_wait_s: How long a deletion on timeout/rejection is waited for.
+        deletion_wait_s: How long a deletion (on timeout, rejection, or of an earlier attempt's
+            job) is waited for: until neither the job nor a pod of it that is not terminating is left.
         watch_timeout_s: Server-side timeout of each watch request.
         log_drain_timeout_s: How long, once the job has ended, the rest of the logs is waited for.
         clock: Monotonic clock in seconds (injectable for tests).

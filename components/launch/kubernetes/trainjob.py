@@ -90,5 +90,12 @@ class TrainJobKind(JobSetPods):
         status = job.get("status") or {}
         return jobset_state(job, conditions, status.get("jobsStatus") or [])
 
+    def gang_restarts(self, job: dict[str, Any]) -> int | None:
+        # Only its JobSet counts them, which the launcher's Role may not read: its pods' labels tell.
+        return 0
+
+    def max_restarts(self, job: dict[str, Any]) -> int | None:
+        return None  # the TrainingRuntime's, which the launcher's Role may not read
+
 
 KIND = TrainJobKind()

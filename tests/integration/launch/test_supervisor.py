@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 from datetime import datetime, timedelta, timezone
 
+import certifi
 import pytest
+import requests
 
 from components.launch.kubernetes.api import KubernetesApi
 from components.launch.kubernetes.credentials import in_cluster_api
@@ -43,6 +46,7 @@ from tests.support.k8s_stand_in import (
     listed_provisioning_requests,
     listed_workloads,
 )
+from tests.support.tls import loopback_tls
 from worker.config import WorkerConfig
 
 RESULTS = "gs://results-bucket/runs/coco-val2017"
@@ -61,6 +65,10 @@ class CollectedLog(list):
 
     def has(self, needle: str) -> bool:
         return self.count(needle) > 0
+
+    def at(self, needle: str) -> int:
+        """Where the first line holding ``needle`` is."""
+        return next(i for i, line in enumerate(self) if needle in line)
 
 
 def make_manifest(kind: str, run_id: str = "run-1", results: str = RESULTS, **overrides) -> dict:
@@ -85,8 +93,10 @@ def stand_in(request):
     assert not server.step_errors, server.step_errors
 
 
-def launch(stand_in: KubeApiStandIn, manifest: dict, log: CollectedLog, **kwargs):
-    api = KubernetesApi(stand_in.url, token="test-token", request_timeout_s=10, stream_read_timeout_s=20)
+def launch(stand_in: KubeApiStandIn, manifest: dict, log: CollectedLog, verify: bool | str = True, **kwargs):
+    api = KubernetesApi(
+        stand_in.url, token="test-token", verify=verify, request_timeout_s=10, stream_read_timeout_s=20
+    )
     # Short intervals keep the test fast; the 30 s timeout is only a safety net against a hang.
     options = dict(timeout_s=30, poll_interval_s=0.05, retry_interval_s=0.02, log_drain_timeout_s=10)
     options.update(kwargs)
@@ -95,6 +105,11 @@ def launch(stand_in: KubeApiStandIn, manifest: dict, log: CollectedLog, **kwargs
 
 def ref(stand_in: KubeApiStandIn, name: str) -> str:
     return f"{stand_in.controller.kind} {NS}/{name}"
+
+
+def position(stand_in: KubeApiStandIn, request) -> int:
+    """Where ``request`` is among those received (requests can be equal, so by identity)."""
+    return next(i for i, r in enumerate(stand_in.requests) if r is request)
 
 
 # How the launcher names node 1: the first Worker of a PyTorchJob, pod 1 of a JobSet.
@@ -150,6 +165,45 @@ def test_queued_job_reports_the_dws_wait_then_streams_every_nodes_log_and_succee
     assert workload_list.query["labelSelector"] == f"kueue.x-k8s.io/job-uid={outcome.uid}"
     streams = stand_in.calls("GET", "/log", follow="true")
     assert {r.query["container"] for r in streams} == {stand_in.controller.container}
+
+
+def test_an_inactive_local_queue_is_explained_at_once_and_the_wait_is_reported_as_it_changes(stand_in):
+    manifest = make_manifest(stand_in.controller.name)
+    name = manifest["metadata"]["name"]
+    stand_in.deactivate_cluster_queue()  # as with its ProvisioningRequest admission check inactive
+
+    def read_local_queue(request) -> bool:
+        return request.path.endswith("/localqueues/dws-local-queue")
+
+    stand_in.script(
+        *[Step(listed_workloads, lambda s: None) for _ in range(3)],  # three reports see it inactive
+        Step(read_local_queue, lambda s: s.activate_cluster_queue(), at="received"),  # fixed by the fourth
+        Step(listed_workloads, lambda s: (s.admit(name), s.add_pod(name, 0, ["ok"], state="terminated"))),
+        Step(stand_in.followed_log(0), lambda s: s.finish(name, succeeded=True)),
+    )
+    log = CollectedLog()
+
+    launch(stand_in, manifest, log)
+
+    local_queue = f"LocalQueue {NS}/dws-local-queue"
+    inactive = (
+        f"suspended: {local_queue} is inactive (ClusterQueueIsInactive: Can't submit new workloads to "
+        "clusterQueue): its ClusterQueue dws-cluster-queue admits nothing until it is active "
+        "(`kubectl describe clusterqueue dws-cluster-queue` says why, e.g. an inactive admission check)"
+    )
+    assert log.count(inactive) == 1
+    # Said at the first report, right after the job was queued: before any Workload was read.
+    assert log.index(inactive) == log.at("is queued in Kueue") + 1
+    lookups = [i for i, r in enumerate(stand_in.requests) if read_local_queue(r)]
+    first_report = next(i for i, r in enumerate(stand_in.requests) if listed_workloads(r))
+    assert lookups[1] < first_report  # [0] is the check before creating the job
+    unreserved = "QuotaReserved=False (Pending: ClusterQueue dws-cluster-queue is inactive)"
+    assert log.count(unreserved) == 1  # the same state is not repeated ...
+    assert log.count("suspended: still waiting for quota (for ") == 2  # ... but briefly noted at each report
+    assert log.count(f"suspended: {local_queue} is active again (Ready: Can submit new workloads") == 1
+    assert log.count("QuotaReserved=True (QuotaReserved: Quota reserved in ClusterQueue") == 1
+    assert log.at(unreserved) < log.at("is active again") < log.at("QuotaReserved=True")
+    assert stand_in.steps_left() == 0
 
 
 class StepClock:
@@ -273,6 +327,60 @@ def test_job_without_a_queue_runs_without_kueue_and_reports_its_pods_while_start
     assert not log.has("Suspended")
 
 
+# How the launcher counts a restart: JobSet's and Trainer's gangs restart whole (a TrainJob's limit
+# is in its runtime, which the launcher may not read); a PyTorchJob restarts the failed pod alone.
+RESTART = {"pytorchjob": "restart 1 of 3", "trainjob": "gang restart 1", "jobset": "gang restart 1 of 3"}
+
+
+def test_a_restart_is_reported_once_naming_the_failed_rank_and_the_new_pods_are_followed(stand_in):
+    manifest = make_manifest(stand_in.controller.name)
+    name = manifest["metadata"]["name"]
+    failed = []
+
+    def node1_fails(s: KubeApiStandIn) -> None:
+        failed.append(s.pod_name(name, 1))
+        s.restart(name, failed_node=1, exit_code=1)
+        if s.controller.restarts_gang:
+            s.add_pod(name, 0, ["attempt 1 of node 0"])
+            s.add_pod(name, 1, ["attempt 1 of node 1"])
+        else:
+            s.append_log(s.pod_name(name, 1), "attempt 1 of node 1")
+        s.start(name)
+
+    def finish(s: KubeApiStandIn) -> None:
+        for node in (0, 1):
+            s.terminate_pod(s.pod_name(name, node), 0)
+        s.finish(name, succeeded=True)
+
+    stand_in.script(
+        Step(
+            listed_workloads,
+            lambda s: (
+                s.admit(name),
+                s.add_pod(name, 0, ["attempt 0 of node 0"]),
+                s.add_pod(name, 1, ["attempt 0 of node 1"]),
+            ),
+        ),
+        Step(stand_in.followed_log(1), node1_fails, at="received"),
+        Step(listed_all_pods, finish),  # once the launcher has looked at the pods after the restart
+    )
+    log = CollectedLog()
+
+    outcome = launch(stand_in, manifest, log)
+
+    node1 = NODE_1[stand_in.controller.name]
+    restarts = [line for line in log if " restart " in line]
+    assert restarts == [
+        f"{ref(stand_in, name)}: {RESTART[stand_in.controller.name]}: "
+        f"{node1} (pod {failed[0]} on gke-a3-ultra-1) failed: exit code 1"
+    ]
+    assert log.count(f"[{node1}] attempt 1 of node 1") == 1  # the restarted node is followed on
+    if stand_in.controller.restarts_gang:
+        assert log.count(f"[{node0(stand_in)}] attempt 1 of node 0") == 1
+    assert outcome.name == name and stand_in.calls("DELETE") == []
+    assert stand_in.steps_left() == 0
+
+
 NCCL_FAILURE = [
     "[default0]:Traceback (most recent call last):",
     '[default0]:  File "worker/run.py", line 12, in run',
@@ -326,21 +434,106 @@ def test_failed_job_ends_with_the_first_failing_ranks_error_not_its_peers_echo(s
     node1 = stand_in.pod_name(name, 1)
     assert f"pod {node1}" in message and failure.value.pod == f"pod {node1}"
     # The message ends with the cause (its traceback is in the tail above), the echo named as one before it.
-    assert message.splitlines()[-1].endswith("failed first: RuntimeError: NCCL error: unhandled system error")
-    assert message.splitlines()[-1].startswith(f"{NODE_1[stand_in.controller.name]} (pod {node1}")
+    verdict = (
+        f"{NODE_1[stand_in.controller.name]} (pod {node1} on gke-a3-ultra-1, process 0) failed first "
+        "(exit code 1): RuntimeError: NCCL error: unhandled system error"
+    )
+    assert message.splitlines()[-1] == verdict
     echo_line = next(line for line in message.splitlines() if "failed too" in line)
     assert echo_line.startswith(node0(stand_in)) and "Connection closed by peer" in echo_line
     assert message.index(echo_line) < message.rindex("failed first")
     first_line = message.splitlines()[0]  # what a UI showing one line shows
-    assert condition_reason in first_line and first_line.endswith(
-        "failed first: RuntimeError: NCCL error: unhandled system error"
-    )
+    assert condition_reason in first_line and first_line.endswith(verdict)
     assert failure.value.log_tail[-1] == "[default0]:RuntimeError: NCCL error: unhandled system error"
     tail_reads = stand_in.calls("GET", f"/pods/{node1}/log")
     assert [r for r in tail_reads if r.query.get("tailLines") == "2000"]
     assert log.count(f"[{node0(stand_in)}] [default0]:rank 0: waiting for peers") == 1
     # A failed job is finished, not left running: it is kept for inspection, not deleted.
     assert stand_in.calls("DELETE") == []
+
+
+@pytest.mark.parametrize("ending", ["oom-killed", "evicted"])
+def test_failed_rank_is_named_from_its_pods_status_when_its_log_cannot_be_read(stand_in, ending):
+    manifest = make_manifest(stand_in.controller.name)
+    name = manifest["metadata"]["name"]
+    eviction = "The node was low on resource: memory. Threshold quantity: 100Mi, available: 52Mi."
+    reason = []
+
+    def node1_dies(s: KubeApiStandIn) -> None:
+        pod = s.pod_name(name, 1)
+        s.lose_logs(pod)  # its node is gone: the API server cannot reach the kubelet for its log
+        if ending == "evicted":
+            s.evict_pod(pod, eviction)
+        else:
+            s.terminate_pod(pod, 137, reason="OOMKilled", finished_at="2026-11-24T20:00:05Z")
+        s.append_log(s.pod_name(name, 0), *ECHO)
+        s.terminate_pod(s.pod_name(name, 0), 1, finished_at="2026-11-24T20:00:09Z")
+        reason.append(s.finish(name, succeeded=False))
+
+    stand_in.script(
+        Step(
+            listed_workloads,
+            lambda s: (
+                s.admit(name),
+                s.add_pod(name, 0, ["[default0]:rank 0: waiting for peers"]),
+                s.add_pod(name, 1),
+            ),
+        ),
+        Step(stand_in.followed_log(0), node1_dies, at="received"),
+    )
+
+    with pytest.raises(JobFailed) as failure:
+        launch(stand_in, manifest, CollectedLog())
+
+    ((condition_reason, condition_message),) = reason
+    pod = stand_in.pod_name(name, 1)
+    status = f"exit code 137; Evicted: {eviction}" if ending == "evicted" else "exit code 137 (OOMKilled)"
+    verdict = f"{NODE_1[stand_in.controller.name]} (pod {pod} on gke-a3-ultra-1) failed first: {status}"
+    lines = str(failure.value).splitlines()
+    assert lines[0] == f"{ref(stand_in, name)} failed ({condition_reason}: {condition_message}): {verdict}"
+    assert lines[-1] == verdict and f"(no log lines could be read from pod {pod})" in lines
+    # Node 0's lost connection, which it logged last, is named as what it is: an echo.
+    assert any(line.startswith(f"{node0(stand_in)} failed too: RuntimeError: [gloo") for line in lines)
+    assert failure.value.pod == f"pod {pod}" and failure.value.log_tail == []
+
+
+@pytest.mark.parametrize("kind", ["trainjob", "jobset"])
+def test_after_a_gang_restart_the_failure_is_told_from_the_last_gang(kind):
+    manifest = make_manifest(kind)
+    name = manifest["metadata"]["name"]
+    earlier_cause = [
+        line.replace("RuntimeError: NCCL error: unhandled system error", "ValueError: bad shard")
+        for line in NCCL_FAILURE
+    ]
+    new_pod = []
+
+    def restart_then_fail(s: KubeApiStandIn) -> None:
+        s.restart(name, failed_node=1, exit_code=1)  # the first gang's pods stay listed, terminating
+        new_pod.append(s.add_pod(name, 0, NCCL_FAILURE, state="terminated", exit_code=1))
+        s.add_pod(name, 1, ["[default0]:rank 8: waiting for peers"], state="terminated", exit_code=143)
+        s.finish(name, succeeded=False)
+
+    with KubeApiStandIn(kind=kind) as stand_in:
+        stand_in.script(
+            Step(
+                listed_workloads,
+                lambda s: (
+                    s.admit(name),
+                    s.add_pod(name, 0, ["starting"]),
+                    s.add_pod(name, 1, earlier_cause),
+                ),
+            ),
+            Step(stand_in.followed_log(1), restart_then_fail, at="received"),
+        )
+        with pytest.raises(JobFailed) as failure:
+            launch(stand_in, manifest, CollectedLog())
+
+    lines = str(failure.value).splitlines()
+    assert lines[-1] == (
+        f"node-0 (pod {new_pod[0]} on gke-a3-ultra-0, process 0) failed first (exit code 1): "
+        "RuntimeError: NCCL error: unhandled system error"
+    )
+    assert not any("bad shard" in line for line in lines)  # restarted past, reported then
 
 
 def test_failed_job_falls_back_to_the_streamed_logs_when_pods_are_gone(stand_in):
@@ -384,7 +577,7 @@ def test_failed_job_falls_back_to_the_streamed_logs_when_pods_are_gone(stand_in)
     assert stand_in.steps_left() == 0
 
 
-def test_timeout_while_queued_deletes_the_job_with_foreground_propagation(stand_in):
+def test_timeout_while_queued_deletes_the_job_with_background_propagation(stand_in):
     manifest = make_manifest(stand_in.controller.name)
     name = manifest["metadata"]["name"]
     log = CollectedLog()
@@ -396,12 +589,19 @@ def test_timeout_while_queued_deletes_the_job_with_foreground_propagation(stand_
 
     assert "did not finish within 60s" in str(timeout.value) and "Suspended" in str(timeout.value)
     deletes = stand_in.calls("DELETE", f"{stand_in.jobs_path}/{name}")
-    assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Foreground"}
+    assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Background"}
     assert stand_in.job(name) is None
+    # Reported once, then briefly at every report while it does not change.
+    assert log.count(f"suspended: workload {stand_in.controller.name}-") == 1
+    assert log.count("suspended: provisioning request ") == 1
+    still = [line for line in log if line.startswith("suspended: still waiting for admission check dws-prov")]
+    waited = [int(re.search(r"\(for (\d+)s\)$", line)[1]) for line in still]
     assert (
-        log.count(f"suspended: workload {stand_in.controller.name}-") >= 2
-    )  # reported steadily while queued
-    assert log.has(f"deleted {ref(stand_in, name)} (timed out after 60s)")
+        len(waited) >= 2 and waited == sorted(set(waited)) and waited[0] > 0
+    )  # counted from the first report
+    assert log.has(
+        f"deleted {ref(stand_in, name)} (timed out after 60s); {ref(stand_in, name)} is gone; no pod"
+    )
 
 
 def test_sigterm_while_running_deletes_the_job_and_exits(stand_in):
@@ -429,11 +629,57 @@ def test_sigterm_while_running_deletes_the_job_and_exits(stand_in):
     assert cancelled.value.code == 143
     assert received == []  # the launcher's handler, not the outer one, took the signal
     deletes = stand_in.calls("DELETE", f"{stand_in.jobs_path}/{name}")
-    assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Foreground"}
+    assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Background"}
     assert stand_in.job(name) is None
     assert log.has("cancelled by SIGTERM") and log.has(
-        f"deleted {ref(stand_in, name)} (pipeline run cancelled)"
+        f"deleted {ref(stand_in, name)} (pipeline run cancelled); its pods are deleted in the background"
     )
+
+
+@pytest.mark.parametrize("collected", [True, False], ids=["collector-catches-up", "collector-lags"])
+def test_timeout_while_running_waits_until_no_pod_is_left_running_and_says_what_is_left(stand_in, collected):
+    manifest = make_manifest(stand_in.controller.name)
+    name = manifest["metadata"]["name"]
+    stand_in.hold_dependents()  # the job object goes at once; its pods only once the collector reaches them
+    steps = [
+        Step(
+            listed_workloads,
+            lambda s: (s.admit(name), s.add_pod(name, 0, ["step 1"]), s.add_pod(name, 1, ["step 1"])),
+        )
+    ]
+    if collected:
+        steps += [
+            Step(lambda r: r.method == "DELETE", lambda s: None),
+            Step(listed_all_pods, lambda s: s.collect_garbage(name)),  # after its first look
+        ]
+    stand_in.script(*steps)
+    log = CollectedLog()
+    ticks = itertools.count(0, 10)
+
+    with pytest.raises(JobTimedOut):
+        launch(
+            stand_in,
+            manifest,
+            log,
+            timeout_s=60,
+            deletion_wait_s=100,
+            poll_interval_s=0.01,
+            clock=lambda: float(next(ticks)),
+        )
+
+    deletes = stand_in.calls("DELETE", f"{stand_in.jobs_path}/{name}")
+    assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Background"}
+    after_delete = stand_in.requests[position(stand_in, deletes[0]) :]
+    assert len([r for r in after_delete if listed_all_pods(r)]) >= 2  # it looked again: the pods still ran
+    pods = sorted(stand_in.pod_name(name, node) for node in (0, 1))
+    deleted = next(line for line in log if line.startswith(f"deleted {ref(stand_in, name)} (timed out"))
+    if collected:
+        assert deleted.endswith(f"{ref(stand_in, name)} is gone; its pods: 2 terminating")
+    else:
+        assert deleted.endswith(
+            f"after 100s, {ref(stand_in, name)} is gone; its pods: 2 not terminating yet ({', '.join(pods)})"
+        )
+    assert stand_in.steps_left() == 0
 
 
 def test_dropped_watch_resumes_from_the_last_resource_version(stand_in):
@@ -616,9 +862,14 @@ def test_retry_of_the_same_run_replaces_its_finished_job(stand_in):
     manifest = make_manifest(stand_in.controller.name)
     name = manifest["metadata"]["name"]
     stand_in.create_job(manifest)
+    stand_in.admit(name)
+    stand_in.add_pod(name, 0, ["out of memory"], state="terminated", exit_code=137)
     stand_in.finish(name, succeeded=False)
     old_uid = stand_in.job(name)["metadata"]["uid"]
+    stand_in.hold_dependents()
     stand_in.script(
+        Step(lambda r: r.method == "DELETE", lambda s: None),
+        Step(listed_all_pods, lambda s: s.collect_garbage(name)),
         Step(listed_workloads, lambda s: (s.admit(name), s.add_pod(name, 0, ["ok"], state="terminated"))),
         Step(stand_in.followed_log(0), lambda s: s.finish(name, succeeded=True)),
     )
@@ -627,9 +878,16 @@ def test_retry_of_the_same_run_replaces_its_finished_job(stand_in):
     outcome = launch(stand_in, manifest, log)
 
     assert outcome.uid != old_uid and not outcome.adopted
-    assert len(stand_in.calls("POST", stand_in.jobs_path)) == 2  # 409 AlreadyExists, then the replacement
-    assert len(stand_in.calls("DELETE", f"{stand_in.jobs_path}/{name}")) == 1
+    creates = stand_in.calls("POST", stand_in.jobs_path)
+    assert len(creates) == 2  # 409 AlreadyExists, then the replacement
+    deletes = stand_in.calls("DELETE", f"{stand_in.jobs_path}/{name}")
+    assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Background"}
+    # Created only once the old job's pod was terminating: the first look after the delete found it not yet.
+    between = stand_in.requests[position(stand_in, deletes[0]) : position(stand_in, creates[1])]
+    assert len([r for r in between if listed_all_pods(r)]) == 2
     assert log.has("exists from an earlier attempt (Failed); replacing it")
+    assert log.has(f"{ref(stand_in, name)} is gone; its pods: 1 terminating")
+    assert outcome.log_tail == ["ok"]
 
 
 @pytest.mark.parametrize("kind", JOB_KINDS)
@@ -649,7 +907,7 @@ def test_rejected_admission_check_deletes_the_job_and_fails_with_its_message(kin
         job_left = stand_in.job(name)
         workload_reads = stand_in.calls("GET", "/workloads")
     assert rejection in str(rejected.value) and "'dws-prov'" in str(rejected.value)
-    assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Foreground"}
+    assert len(deletes) == 1 and deletes[0].query == {"propagationPolicy": "Background"}
     assert job_left is None
     assert log.has("dws-prov: Pending") and log.has("dws-prov: Rejected")
     # The Kueue API version is discovered, so older Kueue releases (v1beta1 only) work too.
@@ -705,6 +963,29 @@ def test_missing_cluster_resource_is_a_one_line_error_naming_it(kind, cluster, n
         assert len(created) == 1  # the namespace could only be found missing by the create call
     else:
         assert created == []  # found before anything was created
+
+
+def test_the_clusters_ca_verifies_tls_whatever_ca_bundle_the_environment_names(tmp_path, monkeypatch):
+    ca, tls = loopback_tls(tmp_path)
+    # Valid bundles without the cluster's CA: requests lets these replace a session's CA.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
+    monkeypatch.setenv("CURL_CA_BUNDLE", certifi.where())
+    manifest = make_manifest("jobset")
+    name = manifest["metadata"]["name"]
+    log = CollectedLog()
+    with KubeApiStandIn(kind="jobset", tls=tls) as stand_in:
+        stand_in.script(
+            Step(listed_workloads, lambda s: (s.admit(name), s.add_pod(name, 0, ["ok"], state="terminated"))),
+            Step(stand_in.followed_log(0), lambda s: s.finish(name, succeeded=True)),
+        )
+        with pytest.raises(requests.exceptions.SSLError):  # the environment's bundle alone cannot verify it
+            KubernetesApi(stand_in.url, verify=True).kueue_api_version()
+
+        outcome = launch(stand_in, manifest, log, verify=ca)
+
+        streams = stand_in.calls("GET", "/log", follow="true")
+    assert stand_in.url.startswith("https://")
+    assert outcome.log_tail == ["ok"] and streams  # plain calls, the watch and the log streams alike
 
 
 def test_in_cluster_credentials_reread_the_rotated_token(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 
 from components.launch.kubernetes.kinds import JOB_KINDS, JobConfig, job_kind
-from components.launch.kubernetes.pod import pod_template
+from components.launch.kubernetes.pod import failure_status, pod_template
 from tests.support.job_pods import RESULTS, job_config, pod_templates, worker_container
 from tests.support.schemas import assert_valid_for_kubernetes, pod_template_resource
 from worker.config import WorkerConfig
@@ -250,3 +250,46 @@ def test_building_does_not_share_state_between_manifests(kind):
         worker_container(template)["env"].clear()
     assert job_kind(kind).build(cfg) == pristine
     assert cfg.labels == {"team": "vision"} and cfg.env == {"A": "1"}
+
+
+def _pod(phase: str, *, state: dict | None = None, last: dict | None = None, **status) -> dict:
+    container = {"name": "node", "state": state or {"running": {}}, "lastState": last or {}}
+    return {"status": {"phase": phase, "containerStatuses": [container], **status}}
+
+
+@pytest.mark.parametrize(
+    "pod, says",
+    [
+        (_pod("Running"), ""),
+        (_pod("Succeeded", state={"terminated": {"exitCode": 0, "reason": "Completed"}}), ""),
+        (_pod("Failed", state={"terminated": {"exitCode": 1, "reason": "Error"}}), "exit code 1"),
+        (
+            _pod("Failed", state={"terminated": {"exitCode": 137, "reason": "OOMKilled"}}),
+            "exit code 137 (OOMKilled)",
+        ),
+        (  # FallbackToLogsOnError puts the log's tail in the message: its last line is the error
+            _pod(
+                "Failed",
+                state={"terminated": {"exitCode": 1, "message": "Traceback:\n  ...\nValueError: bad\n"}},
+            ),
+            "exit code 1: ValueError: bad",
+        ),
+        (  # restarted in place: the failure is the previous run's
+            _pod("Running", last={"terminated": {"exitCode": 139, "reason": "Error"}}),
+            "exit code 139",
+        ),
+        (
+            {
+                "status": {
+                    "phase": "Failed",
+                    "reason": "DeadlineExceeded",
+                    "message": "Pod was active on the node longer than the specified deadline",
+                }
+            },
+            "DeadlineExceeded: Pod was active on the node longer than the specified deadline",
+        ),
+    ],
+    ids=["running", "succeeded", "error", "oom", "termination-message", "restarted", "deadline"],
+)
+def test_failure_status_is_what_the_pod_says_of_its_failure(pod, says):
+    assert failure_status(pod, "node") == says
