@@ -61,4 +61,6 @@ def launcher_api(plane, launcher_token) -> KubernetesApi:
 
 @pytest.fixture
 def run_id(request) -> str:
-    return f"r{next(_run_ids)}-{request.node.name[:20].lower().replace('_', '-').replace('[', '-').strip('-]')}"
+    return (
+        f"r{next(_run_ids)}-{request.node.name[:20].lower().replace('_', '-').replace('[', '-').strip('-]')}"
+    )

@@ -8,16 +8,16 @@ The verdicts (admitted, running, restarted, failed, succeeded, evicted) are the 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from components.launch.kubernetes.errors import JobFailed, JobTimedOut, LauncherError
 from components.launch.kubernetes.kinds import JOB_KINDS, job_kind
+from tests.support.control_plane import KUEUE_FRAMEWORKS
 from tests.support.gke_player import (
+    RESTART_ATTEMPT_LABEL,
     KUEUE,
-    LauncherProcess,
     Launcher,
+    LauncherProcess,
     SteppedClock,
     cluster_job_config,
 )
@@ -30,11 +30,13 @@ def node_lines(rank: int, *lines: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kind_name", JOB_KINDS)
-def test_queued_job_waits_for_dws_then_runs_on_the_gpu_nodes_and_succeeds(gke, launcher_api, run_id, kind_name):
+def test_queued_job_waits_for_dws_then_runs_on_the_gpu_nodes_and_succeeds(
+    gke, launcher_api, run_id, kind_name
+):
     kind = job_kind(kind_name)
     cfg = cluster_job_config(run_id)
     launcher = Launcher(launcher_api, kind, kind.build(cfg)).start()
-    uid = gke.job_uid(kind, cfg.name)
+    uid = launcher.job_uid(gke, cfg.name)
 
     request = gke.pending_provisioning_request(uid)
     # While DWS has not answered, the launcher says what it waits for.
@@ -46,7 +48,11 @@ def test_queued_job_waits_for_dws_then_runs_on_the_gpu_nodes_and_succeeds(gke, l
     launcher.wait_for_line("admitted by Kueue")
     pods = gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes)
     assert all(p["spec"]["nodeName"].startswith("a3u-") for p in pods)
-    assert {p["spec"]["nodeName"] for p in pods}.__len__() == cfg.nodes, "one pod per node"
+    assert len({p["spec"]["nodeName"] for p in pods}) == cfg.nodes, "one pod per node"
+    if kind_name == "jobset":  # torchrun's rendezvous host is node 0's name on JobSet's headless service
+        (leader,) = [p for p in pods if kind.rank(p) == kind.leader_rank]
+        env = {e["name"]: e.get("value") for e in leader["spec"]["containers"][0]["env"]}
+        assert env["PET_MASTER_ADDR"] == f"{leader['spec']['hostname']}.{leader['spec']['subdomain']}"
     for rank, pod in enumerate(sorted(pods, key=kind.rank)):
         gke.write_log(pod, kind.container, node_lines(rank, f"worker on node {rank} classified 100 images"))
     for rank in range(cfg.nodes):
@@ -61,39 +67,69 @@ def test_queued_job_waits_for_dws_then_runs_on_the_gpu_nodes_and_succeeds(gke, l
     assert any("classified 100 images" in line for line in outcome.log_tail)
 
 
+# Gang restarts each kind makes before the job fails: PyTorchJob none (backoff_limit 0), JobSet one
+# (backoff_limit 1 is its failurePolicy.maxRestarts), TrainJob three (cluster/'s TrainingRuntime).
+RESTARTS = {"pytorchjob": 0, "jobset": 1, "trainjob": 3}
+
+
 @pytest.mark.parametrize("kind_name", JOB_KINDS)
-def test_a_failed_rank_fails_the_job_with_that_ranks_error(gke, launcher_api, run_id, kind_name):
+def test_a_failed_rank_restarts_the_gang_then_fails_the_job_with_that_ranks_error(
+    gke, launcher_api, run_id, kind_name
+):
     kind = job_kind(kind_name)
-    cfg = cluster_job_config(run_id, backoff_limit=0)
-    manifest = kind.build(cfg)
-    if kind_name == "trainjob":  # the runtime restarts the gang 3 times; this job may not restart
-        manifest["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["failurePolicy"] = {"maxRestarts": 0}
-    launcher = Launcher(launcher_api, kind, manifest).start()
-    gke.provision(gke.job_uid(kind, cfg.name))
-    pods = sorted(gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes), key=kind.rank)
-    gke.write_log(pods[0], kind.container, node_lines(0, "RuntimeError: Connection closed by peer"))
-    gke.write_log(pods[1], kind.container, [
-        "[default8]:Traceback (most recent call last):",
-        '[default8]:  File "/app/worker/infer.py", line 88, in run',
-        "[default8]:torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
-    ])
-    launcher.wait_for_line("CUDA out of memory")
-    gke.end(pods[1], 1)
+    cfg = cluster_job_config(run_id, backoff_limit=RESTARTS[kind_name])
+    launcher = Launcher(launcher_api, kind, kind.build(cfg)).start()
+    gke.provision(launcher.job_uid(gke, cfg.name))
+    for attempt in range(RESTARTS[kind_name] + 1):
+        pods = sorted(
+            gke.running_pods(
+                kind.pod_selector(cfg.name),
+                cfg.nodes,
+                where=lambda p: p["metadata"]["labels"].get(RESTART_ATTEMPT_LABEL, "0") == str(attempt),
+            ),
+            key=kind.rank,
+        )
+        if attempt:
+            launcher.wait_for_line(f"gang restart {attempt}")
+        gke.write_log(pods[0], kind.container, node_lines(0, "RuntimeError: Connection closed by peer"))
+        gke.write_log(
+            pods[1],
+            kind.container,
+            [
+                "[default8]:Traceback (most recent call last):",
+                '[default8]:  File "/app/worker/infer.py", line 88, in run',
+                f"[default8]:torch.OutOfMemoryError: CUDA out of memory (attempt {attempt})",
+            ],
+        )
+        launcher.wait_for_line(f"CUDA out of memory (attempt {attempt})")
+        gke.end(pods[1], 1)
 
     error = launcher.error()
     assert isinstance(error, JobFailed), error
     first_line = str(error).splitlines()[0]
-    assert kind.rank(pods[1]) in first_line and "CUDA out of memory" in first_line
-    gke.end(pods[0], 1)  # torchrun on the other node would stop too; nothing must be left running
-    gke.gone_or_finished = None
+    assert kind.rank(pods[1]) in first_line, first_line
+    assert f"CUDA out of memory (attempt {RESTARTS[kind_name]})" in first_line, first_line
+    # The controller stops the other rank's pod: nothing keeps holding GPUs.
+    gke.kube.wait_for(
+        "no running pod left",
+        lambda: (
+            not [
+                p
+                for p in gke.pods(kind.pod_selector(cfg.name))
+                if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+            ]
+        ),
+    )
 
 
 def test_timeout_while_running_deletes_the_job_and_its_pods(gke, launcher_api, run_id):
     kind = job_kind("trainjob")  # the kind whose foreground delete kept re-creating pods
     cfg = cluster_job_config(run_id)
     clock = SteppedClock()
-    launcher = Launcher(launcher_api, kind, kind.build(cfg), options={"timeout_s": 3600, "clock": clock}).start()
-    gke.provision(gke.job_uid(kind, cfg.name))
+    launcher = Launcher(
+        launcher_api, kind, kind.build(cfg), options={"timeout_s": 3600, "clock": clock}
+    ).start()
+    gke.provision(launcher.job_uid(gke, cfg.name))
     gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes)
     launcher.wait_for_line("admitted by Kueue")
     clock.jump(3600)
@@ -104,11 +140,13 @@ def test_timeout_while_running_deletes_the_job_and_its_pods(gke, launcher_api, r
 
 
 @pytest.mark.parametrize("kind_name", JOB_KINDS)
-def test_sigterm_deletes_the_running_job_and_every_pod(plane, gke, admin, launcher_token, run_id, tmp_path, kind_name):
+def test_sigterm_deletes_the_running_job_and_every_pod(
+    plane, gke, admin, launcher_token, run_id, tmp_path, kind_name
+):
     kind = job_kind(kind_name)
     cfg = cluster_job_config(run_id)
     process = LauncherProcess(plane, launcher_token, kind_name, kind.build(cfg), tmp_path)
-    gke.provision(gke.job_uid(kind, cfg.name))
+    gke.provision(gke.job_uid(kind, cfg.name, process.running))
     gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes)
     process.wait_for_output("admitted by Kueue", admin)
 
@@ -117,11 +155,13 @@ def test_sigterm_deletes_the_running_job_and_every_pod(plane, gke, admin, launch
     gke.gone(kind, cfg.name)
 
 
-def test_a_retry_adopts_the_job_its_killed_predecessor_left_running(plane, gke, admin, launcher_api, launcher_token, run_id, tmp_path):
+def test_a_retry_adopts_the_job_its_killed_predecessor_left_running(
+    plane, gke, admin, launcher_api, launcher_token, run_id, tmp_path
+):
     kind = job_kind("jobset")
     cfg = cluster_job_config(run_id)
     first = LauncherProcess(plane, launcher_token, "jobset", kind.build(cfg), tmp_path)
-    gke.provision(gke.job_uid(kind, cfg.name))
+    gke.provision(gke.job_uid(kind, cfg.name, first.running))
     pods = gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes)
     first.wait_for_output("admitted by Kueue", admin)
     first.kill()  # the launch pod died: no cleanup ran
@@ -133,24 +173,37 @@ def test_a_retry_adopts_the_job_its_killed_predecessor_left_running(plane, gke, 
         gke.end(pod, 0)
     outcome = retry.result()
     assert outcome.adopted and outcome.name == cfg.name
-    assert len(admin.list(kind.resource.api_version, kind.resource.kind, "batch-inference",
-                          labelSelector=f"batch-inference.dev/results-hash")) >= 1
+    assert (
+        len(
+            admin.list(
+                kind.resource.api_version,
+                kind.resource.kind,
+                "batch-inference",
+                labelSelector="batch-inference.dev/results-hash",
+            )
+        )
+        >= 1
+    )
 
 
 def test_eviction_is_reported_and_the_readmitted_job_runs_to_the_end(gke, admin, launcher_api, run_id):
     kind = job_kind("jobset")
     cfg = cluster_job_config(run_id)
     launcher = Launcher(launcher_api, kind, kind.build(cfg)).start()
-    uid = gke.job_uid(kind, cfg.name)
+    uid = launcher.job_uid(gke, cfg.name)
     gke.provision(uid)
     gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes)
     launcher.wait_for_line("admitted by Kueue")
 
     (workload,) = gke.workloads(uid)
-    admin.merge_patch(KUEUE, "Workload", workload["metadata"]["name"], "batch-inference", {"spec": {"active": False}})
+    admin.merge_patch(
+        KUEUE, "Workload", workload["metadata"]["name"], "batch-inference", {"spec": {"active": False}}
+    )
     launcher.wait_for_line("evicted")
     launcher.wait_for_line("suspended again after admission")
-    admin.merge_patch(KUEUE, "Workload", workload["metadata"]["name"], "batch-inference", {"spec": {"active": True}})
+    admin.merge_patch(
+        KUEUE, "Workload", workload["metadata"]["name"], "batch-inference", {"spec": {"active": True}}
+    )
     gke.provision(uid)
     pods = gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes)
     for pod in pods:
@@ -186,7 +239,7 @@ def test_quota_exhausted_the_second_job_waits_and_says_why(gke, admin, launcher_
         first_cfg = cluster_job_config(run_id + "-a")
         second_cfg = cluster_job_config(run_id + "-b")
         first = Launcher(launcher_api, kind, kind.build(first_cfg)).start()
-        gke.provision(gke.job_uid(kind, first_cfg.name))
+        gke.provision(first.job_uid(gke, first_cfg.name))
         first_pods = gke.running_pods(kind.pod_selector(first_cfg.name), 2)
         second = Launcher(launcher_api, kind, kind.build(second_cfg)).start()
         line = second.wait_for_line("insufficient unused quota")
@@ -194,14 +247,20 @@ def test_quota_exhausted_the_second_job_waits_and_says_why(gke, admin, launcher_
         for pod in first_pods:
             gke.end(pod, 0)
         first.result()
-        gke.provision(gke.job_uid(kind, second_cfg.name))
+        gke.provision(second.job_uid(gke, second_cfg.name))
         for pod in gke.running_pods(kind.pod_selector(second_cfg.name), 2):
             gke.end(pod, 0)
         second.result()
     finally:
         queue = admin.get(KUEUE, "ClusterQueue", "dws-cluster-queue")
         queue["spec"]["resourceGroups"][0]["flavors"][0]["resources"] = original
-        admin.merge_patch(KUEUE, "ClusterQueue", "dws-cluster-queue", None, {"spec": {"resourceGroups": queue["spec"]["resourceGroups"]}})
+        admin.merge_patch(
+            KUEUE,
+            "ClusterQueue",
+            "dws-cluster-queue",
+            None,
+            {"spec": {"resourceGroups": queue["spec"]["resourceGroups"]}},
+        )
 
 
 def test_kueue_without_the_kinds_integration_is_named(plane, gke, launcher_api, run_id):
@@ -210,11 +269,13 @@ def test_kueue_without_the_kinds_integration_is_named(plane, gke, launcher_api, 
     try:
         cfg = cluster_job_config(run_id)
         clock = SteppedClock()
-        launcher = Launcher(launcher_api, kind, kind.build(cfg), options={"timeout_s": 3600, "clock": clock}).start()
+        launcher = Launcher(
+            launcher_api, kind, kind.build(cfg), options={"timeout_s": 3600, "clock": clock}
+        ).start()
         line = launcher.wait_for_line("integration enabled")
         assert "kubeflow.org/pytorchjob" in line
-        clock.jump(math.inf if False else 3600)
+        clock.jump(3600)
         assert isinstance(launcher.error(), JobTimedOut)
         gke.gone(kind, cfg.name)
     finally:
-        plane.start_kueue(frameworks=None if False else ("batch/job", "jobset.x-k8s.io/jobset", "trainer.kubeflow.org/trainjob", "kubeflow.org/pytorchjob"))
+        plane.start_kueue(frameworks=KUEUE_FRAMEWORKS)

@@ -291,7 +291,9 @@ def make_pki(directory: Path, extra_dns: tuple[str, ...] = ()) -> Pki:
             parts.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
         return x509.Name(parts)
 
-    ca_key = ec.generate_private_key(ec.SECP256R1())
+    # RSA, and named by a SAN too: the Training Operator's certificate rotator keeps the CA it finds
+    # in its Secret only if it parses as PKCS#1 and verifies for the name "training-operator-ca".
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca = (
         x509.CertificateBuilder()
         .subject_name(name("batch-inference-test-ca"))
@@ -301,6 +303,7 @@ def make_pki(directory: Path, extra_dns: tuple[str, ...] = ()) -> Pki:
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("training-operator-ca")]), critical=False)
         .add_extension(
             x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
         )
@@ -668,7 +671,8 @@ class ControlPlane:
                 "--leader-elect=false",
                 f"--service-account-private-key-file={self.pki.sa_key}",
                 f"--root-ca-file={self.pki.ca_cert}",
-                "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle",
+                # nodelifecycle lifts the not-ready taint the API server puts on every new node.
+                "--controllers=*,-nodeipam,-cloud-node-lifecycle",
                 "--concurrent-gc-syncs=5",
                 "--node-monitor-grace-period=3600s",
             ],
@@ -935,11 +939,12 @@ class ControlPlane:
             for name in names:
                 node = self.admin.get("v1", "Node", name)
                 conds = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
-                if conds.get("Ready") != "True":
+                taints = {t["key"] for t in node["spec"].get("taints") or []}
+                if conds.get("Ready") != "True" or "node.kubernetes.io/not-ready" in taints:
                     return False
             return True
 
-        self.admin.wait_for("fake GPU nodes ready", ready)
+        self.admin.wait_for("fake GPU nodes ready and untainted", ready)
         return names
 
     def serve_pod_log(

@@ -8,6 +8,7 @@ ProvisioningRequest (DWS), the containers ending (kwok's pods run until told), a
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import queue
@@ -84,7 +85,9 @@ class Launcher:
     def start(self) -> Launcher:
         self._done: queue.Queue = queue.Queue()
         self._changed = threading.Condition()
-        options = dict(poll_interval_s=1.0, retry_interval_s=0.3, log_drain_timeout_s=10.0, deletion_wait_s=60.0)
+        options = dict(
+            poll_interval_s=1.0, retry_interval_s=0.3, log_drain_timeout_s=10.0, deletion_wait_s=60.0
+        )
         options.update(self.options)
 
         def log(line: str) -> None:
@@ -94,7 +97,12 @@ class Launcher:
 
         def body() -> None:
             try:
-                self._done.put(("ok", run_job(self.api, self.kind, self.manifest, log=log, handle_sigterm=False, **options)))
+                self._done.put(
+                    (
+                        "ok",
+                        run_job(self.api, self.kind, self.manifest, log=log, handle_sigterm=False, **options),
+                    )
+                )
             except BaseException as e:  # handed to the test's thread
                 self._done.put(("error", e))
 
@@ -102,11 +110,23 @@ class Launcher:
         self._thread.start()
         return self
 
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def job_uid(self, gke: Gke, name: str) -> str:
+        try:
+            return gke.job_uid(self.kind, name, self.running)
+        except AssertionError:
+            raise self.error(timeout_s=1) from None
+
     def wait_for_line(self, predicate: Callable[[str], bool] | str, timeout_s: float = 60.0) -> str:
         """The first log line matching (a substring or a predicate), waiting for it to be logged."""
         test = (lambda line: predicate in line) if isinstance(predicate, str) else predicate
         with self._changed:
-            found = self._changed.wait_for(lambda: next((x for x in self.lines if test(x)), None) or not self._thread.is_alive(), timeout_s)
+            found = self._changed.wait_for(
+                lambda: next((x for x in self.lines if test(x)), None) or not self._thread.is_alive(),
+                timeout_s,
+            )
             match = next((x for x in self.lines if test(x)), None)
         if match is None:
             tail = "\n".join(self.lines[-40:])
@@ -137,20 +157,36 @@ class LauncherProcess:
         spec = workdir / "job.json"
         spec.write_text(json.dumps({"kind": kind, "manifest": manifest, "sa_dir": str(sa_dir)}))
         self.log_path = workdir / "launcher.log"
-        env = {**os.environ, "KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": plane.url.rsplit(":", 1)[1]}
+        env = {
+            **os.environ,
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": plane.url.rsplit(":", 1)[1],
+        }
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tests.support.gke_player", str(spec)],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
 
     @property
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def wait_for_output(self, text: str, kube: Kube, timeout_s: float = 60.0) -> None:
-        kube.wait_for(f"{text!r} in the launcher's output", lambda: text in self.output or self.proc.poll() is not None, timeout_s)
-        assert text in self.output, f"the launcher exited ({self.proc.returncode}) without {text!r}:\n{self.output[-3000:]}"
+        kube.wait_for(
+            f"{text!r} in the launcher's output",
+            lambda: text in self.output or self.proc.poll() is not None,
+            timeout_s,
+        )
+        assert text in self.output, (
+            f"the launcher exited ({self.proc.returncode}) without {text!r}:\n{self.output[-3000:]}"
+        )
 
     def terminate(self, timeout_s: float = 60.0) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -172,14 +208,25 @@ class Gke:
     def workloads(self, job_uid: str, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
         return self.kube.list(KUEUE, "Workload", namespace, labelSelector=f"{JOB_UID_LABEL}={job_uid}")
 
-    def job_uid(self, kind: JobKind, name: str, namespace: str = NAMESPACE) -> str:
-        job = self.kube.wait_for(f"{name} created", lambda: self.kube.find(kind.resource.api_version, kind.resource.kind, name, namespace))
+    def job_uid(
+        self, kind: JobKind, name: str, launcher_running: Callable[[], bool], namespace: str = NAMESPACE
+    ) -> str:
+        """The uid of the job the launcher creates; fails at once, with its output, if the launcher ends first."""
+
+        def created() -> dict[str, Any] | str | None:
+            job = self.kube.find(kind.resource.api_version, kind.resource.kind, name, namespace)
+            return job or (None if launcher_running() else "ended")
+
+        job = self.kube.wait_for(f"{name} created", created)
+        if job == "ended":
+            raise AssertionError(f"the launcher ended before {kind.resource.kind} {name} existed")
         return job["metadata"]["uid"]
 
     def provisioning_requests(self, job_uid: str, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
         owners = {w["metadata"]["uid"] for w in self.workloads(job_uid, namespace)}
         return [
-            pr for pr in self.kube.list(PROVREQ, "ProvisioningRequest", namespace)
+            pr
+            for pr in self.kube.list(PROVREQ, "ProvisioningRequest", namespace)
             if any(o.get("uid") in owners for o in pr["metadata"].get("ownerReferences") or [])
         ]
 
@@ -197,45 +244,74 @@ class Gke:
 
     def answer(self, request: dict[str, Any], condition: str, reason: str, message: str) -> None:
         """Sets the request's conditions as the cluster autoscaler does (Accepted, then ``condition``)."""
-        import datetime
-
         now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         conditions = [
-            {"type": "Accepted", "status": "True", "reason": "Accepted", "message": "ProvisioningRequest accepted", "lastTransitionTime": now},
-            {"type": condition, "status": "True", "reason": reason, "message": message, "lastTransitionTime": now},
+            {
+                "type": "Accepted",
+                "status": "True",
+                "reason": "Accepted",
+                "message": "ProvisioningRequest accepted",
+                "lastTransitionTime": now,
+            },
+            {
+                "type": condition,
+                "status": "True",
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": now,
+            },
         ]
         meta = request["metadata"]
-        self.kube.merge_patch(PROVREQ, "ProvisioningRequest", meta["name"], meta["namespace"],
-                              {"status": {"conditions": conditions}}, subresource="status")
+        self.kube.merge_patch(
+            PROVREQ,
+            "ProvisioningRequest",
+            meta["name"],
+            meta["namespace"],
+            {"status": {"conditions": conditions}},
+            subresource="status",
+        )
 
     def provision(self, job_uid: str, namespace: str = NAMESPACE) -> None:
         request = self.pending_provisioning_request(job_uid, namespace)
-        self.answer(request, "Provisioned", "Provisioned", "Provisioning Request was successfully provisioned.")
+        self.answer(
+            request, "Provisioned", "Provisioned", "Provisioning Request was successfully provisioned."
+        )
 
     # pods -----------------------------------------------------------------------------------------
 
     def pods(self, selector: str, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
         return self.kube.list("v1", "Pod", namespace, labelSelector=selector)
 
-    def running_pods(self, selector: str, count: int, namespace: str = NAMESPACE, timeout_s: float = 90.0,
-                     where: Callable[[dict[str, Any]], bool] = lambda pod: True) -> list[dict[str, Any]]:
+    def running_pods(
+        self,
+        selector: str,
+        count: int,
+        namespace: str = NAMESPACE,
+        timeout_s: float = 90.0,
+        where: Callable[[dict[str, Any]], bool] = lambda pod: True,
+    ) -> list[dict[str, Any]]:
         """Waits until ``count`` live pods of the selector run on (fake) nodes."""
 
         def running() -> list[dict[str, Any]] | None:
             pods = [
-                p for p in self.pods(selector, namespace)
-                if not p["metadata"].get("deletionTimestamp") and p["status"].get("phase") == "Running" and where(p)
+                p
+                for p in self.pods(selector, namespace)
+                if not p["metadata"].get("deletionTimestamp")
+                and p["status"].get("phase") == "Running"
+                and where(p)
             ]
             return sorted(pods, key=lambda p: p["metadata"]["name"]) if len(pods) == count else None
 
         return self.kube.wait_for(f"{count} running pods of {selector}", running, timeout_s)
 
     def write_log(self, pod: dict[str, Any], container: str, lines: list[str]) -> Path:
-        """The container's log so far (kwok serves it, followed as it grows)."""
+        """Lines the container printed (kwok serves them, followed as the file grows)."""
         meta = pod["metadata"]
         path = self.plane.kwok_logs / f"{meta['namespace']}-{meta['name']}-{meta['uid']}.log"
+        # The container runtime's log format (CRI), which kwok parses as the kubelet does.
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         with open(path, "a") as f:
-            f.writelines(line + "\n" for line in lines)
+            f.writelines(f"{stamp} stdout F {line}\n" for line in lines)
         self.plane.serve_pod_log(meta["namespace"], meta["name"], container, path)
         return path
 
@@ -245,14 +321,18 @@ class Gke:
         if reason:
             annotations[EXIT_REASON_ANNOTATION] = reason
         meta = pod["metadata"]
-        self.kube.merge_patch("v1", "Pod", meta["name"], meta["namespace"], {"metadata": {"annotations": annotations}})
+        self.kube.merge_patch(
+            "v1", "Pod", meta["name"], meta["namespace"], {"metadata": {"annotations": annotations}}
+        )
 
     def gone(self, kind: JobKind, name: str, namespace: str = NAMESPACE, timeout_s: float = 90.0) -> None:
         """Waits until the job, and every pod it made, no longer exists."""
         self.kube.wait_for(
             f"{kind.resource.kind} {name} and its pods gone",
-            lambda: self.kube.find(kind.resource.api_version, kind.resource.kind, name, namespace) is None
-            and not self.pods(kind.pod_selector(name), namespace),
+            lambda: (
+                self.kube.find(kind.resource.api_version, kind.resource.kind, name, namespace) is None
+                and not self.pods(kind.pod_selector(name), namespace)
+            ),
             timeout_s,
         )
 

@@ -1,9 +1,10 @@
 """The JobSet kind (``jobset.x-k8s.io/v1alpha2``, JobSet v0.12), as Google's A3 Ultra examples run torchrun.
 
 One replicated job, ``node``, of one Indexed Job with ``nodes`` pods. JobSet gives every pod a
-DNS name through a headless service (``<jobset>-node-0-<i>.<jobset>``) and, with
-``spec.coordinator``, writes node 0's name into every pod's annotations; the pod's completion
-index is its node rank. torchrun reads both from ``PET_*`` variables set from the downward API.
+DNS name through a headless service (``<jobset>-node-0-<i>.<jobset>``); node 0's name is the
+rendezvous host, and the pod's completion index (downward API) its node rank, both passed to
+torchrun as ``PET_*`` variables. Not ``spec.coordinator``: it copies node 0's name into a label,
+which JobSet's webhook refuses beyond 63 bytes, so any JobSet named over 26 characters.
 ``backoffLimit: 0`` fails the Job at a rank's first failure, ``failurePolicy.maxRestarts``
 recreates the whole gang up to ``backoff_limit`` times (the worker resumes from its committed
 shards), and ``successPolicy`` ends the JobSet when every pod has finished. Kueue queues it
@@ -32,7 +33,6 @@ from components.launch.kubernetes.pod import pod_template
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
 REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
 NODE_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
-COORDINATOR_ANNOTATION = "jobset.sigs.k8s.io/coordinator"
 RESTART_ATTEMPT_LABEL = "jobset.sigs.k8s.io/restart-attempt"  # status.restarts when the pod's Job was made
 REPLICATED_JOB = "node"
 RENDEZVOUS_PORT = "29500"
@@ -49,15 +49,17 @@ def jobset_state(
     return JobState(STARTING)
 
 
-def _rendezvous_env() -> list[dict[str, Any]]:
-    """Torchrun's node rank and rendezvous host from the pod's own annotations (downward API)."""
+def rendezvous_host(jobset_name: str) -> str:
+    """Node 0's DNS name: ``<pod hostname>.<subdomain>``, as JobSet names the pods of its headless service."""
+    return f"{jobset_name}-{REPLICATED_JOB}-0-0.{jobset_name}"
 
-    def annotation(key: str) -> dict[str, Any]:
-        return {"fieldRef": {"fieldPath": f"metadata.annotations['{key}']"}}
 
+def _rendezvous_env(jobset_name: str) -> list[dict[str, Any]]:
+    """Torchrun's node rank (the pod's completion index, downward API) and rendezvous host."""
+    index = {"fieldRef": {"fieldPath": f"metadata.annotations['{NODE_INDEX_LABEL}']"}}
     return [
-        {"name": "PET_NODE_RANK", "valueFrom": annotation(NODE_INDEX_LABEL)},
-        {"name": "PET_MASTER_ADDR", "valueFrom": annotation(COORDINATOR_ANNOTATION)},
+        {"name": "PET_NODE_RANK", "valueFrom": index},
+        {"name": "PET_MASTER_ADDR", "value": rendezvous_host(jobset_name)},
         {"name": "PET_MASTER_PORT", "value": RENDEZVOUS_PORT},
     ]
 
@@ -94,7 +96,7 @@ class JobSetKind(JobSetPods):
     def build(self, cfg: JobConfig) -> dict[str, Any]:
         """The JobSet manifest: one Indexed Job of ``nodes`` worker pods."""
         cfg.validate()
-        pod = pod_template(cfg, self.container, extra_env=_rendezvous_env())
+        pod = pod_template(cfg, self.container, extra_env=_rendezvous_env(cfg.name))
         pod["spec"]["restartPolicy"] = "Never"  # a failed rank fails its Job; the JobSet restarts the gang
         job_spec: dict[str, Any] = {
             "parallelism": cfg.nodes,
@@ -107,7 +109,6 @@ class JobSetKind(JobSetPods):
             job_spec["activeDeadlineSeconds"] = cfg.active_deadline_seconds
         spec: dict[str, Any] = {
             "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
-            "coordinator": {"replicatedJob": REPLICATED_JOB, "jobIndex": 0, "podIndex": 0},
             "successPolicy": {"operator": "All", "targetReplicatedJobs": [REPLICATED_JOB]},
             "failurePolicy": {"maxRestarts": cfg.backoff_limit},
             "replicatedJobs": [{"name": REPLICATED_JOB, "replicas": 1, "template": {"spec": job_spec}}],

@@ -43,6 +43,9 @@ class RestartReporter:
         self.api, self.kind, self.log = api, kind, log
         self.namespace, self.name, self.ref = namespace, name, ref
         self.seen = 0  # the restarts reported so far, or known of when the job was adopted
+        # Failed pods seen in any listing, by restart attempt: JobSet deletes a failed gang's pods
+        # as it restarts it, often before a listing that shows the restart.
+        self._failed: dict[int | None, dict[str, dict[str, Any]]] = {}
 
     def start(self, job: dict[str, Any], adopted: bool) -> None:
         """Takes an adopted job's earlier restarts as known: whoever saw them reported them."""
@@ -57,14 +60,16 @@ class RestartReporter:
         """
         if self.kind.gang_restarts(job) is None:
             return
+        self._remember(pods or ())
         attempt = self._attempt(job, pods or ())
         if attempt <= self.seen:
             return
         if pods is None:
             pods = self._pods() or []
+            self._remember(pods)
             attempt = max(attempt, self._attempt(job, pods))
         for restart in range(self.seen + 1, attempt + 1):
-            previous = [p for p in pods if self.kind.restart_attempt(p) == restart - 1]
+            previous = list(self._failed.get(restart - 1, {}).values())
             # Within one gang the first failure is the cause; its peers fail after it, of it.
             failed = failing_pods(self.kind, previous)
             self._report(job, "gang restart", restart, failed[0] if failed else None)
@@ -76,6 +81,10 @@ class RestartReporter:
         # Pods restart in place, keeping their earlier failures: this restart's is the latest.
         failed = failing_pods(self.kind, self._pods() or [])
         self._report(job, "restart", self.seen, failed[-1] if failed else None)
+
+    def _remember(self, pods: Sequence[dict[str, Any]]) -> None:
+        for pod in failing_pods(self.kind, pods):
+            self._failed.setdefault(self.kind.restart_attempt(pod), {})[pod["metadata"]["uid"]] = pod
 
     def _attempt(self, job: dict[str, Any], pods: Sequence[dict[str, Any]]) -> int:
         labelled = (self.kind.restart_attempt(p) for p in pods)

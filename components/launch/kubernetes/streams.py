@@ -215,6 +215,7 @@ class PodLogFollower(threading.Thread):
         self._wake = threading.Event()
         self._stream: Any = None
         self._last_error = ""  # an error repeating every retry is logged once
+        self.pod_uid: str | None = None  # the pod followed now
 
     def stop(self) -> None:
         self._stopping.set()
@@ -256,7 +257,7 @@ class PodLogFollower(threading.Thread):
                     continue
                 pod_name, pod_uid = pod["metadata"]["name"], pod["metadata"]["uid"]
                 if pod_uid != following:
-                    following = pod_uid
+                    following = self.pod_uid = pod_uid
                     self._log(f"following the log of pod {pod_name}")
                 dedupe = self._dedupers.setdefault(pod_uid, LogDeduplicator())
                 self._stream = self._api.stream_pod_log(
@@ -337,9 +338,22 @@ class JobLogs:
         except ApiError as e:
             self.log(f"cannot list the pods of {job_name} ({e}); following node 0 only")
             pods, listed = [], None
+        newest: dict[str, dict[str, Any]] = {}
+        for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
+            if not is_terminating(pod):
+                newest[self.kind.rank(pod)] = pod
         for rank in sorted({self.kind.rank(p) for p in pods} | {self.kind.leader_rank}, key=node_order):
             current = self._followers.get(rank)
-            if current is None or not current.is_alive():
+            replaced = (
+                rank in newest
+                and current is not None
+                and current.pod_uid not in (None, newest[rank]["metadata"]["uid"])
+            )
+            if replaced:
+                # The node has a new pod (a restart): the old pod's stream need not end soon (a node
+                # going away can hold it open until the read timeout), so cut it and follow the new one.
+                current.stop()
+            if current is None or replaced or not current.is_alive():
                 tail = self.tails.setdefault(rank, collections.deque(maxlen=self.kept_lines))
                 follower = PodLogFollower(
                     self.api,

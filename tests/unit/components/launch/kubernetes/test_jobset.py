@@ -45,16 +45,15 @@ def test_a_failed_rank_fails_the_gang_which_restarts_whole_and_a_finished_gang_e
 def test_torchrun_rendezvous_comes_from_the_headless_service_and_the_completion_index():
     spec = build()["spec"]
     assert spec["network"] == {"enableDNSHostnames": True, "publishNotReadyAddresses": True}
-    # JobSet writes node 0's DNS name (<jobset>-node-0-0.<jobset>) into every pod's annotations.
-    assert spec["coordinator"] == {"replicatedJob": "node", "jobIndex": 0, "podIndex": 0}
+    # Not spec.coordinator: its label holds node 0's DNS name and is limited to 63 bytes.
+    assert "coordinator" not in spec
     (container,) = spec["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in container["env"]}
     assert env["PET_NODE_RANK"]["valueFrom"] == {
         "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
     }
-    assert env["PET_MASTER_ADDR"]["valueFrom"] == {
-        "fieldRef": {"fieldPath": "metadata.annotations['jobset.sigs.k8s.io/coordinator']"}
-    }
+    name = build()["metadata"]["name"]
+    assert env["PET_MASTER_ADDR"]["value"] == f"{name}-node-0-0.{name}"  # node 0 on the headless service
     assert env["PET_MASTER_PORT"]["value"].isdigit()
     assert {"PET_NNODES", "PET_NPROC_PER_NODE"}.isdisjoint(env)  # the command passes the shape itself
 
