@@ -235,6 +235,7 @@ def make_pipeline(flavour: str) -> Callable:
             results_root=results_root,
             results_prefix=results_prefix,
             model=model,
+            backend=backend,
             batch_size=batch_size,
             shard_size=shard_size,
             incremental=incremental,

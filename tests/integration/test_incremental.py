@@ -187,7 +187,7 @@ def test_base_is_the_latest_complete_run_of_the_same_input_and_model(tmp_path):
 def test_incremental_needs_generations():
     with pytest.raises(ValueError, match="--incremental needs a gs:// --input"):
         WorkerConfig(input="/data/images", output="/tmp/out", model="m", incremental=True)
-    args = WorkerConfig(input="gs://b/images", output="gs://b/runs/r1", model="m", incremental=True).to_args()
+    args = WorkerConfig(input="gs://bkt/i", output="gs://bkt/r1", model="m", incremental=True).to_args()
     assert "--incremental" in args
 
 

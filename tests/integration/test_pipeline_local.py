@@ -162,9 +162,9 @@ def test_render_job_prints_a_pytorchjob():
     done = _cli(
         "render-job",
         "--images-uri",
-        "gs://b/images",
+        "gs://bkt/images",
         "--results-root",
-        "gs://b/results",
+        "gs://bkt/results",
         "--nodes",
         "3",
         "--gpus-per-node",
@@ -179,14 +179,14 @@ def test_render_job_prints_a_pytorchjob():
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
     container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     command = " ".join(container["command"])
-    assert "--input gs://b/images --output gs://b/results/run-123" in command
+    assert "--input gs://bkt/images --output gs://bkt/results/run-123" in command
     assert "set_nccl_env.sh" not in command
 
 
 def test_user_errors_are_one_line():
     for args in (
         ["render-job"],
-        ["render-job", "--images-uri", "/local/images", "--results-root", "gs://b/r"],
+        ["render-job", "--images-uri", "/local/images", "--results-root", "gs://bkt/r"],
         ["run", "--local", "--source", "/no/such/folder", "--results-root", "/tmp/x"],
     ):
         done = _cli(*args, check=False)

@@ -199,9 +199,9 @@ def test_bad_cron_is_refused_before_anything_is_sent():
 
 def test_invalid_parameters_are_refused_before_anything_is_sent():
     with KfpApiStandIn() as kfp:
-        missing = _cli("submit", "--kfp-host", kfp.url, "--results-root", "gs://r/x")
+        missing = _cli("submit", "--kfp-host", kfp.url, "--results-root", "gs://res/x")
         local = _cli(
-            "submit", "--kfp-host", kfp.url, "--images-uri", "/data/images", "--results-root", "gs://r/x"
+            "submit", "--kfp-host", kfp.url, "--images-uri", "/data/images", "--results-root", "gs://res/x"
         )
         assert kfp.requests == []
     _assert_one_line_error(missing, "images_uri is empty")
@@ -331,7 +331,7 @@ def test_submit_and_schedule_on_vertex(vertex, gcs):
 def test_a_malformed_vertex_network_is_refused_before_anything_is_sent():
     from pipelines.vertex import submit_vertex
 
-    arguments = {"images_uri": "gs://i/x", "results_root": "gs://r/x"} | {
+    arguments = {"images_uri": "gs://img/x", "results_root": "gs://res/x"} | {
         "gke_project": "p",
         "gke_location": "l",
         "gke_cluster": "c",
