@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 
+from components.images import check_image
 from components.upload.upload import LAYOUTS
 from worker.checks import check_holds_images, check_output_folder
 from worker.config import ConfigError, WorkerConfig
@@ -37,6 +38,7 @@ def check_settings(
     packed_shard_mb: int = 1,
     packed_shard_images: int = 0,
     backend: str = LOCAL,
+    image: str = "",
 ) -> None:
     """The checks that need no storage, hub or cluster, in milliseconds: render-job and submit make them too.
 
@@ -52,6 +54,7 @@ def check_settings(
         packed_shard_images: The packed layout's most images per shard (0: no limit).
         backend: Where the worker runs: on the kubernetes backend everything it reads and writes
             must be reachable from the cluster's pods.
+        image: The image of the job's pods (kubernetes backend only): not a placeholder.
 
     Raises:
         ValueError: The first problem, on one line naming the parameter.
@@ -82,6 +85,7 @@ def check_settings(
                 f"model {model} is a local path, which the kubernetes backend's pods can't read: "
                 "copy the folder to gs:// and give that prefix, or give a hub id"
             )
+        check_image("image", image)
     try:
         # The worker's own bounds and choices, checked where they are declared.
         WorkerConfig(

@@ -97,6 +97,7 @@ class LaunchRequest:
             batch_size=self.batch_size,
             shard_size=self.shard_size,
             backend=self.backend,
+            image=self.image,
         )
         if self.local_nproc < 1:
             raise ValueError(f"local_nproc must be at least 1, got {self.local_nproc}")

@@ -172,6 +172,8 @@ def test_render_job_prints_a_pytorchjob():
         "--no-rdma",
         "--run-id",
         "run-123",
+        "--image",
+        "registry.example/kfp-batch-inference:1.0",
     )
     job = yaml.safe_load(done.stdout)
     assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")

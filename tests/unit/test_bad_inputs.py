@@ -17,6 +17,8 @@ import pytest
 import pipelines.__main__ as pipelines_cli
 import worker.__main__ as worker_cli
 from components.check.component import check_parameters
+from components.images import DEFAULT_TASK_IMAGE, DEFAULT_WORKER_IMAGE
+from tests.support import ROOT
 from tests.support.helpers import write_images
 
 SECONDS = 5
@@ -45,12 +47,16 @@ def tmp(tmp_path, monkeypatch) -> Path:
         (pipelines.submit, "_kfp_client"),
     ):
         monkeypatch.setattr(module, name, _started)
+    # An image left out falls back to its environment variable: none is set here.
+    monkeypatch.setattr(pipelines.submit, "TASK_IMAGE", DEFAULT_TASK_IMAGE)
+    monkeypatch.setattr(pipelines.submit, "WORKER_IMAGE", DEFAULT_WORKER_IMAGE)
     return tmp_path
 
 
 WORKER = ["--output", "{tmp}/out", "--model", "{tmp}/model", "--device", "cpu"]
-JOB = ["--results-root", "gs://results/runs"]
-KFP = ["--kfp-host", "http://127.0.0.1:9"]
+JOB = ["--results-root", "gs://results/runs", "--image", "registry.example/worker:1.0"]
+IMAGES = ["--task-image", "registry.example/tasks:1.0", "--image", "registry.example/worker:1.0"]
+KFP = ["--kfp-host", "http://127.0.0.1:9", *IMAGES]
 
 CASES = {
     "worker: a gs:// input without a bucket": (["python -m worker", "--input", "gs://", *WORKER], "--input"),
@@ -76,6 +82,41 @@ CASES = {
     "render-job: a local model": (
         ["render-job", "--images-uri", "gs://images/coco", *JOB, "--model", "{tmp}/model"],
         "model",
+    ),
+    "render-job: the placeholder worker image": (
+        ["render-job", "--images-uri", "gs://images/coco", *JOB, "--image", DEFAULT_WORKER_IMAGE],
+        "--image",
+    ),
+    "submit: no task image": (
+        ["submit", "--kfp-host", "http://127.0.0.1:9", "--images-uri", "gs://images/coco", *JOB],
+        "--task-image",
+    ),
+    "schedule: the placeholder worker image": (
+        [
+            "schedule",
+            *KFP,
+            "--cron",
+            "0 2 * * *",
+            "--images-uri",
+            "gs://images/coco",
+            *JOB,
+            "--image",
+            DEFAULT_WORKER_IMAGE,
+        ],
+        "--image",
+    ),
+    "submit: the committed template": (
+        [
+            "submit",
+            "--kfp-host",
+            "http://127.0.0.1:9",
+            "--images-uri",
+            "gs://images/coco",
+            *JOB,
+            "--package",
+            str(ROOT / "compiled" / "batch_inference_kubeflow.yaml"),
+        ],
+        "--package",
     ),
     "submit: local images": (["submit", *KFP, "--images-uri", "{tmp}/images", *JOB], "images_uri"),
     "submit: a local model": (
@@ -123,6 +164,7 @@ TASK = {
     "results_prefix": "",
     "model": "google/vit-base-patch16-224",
     "backend": "kubernetes",
+    "image": "registry.example/worker:1.0",
     "batch_size": 256,
     "shard_size": 1024,
     "incremental": False,
@@ -139,6 +181,7 @@ TASK = {
         ({"images_uri": "gs://"}, "images_uri"),
         ({"model": "{tmp}/model"}, "model"),
         ({"backend": "local", "results_root": "{tmp}/a-file/x"}, "results_root"),
+        ({"image": DEFAULT_WORKER_IMAGE}, "image"),
     ],
 )
 def test_the_pipelines_check_task_refuses_the_same_inputs(change, named, tmp):

@@ -27,6 +27,7 @@ CRDS = {
     "JobSet": ("jobset.x-k8s.io_jobsets.yaml", "v1alpha2"),
 }
 ARGS = ["--images-uri", "gs://bkt/images", "--results-root", "gs://bkt/results", "--run-id", "run-123"]
+ARGS += ["--image", "registry.example/kfp-batch-inference:1.0"]
 
 
 def render(capsys, *args: str) -> dict:
