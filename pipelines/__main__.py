@@ -358,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run the whole pipeline locally (--local)",
         description="Run the whole pipeline on this machine through kfp.local, with the "
-        "worker under torchrun, and print where the results and report are.",
+        "worker under torchrun. The run's folder (under --workdir/runs/) keeps report.html, "
+        "results.csv, results.parquet, errors.csv, the worker's run.json and summary/; the last "
+        "line printed is `open FOLDER/report.html`.",
     )
     add_run_arguments(p)
     p.set_defaults(func=_run)
