@@ -11,6 +11,10 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports kfp and the components only for the command it runs
+    from components.images import Images
 
 # Launch parameters that do not shape the Kubernetes job.
 _NOT_IN_JOB = {"backend", "local_nproc"}
@@ -106,7 +110,8 @@ def _vertex_target(args: argparse.Namespace) -> tuple[str, str, str]:
     return args.project, args.location, args.pipeline_root
 
 
-def _images(args: argparse.Namespace):
+def _images(args: argparse.Namespace) -> Images:
+    """The images a submission's pipeline names: the flags, the package's, or the environment's."""
     from pipelines.submit import pushed_images
 
     return pushed_images(args.package, args.task_image, getattr(args, "image", None))
