@@ -10,8 +10,8 @@
 #   docker build --target tasks  -t REGISTRY/kfp-batch-inference-tasks:0.1.0 .
 #
 # The compiled pipelines name both (components/images.py: the tasks' base image, and the
-# default of the pipeline's `image` parameter for the job's pods); override them at compile
-# time with BATCH_INFERENCE_TASK_IMAGE and BATCH_INFERENCE_WORKER_IMAGE.
+# default of the pipeline's `image` parameter for the job's pods); give them at compile time
+# with --task-image and --image (or BATCH_INFERENCE_TASK_IMAGE and BATCH_INFERENCE_WORKER_IMAGE).
 #
 # The worker's base brings CUDA, cuDNN, PyTorch and torchvision (nvjpeg batched decode on the GPU)
 # on a Python below 3.13 (gcs-torch-dataflux needs < 3.13). The build keeps the base's torch as it

@@ -11,6 +11,10 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports kfp and the components only for the command it runs
+    from components.images import Images
 
 # Launch parameters that do not shape the Kubernetes job.
 _NOT_IN_JOB = {"backend", "local_nproc"}
@@ -34,20 +38,31 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from components.images import TASK_IMAGE, WORKER_IMAGE
+    from components.images import TEMPLATE, Images
     from pipelines.batch_inference import compile_pipelines
+    from pipelines.submit import pushed_images
 
-    for path in compile_pipelines(args.out):
+    template = args.task_image is None and args.image is None and Images() == TEMPLATE
+    images = TEMPLATE if template else pushed_images(task_image=args.task_image, worker_image=args.image)
+    for path in compile_pipelines(args.out, images):
         print(path)
-    print(f"task image (the three KFP tasks): {TASK_IMAGE}")
-    print(f"worker image (the job's pods, the image parameter's default): {WORKER_IMAGE}")
+    print(f"task image (the KFP tasks): {images.task}")
+    print(f"worker image (the job's pods, the image parameter's default): {images.worker}")
+    if template:
+        print(
+            "warning: a template: its images are placeholders, which no cluster can pull; "
+            "give --task-image and --image to compile a pipeline to run (compiled/README.md)",
+            file=sys.stderr,
+        )
     return 0
 
 
 def _render_job(args: argparse.Namespace) -> int:
+    from components.images import check_image
     from components.launch.kubernetes.kinds import render_yaml
     from components.launch.launch import KUBERNETES, LaunchRequest
 
+    check_image("--image", args.image)
     values = {name: getattr(args, name) for name in _job_inputs()}
     request = LaunchRequest(run_id=args.run_id, backend=KUBERNETES, local_nproc=1, **values)
     request.validate()
@@ -95,10 +110,18 @@ def _vertex_target(args: argparse.Namespace) -> tuple[str, str, str]:
     return args.project, args.location, args.pipeline_root
 
 
+def _images(args: argparse.Namespace) -> Images:
+    """The images a submission's pipeline names: the flags, the package's, or the environment's."""
+    from pipelines.submit import pushed_images
+
+    return pushed_images(args.package, args.task_image, getattr(args, "image", None))
+
+
 def _submit(args: argparse.Namespace) -> int:
     from pipelines import submit, vertex
 
     arguments = _pipeline_arguments(args)
+    images = _images(args)
     if args.vertex:
         done = vertex.submit_vertex(
             *_vertex_target(args),
@@ -107,6 +130,7 @@ def _submit(args: argparse.Namespace) -> int:
             service_account=args.run_service_account,
             network=args.network,
             package=args.package,
+            images=images,
             wait=args.wait,
         )
     else:
@@ -119,6 +143,7 @@ def _submit(args: argparse.Namespace) -> int:
             token=args.kfp_token,
             service_account=args.run_service_account,
             package=args.package,
+            images=images,
             ui_host=args.kfp_ui_host,
             wait=args.wait,
             timeout_s=args.timeout,
@@ -133,6 +158,7 @@ def _schedule(args: argparse.Namespace) -> int:
     from pipelines import submit, vertex
 
     arguments = _pipeline_arguments(args)
+    images = _images(args)
     if args.vertex:
         done = vertex.schedule_vertex(
             *_vertex_target(args),
@@ -142,6 +168,7 @@ def _schedule(args: argparse.Namespace) -> int:
             service_account=args.run_service_account,
             network=args.network,
             package=args.package,
+            images=images,
         )
     else:
         done = submit.schedule_kfp(
@@ -154,6 +181,7 @@ def _schedule(args: argparse.Namespace) -> int:
             token=args.kfp_token,
             service_account=args.run_service_account,
             package=args.package,
+            images=images,
             ui_host=args.kfp_ui_host,
         )
     print(f"schedule: {done.url}")
@@ -250,8 +278,10 @@ def _add_target_options(p: argparse.ArgumentParser, *, schedule: bool) -> None:
     both.add_argument(
         "--package",
         type=Path,
-        help="a compiled pipeline YAML to send (default: compile the target's flavour now)",
+        help="a compiled pipeline YAML to send (default: compile the target's flavour now, "
+        "with --task-image and --image)",
     )
+    _add_task_image_option(both)
     if schedule:
         both.add_argument(
             "--cron",
@@ -269,7 +299,19 @@ def _add_target_options(p: argparse.ArgumentParser, *, schedule: bool) -> None:
     add_parameter_options(params, dict(batch_inference.component_spec.inputs), defaults=False)
 
 
+def _add_task_image_option(p) -> None:
+    from components.images import TASK_IMAGE_ENV
+
+    p.add_argument(
+        "--task-image",
+        metavar="IMAGE",
+        help="the image the KFP tasks run: the Dockerfile's tasks target, as you pushed it "
+        f"(default: ${TASK_IMAGE_ENV})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from components.images import WORKER_IMAGE_ENV
     from pipelines.dev.local_run import add_run_arguments
 
     parser = argparse.ArgumentParser(
@@ -283,9 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
         "compile",
         help="compile the Kubeflow and Vertex flavours of the pipeline",
         description="Write compiled/batch_inference_kubeflow.yaml (with the kfp-kubernetes "
-        "platform document) and compiled/batch_inference_vertex.yaml (one document).",
+        "platform document) and compiled/batch_inference_vertex.yaml (one document). "
+        "Without --task-image and --image (or their environment variables) it writes the "
+        "template that compiled/ holds: its images are placeholders, which submit, schedule and "
+        "render-job refuse. Give the images you pushed to compile a pipeline a cluster can run.",
     )
     p.add_argument("--out", type=Path, default=Path("compiled"), help="output folder (default: %(default)s)")
+    _add_task_image_option(p)
+    p.add_argument(
+        "--image",
+        metavar="IMAGE",
+        help="the image of the job's pods (the image parameter's default): the Dockerfile's worker "
+        f"target, as you pushed it (default: ${WORKER_IMAGE_ENV})",
+    )
     p.set_defaults(func=_compile)
 
     p = sub.add_parser(
@@ -311,7 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run the whole pipeline locally (--local)",
         description="Run the whole pipeline on this machine through kfp.local, with the "
-        "worker under torchrun, and print where the results and report are.",
+        "worker under torchrun. The run's folder (under --workdir/runs/) keeps report.html, "
+        "results.csv, results.parquet, errors.csv, the worker's run.json and summary/; the last "
+        "line printed is `open FOLDER/report.html`.",
     )
     add_run_arguments(p)
     p.set_defaults(func=_run)

@@ -15,6 +15,7 @@ service_account=...)``, by default the profile's ``default-editor``/``pipeline-r
 that account needs the RBAC in ``cluster/`` to create and watch PyTorchJobs.
 """
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from kfp.dsl import HTML, Artifact, Dataset, Metrics
 
 from components.aggregate.component import aggregate_results
 from components.check.component import check_parameters
-from components.images import WORKER_IMAGE
+from components.images import Images
 from components.launch.component import classify_images
 from components.launch.kubernetes.kinds import DEFAULT_JOB_KIND
 from components.upload.component import upload_images
@@ -78,6 +79,8 @@ STEPS = {
     "launch": StepSettings("Classify images", "1", "4", "2Gi", "8Gi", retries=0, cache=False),
     "aggregate": StepSettings("Aggregate results", "2", "4", "4Gi", "8Gi", retries=3, cache=False),
 }
+# The components of the four tasks, in the order make_pipeline unpacks them.
+TASK_COMPONENTS = (check_parameters, upload_images, classify_images, aggregate_results)
 RETRY_BACKOFF = "30s"
 RETRY_BACKOFF_FACTOR = 2.0
 RETRY_BACKOFF_MAX = "600s"
@@ -121,10 +124,27 @@ def _kubeflow_pod_settings(task: dsl.PipelineTask, role: str) -> None:
         kubernetes.add_pod_annotation(task, "cluster-autoscaler.kubernetes.io/safe-to-evict", "false")
 
 
-def make_pipeline(flavour: str) -> Callable:
-    """Build the batch_inference pipeline for one flavour (``kubeflow`` or ``vertex``)."""
+def _on_image(component: Callable, image: str) -> Callable:
+    """A copy of a task's component that runs in ``image`` (its decorator fixed the default)."""
+    copied = copy.deepcopy(component)
+    copied.component_spec.implementation.container.image = image
+    return copied
+
+
+def make_pipeline(flavour: str, images: Images | None = None) -> Callable:
+    """Build the batch_inference pipeline for one flavour (``kubeflow`` or ``vertex``).
+
+    Args:
+        flavour: ``kubeflow`` or ``vertex``.
+        images: The image of its tasks, and the default of its ``image`` parameter; None: those
+            of the template (``components.images``).
+    """
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {', '.join(FLAVOURS)}, got {flavour!r}")
+    images = images or Images()
+    check_parameters, upload_images, classify_images, aggregate_results = (
+        _on_image(component, images.task) for component in TASK_COMPONENTS
+    )
 
     @dsl.pipeline(name=PIPELINE_NAME)
     def batch_inference(
@@ -156,7 +176,7 @@ def make_pipeline(flavour: str) -> Callable:
         timeout_seconds: int = 86400,
         rdma: bool = True,
         rdma_networks: str = "",
-        image: str = WORKER_IMAGE,
+        image: str = images.worker,
         service_account: str = "batch-inference-worker",
         gke_project: str = "",
         gke_location: str = "",
@@ -219,7 +239,8 @@ def make_pipeline(flavour: str) -> Callable:
             rdma: Use the A3 Ultra RDMA NICs and the gIB NCCL plugin.
             rdma_networks: Comma-separated GKE network names for eth0, eth1, ... when rdma is on.
                 Empty: default, gvnic-1, rdma-0 ... rdma-7.
-            image: Container image of the job's pods (the project's CUDA worker image).
+            image: Container image of the job's pods (the project's CUDA worker image). Default: the
+                one the pipeline was compiled with (compile --image; a placeholder in compiled/).
             service_account: Kubernetes service account of the PyTorchJob's pods (Workload Identity
                 for GCS). Empty: the namespace's default.
             gke_project: GCP project of the GKE cluster, for a launcher outside the cluster (Vertex).
@@ -235,6 +256,8 @@ def make_pipeline(flavour: str) -> Callable:
             results_root=results_root,
             results_prefix=results_prefix,
             model=model,
+            backend=backend,
+            image=image,
             batch_size=batch_size,
             shard_size=shard_size,
             incremental=incremental,
@@ -329,20 +352,31 @@ def compiled_filename(flavour: str) -> str:
     return f"batch_inference_{flavour}.yaml"
 
 
-def compile_pipeline(flavour: str, path: str | Path) -> Path:
-    """Compile one flavour (``kubeflow`` or ``vertex``) into the file ``path``."""
+def compile_pipeline(flavour: str, path: str | Path, images: Images | None = None) -> Path:
+    """Compile one flavour (``kubeflow`` or ``vertex``) into the file ``path``.
+
+    Args:
+        flavour: ``kubeflow`` or ``vertex``.
+        path: The YAML file to write.
+        images: The images it names; None: those of the template (``components.images``).
+    """
     from kfp import compiler
 
-    compiler.Compiler().compile(PIPELINES[flavour], str(path))
+    pipeline = make_pipeline(flavour, images) if images else PIPELINES[flavour]
+    compiler.Compiler().compile(pipeline, str(path))
     return Path(path)
 
 
-def compile_pipelines(out_dir: str | Path) -> list[Path]:
+def compile_pipelines(out_dir: str | Path, images: Images | None = None) -> list[Path]:
     """Compile both flavours into ``out_dir`` (``batch_inference_{kubeflow,vertex}.yaml``).
+
+    Args:
+        out_dir: The folder to write them into.
+        images: The images they name; None: those of the template (``components.images``).
 
     Returns:
         The files written.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return [compile_pipeline(flavour, out / compiled_filename(flavour)) for flavour in PIPELINES]
+    return [compile_pipeline(flavour, out / compiled_filename(flavour), images) for flavour in PIPELINES]

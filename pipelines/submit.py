@@ -27,6 +27,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from components.images import TASK_IMAGE, WORKER_IMAGE, Images, check_image, is_placeholder
 from pipelines.batch_inference import (
     KUBEFLOW,
     PARAMETER_TYPES,
@@ -64,12 +67,13 @@ class Submitted:
     state: str = ""
 
 
-def check_arguments(arguments: Mapping[str, Any], flavour: str) -> dict[str, Any]:
+def check_arguments(arguments: Mapping[str, Any], flavour: str, images: Images) -> dict[str, Any]:
     """Check a run's pipeline parameters before anything is sent.
 
     Args:
         arguments: The parameters to set; the others keep the compiled defaults.
         flavour: ``kubeflow`` or ``vertex``.
+        images: The images of the pipeline sent (its ``image`` parameter's default).
 
     Returns:
         The arguments, as a plain dict.
@@ -89,9 +93,11 @@ def check_arguments(arguments: Mapping[str, Any], flavour: str) -> dict[str, Any
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ValueError(f"pipeline parameter {name} takes a {kind.__name__}, got {value!r}")
     launch = launch_inputs()
-    values = {name: spec.default for name, spec in launch.items()} | {
-        k: v for k, v in arguments.items() if k in launch
-    }
+    values = (
+        {name: spec.default for name, spec in launch.items()}
+        | {"image": images.worker}
+        | {k: v for k, v in arguments.items() if k in launch}
+    )
     request = LaunchRequest(run_id="submit-check", **values)
     request.validate()
     if flavour == VERTEX and request.backend == KUBERNETES and not request.gke:
@@ -102,17 +108,65 @@ def check_arguments(arguments: Mapping[str, Any], flavour: str) -> dict[str, Any
     return dict(arguments)
 
 
-@contextlib.contextmanager
-def compiled_package(flavour: str, package: str | Path | None) -> Iterator[Path]:
-    """The compiled pipeline to send: ``package`` when given, else a fresh compile of ``flavour``."""
+def _package_path(package: str | Path) -> Path:
+    path = Path(package)
+    if not path.is_file():
+        raise ValueError(f"no compiled pipeline at {path}")
+    return path
+
+
+def package_images(package: str | Path) -> Images:
+    """The images a compiled pipeline names: its tasks' (a placeholder first, if any is one)
+    and its ``image`` parameter's default.
+    """
+    spec = next(yaml.safe_load_all(_package_path(package).read_text()))
+    tasks = sorted(e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values())
+    worker = spec["root"]["inputDefinitions"]["parameters"]["image"].get("defaultValue", "")
+    return Images(next((t for t in tasks if is_placeholder(t)), tasks[0]), worker)
+
+
+def pushed_images(
+    package: str | Path | None = None, task_image: str | None = None, worker_image: str | None = None
+) -> Images:
+    """The images of a pipeline meant for a cluster, none of them a placeholder.
+
+    Args:
+        package: A compiled pipeline: its images, unless ``worker_image`` replaces its default.
+        task_image: For a fresh compile, the tasks' image (--task-image); None: from the environment.
+        worker_image: The job's pods' image (--image); None: the package's, else from the environment.
+
+    Raises:
+        ValueError: A placeholder or an empty image, in one line naming its flag.
+    """
     if package:
-        path = Path(package)
-        if not path.is_file():
-            raise ValueError(f"no compiled pipeline at {path}")
-        yield path
+        if task_image:
+            raise ValueError(
+                "--task-image: --package is compiled already; compile it with --task-image instead"
+            )
+        compiled = package_images(package)
+        if is_placeholder(compiled.task):
+            raise ValueError(
+                f"--package {package} runs its tasks in the placeholder {compiled.task}: "
+                "compile it with --task-image and --image (compiled/README.md)"
+            )
+        images = Images(compiled.task, worker_image or compiled.worker)
+    else:
+        images = Images(task_image or TASK_IMAGE, worker_image or WORKER_IMAGE)
+        check_image("--task-image", images.task)
+    check_image("--image", images.worker)
+    return images
+
+
+@contextlib.contextmanager
+def compiled_package(flavour: str, package: str | Path | None, images: Images) -> Iterator[Path]:
+    """The compiled pipeline to send: ``package`` when given, else a fresh compile of ``flavour``
+    naming ``images``.
+    """
+    if package:
+        yield _package_path(package)
         return
     with tempfile.TemporaryDirectory(prefix="batch-inference-") as tmp:
-        yield compile_pipeline(flavour, Path(tmp) / f"{PIPELINE_NAME}-{flavour}.yaml")
+        yield compile_pipeline(flavour, Path(tmp) / f"{PIPELINE_NAME}-{flavour}.yaml", images)
 
 
 # --- Kubeflow Pipelines -------------------------------------------------------------------
@@ -225,6 +279,7 @@ def submit_kfp(
     token: str | None = None,
     service_account: str | None = None,
     package: str | Path | None = None,
+    images: Images | None = None,
     ui_host: str | None = None,
     wait: bool = False,
     timeout_s: int = 86400,
@@ -240,6 +295,8 @@ def submit_kfp(
         token: A bearer token for an authenticated endpoint (IAP, OIDC).
         service_account: The Kubernetes service account the run's pods use.
         package: A compiled pipeline to send instead of a fresh compile of the Kubeflow flavour.
+        images: The images the pipeline names, checked (``pushed_images``); None: the package's,
+            else those in the environment, with ``arguments``' image as the job's.
         ui_host: The UI's base URL when it differs from ``host`` (for the printed link).
         wait: Wait until the run ends; a run that does not succeed raises SubmitError.
         timeout_s: How long to wait.
@@ -251,9 +308,10 @@ def submit_kfp(
         SubmitError: KFP is unreachable, wants credentials, refused, or the awaited run failed.
         ValueError: A parameter is invalid.
     """
-    arguments = check_arguments(arguments, KUBEFLOW)
+    images = images or pushed_images(package, worker_image=arguments.get("image"))
+    arguments = check_arguments(arguments, KUBEFLOW, images)
     client = _kfp_client(host, token, namespace)
-    with compiled_package(KUBEFLOW, package) as path, _kfp_errors(host, "create the run"):
+    with compiled_package(KUBEFLOW, package, images) as path, _kfp_errors(host, "create the run"):
         result = client.create_run_from_pipeline_package(
             str(path),
             arguments=arguments,
@@ -284,6 +342,7 @@ def schedule_kfp(
     token: str | None = None,
     service_account: str | None = None,
     package: str | Path | None = None,
+    images: Images | None = None,
     ui_host: str | None = None,
 ) -> Submitted:
     """Create a KFP recurring run.
@@ -302,6 +361,8 @@ def schedule_kfp(
         token: A bearer token for an authenticated endpoint.
         service_account: The Kubernetes service account the runs' pods use.
         package: A compiled pipeline instead of a fresh compile of the Kubeflow flavour.
+        images: The images the pipeline names, checked (``pushed_images``); None: the package's,
+            else those in the environment, with ``arguments``' image as the job's.
         ui_host: The UI's base URL when it differs from ``host``.
 
     Returns:
@@ -313,9 +374,10 @@ def schedule_kfp(
         ValueError: A parameter is invalid.
     """
     kfp_cron = parse_cron(cron).for_kfp()  # before anything is sent
-    arguments = check_arguments(arguments, KUBEFLOW)
+    images = images or pushed_images(package, worker_image=arguments.get("image"))
+    arguments = check_arguments(arguments, KUBEFLOW, images)
     client = _kfp_client(host, token, namespace)
-    with compiled_package(KUBEFLOW, package) as path, _kfp_errors(host, "create the recurring run"):
+    with compiled_package(KUBEFLOW, package, images) as path, _kfp_errors(host, "create the recurring run"):
         experiment_id = client.create_experiment(experiment, namespace=namespace or None).experiment_id
         created = client.create_recurring_run(
             experiment_id,

@@ -15,9 +15,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from components.images import Images
 from pipelines.batch_inference import PIPELINE_NAME, VERTEX
 from pipelines.cron import parse_cron
-from pipelines.submit import SubmitError, Submitted, check_arguments, compiled_package
+from pipelines.submit import SubmitError, Submitted, check_arguments, compiled_package, pushed_images
 from worker.storage import is_gcs
 
 VERTEX_EXTRA = "pip install 'kfp-batch-inference[vertex]'"
@@ -144,6 +145,7 @@ def submit_vertex(
     service_account: str | None = None,
     network: str | None = None,
     package: str | Path | None = None,
+    images: Images | None = None,
     wait: bool = False,
     credentials=None,
 ) -> Submitted:
@@ -160,6 +162,8 @@ def submit_vertex(
             ``projects/PROJECT_NUMBER/global/networks/NETWORK``: the way to a GKE cluster whose
             control plane has only a private endpoint (see docs/running.md).
         package: A compiled pipeline instead of a fresh compile of the Vertex flavour.
+        images: The images the pipeline names, checked (``pushed_images``); None: the package's,
+            else those in the environment, with ``arguments``' image as the job's.
         wait: Wait until the run ends; a run that does not succeed raises SubmitError.
         credentials: Google credentials (default: Application Default Credentials).
 
@@ -170,11 +174,12 @@ def submit_vertex(
         SubmitError: The vertex extra is missing, there are no credentials, or Vertex refused.
         ValueError: A parameter is invalid.
     """
-    arguments = check_arguments(arguments, VERTEX)
+    images = images or pushed_images(package, worker_image=arguments.get("image"))
+    arguments = check_arguments(arguments, VERTEX, images)
     network = check_network(network)
     aiplatform = _aiplatform()
     credentials = credentials or _google_credentials()
-    with compiled_package(VERTEX, package) as path, _vertex_errors("create the run"):
+    with compiled_package(VERTEX, package, images) as path, _vertex_errors("create the run"):
         job = _vertex_job(
             aiplatform, project, location, pipeline_root, arguments, path, run_name, credentials
         )
@@ -201,6 +206,7 @@ def schedule_vertex(
     service_account: str | None = None,
     network: str | None = None,
     package: str | Path | None = None,
+    images: Images | None = None,
     credentials=None,
 ) -> Submitted:
     """Create a Vertex AI pipeline schedule (at most one run at a time).
@@ -215,6 +221,8 @@ def schedule_vertex(
         service_account: The GCP service account the runs act as.
         network: The VPC network the runs' tasks are peered with (as for ``submit_vertex``).
         package: A compiled pipeline instead of a fresh compile of the Vertex flavour.
+        images: The images the pipeline names, checked (``pushed_images``); None: the package's,
+            else those in the environment, with ``arguments``' image as the job's.
         credentials: Google credentials (default: Application Default Credentials).
 
     Returns:
@@ -226,11 +234,12 @@ def schedule_vertex(
         ValueError: A parameter is invalid.
     """
     vertex_cron = parse_cron(cron).for_vertex()
-    arguments = check_arguments(arguments, VERTEX)
+    images = images or pushed_images(package, worker_image=arguments.get("image"))
+    arguments = check_arguments(arguments, VERTEX, images)
     network = check_network(network)
     aiplatform = _aiplatform()
     credentials = credentials or _google_credentials()
-    with compiled_package(VERTEX, package) as path, _vertex_errors("create the schedule"):
+    with compiled_package(VERTEX, package, images) as path, _vertex_errors("create the schedule"):
         job = _vertex_job(aiplatform, project, location, pipeline_root, arguments, path, None, credentials)
         schedule = job.create_schedule(
             cron=vertex_cron,

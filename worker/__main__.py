@@ -1,8 +1,8 @@
 """Entry point: ``python -m worker --input ... --output ... --model ...`` (see --help).
 
-A bad input (a flag, a path, a model the worker can't run) ends the process with one line on
-stderr and exit code 2, before any image is read; a PyTorchJob's ExitCode policy does not
-retry it.
+A bad input (a flag, a path, an input without images, a model the worker can't run) ends the
+process with one line on stderr and exit code 2, before torch is imported or any model fetched
+(the model's two config files aside); a PyTorchJob's ExitCode policy does not retry it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from worker.checks import check_locations
 from worker.config import PROG, ConfigError, parse_args
 
 BAD_INPUT = 2
@@ -25,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = parse_args(argv)
-        from worker.run import run  # heavy imports (torch, transformers) only after --help
+        check_locations(cfg)
+        from worker.run import run  # heavy imports (torch, transformers) only once the input checks out
 
         run(cfg)
     except (ConfigError, FileNotFoundError) as exc:

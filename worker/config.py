@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.storage import absolute, is_gcs
+from worker.storage import absolute, check_uri, is_gcs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
@@ -313,25 +313,30 @@ class WorkerConfig:
     )
 
     def __post_init__(self) -> None:
+        self.validate()  # first: a malformed gs:// URI must not pass for a relative local path
         # Plans and result rows carry absolute local paths, whatever the working directory.
-        self.input = absolute(self.input) if self.input else self.input
-        self.output = absolute(self.output) if self.output else self.output
-        self.validate()
+        self.input = absolute(self.input)
+        self.output = absolute(self.output)
 
     def validate(self) -> None:
         """Check every scalar parameter against its field's choices and bounds.
 
-        Paths are only checked for being given; whether they exist is the worker's start-up
-        check (``worker.run.check_paths``), and whether the model is one it can run is the
-        task's (``worker.tasks.classification.check_model``).
+        Paths are only checked for their form (given, and a gs:// URI with a bucket); what is
+        there is the worker's start-up check (``worker.checks.check_locations``), and whether
+        the model is one it can run is the task's (``worker.tasks.classification.check_model``).
 
         Raises:
             ConfigError: The first bad parameter, in one line naming its flag.
         """
         for f in dataclasses.fields(self):
             value, flag = getattr(self, f.name), flag_of(f.name)
-            if f.name in ("input", "output", "model") and not value:
-                raise ConfigError(f"{flag} is empty: {f.metadata['help']}", f.name)
+            if f.name in ("input", "output", "model"):
+                if not value:
+                    raise ConfigError(f"{flag} is empty: {f.metadata['help']}", f.name)
+                try:
+                    check_uri(flag, value)  # a hub id passes as a local path would
+                except ValueError as exc:
+                    raise ConfigError(str(exc), f.name) from None
             choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
             if choices and value not in choices:
                 raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}", f.name)

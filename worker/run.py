@@ -12,7 +12,6 @@ import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 from worker import dist
 from worker.commit import Committer, ShardResult, discard_interrupted_writes
@@ -31,7 +30,6 @@ from worker.infer import (
 from worker.model_files import fetch_model_once_per_node
 from worker.plan import PlanColumns, Shard, make_shards, static_assignment
 from worker.read import batches, open_reader, prefetch_map, read_batches, read_settings
-from worker.storage import is_gcs
 from worker.tasks import Task, task_module
 from worker.telemetry import Progress, StartupClock, Utilization, log_done
 
@@ -56,27 +54,8 @@ def import_model_code_in_background() -> threading.Thread:
     return thread
 
 
-def check_paths(cfg: WorkerConfig) -> None:
-    """ConfigError for a local --input that is no directory, or a local --output that is a file.
-
-    gs:// prefixes are checked by their first listing, whose error names the bucket.
-    """
-    if not is_gcs(cfg.input):
-        if not os.path.exists(cfg.input):
-            raise ConfigError(f"--input {cfg.input}: no such directory", "input")
-        if not os.path.isdir(cfg.input):
-            raise ConfigError(
-                f"--input {cfg.input} is a file; give the directory that holds the images", "input"
-            )
-    if not is_gcs(cfg.output):
-        existing = next((p for p in (cfg.output, *Path(cfg.output).parents) if os.path.exists(p)), None)
-        if existing is not None and not os.path.isdir(existing):
-            raise ConfigError(f"--output {cfg.output}: {existing} is a file, not a directory", "output")
-
-
 class Worker:
     def __init__(self, cfg: WorkerConfig):
-        check_paths(cfg)
         self.cfg = cfg
         self.startup = StartupClock()
         self.startup.mark("imports")

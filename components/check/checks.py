@@ -1,48 +1,32 @@
 """Checks a run's parameters in seconds, before anything is uploaded or any GPU is asked for.
 
 Each check raises ``ValueError`` with one line that names the parameter and says what to
-set instead. The CLI (``python -m pipelines run --local``) runs them before a run starts, and
-the pipeline's first task runs them on the server, so a bad run fails before its upload.
+set instead. Every entry point makes them before it starts anything: the pipeline's first task
+on the server (so a bad run fails before its upload), ``python -m pipelines run --local`` before
+the emulator starts, and the launch step, ``render-job``, ``submit`` and ``schedule`` through
+``LaunchRequest.validate`` (``check_settings``, which needs no storage). What the worker checks
+of its own flags lives in the worker (``worker.config``, ``worker.checks``) and is reused here.
 """
 
 from __future__ import annotations
 
+import os
 import re
 
+from components.images import check_image
 from components.upload.upload import LAYOUTS
-from worker.archives.listing import holds_images
-from worker.config import IMAGE_EXTENSIONS, ConfigError, WorkerConfig
-from worker.storage import is_gcs, open_storage, split_uri
+from worker.checks import check_holds_images, check_output_folder
+from worker.config import ConfigError, WorkerConfig
+from worker.storage import check_uri, is_gcs
 
-# GCS bucket names: 3-63 characters of lowercase letters, digits, '-', '_' and '.', starting
-# and ending with a letter or digit.
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]")
-
-
-def check_uri(name: str, uri: str, *, local_ok: bool = True) -> None:
-    """``uri`` is a well-formed gs:// prefix (or, with ``local_ok``, a local path).
-
-    Raises:
-        ValueError: Empty, another scheme, no or a malformed bucket, or surrounding blanks.
-    """
-    if not uri:
-        raise ValueError(f"{name} is empty: set it to a gs://bucket/prefix")
-    if uri != uri.strip():
-        raise ValueError(f"{name} {uri!r} has leading or trailing blanks")
-    if is_gcs(uri):
-        try:
-            bucket, _ = split_uri(uri)
-        except ValueError:
-            bucket = ""
-        if not _BUCKET.fullmatch(bucket):
-            raise ValueError(f"{name} {uri!r} does not name a valid GCS bucket: gs://BUCKET/prefix")
-    elif "://" in uri or uri.startswith("gs:"):
-        raise ValueError(f"{name} {uri!r} is not a gs://bucket/prefix")
-    elif not local_ok:
-        raise ValueError(f"{name} must be a gs://bucket/prefix, got {uri!r}")
+LOCAL = "local"
+KUBERNETES = "kubernetes"
+BACKENDS = (LOCAL, KUBERNETES)
+# A Hugging Face hub id: a name, or an owner and a name. Whatever else is not gs:// is a path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
-def check_run(
+def check_settings(
     *,
     images_uri: str,
     results_root: str,
@@ -53,24 +37,30 @@ def check_run(
     upload_layout: str = "loose",
     packed_shard_mb: int = 1,
     packed_shard_images: int = 0,
+    backend: str = LOCAL,
+    image: str = "",
 ) -> None:
-    """Check the parameters that would otherwise fail a run only after its upload.
+    """The checks that need no storage, hub or cluster, in milliseconds: render-job and submit make them too.
 
     Args:
         images_uri: The images' prefix.
         results_root: Where the run's results go (unless ``results_prefix`` is set).
         results_prefix: The run's exact results prefix, or empty.
-        model: A hub id, or a gs:// or local model directory: it must hold an image
-            classifier whose preprocessing the worker reproduces.
+        model: A hub id, or a gs:// or local model directory.
         batch_size: Images per forward pass.
         shard_size: Images per shard.
         upload_layout: How the upload stores the images.
         packed_shard_mb: The packed layout's most MB per shard.
         packed_shard_images: The packed layout's most images per shard (0: no limit).
+        backend: Where the worker runs: on the kubernetes backend everything it reads and writes
+            must be reachable from the cluster's pods.
+        image: The image of the job's pods (kubernetes backend only): not a placeholder.
 
     Raises:
         ValueError: The first problem, on one line naming the parameter.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     check_uri("images_uri", images_uri)
     if upload_layout not in LAYOUTS:
         raise ValueError(f"upload_layout must be one of {', '.join(LAYOUTS)}, got {upload_layout!r}")
@@ -79,42 +69,59 @@ def check_run(
             "packed_shard_mb must be at least 1 and packed_shard_images at least 0, "
             f"got {packed_shard_mb} and {packed_shard_images}"
         )
-    if results_prefix:
-        check_uri("results_prefix", results_prefix)
-    elif not results_root:
-        raise ValueError("results_root is empty: set it (or results_prefix) to where results go")
-    else:
-        check_uri("results_root", results_root)
+    results_name, results = _results(results_root, results_prefix)
+    check_uri(results_name, results)
     if not model or model != model.strip():
         raise ValueError(f"model {model!r}: set it to a hub id or a gs:// or local model directory")
+    check_uri("model", model)
+    if backend == KUBERNETES:
+        # The job's pods share no disk with this machine (or the launcher's pod): they read and
+        # write GCS, and fetch the model from GCS or the hub.
+        for name, uri in (("images_uri", images_uri), (results_name, results)):
+            if not is_gcs(uri):
+                raise ValueError(f"{name} must be a gs:// prefix for the kubernetes backend, got {uri!r}")
+        if not is_gcs(model) and (os.path.isdir(model) or not _HUB_ID.fullmatch(model)):
+            raise ValueError(
+                f"model {model} is a local path, which the kubernetes backend's pods can't read: "
+                "copy the folder to gs:// and give that prefix, or give a hub id"
+            )
+        check_image("image", image)
     try:
         # The worker's own bounds and choices, checked where they are declared.
         WorkerConfig(
-            input=images_uri,
-            output=results_prefix or results_root,
-            model=model,
-            batch_size=batch_size,
-            shard_size=shard_size,
+            input=images_uri, output=results, model=model, batch_size=batch_size, shard_size=shard_size
         )
-        # Last: it reads the model's config files (from GCS or the hub) and imports transformers.
-        from worker.tasks.classification import check_model
-
-        check_model(model)
     except ConfigError as exc:
         raise ValueError(f"{exc.parameter or 'parameter'}: {exc}") from None
 
 
-def check_images_present(images_uri: str) -> None:
-    """At least one image (or archive of images) lies under ``images_uri`` (it stops listing at the first).
+def _results(results_root: str, results_prefix: str) -> tuple[str, str]:
+    """The parameter that says where the results go, and its value."""
+    if results_prefix:
+        return "results_prefix", results_prefix
+    if not results_root:
+        raise ValueError("results_root is empty: set it (or results_prefix) to where results go")
+    return "results_root", results_root
+
+
+def check_run(**settings) -> None:
+    """``check_settings``, then what this machine can check of the run's output and model.
+
+    Args:
+        **settings: ``check_settings``' arguments.
 
     Raises:
-        ValueError: There is none (or the folder or bucket does not exist).
+        ValueError: The first problem, on one line naming the parameter.
     """
-    if not holds_images(open_storage(images_uri), images_uri):
-        raise ValueError(
-            f"images_uri {images_uri} holds no images ({', '.join(IMAGE_EXTENSIONS)}), packed shards "
-            "or .tar/.zip archives: check the prefix, or set source to upload them"
-        )
+    check_settings(**settings)
+    check_output_folder(*_results(settings["results_root"], settings["results_prefix"]))
+    try:
+        # Last: it reads the model's config files (from GCS or the hub) and imports transformers.
+        from worker.tasks.classification import check_model
+
+        check_model(settings["model"])
+    except ConfigError as exc:
+        raise ValueError(f"{exc.parameter or 'parameter'}: {exc}") from None
 
 
 def check_input(source: str, images_uri: str) -> None:
@@ -124,8 +131,15 @@ def check_input(source: str, images_uri: str) -> None:
     known only once it is downloaded), else under ``images_uri``.
 
     Raises:
-        ValueError: There is none.
+        ValueError: There is none, or the folder does not exist.
+        FileNotFoundError: The bucket does not exist.
     """
     if source.startswith(("http://", "https://")) or source.lower().endswith(".zip"):
         return
-    check_images_present(source or images_uri)
+    if source:
+        check_holds_images("source", source)
+        return
+    try:
+        check_holds_images("images_uri", images_uri)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, or set source to upload them") from None

@@ -12,6 +12,8 @@ def check_parameters(
     results_root: str,
     results_prefix: str,
     model: str,
+    backend: str,
+    image: str,
     batch_size: int,
     shard_size: int,
     incremental: bool,
@@ -29,6 +31,9 @@ def check_parameters(
         results_root: Where the run's results go.
         results_prefix: The run's exact results prefix, if set.
         model: The model: it must load and its preprocessing be reproducible.
+        backend: kubernetes (then the images, results and model must be reachable from the
+            job's pods) or local.
+        image: The image of the job's pods: not a placeholder (kubernetes backend).
         batch_size: Images per forward pass.
         shard_size: Images per shard.
         incremental: Whether an input with no images is allowed (nothing new since the last run).
@@ -43,6 +48,8 @@ def check_parameters(
         results_root=results_root,
         results_prefix=results_prefix,
         model=model,
+        backend=backend,
+        image=image,
         batch_size=batch_size,
         shard_size=shard_size,
         upload_layout=upload_layout,

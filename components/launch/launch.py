@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from components.check.checks import KUBERNETES, LOCAL, check_settings
 from components.launch.kubernetes.kinds import (
     DEFAULT_JOB_KIND,
     JobConfig,
@@ -25,11 +26,7 @@ from components.launch.kubernetes.kinds import (
 )
 from worker.config import WorkerConfig, parse_args
 from worker.fingerprint import check_output, prepare_plan
-from worker.storage import is_gcs, join
-
-LOCAL = "local"
-KUBERNETES = "kubernetes"
-BACKENDS = (LOCAL, KUBERNETES)
+from worker.storage import join
 
 
 @dataclass(frozen=True)
@@ -92,20 +89,20 @@ class LaunchRequest:
         Raises:
             ValueError: The first problem found.
         """
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if not self.images_uri:
-            raise ValueError("images_uri is empty: set it to the prefix that holds the images")
-        if not self.results_prefix and not (self.results_root and self.run_id):
-            raise ValueError("results_root is empty: set it (or results_prefix) to where results go")
+        check_settings(
+            images_uri=self.images_uri,
+            results_root=self.results_root,
+            results_prefix=self.results_prefix,
+            model=self.model,
+            batch_size=self.batch_size,
+            shard_size=self.shard_size,
+            backend=self.backend,
+            image=self.image,
+        )
         if self.local_nproc < 1:
             raise ValueError(f"local_nproc must be at least 1, got {self.local_nproc}")
         if self.backend == KUBERNETES:
             job_kind(self.job_kind)  # ValueError naming job_kind when it is not a kind
-            # The job's pods share no filesystem with the launcher: everything they read or write is in GCS.
-            for name, uri in (("images_uri", self.images_uri), ("results", self.results_uri)):
-                if not is_gcs(uri):
-                    raise ValueError(f"{name} must be a gs:// prefix for the kubernetes backend, got {uri!r}")
             if any((self.gke_project, self.gke_location, self.gke_cluster)) and not self.gke:
                 raise ValueError(
                     "gke_project, gke_location and gke_cluster go together: set all three "

@@ -10,7 +10,7 @@ Two data modes:
 * **GCS emulator** (default): the images are uploaded to a fake-gcs-server on loopback,
   so the upload, the worker's DataFlux reads and the aggregate all talk the GCS API.
   Its storage lives in memory: the worker's raw results are gone when the command
-  ends, while the CSV, Parquet and HTML artifacts stay under the pipeline root.
+  ends, so what is worth opening is copied out first (``keep_outputs``).
 * **Local paths** (``--results-root PATH``): no GCS; the worker reads the image folder
   directly and the upload is skipped (its destination must be gs://).
 """
@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -35,7 +36,8 @@ from pipelines.dev.emulator import gcs_emulator
 from pipelines.dev.launcher_rules import launcher_rules
 from pipelines.options import add_parameter_options
 from worker.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
-from worker.storage import is_gcs, split_uri
+from worker.results import RUN_FILE, SUMMARY_DIR, SUMMARY_FILE
+from worker.storage import folder, is_gcs, join, open_storage, split_uri
 
 EMULATOR_IMAGES_URI = "gs://batch-inference-images/images"
 EMULATOR_RESULTS_ROOT = "gs://batch-inference-results/runs"
@@ -136,6 +138,47 @@ def run_pipeline_locally(
         metrics=dict(out["metrics"].metadata),
         pipeline_root=str(pipeline_root),
     )
+
+
+def keep_outputs(run: LocalRun, run_folder: Path) -> dict[str, Path]:
+    """Copy what is worth opening of a local run into ``run_folder``, where it outlives the GCS
+    emulator: the aggregate's files under names that say what they are (kfp.local names them
+    after the outputs, without extensions), and the worker's run record and per-rank summaries.
+
+    Returns:
+        The copies, by what they hold.
+    """
+    kept = {
+        "report": run_folder / "report.html",
+        "results CSV": run_folder / "results.csv",
+        "results Parquet": run_folder / "results.parquet",
+        "errors CSV": run_folder / "errors.csv",
+        "run record": run_folder / RUN_FILE,
+        "rank summaries": run_folder / SUMMARY_DIR,
+    }
+    run_folder.mkdir(parents=True, exist_ok=True)
+    for name, artifact in (
+        ("report", run.report_html),
+        ("results CSV", run.results_csv),
+        ("results Parquet", run.results_parquet),
+        ("errors CSV", run.errors_csv),
+    ):
+        shutil.copyfile(artifact, kept[name])
+    storage = open_storage(run.results_uri)
+    record = join(run.results_uri, RUN_FILE)
+    if storage.exists(record):
+        kept["run record"].write_bytes(storage.read(record))
+    summaries = folder(join(run.results_uri, SUMMARY_DIR))
+    kept["rank summaries"].mkdir(exist_ok=True)
+    try:
+        listed = list(storage.list(summaries))
+    except FileNotFoundError:  # an incremental run that found nothing new started no worker
+        listed = []
+    for obj in listed:
+        name = obj.uri[len(summaries) :]
+        if SUMMARY_FILE.fullmatch(name):
+            (kept["rank summaries"] / name).write_bytes(storage.read(obj.uri))
+    return kept
 
 
 @contextlib.contextmanager
@@ -306,18 +349,20 @@ def run_local_main(args: argparse.Namespace) -> int:
             package=args.package,
             **{name: getattr(args, name) for name in _local_inputs()},
         )
+        kept = keep_outputs(run, pipeline_root)
     # KFP stores every metric as a float: 20.0 images reads better as 20.
     metrics = " ".join(f"{k}={v:g}" for k, v in sorted(run.metrics.items()))
     print(
-        "\nbatch inference finished",
-        f"  results CSV:     {run.results_csv}",
-        f"  results Parquet: {run.results_parquet}",
-        f"  errors CSV:      {run.errors_csv}",
-        f"  HTML report:     {run.report_html}",
+        f"\nbatch inference finished: {pipeline_root}",
+        f"  results CSV:     {kept['results CSV']}",
+        f"  results Parquet: {kept['results Parquet']}",
+        f"  errors CSV:      {kept['errors CSV']}",
+        f"  HTML report:     {kept['report']}",
+        f"  run record:      {kept['run record']} and {kept['rank summaries']}/ (one per rank)",
         f"  metrics:         {metrics}",
         f"  raw results:     {run.results_uri}"
         + (" (in the GCS emulator: gone now that it has stopped)" if use_emulator else ""),
-        f"  pipeline root:   {run.pipeline_root}",
+        f"open {kept['report']}",
         sep="\n",
     )
     return 0

@@ -187,14 +187,22 @@ def test_base_is_the_latest_complete_run_of_the_same_input_and_model(tmp_path):
 def test_incremental_needs_generations():
     with pytest.raises(ValueError, match="--incremental needs a gs:// --input"):
         WorkerConfig(input="/data/images", output="/tmp/out", model="m", incremental=True)
-    args = WorkerConfig(input="gs://b/images", output="gs://b/runs/r1", model="m", incremental=True).to_args()
+    args = WorkerConfig(input="gs://bkt/i", output="gs://bkt/r1", model="m", incremental=True).to_args()
     assert "--incremental" in args
 
 
-def _launcher_night(gcs, tiny_model: Path, bucket: str, base_revision: str) -> tuple[dict, str, list[str]]:
+def _launcher_night(
+    gcs, tiny_model: Path, bucket: str, base_revision: str, tmp_path: Path
+) -> tuple[dict, str, list[str]]:
     """Three objects and a complete earlier run of them (its base record made with
     ``base_revision`` of ``tiny_model``): the launch values of the next night's run, the base, the URIs.
+    The model is a copy of ``tiny_model`` in GCS, as a job's pods need it; it is fetched into ``tmp_path``.
     """
+    model = f"gs://{bucket}/model"
+    for path in tiny_model.rglob("*"):
+        if path.is_file():
+            blob = gcs.client.bucket(bucket).blob(f"model/{path.relative_to(tiny_model).as_posix()}")
+            blob.upload_from_filename(str(path))
     names = [f"data/img_{i}.jpg" for i in range(3)]
     generations = [_put(gcs.client, bucket, name, jpeg_bytes(i)) for i, name in enumerate(names)]
     uris = [f"gs://{bucket}/{name}" for name in names]
@@ -214,7 +222,7 @@ def _launcher_night(gcs, tiny_model: Path, bucket: str, base_revision: str) -> t
     open_storage(base).write(join(base, MANIFEST), buf.getvalue())
     record = {
         "input": f"gs://{bucket}/data",
-        "model": str(tiny_model),
+        "model": model,
         "incremental": True,
         "task": "image-classification",
         "model_revision": base_revision,
@@ -232,14 +240,16 @@ def _launcher_night(gcs, tiny_model: Path, bucket: str, base_revision: str) -> t
         run_id="night-2",
         incremental=True,
         backend="kubernetes",
-        model=str(tiny_model),
+        model=model,
+        image="registry.example/kfp-batch-inference:1.0",
+        extra_worker_args=f"--model-cache {tmp_path / 'model-cache'}",
     )
     return values, base, uris
 
 
 def test_a_run_with_nothing_new_plans_in_the_launcher_and_starts_no_job(gcs, tiny_model, tmp_path):
     bucket = gcs.new_bucket("unchanged")
-    values, base, uris = _launcher_night(gcs, tiny_model, bucket, model_revision(str(tiny_model)))
+    values, base, uris = _launcher_night(gcs, tiny_model, bucket, model_revision(str(tiny_model)), tmp_path)
     lines: list[str] = []
 
     # No Kubernetes API is given or reachable here: reaching for one would fail the call.
@@ -260,7 +270,7 @@ def test_the_launcher_reuses_no_rows_of_another_model_revision(gcs, tiny_model, 
     again, so the job runs rather than carrying the old model's labels over.
     """
     bucket = gcs.new_bucket("retrained")
-    values, base, uris = _launcher_night(gcs, tiny_model, bucket, "sha256:" + "0" * 64)
+    values, base, uris = _launcher_night(gcs, tiny_model, bucket, "sha256:" + "0" * 64, tmp_path)
 
     plan = prepare_plan(parse_args(LaunchRequest(**values).worker_args()))
 
@@ -292,7 +302,7 @@ def test_base_must_agree_on_the_model_revision_and_the_labels_settings(tmp_path)
 
 def test_a_plan_made_without_the_revision_is_made_again_when_its_base_ran_another(gcs, tiny_model, tmp_path):
     bucket = gcs.new_bucket("replan")
-    values, base, uris = _launcher_night(gcs, tiny_model, bucket, "sha256:" + "0" * 64)
+    values, base, uris = _launcher_night(gcs, tiny_model, bucket, "sha256:" + "0" * 64, tmp_path)
     cfg = parse_args(LaunchRequest(**values).worker_args())
     # As a launcher that knew no revision planned it: on the base, with nothing to classify.
     early = OutputGuard(cfg, None).plan()

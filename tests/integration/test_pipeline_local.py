@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipelines.dev.local_run import run_pipeline_locally
+from pipelines.dev.local_run import EMULATOR_IMAGES_URI, EMULATOR_RESULTS_ROOT, run_pipeline_locally
 from pipelines.dev.sample_images import CORRUPT_NAME, make_sample_images
 from tests.support import ROOT
 
@@ -118,7 +118,8 @@ def test_compiled_vertex_pipeline_on_local_paths(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_makes_a_model_and_runs_on_local_paths(tmp_path):
+def test_cli_makes_a_model_and_runs_the_demo_leaving_a_run_folder(tmp_path):
+    # What scripts/demo.sh runs: the GCS emulator mode, whose raw results die with the emulator.
     model = tmp_path / "tiny"
     made = _cli("make-model", "--out", str(model), "--tiny")
     assert "RANDOM" in made.stdout
@@ -130,8 +131,6 @@ def test_cli_makes_a_model_and_runs_on_local_paths(tmp_path):
         "--local",
         "--model",
         str(model),
-        "--results-root",
-        str(tmp_path / "results"),
         "--workdir",
         str(tmp_path / "work"),
         "--num-images",
@@ -141,30 +140,45 @@ def test_cli_makes_a_model_and_runs_on_local_paths(tmp_path):
         "--device",
         "cpu",
     )
+    lines = done.stdout.splitlines()
     printed = {
         key.strip(): value.strip()
-        for key, value in (
-            line.split(": ", 1) for line in done.stdout.splitlines() if line.startswith("  ") and ": " in line
-        )
+        for key, value in (line.split(": ", 1) for line in lines if line.startswith("  ") and ": " in line)
     }
     metrics = {k: float(v) for k, v in (kv.split("=") for kv in printed["metrics"].split())}
     images = tmp_path / "work" / "sample-images-12"
-    uris = {str(p) for p in images.rglob("*") if p.is_file()}
-    _assert_one_row_per_image(
-        printed["results CSV"], printed["results Parquet"], metrics, uris, str(images / CORRUPT_NAME)
+    uris = {
+        f"{EMULATOR_IMAGES_URI}/{p.relative_to(images).as_posix()}" for p in images.rglob("*") if p.is_file()
+    }
+    corrupt = f"{EMULATOR_IMAGES_URI}/{CORRUPT_NAME}"
+    # The run folder outlives the emulator, and the last line says what to open.
+    run_folder = Path(lines[-1].removeprefix("open ")).parent
+    assert (
+        lines[-1] == f"open {run_folder / 'report.html'}" and run_folder.parent == tmp_path / "work" / "runs"
     )
-    assert "<html" in Path(printed["HTML report"]).read_text().lower()
-    _assert_errors_table(printed["errors CSV"], str(images / CORRUPT_NAME))
-    assert printed["raw results"].startswith(str(tmp_path / "results"))
+    assert printed["results CSV"] == str(run_folder / "results.csv")
+    assert printed["results Parquet"] == str(run_folder / "results.parquet")
+    assert printed["errors CSV"] == str(run_folder / "errors.csv")
+    _assert_one_row_per_image(
+        str(run_folder / "results.csv"), str(run_folder / "results.parquet"), metrics, uris, corrupt
+    )
+    _assert_errors_table(str(run_folder / "errors.csv"), corrupt)
+    report = (run_folder / "report.html").read_text()
+    assert report.lstrip().lower().startswith("<!doctype html>") and "</html>" in report.lower()
+    record = json.loads((run_folder / "run.json").read_text())
+    assert record["input"] == EMULATOR_IMAGES_URI and record["model"] == str(model)
+    ranks = sorted(json.loads(p.read_text())["rank"] for p in (run_folder / "summary").iterdir())
+    assert ranks == [0, 1]
+    assert printed["raw results"].startswith(EMULATOR_RESULTS_ROOT) and "gone" in printed["raw results"]
 
 
 def test_render_job_prints_a_pytorchjob():
     done = _cli(
         "render-job",
         "--images-uri",
-        "gs://b/images",
+        "gs://bkt/images",
         "--results-root",
-        "gs://b/results",
+        "gs://bkt/results",
         "--nodes",
         "3",
         "--gpus-per-node",
@@ -172,6 +186,8 @@ def test_render_job_prints_a_pytorchjob():
         "--no-rdma",
         "--run-id",
         "run-123",
+        "--image",
+        "registry.example/kfp-batch-inference:1.0",
     )
     job = yaml.safe_load(done.stdout)
     assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
@@ -179,14 +195,14 @@ def test_render_job_prints_a_pytorchjob():
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
     container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     command = " ".join(container["command"])
-    assert "--input gs://b/images --output gs://b/results/run-123" in command
+    assert "--input gs://bkt/images --output gs://bkt/results/run-123" in command
     assert "set_nccl_env.sh" not in command
 
 
 def test_user_errors_are_one_line():
     for args in (
         ["render-job"],
-        ["render-job", "--images-uri", "/local/images", "--results-root", "gs://b/r"],
+        ["render-job", "--images-uri", "/local/images", "--results-root", "gs://bkt/r"],
         ["run", "--local", "--source", "/no/such/folder", "--results-root", "/tmp/x"],
     ):
         done = _cli(*args, check=False)

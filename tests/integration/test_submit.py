@@ -15,6 +15,13 @@ import sys
 import pytest
 import yaml
 
+from components.images import (
+    DEFAULT_TASK_IMAGE,
+    DEFAULT_WORKER_IMAGE,
+    TASK_IMAGE_ENV,
+    WORKER_IMAGE_ENV,
+    Images,
+)
 from pipelines.__main__ import main
 from pipelines.cron import CronError, parse_cron
 from tests.support import ROOT
@@ -22,7 +29,19 @@ from tests.support.kfp_stand_in import KfpApiStandIn
 
 NETWORK = "projects/123456789/global/networks/gke-vpc"
 
-RUN_ARGS = ["--images-uri", "gs://images/coco", "--results-root", "gs://results/nightly"]
+TASK_IMAGE = "registry.example/kfp-batch-inference-tasks:1.0"
+WORKER_IMAGE = "registry.example/kfp-batch-inference:1.0"
+IMAGES = Images(TASK_IMAGE, WORKER_IMAGE)
+RUN_ARGS = [
+    "--images-uri",
+    "gs://images/coco",
+    "--results-root",
+    "gs://results/nightly",
+    "--task-image",
+    TASK_IMAGE,
+    "--image",
+    WORKER_IMAGE,
+]
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -80,9 +99,21 @@ def test_bad_cron_is_one_clear_line(text, message):
     assert str(err.value).startswith(f"bad cron {text!r}: ") and "\n" not in str(err.value)
 
 
+def _committed(flavour: str) -> list[dict]:
+    """The committed template's documents, with the images a submission here names."""
+    text = (ROOT / "compiled" / f"batch_inference_{flavour}.yaml").read_text()
+    text = text.replace(DEFAULT_TASK_IMAGE, TASK_IMAGE).replace(DEFAULT_WORKER_IMAGE, WORKER_IMAGE)
+    return list(yaml.safe_load_all(text))
+
+
 def _cli(*args: str, env: dict | None = None, python: list[str] | None = None) -> subprocess.CompletedProcess:
-    # The environment carries conftest's guard against google-auth's metadata-server probe.
-    full_env = {k: v for k, v in os.environ.items() if k != "BATCH_INFERENCE_DEBUG"} | (env or {})
+    # The environment carries conftest's guard against google-auth's metadata-server probe, and
+    # the images of commands that do not name them.
+    full_env = (
+        {k: v for k, v in os.environ.items() if k != "BATCH_INFERENCE_DEBUG"}
+        | {TASK_IMAGE_ENV: TASK_IMAGE, WORKER_IMAGE_ENV: WORKER_IMAGE}
+        | (env or {})
+    )
     command = python or [sys.executable, "-m", "pipelines"]
     return subprocess.run(
         [*command, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=90
@@ -140,9 +171,10 @@ def test_submit_to_kfp_creates_the_experiment_and_the_run_and_waits(capsys):
         "incremental": True,
         "batch_size": 128,
         "rdma": False,
+        "image": WORKER_IMAGE,
     }
-    # The Kubeflow flavour, as compiled, with its kfp-kubernetes platform document.
-    committed = list(yaml.safe_load_all((ROOT / "compiled" / "batch_inference_kubeflow.yaml").read_text()))
+    # The Kubeflow flavour, as compiled with the images given, with its kfp-kubernetes platform document.
+    committed = _committed("kubeflow")
     assert body["pipeline_spec"]["pipeline_spec"] == committed[0]
     assert body["pipeline_spec"]["platform_spec"] == committed[1]
 
@@ -199,9 +231,9 @@ def test_bad_cron_is_refused_before_anything_is_sent():
 
 def test_invalid_parameters_are_refused_before_anything_is_sent():
     with KfpApiStandIn() as kfp:
-        missing = _cli("submit", "--kfp-host", kfp.url, "--results-root", "gs://r/x")
+        missing = _cli("submit", "--kfp-host", kfp.url, "--results-root", "gs://res/x")
         local = _cli(
-            "submit", "--kfp-host", kfp.url, "--images-uri", "/data/images", "--results-root", "gs://r/x"
+            "submit", "--kfp-host", kfp.url, "--images-uri", "/data/images", "--results-root", "gs://res/x"
         )
         assert kfp.requests == []
     _assert_one_line_error(missing, "images_uri is empty")
@@ -288,6 +320,7 @@ def test_submit_and_schedule_on_vertex(vertex, gcs):
         run_name="first",
         service_account="runner@my-project.iam.gserviceaccount.com",
         network=NETWORK,
+        images=IMAGES,
         wait=True,
         credentials=AnonymousCredentials(),
     )
@@ -298,6 +331,7 @@ def test_submit_and_schedule_on_vertex(vertex, gcs):
         arguments,
         "TZ=Europe/Paris 0 2 * * *",
         network=NETWORK,
+        images=IMAGES,
         credentials=AnonymousCredentials(),
     )
 
@@ -316,7 +350,7 @@ def test_submit_and_schedule_on_vertex(vertex, gcs):
     assert job["runtimeConfig"]["gcsOutputDirectory"] == root
     assert job["network"] == NETWORK  # peered: the launch step reaches a private GKE endpoint
     assert job["runtimeConfig"]["parameterValues"] == arguments
-    committed = yaml.safe_load((ROOT / "compiled" / "batch_inference_vertex.yaml").read_text())
+    [committed] = _committed("vertex")
     assert job["pipelineSpec"] == committed  # the single-document Vertex flavour
     [created] = vertex.schedules.values()
     assert schedule.url.startswith(
@@ -331,10 +365,10 @@ def test_submit_and_schedule_on_vertex(vertex, gcs):
 def test_a_malformed_vertex_network_is_refused_before_anything_is_sent():
     from pipelines.vertex import submit_vertex
 
-    arguments = {"images_uri": "gs://i/x", "results_root": "gs://r/x"} | {
+    arguments = {"images_uri": "gs://img/x", "results_root": "gs://res/x"} | {
         "gke_project": "p",
         "gke_location": "l",
         "gke_cluster": "c",
     }
     with pytest.raises(ValueError, match="projects/PROJECT_NUMBER/global/networks/NAME"):
-        submit_vertex("p", "us-central1", "gs://root/x", arguments, network="my-vpc")
+        submit_vertex("p", "us-central1", "gs://root/x", arguments, network="my-vpc", images=IMAGES)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from tests.support.worker_harness import assert_exactly_once, read_results, run_
 
 pytestmark = pytest.mark.slow
 
-SIZES = (0, 1, 999, 1001)
+SIZES = (1, 999, 1001)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +89,28 @@ def test_gcs_exactly_once(gcs, gcs_sets, tiny_model, n, world):
         if not name.startswith(("data/", f"results/w{world}/", "results/"))
     ]
     assert strays == []
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_an_input_without_images_is_refused_before_the_model(gcs, tmp_path, where):
+    if where == "local":
+        input_uri = str(tmp_path / "empty")
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "notes.txt").write_text("not an image\n")
+    else:
+        input_uri = f"gs://{gcs.new_bucket('empty')}/data"
+    proc = subprocess.run(
+        # No such model: had it been fetched or loaded first, the error would name --model.
+        [sys.executable, "-m", "worker", "--input", input_uri, "--output", str(tmp_path / "out")]
+        + ["--model", str(tmp_path / "no-such-model")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"python -m worker: error: --input {input_uri} holds no images")
+    assert not (tmp_path / "out").exists()
 
 
 def test_dynamic_assignment_covers_every_shard_once(local_sets, tiny_model, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,37 @@ def split_uri(uri: str) -> tuple[str, str]:
     if not bucket:
         raise ValueError(f"gs:// URI has no bucket: {uri!r}")
     return bucket, path
+
+
+# GCS bucket names: 3-63 characters of lowercase letters, digits, '-', '_' and '.', starting
+# and ending with a letter or digit.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]")
+
+
+def check_uri(name: str, uri: str, *, local_ok: bool = True) -> None:
+    """``uri`` is a well-formed gs://bucket/prefix (or, with ``local_ok``, a local path).
+
+    Args:
+        name: What to call ``uri`` in the message: a worker flag or a pipeline parameter.
+        uri: The URI.
+        local_ok: Whether a local path (or a Hugging Face hub id, which looks like one) will do.
+
+    Raises:
+        ValueError: Empty, another scheme, no or a malformed bucket, or surrounding blanks; in
+            one line naming ``name``.
+    """
+    if not uri:
+        raise ValueError(f"{name} is empty: set it to a gs://bucket/prefix")
+    if uri != uri.strip():
+        raise ValueError(f"{name} {uri!r} has leading or trailing blanks")
+    if is_gcs(uri):
+        bucket = uri[len(GCS_SCHEME) :].partition("/")[0]
+        if not _BUCKET.fullmatch(bucket):
+            raise ValueError(f"{name} {uri!r} does not name a valid GCS bucket: gs://BUCKET/prefix")
+    elif "://" in uri or uri.startswith("gs:"):
+        raise ValueError(f"{name} {uri!r} is not a gs://bucket/prefix")
+    elif not local_ok:
+        raise ValueError(f"{name} must be a gs://bucket/prefix, got {uri!r}")
 
 
 def gcs_uri(bucket: str, name: str) -> str:

@@ -25,6 +25,7 @@ def request(**overrides) -> LaunchRequest:
     """A request with the pipeline's defaults, as a run from the KFP UI would send it."""
     values = {name: spec.default for name, spec in launch_inputs().items()}
     values.update(images_uri="gs://images/coco/val2017", results_root="gs://results/runs", run_id="run-1")
+    values.update(image="registry.example/kfp-batch-inference:1.0")  # the pipeline's is a placeholder
     values.update(overrides)
     return LaunchRequest(**values)
 

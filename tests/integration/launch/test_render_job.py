@@ -26,7 +26,8 @@ CRDS = {
     "TrainJob": ("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1"),
     "JobSet": ("jobset.x-k8s.io_jobsets.yaml", "v1alpha2"),
 }
-ARGS = ["--images-uri", "gs://b/images", "--results-root", "gs://b/results", "--run-id", "run-123"]
+ARGS = ["--images-uri", "gs://bkt/images", "--results-root", "gs://bkt/results", "--run-id", "run-123"]
+ARGS += ["--image", "registry.example/kfp-batch-inference:1.0"]
 
 
 def render(capsys, *args: str) -> dict:
@@ -44,7 +45,7 @@ def test_render_job_prints_a_manifest_valid_for_its_crd_and_kubernetes(capsys, c
     for template in pod_templates(manifest):
         assert_valid_for_kubernetes(pod_template_resource(template))
         (container,) = template["spec"]["containers"]
-        assert "--input gs://b/images --output gs://b/results/run-123" in container["command"][-1]
+        assert "--input gs://bkt/images --output gs://bkt/results/run-123" in container["command"][-1]
 
 
 def test_each_kind_is_its_own_resource(capsys):

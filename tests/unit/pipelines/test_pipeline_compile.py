@@ -14,6 +14,7 @@ import yaml
 from components.images import DEFAULT_TASK_IMAGE, DEFAULT_WORKER_IMAGE
 from components.launch.component import classify_images
 from components.launch.launch import LaunchRequest
+from pipelines.__main__ import main
 from pipelines.batch_inference import KUBEFLOW, PIPELINES, STEPS, VERTEX, compiled_filename
 from tests.support import ROOT
 
@@ -21,11 +22,11 @@ COMPILED = ROOT / "compiled"
 
 
 @pytest.fixture(scope="module")
-def fresh(tmp_path_factory) -> Path:
-    """A compile through the CLI, in a clean interpreter with the default image."""
+def template_compile(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A compile through the CLI, in a clean interpreter without image flags or variables."""
     out = tmp_path_factory.mktemp("compiled")
     env = {k: v for k, v in os.environ.items() if not k.endswith("_IMAGE")}
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "pipelines", "compile", "--out", str(out)],
         cwd=ROOT,
         env=env,
@@ -33,7 +34,52 @@ def fresh(tmp_path_factory) -> Path:
         capture_output=True,
         text=True,
     )
-    return out
+    return out, done
+
+
+@pytest.fixture(scope="module")
+def fresh(template_compile) -> Path:
+    return template_compile[0]
+
+
+def test_a_compile_without_images_is_the_template_and_says_so(template_compile):
+    _, done = template_compile
+    [warning] = done.stderr.splitlines()
+    assert warning.startswith("warning: a template") and "--task-image and --image" in warning
+    assert (COMPILED / "README.md").read_text().count("template") >= 1
+
+
+def test_a_compile_with_images_is_the_template_naming_them(fresh, tmp_path, capsys):
+    task, worker = "registry.example/tasks:1.0", "registry.example/worker:1.0"
+    assert main(["compile", "--out", str(tmp_path), "--task-image", task, "--image", worker]) == 0
+    assert "warning" not in capsys.readouterr().err
+    for flavour in (KUBEFLOW, VERTEX):
+        text = (tmp_path / compiled_filename(flavour)).read_text()
+        assert DEFAULT_TASK_IMAGE not in text and DEFAULT_WORKER_IMAGE not in text
+        assert text.count(task) == 4  # the four tasks
+        placeholders = text.replace(task, DEFAULT_TASK_IMAGE).replace(worker, DEFAULT_WORKER_IMAGE)
+        assert placeholders == (fresh / compiled_filename(flavour)).read_text()
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--task-image", "registry.example/tasks:1.0"], "--image"),
+        (["--image", "registry.example/worker:1.0"], "--task-image"),
+        (["--task-image", DEFAULT_TASK_IMAGE, "--image", "registry.example/worker:1.0"], "--task-image"),
+        (["--task-image", "registry.example/tasks:1.0", "--image", DEFAULT_WORKER_IMAGE], "--image"),
+    ],
+)
+def test_a_compile_with_a_placeholder_image_is_refused_naming_its_flag(
+    flags, named, tmp_path, capsys, monkeypatch
+):
+    # An image left out falls back to its environment variable: none is set here.
+    monkeypatch.setattr("pipelines.submit.TASK_IMAGE", DEFAULT_TASK_IMAGE)
+    monkeypatch.setattr("pipelines.submit.WORKER_IMAGE", DEFAULT_WORKER_IMAGE)
+    assert main(["compile", "--out", str(tmp_path), *flags]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {named} ghcr.io/example/") and "placeholder" in line
+    assert not list(tmp_path.iterdir())
 
 
 def _docs(path: Path) -> list[dict]:

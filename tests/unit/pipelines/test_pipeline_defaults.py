@@ -8,7 +8,7 @@ from pipelines.batch_inference import launch_inputs
 
 def _request_with_the_pipeline_defaults() -> LaunchRequest:
     values = {name: spec.default for name, spec in launch_inputs().items()}
-    values.update(images_uri="gs://b/images", results_root="gs://b/results", backend=KUBERNETES)
+    values.update(images_uri="gs://bkt/images", results_root="gs://bkt/results", backend=KUBERNETES)
     return LaunchRequest(run_id="defaults", **values)
 
 

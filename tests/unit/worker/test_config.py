@@ -70,9 +70,9 @@ def test_cli_defaults_are_the_dataclass_defaults():
 
 def test_every_field_is_a_flag_and_round_trips(tmp_path):
     changed = WorkerConfig(
-        input="gs://b/in",
+        input="gs://bkt/in",
         output=str(tmp_path / "o"),
-        model="gs://b/model",
+        model="gs://bkt/model",
         input_layout="packed",
         batch_size=7,
         shard_size=9,
