@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh: venv, torch, the project), lint (ruff check + ruff format --check) and
-# run the whole test suite.
+# Set up (scripts/setup.sh: venv, torch, the project), build the cluster tier's control plane, lint
+# (ruff check + ruff format --check) and run the whole test suite.
 #
 #   bash scripts/test.sh                 # everything under tests/
 #   bash scripts/test.sh -k exactly_once # extra arguments go to pytest
@@ -14,6 +14,10 @@ export VENV
 
 bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
+# The cluster tier's Kubernetes control plane, built from Go modules (tests/support/control_plane.py):
+# about 20 minutes the first time on 2 cores, then cached outside the clone. Built here, not inside a
+# test, so that no test's timeout covers the build; a missing Go or module fails the run.
+"$VENV/bin/python" -m tests.support.control_plane build
 # Lint and format first: style is part of the build (configured in pyproject.toml).
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from components.launch.kubernetes.errors import JobFailed, JobTimedOut, LauncherError
+from components.launch.kubernetes.errors import AdmissionRejected, JobFailed, JobTimedOut, LauncherError
 from components.launch.kubernetes.kinds import JOB_KINDS, job_kind
 from tests.support.control_plane import KUEUE_FRAMEWORKS
 from tests.support.gke_player import (
-    RESTART_ATTEMPT_LABEL,
     KUEUE,
+    RESTART_ATTEMPT_LABEL,
     Launcher,
     LauncherProcess,
     SteppedClock,
@@ -85,7 +85,9 @@ def test_a_failed_rank_restarts_the_gang_then_fails_the_job_with_that_ranks_erro
             gke.running_pods(
                 kind.pod_selector(cfg.name),
                 cfg.nodes,
-                where=lambda p: p["metadata"]["labels"].get(RESTART_ATTEMPT_LABEL, "0") == str(attempt),
+                where=lambda p, attempt=attempt: (
+                    p["metadata"]["labels"].get(RESTART_ATTEMPT_LABEL, "0") == str(attempt)
+                ),
             ),
             key=kind.rank,
         )
@@ -279,3 +281,107 @@ def test_kueue_without_the_kinds_integration_is_named(plane, gke, launcher_api, 
         gke.gone(kind, cfg.name)
     finally:
         plane.start_kueue(frameworks=KUEUE_FRAMEWORKS)
+
+
+def _queue_behind(admin, name: str, check_parameters: dict | None) -> str:
+    """A LocalQueue ``name`` in the job namespace, on a ClusterQueue gated by a provisioning admission
+    check (with its own ProvisioningRequestConfig when ``check_parameters`` is given, else a missing one)."""
+    config = f"{name}-config"
+    if check_parameters is not None:
+        admin.apply(
+            {
+                "apiVersion": KUEUE,
+                "kind": "ProvisioningRequestConfig",
+                "metadata": {"name": config},
+                "spec": {
+                    "provisioningClassName": "queued-provisioning.gke.io",
+                    "managedResources": ["nvidia.com/gpu"],
+                    **check_parameters,
+                },
+            }
+        )
+    admin.apply(
+        {
+            "apiVersion": KUEUE,
+            "kind": "AdmissionCheck",
+            "metadata": {"name": f"{name}-check"},
+            "spec": {
+                "controllerName": "kueue.x-k8s.io/provisioning-request",
+                "parameters": {
+                    "apiGroup": "kueue.x-k8s.io",
+                    "kind": "ProvisioningRequestConfig",
+                    "name": config,
+                },
+            },
+        }
+    )
+    admin.apply(
+        {
+            "apiVersion": KUEUE,
+            "kind": "ClusterQueue",
+            "metadata": {"name": f"{name}-cq"},
+            "spec": {
+                "namespaceSelector": {},
+                "resourceGroups": [
+                    {
+                        "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                        "flavors": [
+                            {
+                                "name": "dws-flavor",
+                                "resources": [
+                                    {"name": "cpu", "nominalQuota": 100000},
+                                    {"name": "memory", "nominalQuota": "100000Gi"},
+                                    {"name": "nvidia.com/gpu", "nominalQuota": 10000},
+                                ],
+                            }
+                        ],
+                    }
+                ],
+                "admissionChecksStrategy": {"admissionChecks": [{"name": f"{name}-check"}]},
+            },
+        }
+    )
+    admin.apply(
+        {
+            "apiVersion": KUEUE,
+            "kind": "LocalQueue",
+            "metadata": {"name": name, "namespace": "batch-inference"},
+            "spec": {"clusterQueue": f"{name}-cq"},
+        }
+    )
+    return name
+
+
+def test_an_inactive_dws_queue_is_explained_in_the_first_report(gke, admin, launcher_api, run_id):
+    """The admission check names a ProvisioningRequestConfig that does not exist: Kueue keeps the
+    queue inactive, and the launcher says so at once rather than repeating the Workload's state."""
+    queue = _queue_behind(admin, "no-config-queue", None)
+    kind = job_kind("trainjob")
+    cfg = cluster_job_config(run_id, queue=queue)
+    clock = SteppedClock()
+    launcher = Launcher(
+        launcher_api, kind, kind.build(cfg), options={"timeout_s": 3600, "clock": clock}
+    ).start()
+    line = launcher.wait_for_line(f"LocalQueue batch-inference/{queue} is inactive")
+    assert "no-config-queue-cq" in line, line  # names the ClusterQueue to look at
+    assert launcher.lines.index(line) < 8, "said in the first report, not after waiting"
+    clock.jump(3600)
+    assert isinstance(launcher.error(), JobTimedOut)
+    gke.gone(kind, cfg.name)
+
+
+def test_dws_failing_to_provision_rejects_the_workload_and_the_job_is_deleted(
+    gke, admin, launcher_api, run_id
+):
+    queue = _queue_behind(admin, "no-retry-queue", {"retryStrategy": {"backoffLimitCount": 0}})
+    kind = job_kind("jobset")
+    cfg = cluster_job_config(run_id, queue=queue)
+    launcher = Launcher(launcher_api, kind, kind.build(cfg)).start()
+    uid = launcher.job_uid(gke, cfg.name)
+    request = gke.pending_provisioning_request(uid)
+    gke.answer(request, "Failed", "OutOfResources", "No capacity for a3-ultragpu-8g in us-central1-b")
+
+    error = launcher.error()
+    assert isinstance(error, AdmissionRejected), error
+    assert "no-retry-queue-check" in str(error)
+    gke.gone(kind, cfg.name)

@@ -90,6 +90,31 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+# Kueue's Evicted/Requeued reason when it deactivates a workload whose admission check rejected it.
+DEACTIVATED_BY_CHECK = "DeactivatedDueToAdmissionCheck"
+
+
+def rejected_check(workload: dict[str, Any]) -> dict[str, Any] | None:
+    """The admission check that rejected the workload (``name``, ``message``), if one did.
+
+    Kueue (0.19) does not leave the check ``Rejected``: it deactivates the workload
+    (``spec.active: false``), evicts it with reason ``DeactivatedDueToAdmissionCheck`` and resets
+    the check to ``Pending`` ("Reset to Pending after eviction. Previously: Rejected"). Such a
+    workload waits for a person to reactivate it, so the launcher must stop on either sign.
+    """
+    status = workload.get("status") or {}
+    checks = status.get("admissionChecks") or []
+    for check in checks:
+        if check.get("state") == "Rejected":
+            return check
+    evicted = true_conditions(workload).get("Evicted") or {}
+    if (workload.get("spec") or {}).get("active") is False and evicted.get("reason") == DEACTIVATED_BY_CHECK:
+        message = evicted.get("message") or ""
+        named = [c for c in checks if f'"{c.get("name")}"' in message]
+        return {"name": (named[0] if named else checks[0] if checks else {}).get("name", "?"), "message": message}
+    return None
+
+
 class QueueReporter:
     """Reports a queued job's LocalQueue and Kueue Workloads; says each state once, when it changes.
 
@@ -147,9 +172,9 @@ class QueueReporter:
                 lines.update(self._provisioning(workload))
             self._say(prefix, lines, waiting_for(workload))
             self._report_eviction(workload)
-            for check in checks:
-                if check.get("state") == "Rejected":
-                    return check
+            rejected = rejected_check(workload)
+            if rejected is not None:
+                return rejected
         return None
 
     def _say(self, prefix: str, lines: dict[str, str], waiting: str) -> None:
