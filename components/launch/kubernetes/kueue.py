@@ -111,7 +111,10 @@ def rejected_check(workload: dict[str, Any]) -> dict[str, Any] | None:
     if (workload.get("spec") or {}).get("active") is False and evicted.get("reason") == DEACTIVATED_BY_CHECK:
         message = evicted.get("message") or ""
         named = [c for c in checks if f'"{c.get("name")}"' in message]
-        return {"name": (named[0] if named else checks[0] if checks else {}).get("name", "?"), "message": message}
+        return {
+            "name": (named[0] if named else checks[0] if checks else {}).get("name", "?"),
+            "message": message,
+        }
     return None
 
 
