@@ -89,6 +89,8 @@ CACHE_ROOT = Path(
     os.environ.get("KFP_BI_CONTROL_PLANE_CACHE", Path.home() / ".cache" / "kfp-batch-inference")
 )
 
+MACHINE_LOCK = Path("/tmp/kfp-batch-inference-control-plane.lock")
+
 # What a test sets on a pod to end it: kwok's stage then terminates its container with this exit
 # code (0: Succeeded, else Failed with reason Error), and the reason/message annotations, if set.
 EXIT_CODE_ANNOTATION = "test.batch-inference.dev/exit-code"
@@ -593,6 +595,7 @@ class ControlPlane:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     kueue_frameworks: tuple[str, ...] = KUEUE_FRAMEWORKS
+    _machine_lock: Any = None
 
     @property
     def kwok_logs(self) -> Path:
@@ -638,10 +641,24 @@ class ControlPlane:
         """Stops every process, controllers first, etcd last."""
         for component in reversed(list(self.processes)):
             self.stop_component(component)
+        if self._machine_lock is not None:
+            self._machine_lock.close()
+            self._machine_lock = None
+
+    def _lock_machine(self) -> None:
+        """One control plane per machine: the Training Operator and Kueue read certificates from
+        fixed paths (``/tmp/k8s-webhook-server``, ``/etc/kueue``), which a second one would overwrite."""
+        self._machine_lock = open(MACHINE_LOCK, "w")  # noqa: SIM115 - held until stop()
+        try:
+            fcntl.flock(self._machine_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"another control plane runs on this machine ({MACHINE_LOCK}); waiting for it to stop")
+            fcntl.flock(self._machine_lock, fcntl.LOCK_EX)
 
     # start ---------------------------------------------------------------------------------------
 
     def start(self) -> ControlPlane:
+        self._lock_machine()
         started = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.kwok_logs.mkdir(exist_ok=True)
