@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from components.launch.kubernetes.errors import AdmissionRejected, JobFailed, JobTimedOut, LauncherError
-from components.launch.kubernetes.kinds import JOB_KINDS, job_kind
+from components.launch.kubernetes.kinds import JOB_KINDS, job_kind, results_hash
 from tests.support.control_plane import KUEUE_FRAMEWORKS
 from tests.support.gke_player import (
     KUEUE,
@@ -385,3 +385,69 @@ def test_dws_failing_to_provision_rejects_the_workload_and_the_job_is_deleted(
     assert isinstance(error, AdmissionRejected), error
     assert "no-retry-queue-check" in str(error)
     gke.gone(kind, cfg.name)
+
+
+def test_a_rank_killed_without_a_log_is_named_from_its_pods_status(gke, launcher_api, run_id):
+    kind = job_kind("jobset")
+    cfg = cluster_job_config(run_id, backoff_limit=0)
+    launcher = Launcher(launcher_api, kind, kind.build(cfg)).start()
+    gke.provision(launcher.job_uid(gke, cfg.name))
+    pods = sorted(gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes), key=kind.rank)
+    gke.end(pods[1], 137, reason="OOMKilled")  # the kernel killed it: it printed nothing
+
+    error = launcher.error()
+    assert isinstance(error, JobFailed), error
+    first_line = str(error).splitlines()[0]
+    assert "node-1" in first_line and "exit code 137 (OOMKilled)" in first_line, first_line
+    assert pods[1]["spec"]["nodeName"] in first_line  # which machine, for a node-level cause
+
+
+def test_a_job_without_a_queue_runs_at_once_outside_kueue(gke, launcher_api, run_id):
+    kind = job_kind("jobset")
+    cfg = cluster_job_config(run_id, queue=None)
+    launcher = Launcher(launcher_api, kind, kind.build(cfg)).start()
+    pods = gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes)
+    assert not gke.workloads(launcher.job_uid(gke, cfg.name)), "Kueue must leave it alone"
+    for pod in pods:
+        gke.end(pod, 0)
+    outcome = launcher.result()
+    assert outcome.admitted_at is not None and outcome.held_seconds is not None
+
+
+@pytest.mark.parametrize("missing", ["namespace", "queue"])
+def test_a_missing_namespace_or_local_queue_is_a_one_line_error_before_any_job(
+    admin, launcher_api, run_id, missing
+):
+    kind = job_kind("trainjob")
+    overrides = {"namespace": "no-such-namespace"} if missing == "namespace" else {"queue": "no-such-queue"}
+    cfg = cluster_job_config(run_id, **overrides)
+    error = Launcher(launcher_api, kind, kind.build(cfg)).start().error()
+    assert isinstance(error, LauncherError)
+    assert len(str(error).splitlines()) == 1 and (
+        "no-such-namespace" in str(error) or "no-such-queue" in str(error)
+    )
+    assert not admin.list(
+        kind.resource.api_version,
+        kind.resource.kind,
+        "batch-inference",
+        labelSelector=f"batch-inference.dev/results-hash={results_hash(cfg.results_uri)}",
+    )
+
+
+def test_a_retry_replaces_the_finished_job_of_its_earlier_attempt(gke, launcher_api, run_id):
+    kind = job_kind("pytorchjob")
+    cfg = cluster_job_config(run_id, backoff_limit=0)
+    first = Launcher(launcher_api, kind, kind.build(cfg)).start()
+    gke.provision(first.job_uid(gke, cfg.name))
+    pods = gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes)
+    gke.end(pods[0], 1)
+    assert isinstance(first.error(), JobFailed)
+
+    retry = Launcher(launcher_api, kind, kind.build(cfg)).start()
+    retry.wait_for_line("from an earlier attempt")
+    created = retry.wait_for_line(lambda line: line.startswith(f"created {kind.resource.kind}"))
+    gke.provision(created.split("(uid ")[1].rstrip(")"))
+    for pod in gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes):
+        gke.end(pod, 0)
+    outcome = retry.result()
+    assert not outcome.adopted and outcome.name == cfg.name

@@ -18,6 +18,18 @@ def missing_api(kind: JobKind) -> MissingClusterResource:
     )
 
 
+def refused_namespace(kind: JobKind, namespace: str, error: ApiError) -> MissingClusterResource:
+    """The error for a 403 on the job's namespace.
+
+    The launcher's Roles are namespaced: in a namespace without them (a typo, or one cluster/ was
+    not applied to) every call is refused, whether the namespace exists or not.
+    """
+    return MissingClusterResource(
+        f"this identity may not use {kind.resource.plural} in namespace {namespace!r} "
+        f"({error.message}): is the namespace right, and cluster/ applied there?"
+    )
+
+
 def check_prerequisites(
     api: KubernetesApi, kind: JobKind, namespace: str, queue_name: str | None, log: Callable[[str], None]
 ) -> None:

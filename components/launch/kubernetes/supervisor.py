@@ -49,7 +49,7 @@ from components.launch.kubernetes.kinds import (
 )
 from components.launch.kubernetes.kueue import Admission, QueueReporter
 from components.launch.kubernetes.pod import is_terminating
-from components.launch.kubernetes.prerequisites import check_prerequisites, missing_api
+from components.launch.kubernetes.prerequisites import check_prerequisites, missing_api, refused_namespace
 from components.launch.kubernetes.restarts import RestartReporter
 from components.launch.kubernetes.streams import JobLogs, JobWatcher, Log
 
@@ -168,7 +168,10 @@ class _Run:
 
     def submit(self) -> None:
         check_prerequisites(self.api, self.kind, self.namespace, self.labels.get(QUEUE_NAME_LABEL), self.log)
-        existing = self.find_adoptable()
+        try:
+            existing = self.find_adoptable()
+        except ApiError as e:
+            raise refused_namespace(self.kind, self.namespace, e) if e.status == 403 else e from None
         if existing is not None:
             self.adopt(existing, "a rerun for the same results prefix")
             return
