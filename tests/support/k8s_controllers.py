@@ -168,7 +168,6 @@ class JobSetController:
         }
         annotations = {
             "batch.kubernetes.io/job-completion-index": str(node),
-            "jobset.sigs.k8s.io/coordinator": f"{job}-node-0-0.{job}",
         }
         return f"{job}-node-0-{node}-{suffix}", labels, annotations
 
