@@ -868,10 +868,13 @@ class ControlPlane:
 
     # the controllers ------------------------------------------------------------------------------
 
+    def cert_dir(self, component: str) -> Path:
+        return self.workdir / "tmp" / component / "k8s-webhook-server" / "serving-certs"
+
     def _cert_tmpdir(self, component: str) -> dict[str, str]:
         """``TMPDIR`` of a controller whose webhook server reads ``$TMPDIR/k8s-webhook-server/serving-certs``."""
-        tmp = self.workdir / "tmp" / component
-        certs = tmp / "k8s-webhook-server" / "serving-certs"
+        certs = self.cert_dir(component)
+        tmp = certs.parent.parent
         certs.mkdir(parents=True, exist_ok=True)
         shutil.copy(self.pki.serving_cert, certs / "tls.crt")
         shutil.copy(self.pki.serving_key, certs / "tls.key")
@@ -879,19 +882,45 @@ class ControlPlane:
         return {"TMPDIR": str(tmp)}
 
     def _start_controllers(self, kubeconfig: Path) -> None:
-        self.start_kueue(kubeconfig)
-        self._start_jobset(kubeconfig)
-        self._start_trainer(kubeconfig)
+        self.start_kueue()
+        self._start_jobset()
+        self._start_trainer()
         self._start_training_operator(kubeconfig)
 
-    def start_kueue(self, kubeconfig: Path | None = None, frameworks: tuple[str, ...] | None = None) -> None:
-        """(Re)starts Kueue with these integrations (default :data:`KUEUE_FRAMEWORKS`)."""
-        kubeconfig = kubeconfig or self.workdir / "admin.kubeconfig"
+    def _start_configured(
+        self,
+        component: str,
+        config: dict[str, Any],
+        flags: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """Starts a controller-runtime manager from a configuration file: leader election and metrics
+        off, health on a free port, its webhook server on its loopback port with the shared certificate.
+        """
+        tmp = self._cert_tmpdir(component)
+        config = {
+            **config,
+            "leaderElection": {"leaderElect": False},
+            "metrics": {"bindAddress": "0"},
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{free_port()}"},
+            "webhook": {"port": self.ports[component], "host": "127.0.0.1", **config.get("webhook", {})},
+        }
+        path = self.workdir / f"{component}-config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        kubeconfig = self.workdir / "admin.kubeconfig"
+        proc = self._spawn(
+            component,
+            [str(self.bin_dir / component), f"--config={path}", f"--kubeconfig={kubeconfig}", *flags],
+            env={**tmp, **(env or {})},
+        )
+        _wait_port(self.ports[component], f"{component}'s webhook server", proc, self.log_path(component))
+
+    def start_kueue(self, frameworks: tuple[str, ...] | None = None) -> None:
+        """(Re)starts Kueue with these integrations (default: as before, at first :data:`KUEUE_FRAMEWORKS`)."""
         if frameworks is not None:
             self.kueue_frameworks = frameworks
         self.stop_component("kueue")
         self.admin.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kueue-system"}})
-        env = self._cert_tmpdir("kueue")
         # Out of cluster Kueue still reads a metrics certificate from this fixed path, a mounted Secret in a pod.
         metrics_certs = Path("/etc/kueue/metrics/certs")
         metrics_certs.mkdir(parents=True, exist_ok=True)
@@ -901,73 +930,32 @@ class ControlPlane:
             "apiVersion": "config.kueue.x-k8s.io/v1beta2",
             "kind": "Configuration",
             "namespace": "kueue-system",
-            "health": {"healthProbeBindAddress": f"127.0.0.1:{free_port()}"},
-            "metrics": {"bindAddress": "0"},
-            "webhook": {
-                "port": self.ports["kueue"],
-                "host": "127.0.0.1",
-                "certDir": str(Path(env["TMPDIR"]) / "k8s-webhook-server" / "serving-certs"),
-            },
-            "leaderElection": {"leaderElect": False},
             "internalCertManagement": {"enable": False},
             "integrations": {"frameworks": list(self.kueue_frameworks)},
+            # Kueue defaults it to /tmp/..., not $TMPDIR/..., which the Training Operator also uses.
+            "webhook": {"certDir": str(self.cert_dir("kueue"))},
         }
-        path = self.workdir / "kueue-config.yaml"
-        path.write_text(yaml.safe_dump(config))
-        proc = self._spawn(
-            "kueue",
-            [
-                str(self.bin_dir / "kueue"),
-                f"--config={path}",
-                f"--kubeconfig={kubeconfig}",
-                "--feature-gates=VisibilityOnDemand=false",
-                "--zap-log-level=info",
-            ],
-            env={**env, "POD_NAMESPACE": "kueue-system"},
+        self._start_configured(
+            "kueue", config, ("--feature-gates=VisibilityOnDemand=false",), {"POD_NAMESPACE": "kueue-system"}
         )
-        _wait_port(self.ports["kueue"], "kueue's webhook server", proc, self.log_path("kueue"))
         self._wait_webhook_ready("kueue")
 
-    def _start_jobset(self, kubeconfig: Path) -> None:
-        env = self._cert_tmpdir("jobset")
+    def _start_jobset(self) -> None:
         config = {
             "apiVersion": "config.jobset.x-k8s.io/v1alpha1",
             "kind": "Configuration",
-            "leaderElection": {"leaderElect": False},
             "internalCertManagement": {"enable": False},
-            "webhook": {"port": self.ports["jobset"], "host": "127.0.0.1"},
-            "metrics": {"bindAddress": "0"},
-            "health": {"healthProbeBindAddress": f"127.0.0.1:{free_port()}"},
         }
-        path = self.workdir / "jobset-config.yaml"
-        path.write_text(yaml.safe_dump(config))
-        proc = self._spawn(
-            "jobset",
-            [str(self.bin_dir / "jobset"), f"--config={path}", f"--kubeconfig={kubeconfig}"],
-            env=env,
-        )
-        _wait_port(self.ports["jobset"], "jobset's webhook server", proc, self.log_path("jobset"))
+        self._start_configured("jobset", config)
 
-    def _start_trainer(self, kubeconfig: Path) -> None:
-        env = self._cert_tmpdir("trainer")
+    def _start_trainer(self) -> None:
         config = {
             "apiVersion": "config.trainer.kubeflow.org/v1alpha1",
             "kind": "Configuration",
-            "webhook": {"port": self.ports["trainer"], "host": "127.0.0.1"},
-            "leaderElection": {"leaderElect": False},
-            "metrics": {"bindAddress": "0"},
-            "health": {"healthProbeBindAddress": f"127.0.0.1:{free_port()}"},
             "certManagement": {"enable": False},
             "statusServer": {"port": free_port()},
         }
-        path = self.workdir / "trainer-config.yaml"
-        path.write_text(yaml.safe_dump(config))
-        proc = self._spawn(
-            "trainer",
-            [str(self.bin_dir / "trainer"), f"--config={path}", f"--kubeconfig={kubeconfig}"],
-            env=env,
-        )
-        _wait_port(self.ports["trainer"], "trainer's webhook server", proc, self.log_path("trainer"))
+        self._start_configured("trainer", config)
 
     def _start_training_operator(self, kubeconfig: Path) -> None:
         # Its certificate rotator keeps a valid certificate it finds in its Secret, and its webhook
