@@ -62,6 +62,8 @@ BINARIES = {
     "kube-apiserver": ("k8s.io/kubernetes", "k8s.io/kubernetes/cmd/kube-apiserver"),
     "kube-controller-manager": ("k8s.io/kubernetes", "k8s.io/kubernetes/cmd/kube-controller-manager"),
     "kube-scheduler": ("k8s.io/kubernetes", "k8s.io/kubernetes/cmd/kube-scheduler"),
+    # The documented `kubectl apply --server-side -k cluster/...`, at the server's version.
+    "kubectl": ("k8s.io/kubernetes", "k8s.io/kubernetes/cmd/kubectl"),
     "kueue": ("sigs.k8s.io/kueue", "sigs.k8s.io/kueue/cmd/kueue"),
     "jobset": ("sigs.k8s.io/jobset", "sigs.k8s.io/jobset"),
     "trainer": (
@@ -784,6 +786,17 @@ class ControlPlane:
             ],
         )
         _wait_port(port, "kwok", proc, self.log_path("kwok"))
+
+    def kubectl(self, *args: str) -> str:
+        """Runs the control plane's own kubectl as cluster admin; its output (raises on failure)."""
+        done = subprocess.run(
+            [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.workdir / 'admin.kubeconfig'}", *args],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)} failed: {done.stderr.strip()}")
+        return done.stdout
 
     def add_gpu_nodes(self, count: int, gpus: int = 8, prefix: str = "a3u") -> list[str]:
         """Fake A3 Ultra nodes (8 H200 each) as GKE's queued provisioning makes them; returns their names."""
