@@ -191,7 +191,9 @@ def test_a_retry_adopts_the_job_its_killed_predecessor_left_running(
 def test_eviction_is_reported_and_the_readmitted_job_runs_to_the_end(gke, admin, launcher_api, run_id):
     kind = job_kind("jobset")
     cfg = cluster_job_config(run_id)
-    launcher = Launcher(launcher_api, kind, kind.build(cfg)).start()
+    # Watches the API server ends every second: the launcher resumes each from the last
+    # resourceVersion (bookmarks keep it current) and must miss none of the changes below.
+    launcher = Launcher(launcher_api, kind, kind.build(cfg), options={"watch_timeout_s": 1}).start()
     uid = launcher.job_uid(gke, cfg.name)
     gke.provision(uid)
     gke.running_pods(kind.pod_selector(cfg.name), cfg.nodes)
