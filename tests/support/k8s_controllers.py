@@ -34,8 +34,6 @@ class PyTorchJobController:
         set_condition(job, "Running", "False", "PyTorchJobSuspended", "PyTorchJob is suspended.")
         set_condition(job, "Suspended", "True", "PyTorchJobSuspended", "PyTorchJob is suspended.")
 
-    restarts_gang = False  # OnFailure: the kubelet restarts the failed container in place
-
     def run(self, job: dict[str, Any], set_condition: SetCondition, now: str) -> None:
         job["spec"].setdefault("runPolicy", {})["suspend"] = False
         conditions = {c["type"] for c in job["status"].get("conditions", [])}
@@ -45,12 +43,6 @@ class PyTorchJobController:
             set_condition(job, "Restarting", "False", "PyTorchJobRunning", "PyTorchJob is running.")
         set_condition(job, "Running", "True", "PyTorchJobRunning", "PyTorchJob is running.")
         job["status"].setdefault("startTime", now)
-
-    def restart(self, job: dict[str, Any], set_condition: SetCondition, failed_node: int) -> None:
-        replica = "Master" if failed_node == 0 else "Worker"
-        message = f"PyTorchJob {job['metadata']['name']} is restarting because 1 {replica} replica(s) failed."
-        set_condition(job, "Running", "False", "PyTorchJobRestarting", message)
-        set_condition(job, "Restarting", "True", "PyTorchJobRestarting", message)
 
     def end(
         self, job: dict[str, Any], succeeded: bool, set_condition: SetCondition, now: str
@@ -90,23 +82,8 @@ class JobSetController:
     status_field = "replicatedJobsStatus"
     success_condition = "Completed"
 
-    restarts_gang = True  # failurePolicy: every Job of the gang is recreated, with the next restart attempt
-
     def created(self, job: dict[str, Any], set_condition: SetCondition) -> None:
         job["status"].setdefault("restarts", 0)
-
-    def restart(self, job: dict[str, Any], set_condition: SetCondition, failed_node: int) -> None:
-        status = job["status"]
-        status["restarts"] = status.get("restarts", 0) + 1
-        status["restartsCountTowardsMax"] = status.get("restartsCountTowardsMax", 0) + 1
-        status[self.status_field] = [self._jobs_status(active=1)]
-        set_condition(
-            job,
-            "RestartingJobSet",
-            "True",
-            "DefaultFailurePolicy",
-            f"applying RestartJobSet failure policy action (first failed job: {job['metadata']['name']}-node-0)",
-        )
 
     def is_suspended(self, job: dict[str, Any]) -> bool:
         return bool(job["spec"].get("suspend"))
@@ -182,10 +159,6 @@ class TrainJobController(JobSetController):
 
     def created(self, job: dict[str, Any], set_condition: SetCondition) -> None:
         job["status"].setdefault(self.status_field, [])
-
-    def restart(self, job: dict[str, Any], set_condition: SetCondition, failed_node: int) -> None:
-        # Its JobSet restarts the gang; the TrainJob's own status shows no count of it.
-        job["status"][self.status_field] = [self._jobs_status(active=1)]
 
     def end(
         self, job: dict[str, Any], succeeded: bool, set_condition: SetCondition, now: str

@@ -178,13 +178,10 @@ class KubeApiStandIn:
         self._steps: deque[Step] = deque()
         self._watch_faults: deque[dict[str, Any]] = deque()
         self._log_faults: dict[str, deque[int]] = {}
-        self._lost_logs: set[str] = set()
         self._log_clock = itertools.count(1)
         self._attempts: dict[tuple[str, int], int] = {}
-        self._restarts: dict[str, int] = {}  # gang restarts per job
         self._closing = False
         self._tls = tls
-        self.cluster_queue_active = True
         self._collector_lags = False
         self._server: LoopbackServer | None = None
 
@@ -233,11 +230,6 @@ class KubeApiStandIn:
         """The next followed log stream of ``pod`` is cut after ``after_lines`` lines."""
         with self._cond:
             self._log_faults.setdefault(pod, deque()).append(after_lines)
-
-    def lose_logs(self, pod: str) -> None:
-        """``pod``'s log can no longer be read: the API server cannot reach its kubelet."""
-        with self._cond:
-            self._lost_logs.add(pod)
 
     def followed_log(self, node: int, *, since: bool | None = None) -> Callable[[Request], bool]:
         """Step trigger: the launcher opened a followed log stream of node ``node``'s pod.
@@ -343,16 +335,7 @@ class KubeApiStandIn:
             "status": {},
         }
         self.workloads[(namespace, name)] = workload
-        if self.cluster_queue_active:
-            self._reserve_quota(workload)
-        else:
-            # Kueue's scheduler leaves it unreserved; its workload controller still lists the checks.
-            _set_condition(
-                workload, "QuotaReserved", "False", "Pending", f"ClusterQueue {CLUSTER_QUEUE} is inactive"
-            )
-            workload["status"]["admissionChecks"] = [
-                {"name": DWS_CHECK, "state": "Pending", "message": "", "lastTransitionTime": _now()}
-            ]
+        self._reserve_quota(workload)
 
     def _reserve_quota(self, workload: dict[str, Any]) -> None:
         """Kueue reserves quota; the DWS admission check makes its ProvisioningRequest and waits on it."""
@@ -368,24 +351,6 @@ class KubeApiStandIn:
             {"name": DWS_CHECK, "state": "Pending", "message": DWS_WAITING, "lastTransitionTime": _now()}
         ]
         self._provisioning_request(workload, attempt=1)
-
-    def deactivate_cluster_queue(self) -> None:
-        """The ClusterQueue goes inactive (e.g. its ProvisioningRequest admission check is inactive):
-        the LocalQueue says so, and new Workloads get no quota.
-        """
-        with self._cond:
-            self.cluster_queue_active = False
-
-    def activate_cluster_queue(self) -> None:
-        """The ClusterQueue is active again: the waiting Workloads get their quota reserved."""
-        with self._cond:
-            self.cluster_queue_active = True
-            for workload in self.workloads.values():
-                if not any(
-                    c["type"] == "QuotaReserved" and c["status"] == "True"
-                    for c in workload["status"].get("conditions", [])
-                ):
-                    self._reserve_quota(workload)
 
     def _provisioning_request(self, workload: dict[str, Any], attempt: int) -> dict[str, Any]:
         """The ProvisioningRequest Kueue's admission check makes for the workload (owned by it)."""
@@ -474,50 +439,6 @@ class KubeApiStandIn:
         """The controller runs the job's pods (after admission, or at once without Kueue)."""
         self.update_job(name, lambda job: self.controller.run(job, _set_condition, _now()), namespace)
 
-    def evict(self, name: str, reason: str, message: str, namespace: str = NAMESPACE) -> None:
-        """Kueue evicts the workload and suspends the job again; the controller deletes its pods."""
-        with self._cond:
-            workload = self.workload_of(name, namespace)
-            _set_condition(workload, "Evicted", "True", reason, message)
-            _set_condition(workload, "Admitted", "False", "NoReservation", "The workload has no reservation")
-            _set_condition(workload, "QuotaReserved", "False", "Pending", "Evicted; waiting to be readmitted")
-            _set_condition(workload, "Requeued", "True", "Evicted", "The workload was requeued")
-            workload["status"]["admissionChecks"] = [
-                {"name": DWS_CHECK, "state": "Pending", "message": DWS_WAITING, "lastTransitionTime": _now()}
-            ]
-            self._provisioning_request(workload, attempt=len(self._requests_of(workload)) + 1)
-            self.update_job(name, lambda job: self.controller.suspend(job, _set_condition), namespace)
-            for key in [k for k, p in self.pods.items() if p.job == name]:
-                self.delete_pod(key[1], namespace)
-
-    def restart(self, name: str, failed_node: int, exit_code: int, namespace: str = NAMESPACE) -> None:
-        """Node ``failed_node`` fails and the job restarts, as its kind does: JobSet (and a TrainJob's
-        JobSet) deletes the whole gang, the failed pod and its killed peers terminating, for new pods
-        to make; the Training Operator restarts the failed container in place.
-        """
-        with self._cond:
-            failed = self.pod_name(name, failed_node)
-            self.terminate_pod(failed, exit_code, namespace)
-            if self.controller.restarts_gang:
-                self._restarts[name] = self._restarts.get(name, 0) + 1
-                for key, pod in list(self.pods.items()):
-                    if pod.job == name and not pod.obj["metadata"].get("deletionTimestamp"):
-                        if key[1] != failed:
-                            self.terminate_pod(key[1], 143, namespace)  # SIGTERM from the Job's deletion
-                        pod.obj["metadata"]["deletionTimestamp"] = _now()
-            else:
-                status = self.pods[(namespace, failed)].obj["status"]
-                container = status["containerStatuses"][0]
-                container.update(
-                    lastState=container["state"],
-                    state={"running": {}},
-                    restartCount=container["restartCount"] + 1,
-                )
-                status["phase"] = "Running"
-            self.update_job(
-                name, lambda job: self.controller.restart(job, _set_condition, failed_node), namespace
-            )
-
     def finish(self, name: str, *, succeeded: bool, namespace: str = NAMESPACE) -> tuple[str, str]:
         """The job ends; returns the (reason, message) its controller gave."""
         with self._cond:
@@ -547,7 +468,7 @@ class KubeApiStandIn:
         with self._cond:
             attempt = self._attempts.get((job, node), 0)
             self._attempts[(job, node)] = attempt + 1
-            name, labels, annotations = self.controller.pod(job, node, attempt, self._restarts.get(job, 0))
+            name, labels, annotations = self.controller.pod(job, node, attempt, 0)
             pod = _Pod(
                 {
                     "apiVersion": "v1",
@@ -614,12 +535,6 @@ class KubeApiStandIn:
                 }
             }
             self._cond.notify_all()
-
-    def evict_pod(self, pod: str, message: str, namespace: str = NAMESPACE) -> None:
-        """The kubelet evicts the pod (node pressure): it fails with reason Evicted, its container killed."""
-        with self._cond:
-            self.terminate_pod(pod, 137, namespace)
-            self.pods[(namespace, pod)].obj["status"].update(reason="Evicted", message=message)
 
     def delete_pod(self, pod: str, namespace: str = NAMESPACE) -> None:
         with self._cond:
@@ -994,18 +909,10 @@ class _Handler(QuietHandler):
         if not self.world.kueue_installed or v != self.world.kueue_version:
             self._not_found()
         elif (ns, name) in self.world.local_queues:
-            # The reasons and messages of Kueue 0.19's LocalQueue controller.
-            if self.world.cluster_queue_active:
-                condition = dict(
-                    status="True", reason="Ready", message="Can submit new workloads to localQueue"
-                )
-            else:
-                condition = dict(
-                    status="False",
-                    reason="ClusterQueueIsInactive",
-                    message="Can't submit new workloads to clusterQueue",
-                )
-            condition["type"] = "Active"
+            # The reason and message of Kueue 0.19's LocalQueue controller.
+            condition = dict(
+                type="Active", status="True", reason="Ready", message="Can submit new workloads to localQueue"
+            )
             self.send_json(
                 200,
                 {
@@ -1056,14 +963,6 @@ class _Handler(QuietHandler):
             state = next(iter(pod.obj["status"]["containerStatuses"][0]["state"])) if pod else None
         if pod is None:
             self._status(404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"})
-            return
-        if name in world._lost_logs:
-            self._status(
-                500,
-                "InternalError",
-                f'Get "https://{pod.obj["spec"]["nodeName"]}:10250/containerLogs/{ns}/{name}": '
-                "dial tcp: connect: no route to host",
-            )
             return
         if state == "waiting":
             self._status(
