@@ -52,6 +52,9 @@ def test_notebook_runs_locally_and_submits_where_configured(tmp_path, monkeypatc
             "IMAGES_URI": "gs://images/coco",
             "RESULTS_ROOT": "gs://results/nightly",
             "SCHEDULE_CRON": "0 2 * * *",
+            # The images the notebook says to push and name before Jupyter starts (placeholders are refused).
+            "BATCH_INFERENCE_TASK_IMAGE": "us-docker.pkg.dev/my-project/batch-inference/tasks:1.0",
+            "BATCH_INFERENCE_WORKER_IMAGE": "us-docker.pkg.dev/my-project/batch-inference/worker:1.0",
         }.items():
             monkeypatch.setenv(name, value)
         # The kernel is this interpreter: jupyter_client runs kernelspec "python" as sys.executable.
