@@ -326,11 +326,16 @@ class Gke:
         )
 
     def gone(self, kind: JobKind, name: str, namespace: str = NAMESPACE, timeout_s: float = 90.0) -> None:
-        """Waits until the job, and every pod it made, no longer exists."""
+        """Waits until the job, the JobSet a TrainJob runs as, and every pod they made no longer exist."""
+
+        def found(api_version: str, kind_name: str) -> bool:
+            return self.kube.find(api_version, kind_name, name, namespace) is not None
+
         self.kube.wait_for(
-            f"{kind.resource.kind} {name} and its pods gone",
+            f"{kind.resource.kind} {name}, its children and its pods gone",
             lambda: (
-                self.kube.find(kind.resource.api_version, kind.resource.kind, name, namespace) is None
+                not found(kind.resource.api_version, kind.resource.kind)
+                and not found("jobset.x-k8s.io/v1alpha2", "JobSet")
                 and not self.pods(kind.pod_selector(name), namespace)
             ),
             timeout_s,
