@@ -92,6 +92,7 @@ CACHE_ROOT = Path(
 )
 
 MACHINE_LOCK = Path("/tmp/kfp-batch-inference-control-plane.lock")
+MACHINE_PIDS = Path("/tmp/kfp-batch-inference-control-plane.pids")  # what runs now: "PID BINARY" lines
 
 # What a test sets on a pod to end it: kwok's stage then terminates its container with this exit
 # code (0: Succeeded, else Failed with reason Error), and the reason/message annotations, if set.
@@ -464,6 +465,27 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def _stop_leftovers() -> None:
+    """Kills, by PID, what a control plane whose process died without stopping it left running.
+
+    Its processes run in sessions of their own (a test's Ctrl-C must not reach etcd first), so
+    they outlive a killed test run; the next start, holding the machine lock, ends them.
+    """
+    if not MACHINE_PIDS.exists():
+        return
+    for line in MACHINE_PIDS.read_text().splitlines():
+        pid, _, binary = line.partition(" ")
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, ValueError):
+            continue  # gone already
+        if cmdline == binary:  # not a new process that happens to have the PID
+            say(f"stopping {Path(binary).name} (pid {pid}) left by a control plane that did not stop")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    MACHINE_PIDS.write_text("")
+
+
 @dataclass
 class ControlPlane:
     """One running control plane under ``workdir`` (its etcd data, certificates, configs and logs).
@@ -509,8 +531,8 @@ class ControlPlane:
         )
         out.close()
         self.processes[component] = proc
-        with open(self.workdir / "pids", "a") as pids:
-            pids.write(f"{proc.pid} {component}\n")
+        with open(MACHINE_PIDS, "a") as pids:  # written under the machine lock
+            pids.write(f"{proc.pid} {args[0]}\n")
         return proc
 
     def stop_component(self, component: str) -> None:
@@ -530,18 +552,20 @@ class ControlPlane:
         for component in reversed(list(self.processes)):
             self.stop_component(component)
         if self._machine_lock is not None:
+            MACHINE_PIDS.write_text("")
             self._machine_lock.close()
             self._machine_lock = None
 
     def _lock_machine(self) -> None:
         """One control plane per machine: the Training Operator and Kueue read certificates from
         fixed paths (``/tmp/k8s-webhook-server``, ``/etc/kueue``), which a second one would overwrite."""
-        self._machine_lock = open(MACHINE_LOCK, "w")  # noqa: SIM115 - held until stop()
+        self._machine_lock = open(MACHINE_LOCK, "a")  # noqa: SIM115 - held until stop()
         try:
             fcntl.flock(self._machine_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             say(f"another control plane runs on this machine ({MACHINE_LOCK}); waiting for it to stop")
             fcntl.flock(self._machine_lock, fcntl.LOCK_EX)
+        _stop_leftovers()
 
     # start ---------------------------------------------------------------------------------------
 
