@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from components.launch.kubernetes.errors import AdmissionRejected, JobFailed, JobTimedOut, LauncherError
-from components.launch.kubernetes.kinds import JOB_KINDS, job_kind, results_hash
+from components.launch.kubernetes.kinds import JOB_KINDS, RESULTS_HASH_LABEL, job_kind, results_hash
 from tests.support.control_plane import KUEUE_FRAMEWORKS
 from tests.support.gke_player import (
     KUEUE,
@@ -175,17 +175,12 @@ def test_a_retry_adopts_the_job_its_killed_predecessor_left_running(
         gke.end(pod, 0)
     outcome = retry.result()
     assert outcome.adopted and outcome.name == cfg.name
-    assert (
-        len(
-            admin.list(
-                kind.resource.api_version,
-                kind.resource.kind,
-                "batch-inference",
-                labelSelector="batch-inference.dev/results-hash",
-            )
-        )
-        >= 1
+    # The retry made no second job for the same results prefix.
+    same_prefix = f"{RESULTS_HASH_LABEL}={results_hash(cfg.results_uri)}"
+    jobs = admin.list(
+        kind.resource.api_version, kind.resource.kind, "batch-inference", labelSelector=same_prefix
     )
+    assert [j["metadata"]["name"] for j in jobs] == [cfg.name]
 
 
 def test_eviction_is_reported_and_the_readmitted_job_runs_to_the_end(gke, admin, launcher_api, run_id):
@@ -432,7 +427,7 @@ def test_a_missing_namespace_or_local_queue_is_a_one_line_error_before_any_job(
         kind.resource.api_version,
         kind.resource.kind,
         "batch-inference",
-        labelSelector=f"batch-inference.dev/results-hash={results_hash(cfg.results_uri)}",
+        labelSelector=f"{RESULTS_HASH_LABEL}={results_hash(cfg.results_uri)}",
     )
 
 

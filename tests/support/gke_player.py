@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,8 +61,6 @@ class SteppedClock:
     """A monotonic clock a test can move forward: how a test makes a timeout happen now."""
 
     def __init__(self) -> None:
-        import time
-
         self._real = time.monotonic
         self.offset = 0.0
 
