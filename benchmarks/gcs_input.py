@@ -44,6 +44,7 @@ import torch
 
 from benchmarks.classifier import bench_images
 from pipelines.dev.emulator import gcs_emulator
+from pipelines.dev.ports import unused_port
 from pipelines.dev.random_model import make_model
 
 log = logging.getLogger("benchmarks.gcs_input")
@@ -93,16 +94,10 @@ class CpuSampler:
         return (b1 - b0) / (t1 - t0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def proxy(upstream: str, delay_ms: float, processes: int):
     """``processes`` proxy processes sharing one port, adding ``delay_ms`` to every request."""
-    port = _free_port()
+    port = unused_port()
     cmd = [sys.executable, "-m", "tests.support.gcs_proxy", "--upstream", upstream, "--port", str(port)]
     procs = [
         subprocess.Popen([*cmd, "--delay", str(delay_ms / 1e3)], cwd=ROOT, stdin=subprocess.DEVNULL)

@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pipelines.dev.ports import unused_port
 
 
 def _wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -43,7 +38,7 @@ def gcs_emulator(buckets: tuple[str, ...] = (), project: str = "local-project") 
     except ImportError as exc:  # pragma: no cover - depends on the install extra
         raise RuntimeError("the GCS emulator needs the test extra: pip install -e '.[test]'") from exc
 
-    port = _free_port()
+    port = unused_port()
     url = f"http://127.0.0.1:{port}"
     previous = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")}
     # The server logs every request; a pipe nobody reads would fill and stall it, so log to a file.

@@ -8,7 +8,6 @@ google-cloud-aiplatform.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -24,6 +23,7 @@ from components.images import (
 )
 from pipelines.__main__ import main
 from pipelines.cron import CronError, parse_cron
+from pipelines.dev.ports import unused_port
 from tests.support import ROOT
 from tests.support.kfp_stand_in import KfpApiStandIn
 
@@ -130,12 +130,6 @@ def _assert_one_line_error(done: subprocess.CompletedProcess, pattern: str) -> N
     assert re.search(pattern, lines[0]), lines[0]
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed when the block ends: nothing listens there
-
-
 def test_submit_to_kfp_creates_the_experiment_and_the_run_and_waits(capsys):
     with KfpApiStandIn() as kfp:
         code = main(
@@ -218,7 +212,7 @@ def test_a_run_that_fails_while_awaited_is_an_error(capsys):
 
 
 def test_unreachable_kfp_host_is_one_line():
-    done = _cli("submit", "--kfp-host", f"http://127.0.0.1:{_closed_port()}", *RUN_ARGS)
+    done = _cli("submit", "--kfp-host", f"http://127.0.0.1:{unused_port()}", *RUN_ARGS)
     _assert_one_line_error(done, r"cannot reach KFP at http://127\.0\.0\.1:\d+: .*refused")
 
 

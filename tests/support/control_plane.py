@@ -39,6 +39,7 @@ from typing import Any
 import requests
 import yaml
 
+from pipelines.dev.ports import unused_port
 from tests.support.tls import Pki, make_pki
 
 # Module versions, as the Go module proxy serves them (``go list -m -versions``). Wanted but not
@@ -440,12 +441,6 @@ class KubeError(Exception):
 # -- the running control plane ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_port(port: int, what: str, proc: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -585,7 +580,7 @@ class ControlPlane:
             "trainer",
             "training-operator",
         ):
-            self.ports[name] = free_port()
+            self.ports[name] = unused_port()
         self._start_etcd()
         self._start_apiserver()
         self.admin = Kube(self.url, self.pki)
@@ -939,7 +934,7 @@ class ControlPlane:
             **config,
             "leaderElection": {"leaderElect": False},
             "metrics": {"bindAddress": "0"},
-            "health": {"healthProbeBindAddress": f"127.0.0.1:{free_port()}"},
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{unused_port()}"},
             "webhook": {"port": self.ports[component], "host": "127.0.0.1", **config.get("webhook", {})},
         }
         path = self.workdir / f"{component}-config.yaml"
@@ -990,7 +985,7 @@ class ControlPlane:
             "apiVersion": "config.trainer.kubeflow.org/v1alpha1",
             "kind": "Configuration",
             "certManagement": {"enable": False},
-            "statusServer": {"port": free_port()},
+            "statusServer": {"port": unused_port()},
         }
         self._start_configured("trainer", config)
 
@@ -1028,7 +1023,7 @@ class ControlPlane:
                 "--leader-elect=false",
                 f"--webhook-server-port={self.ports['training-operator']}",
                 "--metrics-bind-address=0",
-                f"--health-probe-bind-address=127.0.0.1:{free_port()}",
+                f"--health-probe-bind-address=127.0.0.1:{unused_port()}",
                 "--enable-scheme=pytorchjob",
             ],
         )
