@@ -12,6 +12,7 @@ import collections
 import contextlib
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -123,14 +124,21 @@ class Inference:
 
 @torch.inference_mode()
 def warm_up(
-    task: Task, batch_shape: tuple[int, ...], device: torch.device, cuda_graph: bool, compile_mode: str
+    task: Task,
+    batch_shape: tuple[int, ...],
+    device: torch.device,
+    cuda_graph: bool,
+    compile_mode: str,
+    mark: Callable[[str], object] = lambda step: None,
 ) -> GraphedForward | None:
     """One forward at the working batch shape: kernel selection and allocator growth happen here,
     not in the first timed batch, and a batch size that doesn't fit fails fast. Then the forward
-    as a CUDA graph, compiled where asked, where it checks out (``fastest_graph``).
+    as a CUDA graph, compiled where asked, where it checks out (``fastest_graph``). ``mark`` is
+    told "first_forward" between the two, so start-up shows warm-up and compilation apart.
     """
     task.forward(torch.zeros(batch_shape, device=device, dtype=torch.bfloat16))
     torch.cuda.synchronize(device)
+    mark("first_forward")
     if not cuda_graph:
         return None
     example = torch.randn(

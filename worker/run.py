@@ -31,7 +31,7 @@ from worker.model_files import fetch_model_once_per_node
 from worker.plan import PlanColumns, Shard, make_shards, static_assignment
 from worker.read import batches, open_reader, prefetch_map, read_batches, read_settings
 from worker.tasks import Task, task_module
-from worker.telemetry import Progress, StartupClock, Utilization, log_done
+from worker.telemetry import Progress, StartupClock, Utilization, library_versions, log_done
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class Worker:
         graph = None
         if self.device.type == "cuda":
             shape = (self.batch_size, 3, *task.preprocess.output_hw)
-            graph = warm_up(task, shape, self.device, cfg.cuda_graph, cfg.compile)
+            graph = warm_up(task, shape, self.device, cfg.cuda_graph, cfg.compile, mark=startup.mark)
         startup.mark("warmed_up")
         return task, graph
 
@@ -176,7 +176,9 @@ class Worker:
             settings = read_settings(cfg, topo.world_size)
             archived = plan.members is not None
             reader = stack.enter_context(contextlib.closing(open_reader(cfg, settings, archived=archived)))
-            progress = Progress(topo.rank, expected, cfg.log_interval, reads=reader.stats)
+            progress = Progress(
+                topo.rank, expected, cfg.log_interval, reads=reader.stats, utilization=self.utilization
+            )
             read = read_batches(reader, batches(plan, work, self.batch_size), settings)
             decoded_batches = prefetch_map(decode, read, decode_pool, depth=decode_workers + DECODE_LOOKAHEAD)
             pending: collections.deque[Prediction] = collections.deque()
@@ -215,6 +217,9 @@ class Worker:
             # up, or the host can't queue the work fast enough) and the loop waiting for decode.
             **shares,
             **reader.stats.summary(progress.done),
+            # Cumulative samples over the processing time, for the report's curves (bounded size).
+            "timeline": progress.timeline_summary(),
+            "versions": library_versions(),
         }
         committer.write_summary(topo.rank, summary)
         log_done(progress, shards_done, shares, on_gpu)
@@ -242,6 +247,8 @@ class Worker:
             result.rows += task.rows([batch.objects[i] for i in decoded.ok], outputs)
         for i, reason in sorted(decoded.errors.items()):
             result.errors.append((batch.objects[i].uri, reason))
+        if "first_batch" not in self.startup.steps:
+            self.startup.mark("first_batch")
         progress.update(len(batch.objects), len(decoded.errors))
         if not batch.last_in_shard:
             return False

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib import metadata
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +39,52 @@ class StartupClock:
         return self.steps[step]
 
 
-class Progress:
-    """Images done, img/s and ETA, logged at a steady interval."""
+class Timeline:
+    """A rank's progress over time, in bounded size whatever the run's length.
 
-    def __init__(self, rank: int, total: int, interval: float, clock=time.monotonic, reads=None):
+    Each sample is cumulative: seconds since processing began, images done, seconds the GPU was
+    busy with the model, seconds spent waiting for input. Cumulative samples downsample exactly (the
+    rate between any two kept samples is still right), so when ``max_samples`` are taken every
+    other one is dropped and the spacing doubles: a 10-second run and a 10-hour run both end with
+    between ``max_samples / 2`` and ``max_samples`` samples, spread over the whole run.
+    """
+
+    COLUMNS = ("seconds", "images", "gpu_busy_seconds", "input_wait_seconds")
+
+    def __init__(self, first_interval: float = 0.25, max_samples: int = 128):
+        self.interval = first_interval
+        self.max_samples = max_samples
+        self.samples: list[tuple[float, ...]] = [(0.0, 0, 0.0, 0.0)]
+
+    def observe(self, seconds: float, images: int, gpu_busy: float, input_wait: float) -> None:
+        """Record the totals at ``seconds``, when a sample is due."""
+        if seconds - self.samples[-1][0] < self.interval:
+            return
+        self.samples.append((round(seconds, 3), images, round(gpu_busy, 3), round(input_wait, 3)))
+        if len(self.samples) >= self.max_samples:
+            self.samples = self.samples[::2]
+            self.interval *= 2
+
+    def summary(self, seconds: float, images: int, gpu_busy: float, input_wait: float) -> dict:
+        """The summary's ``timeline``, ending with the rank's final totals."""
+        last = (round(seconds, 3), images, round(gpu_busy, 3), round(input_wait, 3))
+        samples = self.samples if self.samples[-1][0] >= last[0] else [*self.samples, last]
+        return {"columns": list(self.COLUMNS), "samples": [list(s) for s in samples]}
+
+
+class Progress:
+    """Images done, img/s and ETA, logged at a steady interval and sampled into a ``Timeline``."""
+
+    def __init__(
+        self, rank: int, total: int, interval: float, clock=time.monotonic, reads=None, utilization=None
+    ):
         self.rank = rank
         self.total = total
         self.interval = interval
         self.clock = clock
         self.reads = reads  # the read stage's counters (worker.storage.reading.ReadStats), if any
+        self.utilization = utilization or Utilization(clock=clock)
+        self.timeline = Timeline()
         self.start = clock()
         self.last_log = self.start
         self.done = 0
@@ -55,9 +94,15 @@ class Progress:
         self.done += images
         self.errors += errors
         now = self.clock()
+        util = self.utilization
+        self.timeline.observe(now - self.start, self.done, util.gpu_seconds, util.input_wait_seconds)
         if now - self.last_log >= self.interval:
             self.last_log = now
             log.info("%s", self.line())
+
+    def timeline_summary(self) -> dict:
+        util = self.utilization
+        return self.timeline.summary(self.seconds, self.done, util.gpu_seconds, util.input_wait_seconds)
 
     @property
     def seconds(self) -> float:
@@ -120,3 +165,18 @@ def log_done(progress: Progress, shards: int, shares: dict[str, float], on_gpu: 
         busy,
         100 * shares["input_wait"],
     )
+
+
+# The libraries whose versions decide what a run computed and how fast: the report shows them.
+REPORTED_LIBRARIES = ("torch", "transformers", "pillow", "torchvision", "nvidia-nvjpeg-cu12")
+
+
+def library_versions() -> dict[str, str]:
+    """Python's and the installed ``REPORTED_LIBRARIES``' versions (those not installed are left out)."""
+    versions = {"python": platform.python_version()}
+    for name in REPORTED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions

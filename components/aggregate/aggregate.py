@@ -49,6 +49,11 @@ from worker.storage import ObjectInfo, Storage, folder, join, open_storage, writ
 log = logging.getLogger(__name__)
 
 TOP_CLASSES = 20
+# The score distribution's bins, and the reasons the errors-by-reason chart names.
+SCORE_BINS = 20
+REASONS_SHOWN = 20
+# The numeric column whose distribution the report draws, the first of these a task's rows have.
+SCORE_COLUMNS = ("score", "confidence", "probability")
 ERRORS_SHOWN = 100
 # How many offending URIs the exception message names; the report shows more.
 NAMED_IN_ERROR = 5
@@ -179,6 +184,7 @@ def _aggregate(
 
     report = _build_report(con, results_uri, ranks, reused=reused, changed=changed, deleted=deleted)
     report.base_uri = run_info.get("base")
+    report.run = run_info
     report.job = job
     report.price_per_gpu_hour = price_per_gpu_hour
     report.metrics.update(_cost_metrics(report))
@@ -307,6 +313,11 @@ def _build_report(
         f"SELECT uri, reason FROM errors ORDER BY uri LIMIT {ERRORS_SHOWN}"
     ).fetchall()
     sample = f"ORDER BY uri LIMIT {PROBLEMS_SHOWN}"
+    by_reason = con.execute(
+        "SELECT split_part(reason, ':', 1) AS kind, count(*) AS n FROM errors GROUP BY kind "
+        f"ORDER BY n DESC, kind LIMIT {REASONS_SHOWN}"
+    ).fetchall()
+    score_column, histogram = _score_histogram(con)
     return AggregateReport(
         results_uri=results_uri,
         metrics=metrics,
@@ -316,7 +327,32 @@ def _build_report(
         missing_sample=tables.column(con, f"{missing} {sample}"),
         duplicated_sample=tables.column(con, f"SELECT uri FROM seen WHERE n > 1 {sample}"),
         unexpected_sample=tables.column(con, f"{unexpected} {sample}"),
+        errors_by_reason=[(str(kind), int(n)) for kind, n in by_reason],
+        score_column=score_column,
+        score_histogram=histogram,
     )
+
+
+def _score_histogram(con) -> tuple[str, list[tuple[float, float, int]]]:
+    """The first numeric ``SCORE_COLUMNS`` column of the merged table, in ``SCORE_BINS`` equal bins."""
+    numeric = ("DOUBLE", "FLOAT", "REAL", "DECIMAL", "INTEGER", "BIGINT")
+    types = {name: str(kind) for name, kind, *_ in con.execute("DESCRIBE merged").fetchall()}
+    column = next((c for c in SCORE_COLUMNS if types.get(c, "").startswith(numeric)), "")
+    if not column:
+        return "", []
+    low, high = con.execute(f'SELECT min("{column}"), max("{column}") FROM merged').fetchone()
+    if low is None:
+        return column, []
+    width = (high - low) / SCORE_BINS or 1.0
+    counts = dict(
+        con.execute(
+            f'SELECT least(floor(("{column}" - ?) / ?)::BIGINT, {SCORE_BINS - 1}) AS bin, count(*) '
+            f'FROM merged WHERE "{column}" IS NOT NULL GROUP BY bin',
+            [low, width],
+        ).fetchall()
+    )
+    bins = SCORE_BINS if high > low else 1
+    return column, [(low + i * width, low + (i + 1) * width, int(counts.get(i, 0))) for i in range(bins)]
 
 
 def _cost_metrics(report: AggregateReport) -> dict[str, float]:

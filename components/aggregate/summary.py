@@ -30,6 +30,12 @@ class AggregateReport:
         base_uri: The base run of an incremental run, else None.
         job: The launch step's record of the job, when the aggregate ran in a pipeline.
         price_per_gpu_hour: The price the cost figures use (0: none).
+        run: The worker's run record (``OUTPUT/run.json``: model, its revision, settings).
+        score_column: The numeric column whose distribution the report draws ("" when the task's
+            rows have none).
+        score_histogram: ``(low, high, count)`` bins of ``score_column`` over the merged table.
+        errors_by_reason: ``(reason, count)``, the error rows grouped by the kind of their reason
+            (the text before its first colon), most frequent first.
     """
 
     results_uri: str
@@ -43,6 +49,10 @@ class AggregateReport:
     base_uri: str | None = None
     job: JobRecord | None = None
     price_per_gpu_hour: float = 0.0
+    run: dict = field(default_factory=dict)
+    score_column: str = ""
+    score_histogram: list[tuple[float, float, int]] = field(default_factory=list)
+    errors_by_reason: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
