@@ -9,7 +9,9 @@
 #   3. install torch FIRST, pinned (TORCH_SPEC, default torch==2.13.0). On the project's
 #      machines that release lies on local disk as a CPU build; letting the project's
 #      "torch>=2.11" pull torch instead would download a multi-GB CUDA build;
-#   4. pip install -e '.[test]' (the test extra also holds the GCS emulator the demo uses).
+#   4. pip install -e '.[test]' (the test extra also holds the GCS emulator the demo uses);
+#   5. Debian's Chromium, for the test that renders the HTML report in a real browser: installed
+#      with apt-get when missing and this runs as root (elsewhere it says how, and that test skips).
 # Environment: PYTHON=/path/to/python picks the interpreter; TORCH_SPEC='torch==X' another torch.
 set -euo pipefail
 
@@ -19,6 +21,22 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 STAMP="$VENV/.kfp-batch-inference-setup"
 
 say() { printf '[setup] %s\n' "$*" >&2; }
+
+# Step 5, first: it does not depend on the venv, and the early exit below must not skip it.
+ensure_chromium() {
+    if command -v chromium >/dev/null 2>&1 || [[ -x /usr/bin/chromium ]]; then
+        return 0
+    fi
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        say "installing Debian's chromium (the report's browser test renders with it)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null \
+            || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive \
+                 apt-get install -y --no-install-recommends chromium >/dev/null; }
+    else
+        say "no chromium: install it (sudo apt-get install chromium) or the report's browser test skips"
+    fi
+}
+ensure_chromium
 
 # Exit 0 when "$1" runs and is a Python in [3.10, 3.13) with venv support.
 python_ok() {
