@@ -37,10 +37,10 @@ def test_a_timeline_stays_bounded_and_spans_the_whole_run():
     assert samples[0] == [0.0, 0, 0.0, 0.0]
     assert samples[-1] == [36_000.5, 3_600_050, 28_800.4, 3_600.05]
     # Evenly spread, not bunched at the start: no gap is more than twice another.
-    gaps = [b[0] - a[0] for a, b in zip(samples[:-2], samples[1:-1])]
+    gaps = [b[0] - a[0] for a, b in zip(samples[:-2], samples[1:-1], strict=True)]
     assert max(gaps) <= 2 * min(gaps)
     # Cumulative samples keep the rates exact between any two of them.
-    for a, b in zip(samples, samples[1:-1]):
+    for a, b in zip(samples[:-2], samples[1:-1], strict=True):
         assert (b[1] - a[1]) / (b[0] - a[0]) == 100.0
 
 
