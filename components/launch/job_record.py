@@ -18,7 +18,7 @@ RECORDED_PARAMETERS = ("incremental", "batch_size", "shard_size", "device", "ext
 # ... and those of the backend that ran it.
 BACKEND_PARAMETERS = {
     "local": ("local_nproc",),
-    "kubernetes": ("job_kind", "nodes", "gpus_per_node", "accelerator", "queue", "namespace"),
+    "kubernetes": ("job_kind", "nodes", "gpus_per_node", "accelerator", "queue", "namespace", "image"),
 }
 
 

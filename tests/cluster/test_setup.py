@@ -130,7 +130,7 @@ def test_the_worker_identity_has_no_grant_at_all(plane, admin):
 
 
 def vertex_bindings(user: str) -> list[dict]:
-    """The RoleBindings the README's Vertex walk-through creates (its ``kubectl create rolebinding`` lines)."""
+    """The RoleBindings the Vertex walk-through (docs/cluster.md) creates (its ``kubectl create rolebinding`` lines)."""
     text = README.read_text() + "".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
     commands = re.findall(
         r"kubectl -n (\S+) create rolebinding (\S+) \\\s*\n\s*--role=(\S+) --user=\$\{VERTEX_SA\}", text

@@ -29,6 +29,9 @@ def test_a_kubernetes_record_splits_the_wait_for_capacity_from_the_time_the_gpus
     assert JobRecord.read(tmp_path / "job.json") == record
     assert (record.job_seconds, record.queue_seconds, record.held_seconds) == (12604.0, 10800.0, 1800.0)
     assert (record.admitted_at, record.ended_at) == ("2026-10-01T05:00:00+00:00", "2026-10-01T05:30:00+00:00")
+    # The report's "what ran" names the job kind and the image the pods ran.
+    request = _request(backend="kubernetes")
+    assert (record.parameters["job_kind"], record.parameters["image"]) == (request.job_kind, request.image)
 
 
 def test_an_evicted_jobs_record_holds_the_gpus_only_while_admitted():
