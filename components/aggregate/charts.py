@@ -67,7 +67,8 @@ def rank_timelines(ranks: Sequence[dict]) -> list[tuple[str, dict[str, list[floa
             continue
         columns = timeline["columns"]
         values = {name: [float(s[i]) for s in timeline["samples"]] for i, name in enumerate(columns)}
-        out.append((f"rank {r.get('rank', len(out))}", values))
+        if values["seconds"][-1] > 0:  # a rank that processed for no measurable time draws nothing
+            out.append((f"rank {r.get('rank', len(out))}", values))
     return out
 
 

@@ -228,7 +228,8 @@ def _time_and_cost(report: AggregateReport) -> str:
         rows += [("Job started", job.started_at), ("Job finished", job.finished_at)]
         rows += [("Job wall time (start-up included)", f"{_num(job.job_seconds)} s")]
         if job.queue_seconds is not None:
-            rows.append(("Waited for capacity (queued, no GPUs held)", f"{_num(job.queue_seconds)} s"))
+            caption = "Waited for capacity (queued, no GPUs held)" if gpu else "Waited for capacity (queued)"
+            rows.append((caption, f"{_num(job.queue_seconds)} s"))
         if job.held_seconds is not None:
             caption = "Held its GPUs (admission to end)" if gpu else "Ran (admission to end)"
             rows.append((caption, f"{_num(job.held_seconds)} s"))

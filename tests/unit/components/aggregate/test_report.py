@@ -122,3 +122,56 @@ def test_a_ten_million_image_report_stays_under_a_megabyte(tmp_path):
     assert "slowest rank" in text and "median rank" in text and "fastest rank" in text
     assert page.count("<polyline") == 3 * 3
     assert f'<td class="n">{RANKS - 1}</td><td>cuda</td>' in page
+
+
+def test_a_cpu_job_that_queued_for_capacity_says_nothing_of_gpus(tmp_path):
+    ranks = [_rank_summary(r) | {"device": "cpu", "gpu_busy": 0.0} for r in range(2)]
+    report = AggregateReport(
+        results_uri="gs://results/runs/cpu",
+        metrics={
+            "images": 10,
+            "classified": 10,
+            "errors": 0,
+            "missing": 0,
+            "duplicated": 0,
+            "unexpected": 0,
+            "rows": 10,
+            "reused": 0,
+            "changed": 0,
+            "deleted": 0,
+            "distinct_classes": 2,
+            "images_per_second": 1.0,
+            "wall_seconds": 10.0,
+            "ranks": 2,
+            "gpus": 0,
+            "job_seconds": 100.0,
+            "held_seconds": 40.0,
+            "queue_seconds": 60.0,
+        },  # fmt: skip
+        ranks=ranks,
+        job=JobRecord(
+            backend="kubernetes",
+            job_name="bi-cpu",
+            images_uri="gs://images",
+            results_uri="gs://results/runs/cpu",
+            model="m",
+            parameters={"job_kind": "jobset", "device": "cpu"},
+            nodes=2,
+            world_size=2,
+            started_at="2026-12-01T00:00:00+00:00",
+            finished_at="2026-12-01T00:01:40+00:00",
+            job_seconds=100.0,
+            admitted_at="2026-12-01T00:01:00+00:00",
+            ended_at="2026-12-01T00:01:40+00:00",
+            held_seconds=40.0,
+            queue_seconds=60.0,
+        ),  # fmt: skip
+        price_per_gpu_hour=10.0,
+    )
+    path = tmp_path / "report.html"
+    path.write_text(render_report(report))
+
+    text = " ".join(parse_html(path).text)
+    assert "Queued for capacity" in text and "Waited for capacity (queued)" in text
+    assert "GPU" not in text and "Cost" not in text
+    assert "no accelerators" in text
