@@ -18,6 +18,9 @@ from datetime import datetime, timezone
 from components.aggregate import charts
 from components.aggregate.summary import AggregateReport
 
+# Beyond this many ranks the per-rank table starts folded (a <details> element: no script).
+RANK_ROWS_OPEN = 16
+
 _CSS = """
 :root { --fg:#1f2933; --muted:#616e7c; --line:#e4e7eb; --bg:#f5f7fa; --card:#fff;
         --accent:#2f6fde; --ok:#1f8a4c; --warn:#b7791f; --bad:#c53030; }
@@ -59,6 +62,7 @@ svg.chart polyline { fill:none; stroke-width:1.8; }
 .legend { display:flex; flex-wrap:wrap; gap:4px 14px; color:var(--muted); font-size:12px; margin-top:4px; }
 .legend i { display:inline-block; width:12px; height:12px; border-radius:2px; margin-right:5px;
             vertical-align:-2px; }
+details summary { cursor:pointer; color:var(--accent); margin-top:12px; }
 .hint { background:var(--bg); border-left:3px solid var(--accent); padding:8px 12px; margin-top:12px; }
 """
 
@@ -132,8 +136,9 @@ def _duration(seconds: float) -> str:
     seconds = float(seconds)
     if seconds < 120:
         return f"{seconds:,.1f} s"
-    if seconds < 7200:
-        return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+    if seconds < 3600:
+        minutes, rest = int(seconds // 60), int(seconds % 60)
+        return f"{minutes} min {rest} s" if rest else f"{minutes} min"
     return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
 
 
@@ -326,7 +331,10 @@ def _throughput(report: AggregateReport) -> str:
             row.append(f"{100 * float(r.get('gpu_busy', 0.0)):.0f} %")
         row.append(f"{100 * float(r.get('input_wait', 0.0)):.0f} %")
         rows.append(row)
-    parts.append(_table(headers, rows))
+    table = _table(headers, rows)
+    if len(rows) > RANK_ROWS_OPEN:
+        table = f"<details><summary>Every rank ({len(rows):,})</summary>{table}</details>"
+    parts.append(table)
     return _section("Throughput", *parts, anchor="throughput")
 
 

@@ -193,8 +193,8 @@ def test_a_recorded_kubernetes_run_report_shows_the_queue_the_gpus_and_the_cost(
     text = _visible_text(dom)
     time_and_cost = _visible_text(_section(dom, "time"))
     # Each card shows its figure above its caption.
-    assert "40 min 0 s Queued for capacity" in time_and_cost
-    assert "22 min 0 s Held its GPUs" in time_and_cost
+    assert "40 min Queued for capacity" in time_and_cost
+    assert "22 min Held its GPUs" in time_and_cost
     assert "0.733 GPU-hours" in time_and_cost  # 2 GPUs x 1,320 s, the 40 min queued not counted
     if price:
         assert "Cost / million images" in time_and_cost and "price_per_gpu_hour" not in time_and_cost

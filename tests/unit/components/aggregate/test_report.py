@@ -121,6 +121,7 @@ def test_a_ten_million_image_report_stays_under_a_megabyte(tmp_path):
     # Beyond a dozen ranks the curves are the slowest, median and fastest rank; every rank keeps its row.
     assert "slowest rank" in text and "median rank" in text and "fastest rank" in text
     assert page.count("<polyline") == 3 * 3
+    assert f"<summary>Every rank ({RANKS})</summary>" in page  # folded, every rank still there
     assert f'<td class="n">{RANKS - 1}</td><td>cuda</td>' in page
 
 
