@@ -194,3 +194,26 @@ def test_the_vertex_submission_reaches_the_api_as_its_service_account(walkthroug
     assert parameters["gke_cluster"] == values["CLUSTER"] and parameters["image"] == values["WORKER_IMAGE"]
     spec = yaml.safe_dump(job["pipelineSpec"])
     assert values["TASK_IMAGE"] in spec and not any(p in spec for p in PLACEHOLDERS)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    return re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", text))
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_relative_link_reaches_its_file_and_heading(document):
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", document.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue  # an absolute URL
+        path, _, anchor = target.partition("#")
+        file = (document.parent / path).resolve() if path else document
+        if not file.exists():
+            broken.append(target)
+        elif anchor and file.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", file.read_text(), flags=re.M)
+            if anchor not in {_slug(h) for h in headings}:
+                broken.append(target)
+    assert broken == []
