@@ -43,6 +43,7 @@ from worker.config import ConfigError, WorkerConfig
 from worker.model_files import fetch_model
 from worker.plan import PlanColumns, make_plan
 from worker.results import (
+    COLUMNS_KEY,
     ERRORS_DIR,
     INVENTORY_FILE,
     LABEL_KEYS,
@@ -61,6 +62,7 @@ from worker.results import (
     sealed,
     write_run_record,
 )
+from worker.schema import Column, schema_to_json
 from worker.storage import ObjectInfo, folder, join, open_storage
 
 log = logging.getLogger(__name__)
@@ -149,12 +151,15 @@ class OutputGuard:
         cfg: The run's config.
         device_type: The device type the ranks run on; None where it is not known yet (the
             launcher, which plans incremental runs before any job exists).
+        columns: The task's part columns, recorded at the seal for the aggregate; None where
+            not known (the launcher: the worker seals the record).
     """
 
-    def __init__(self, cfg: WorkerConfig, device_type: str | None):
+    def __init__(self, cfg: WorkerConfig, device_type: str | None, columns: Sequence[Column] | None = None):
         self.cfg = cfg
+        self.columns = columns
         self.storage = open_storage(cfg.output, project=cfg.project)
-        self.settings = cfg.fingerprint_settings(device_type)
+        self.settings = task_settings(cfg, cfg.fingerprint_settings(device_type))
         # What OUTPUT's record said when this run looked, or {} once this run has started over.
         self.recorded = read_run_record(cfg.output, project=cfg.project)
 
@@ -232,6 +237,8 @@ class OutputGuard:
         """
         cfg = self.cfg
         record = sealed({**plan.record, "model_revision": revision})
+        if self.columns is not None:
+            record[COLUMNS_KEY] = schema_to_json(self.columns)
         fingerprint = record["fingerprint"]
         if self.recorded.get("fingerprint") not in (None, fingerprint):
             self._start_over(
@@ -282,6 +289,19 @@ class OutputGuard:
         except FileNotFoundError:
             pass
         return self.storage.exists(join(self.cfg.output, MARKER))
+
+
+def task_settings(cfg: WorkerConfig, settings: dict) -> dict:
+    """The settings with ``labels_file`` standing for its content too: a labels file rewritten
+    in place changes the labels, so the results.
+    """
+    if not cfg.labels_file:
+        return settings
+    try:
+        data = open_storage(cfg.labels_file, project=cfg.project).read(cfg.labels_file)
+    except FileNotFoundError:
+        raise ConfigError(f"--labels-file {cfg.labels_file}: no such file", "labels_file") from None
+    return {**settings, "labels_file": f"{cfg.labels_file} sha256:{hashlib.sha256(data).hexdigest()}"}
 
 
 def check_output(cfg: WorkerConfig) -> None:

@@ -80,14 +80,15 @@ def render_report(report: AggregateReport) -> str:
                 ("Errors", _int(m["errors"]), "warn" if m["errors"] else ""),
                 ("Missing", _int(m["missing"]), "bad" if m["missing"] else ""),
                 ("Duplicated", _int(m["duplicated"]), "bad" if m["duplicated"] else ""),
-                ("Distinct classes", _int(m["distinct_classes"]), ""),
             ]
+            # Only a task with a summary column (a label) has classes to count.
+            + ([("Distinct classes", _int(m["distinct_classes"]), "")] if report.summary_column else [])
         ),
         "</section>",
         _run(report),
         _incremental(report),
         _throughput(report),
-        _top_classes(report.top_classes),
+        _top_classes(report.top_classes) if report.summary_column else "",
         _errors(report),
         f"<footer>Generated {_e(datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))}</footer>",
     ]

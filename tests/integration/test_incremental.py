@@ -224,7 +224,7 @@ def _launcher_night(
         "input": f"gs://{bucket}/data",
         "model": model,
         "incremental": True,
-        "task": "image-classification",
+        "task": "classification",
         "model_revision": base_revision,
     }
     write_text(
