@@ -219,7 +219,7 @@ def _copy_vectors_to_parquet(con, query: str, target: Path, vectors: dict[str, s
     writer = None
     size: dict[str, int] = {}
     try:
-        for batch in con.execute(query).fetch_record_batch(_PARQUET_BATCH_ROWS):
+        for batch in con.sql(query).to_arrow_reader(_PARQUET_BATCH_ROWS):
             arrays = []
             for name, array in zip(batch.schema.names, batch.columns, strict=True):
                 if name in vectors:
@@ -230,7 +230,7 @@ def _copy_vectors_to_parquet(con, query: str, target: Path, vectors: dict[str, s
                 writer = pq.ParquetWriter(str(target), table.schema, compression="zstd")
             writer.write_table(table)
         if writer is None:  # no rows: an empty file with the schema (vectors of unknown size as lists)
-            empty = con.execute(f"SELECT * FROM ({query}) LIMIT 0").arrow()
+            empty = con.sql(f"SELECT * FROM ({query}) LIMIT 0").to_arrow_table()
             fields = [
                 pa.field(f.name, pa.list_(_VECTOR_ARROW[vectors[f.name]])) if f.name in vectors else f
                 for f in empty.schema

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.unit.worker.tasks.conftest import run_task
+from tests.support.tasks import run_task
 from worker.config import ConfigError, WorkerConfig
 from worker.tasks.embedding import Embedding
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.unit.worker.tasks.conftest import run_task
+from tests.support.tasks import run_task
 from worker.config import ConfigError, WorkerConfig
 from worker.tasks.zero_shot import ZeroShot
 

@@ -1,4 +1,5 @@
-"""Tiny image-text models and backbones saved with their real processors, and a few images."""
+"""The task tests' fixtures: tiny image-text models and backbones saved with their real
+processors, a few images, and a CPU worker run over them."""
 
 from __future__ import annotations
 
