@@ -40,6 +40,7 @@ from pathlib import Path
 
 from worker.commit import Committer
 from worker.config import ConfigError, WorkerConfig
+from worker.exported import SIDECAR_FILES
 from worker.model_files import fetch_model
 from worker.plan import PlanColumns, make_plan
 from worker.results import (
@@ -98,17 +99,22 @@ def model_revision(model_path: str) -> str:
 
     A hub snapshot (``.../snapshots/<commit>``) is its commit; any other directory (a local
     one, or a gs:// one fetched into the cache) is the SHA-256 over its files' relative paths
-    and contents, hidden files (``.git``...) left out.
+    and contents, hidden files (``.git``...) left out; an exported model's file is the same over
+    it and the files beside it that it uses (``worker.exported.SIDECAR_FILES``).
     """
     path = Path(model_path)
     if path.parent.name == "snapshots" and _HUB_COMMIT.fullmatch(path.name):
         return f"hub:{path.name}"
     digest = hashlib.sha256()
-    files = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
+    if path.is_file():  # an exported model: its file and those beside it that it uses
+        files = [path, *(p for name in SIDECAR_FILES if (p := path.parent / name).is_file())]
+        path = path.parent
+    else:
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
     for file in files:
         digest.update(file.relative_to(path).as_posix().encode("utf-8") + b"\0")
         with open(file, "rb") as fh:
