@@ -101,6 +101,32 @@ class ZeroShot:
         return label_rows(objects, outputs, self.label_names, self.k)
 
 
+def check_image_text_model(model: str, project: str | None = None, decode: str = "auto") -> None:
+    """In seconds: ConfigError (naming --model) unless ``model`` is a zero-shot image-classification
+    checkpoint with a tokenizer and an image processor the decoders reproduce.
+    """
+    if is_exported(model):
+        raise ConfigError(
+            f"--model {model}: this task needs an image-text checkpoint (CLIP, SigLIP...), not an exported model",
+            "model",
+        )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING
+
+    with model_config_files(model, project) as (path, files):
+        if path is None:
+            return
+        check_checkpoint(
+            path,
+            model,
+            files,
+            MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING,
+            "zero-shot image-classification",
+        )
+        if files is not None and not files & set(TOKENIZER_FILES):
+            raise ConfigError(f"--model {model} holds no tokenizer ({', '.join(TOKENIZER_FILES)})", "model")
+        check_decodable(str(path), model, decode)
+
+
 @torch.inference_mode()
 def embed_texts(model, tokenizer, texts: list[str]) -> torch.Tensor:
     """The texts' unit-norm embeddings in float32, (len(texts), dim), tokenized as the pipeline does."""
