@@ -242,8 +242,9 @@ class Worker:
         result = results.setdefault(batch.shard.index, ShardResult())
         if decoded.ok:
             # GPU batches keep row i for image i; Pillow batches hold only the decoded images.
-            rows = decoded.ok if decoded.rows_aligned else range(len(decoded.ok))
-            outputs = [[column[r] for r in rows] for column in (o.tolist() for o in pred.outputs)]
+            rows = decoded.ok if decoded.rows_aligned else list(range(len(decoded.ok)))
+            # NumPy, not Python lists: an embedding batch is 100,000s of floats.
+            outputs = [o.numpy()[rows] for o in pred.outputs]
             result.rows += task.rows([batch.objects[i] for i in decoded.ok], outputs)
         for i, reason in sorted(decoded.errors.items()):
             result.errors.append((batch.objects[i].uri, reason))

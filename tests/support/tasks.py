@@ -52,10 +52,11 @@ def models(tmp_path_factory):
 
 
 def run_task(images: list[Path], model: Path | str, out: Path, **settings) -> dict[str, dict]:
-    """Run the worker on CPU over the images' folder; its part rows by uri (vectors decoded)."""
-    cfg = WorkerConfig(
-        input=str(images[0].parent), output=str(out), model=str(model), device="cpu", batch_size=3, **settings
-    )
+    """Run the worker (on CPU unless ``device`` says) over the images' folder; its part rows by
+    uri (vectors decoded).
+    """
+    settings = {"device": "cpu", "batch_size": 3, **settings}
+    cfg = WorkerConfig(input=str(images[0].parent), output=str(out), model=str(model), **settings)
     run(cfg)
     rows = [r for part in sorted((out / "parts").glob("*.csv")) for r in csv.DictReader(part.open())]
     for row in rows:

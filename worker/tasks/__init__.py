@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from worker.config import BUILT_IN_TASKS, ConfigError
 
 if TYPE_CHECKING:  # the registry itself imports nothing heavy
+    import numpy as np
     import torch
 
     from worker.config import WorkerConfig
@@ -70,8 +71,10 @@ class Task(Protocol):
         forward's, up to the rounding of fused kernels.
         """
 
-    def rows(self, objects: Sequence[ObjectInfo], outputs: Sequence[list]) -> list[tuple]:
-        """One part row per object; ``outputs[j][k]`` is output j of object k, as a Python value."""
+    def rows(self, objects: Sequence[ObjectInfo], outputs: Sequence[np.ndarray]) -> list[tuple]:
+        """One part row per object, each cell as text; ``outputs[j]`` is the forward's output j as a
+        NumPy array, row k that of ``objects[k]`` (images that failed to decode left out).
+        """
 
 
 def task_class(name: str) -> type[Task]:

@@ -68,7 +68,7 @@ class Classification:
     def agrees(self, pixels: torch.Tensor, outputs: Sequence[torch.Tensor]) -> bool:
         return labels_agree(self.logits_of(pixels), outputs, self.scores_of)
 
-    def rows(self, objects: Sequence[ObjectInfo], outputs: Sequence[list]) -> list[tuple]:
+    def rows(self, objects: Sequence[ObjectInfo], outputs: Sequence) -> list[tuple]:
         names = self.label_names
         if names is None:  # an exported model without labels.txt: its output indices
             names = _IndexNames()

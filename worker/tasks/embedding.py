@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from worker.config import ConfigError, WorkerConfig
@@ -30,7 +31,7 @@ from worker.decode.spec import load_preprocess
 from worker.exported import check_exported, is_exported, load_exported
 from worker.exported import load_preprocess as load_exported_preprocess
 from worker.results import image_id
-from worker.schema import Column, encode_vector
+from worker.schema import VECTOR_NUMPY, Column, encode_vector
 from worker.storage import ObjectInfo
 from worker.tasks.checkpoint import check_checkpoint, features_tensor, model_config_files
 from worker.tasks.classification import check_decodable
@@ -85,8 +86,8 @@ class Embedding:
         cosines = torch.nn.functional.cosine_similarity(reference.float(), outputs[0].float(), dim=-1)
         return cosines.median().item() >= MEDIAN_COSINE and cosines.min().item() >= LEAST_COSINE
 
-    def rows(self, objects: Sequence[ObjectInfo], outputs: Sequence[list]) -> list[tuple]:
-        (vectors,) = outputs
+    def rows(self, objects: Sequence[ObjectInfo], outputs: Sequence[np.ndarray]) -> list[tuple]:
+        vectors = outputs[0].astype(VECTOR_NUMPY[self.kind])  # one conversion for the whole batch
         return [
             (image_id(obj.uri), encode_vector(vector, self.kind), obj.uri)
             for obj, vector in zip(objects, vectors, strict=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from worker.config import ConfigError, WorkerConfig
@@ -31,14 +32,12 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def label_rows(
-    objects: Sequence[ObjectInfo], outputs: Sequence[list], label_names: Sequence[str], k: int
+    objects: Sequence[ObjectInfo], outputs: Sequence[np.ndarray], label_names: Sequence[str], k: int
 ) -> list[tuple]:
     """Part rows (``label_columns(k)``) from the outputs ``(top scores, top label indices)``."""
-    scores, labels = outputs
+    scores, labels = (o.reshape(len(objects), -1).tolist() for o in outputs)
     rows = []
     for obj, top_scores, top_labels in zip(objects, scores, labels, strict=True):
-        top_scores = top_scores if isinstance(top_scores, list) else [top_scores]
-        top_labels = top_labels if isinstance(top_labels, list) else [top_labels]
         row = [image_id(obj.uri), label_names[top_labels[0]], top_labels[0], f"{top_scores[0]:.6f}"]
         if k > 1:
             row += [

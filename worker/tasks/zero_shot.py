@@ -97,7 +97,7 @@ class ZeroShot:
     def agrees(self, pixels: torch.Tensor, outputs: Sequence[torch.Tensor]) -> bool:
         return labels_agree(self.logits(pixels), outputs, self.scores_of)
 
-    def rows(self, objects: Sequence[ObjectInfo], outputs: Sequence[list]) -> list[tuple]:
+    def rows(self, objects: Sequence[ObjectInfo], outputs: Sequence) -> list[tuple]:
         return label_rows(objects, outputs, self.label_names, self.k)
 
 
