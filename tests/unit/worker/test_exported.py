@@ -47,9 +47,11 @@ def eager(tiny_model):
     return Logits(AutoModelForImageClassification.from_pretrained(str(tiny_model)).eval()).eval()
 
 
-def export(eager, folder: Path, fmt: str, labels: bool = True) -> Path:
+def export(eager, folder: Path, fmt: str, labels: bool = True, device: str = "cpu") -> Path:
+    """The model exported on ``device``: a trace records the device of the tensors it makes."""
     folder.mkdir(parents=True, exist_ok=True)
-    example = torch.randn(2, 3, 32, 32)
+    eager = eager.to(device)
+    example = torch.randn(2, 3, 32, 32, device=device)
     if fmt == "pt2":
         path = folder / "model.pt2"
         batch = torch.export.Dim("batch", min=1, max=1024)

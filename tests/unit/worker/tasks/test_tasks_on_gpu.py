@@ -54,8 +54,12 @@ def test_an_exported_model_on_the_gpu(fmt, task, tiny_model, task_images, tmp_pa
     from transformers import AutoModelForImageClassification
 
     eager = Logits(AutoModelForImageClassification.from_pretrained(str(tiny_model)).eval()).eval()
-    model_file = export(eager, tmp_path / "model", fmt)
-    cpu, gpu = _both(task_images, model_file, tmp_path, caplog, task=task)
+    model_file = export(eager, tmp_path / "model", fmt, device="cuda")
+    cpu_file = export(eager, tmp_path / "model-cpu", fmt)
+    cpu = run_task(task_images, cpu_file, tmp_path / "cpu", task=task)
+    with caplog.at_level(logging.INFO, logger="worker.cuda_graph"):
+        gpu = run_task(task_images, model_file, tmp_path / "gpu", device="cuda", task=task)
+    assert "forward: the CUDA graph" in caplog.text, caplog.text
     if task == "embedding":
         assert min(_cosines(cpu, gpu)) >= 0.99
     else:
