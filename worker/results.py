@@ -193,9 +193,14 @@ def plan_digest(plan_bytes: bytes) -> str:
 
 
 def fingerprint_of(record: dict) -> str:
-    """The digest of the record's ``FINGERPRINT_KEYS``, as part names carry it."""
+    """The digest of the record's ``FINGERPRINT_KEYS``, as part names carry it.
+
+    Keys the record lacks are left out, not taken as null: a record sealed before a key existed
+    (the task's parameters came later) keeps the fingerprint it was sealed with. ``sealed``
+    requires every key, so a worker's record never lacks one.
+    """
     canonical = json.dumps(
-        {k: record.get(k) for k in FINGERPRINT_KEYS}, sort_keys=True, separators=(",", ":")
+        {k: record[k] for k in FINGERPRINT_KEYS if k in record}, sort_keys=True, separators=(",", ":")
     )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:FINGERPRINT_DIGITS]
 

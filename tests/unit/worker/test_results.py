@@ -138,3 +138,16 @@ def test_encoded_rows_are_csv_writers_bytes():
     writer.writerow(header)
     writer.writerows(rows)
     assert encode_rows(header, rows) == buf.getvalue().encode("utf-8")
+
+
+def test_a_record_sealed_before_the_task_parameters_keeps_its_fingerprint():
+    import hashlib
+    import json
+
+    from worker.results import fingerprint_of
+
+    older_keys = ("input", "model", "task", "shard_size", "device", "decode", "gpu_jpeg", "incremental")
+    older = {k: f"value of {k}" for k in (*older_keys, "model_revision", "base", "plan_sha256")}
+    canonical = json.dumps(older, sort_keys=True, separators=(",", ":"))
+    assert fingerprint_of(older) == hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    assert fingerprint_of({**older, "top_k": 1}) != fingerprint_of(older)
