@@ -17,6 +17,7 @@ that account needs the RBAC in ``cluster/`` to create and watch PyTorchJobs.
 
 import copy
 import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Dataset, Metrics
 
 from components.aggregate.component import aggregate_results
+from components.check.checks import WORKER_DEFAULTS
 from components.check.component import check_parameters
 from components.images import Images
 from components.launch.component import classify_images
@@ -35,8 +37,17 @@ from components.upload.packing import DEFAULT_SHARD_MB
 from worker.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
 
 PIPELINE_NAME = "batch-inference"
+
+
 # Python types of the pipeline's parameter types (kfp's InputSpec.type).
-PARAMETER_TYPES = {"String": str, "Integer": int, "Boolean": bool, "Float": float}
+def list_parameter(text: str) -> list[str]:
+    """A list parameter on a command line: a JSON array, or comma-separated values."""
+    if text.lstrip().startswith("["):
+        return [str(v) for v in json.loads(text)]
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+PARAMETER_TYPES = {"String": str, "Integer": int, "Boolean": bool, "Float": float, "List": list_parameter}
 KUBEFLOW = "kubeflow"
 VERTEX = "vertex"
 FLAVOURS = (KUBEFLOW, VERTEX)
@@ -159,6 +170,13 @@ def make_pipeline(flavour: str, images: Images | None = None) -> Callable:
         packed_shard_mb: int = DEFAULT_SHARD_MB,
         packed_shard_images: int = 0,
         model: str = DEFAULT_MODEL,
+        task: str = WORKER_DEFAULTS["task"],
+        top_k: int = WORKER_DEFAULTS["top_k"],
+        labels: list = [],  # noqa: B006 - KFP takes a parameter's default from the signature
+        labels_file: str = WORKER_DEFAULTS["labels_file"],
+        prompt: str = WORKER_DEFAULTS["prompt"],
+        normalize: bool = WORKER_DEFAULTS["normalize"],
+        embedding_dtype: str = WORKER_DEFAULTS["embedding_dtype"],
         backend: str = "kubernetes",
         job_kind: str = DEFAULT_JOB_KIND,
         batch_size: int = DEFAULT_BATCH_SIZE["cuda"],
@@ -214,7 +232,24 @@ def make_pipeline(flavour: str, images: Images | None = None) -> Callable:
             packed_shard_mb: With upload_layout packed: the most MB per shard.
             packed_shard_images: With upload_layout packed: the most images per shard. 0: no limit.
             model: Hugging Face hub id, or a gs:// or local directory holding a save_pretrained()
-                image-classification model and its preprocessor_config.json.
+                model for the task and its image processor config; or a torch.export (.pt2) or
+                TorchScript (.pt, .ts) file, gs:// or local, with preprocess.json (and, for labels,
+                labels.txt) beside it (docs/tasks.md).
+            task: What the model does with each image (docs/tasks.md): classification (an image
+                classifier's labels), embedding (image feature vectors, as transformers'
+                image-feature-extraction pipeline gives them: a fixed-size list column in the
+                Parquet, left out of the CSV), zero-shot (CLIP/SigLIP-style labels chosen at run
+                time from labels or labels_file), or package.module:ClassName, a task class of
+                your own importable in the worker's image.
+            top_k: classification and zero-shot: the k best labels per image; above 1 the
+                results also hold top_labels, top_label_indices and top_scores list columns.
+            labels: zero-shot: the candidate labels, e.g. ["cat", "dog", "a red car"].
+            labels_file: zero-shot: instead of labels, a text file of labels, one per line
+                (gs:// for the kubernetes backend).
+            prompt: zero-shot: the text each label is put in, {} standing for the label (the
+                default is transformers' pipeline's).
+            normalize: embedding: scale each vector to unit L2 norm.
+            embedding_dtype: embedding: float32 or float16 vectors.
             backend: Where the worker runs: kubernetes (a PyTorchJob on GKE) or local (torchrun
                 inside the launcher's own container).
             job_kind: The Kubernetes resource that runs the worker on the kubernetes backend:
@@ -264,6 +299,13 @@ def make_pipeline(flavour: str, images: Images | None = None) -> Callable:
             upload_layout=upload_layout,
             packed_shard_mb=packed_shard_mb,
             packed_shard_images=packed_shard_images,
+            task=task,
+            top_k=top_k,
+            labels=labels,
+            labels_file=labels_file,
+            prompt=prompt,
+            normalize=normalize,
+            embedding_dtype=embedding_dtype,
         )
         # Always one upload task, which copies nothing when source is empty. A dsl.If/Else would
         # skip the pod too, but the local run must execute this very graph.
@@ -305,6 +347,13 @@ def make_pipeline(flavour: str, images: Images | None = None) -> Callable:
             gke_project=gke_project,
             gke_location=gke_location,
             gke_cluster=gke_cluster,
+            task=task,
+            top_k=top_k,
+            labels=labels,
+            labels_file=labels_file,
+            prompt=prompt,
+            normalize=normalize,
+            embedding_dtype=embedding_dtype,
         )
         aggregate = aggregate_results(
             results_uri=launch.outputs["results_uri"],

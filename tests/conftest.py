@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.helpers import make_tiny_model
+from tests.support.tasks import models, task_images  # noqa: F401  (fixtures of the task tests)
 
 # google-auth probes the GCE metadata server (169.254.169.254) when it looks for credentials,
 # e.g. inside google-cloud-aiplatform; tests must send nothing off this machine. Set before any

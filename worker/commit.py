@@ -41,8 +41,15 @@ def discard_interrupted_writes(output: str, project: str | None = None) -> None:
 class Committer:
     """Commits the shards of the run whose fingerprint is ``fingerprint``."""
 
-    def __init__(self, output: str, fingerprint: str, project: str | None = None):
+    def __init__(
+        self,
+        output: str,
+        fingerprint: str,
+        project: str | None = None,
+        columns: tuple[str, ...] | list[str] = PART_COLUMNS,
+    ):
         self.output = output
+        self.columns = tuple(columns)  # the part's header: the task's columns
         self.fingerprint = fingerprint
         self.storage = open_storage(output, project=project)
 
@@ -73,7 +80,7 @@ class Committer:
         if result.errors or self.storage.exists(errors_uri):
             self.storage.write(errors_uri, encode_rows(ERROR_COLUMNS, result.errors))
         part_uri = join(self.output, PARTS_DIR, name)
-        data = encode_rows(PART_COLUMNS, result.rows)
+        data = encode_rows(self.columns, result.rows)
         if self.storage.write(part_uri, data, if_absent=True):
             return True
         # A create-only write that finds the object there: either its own first request landed

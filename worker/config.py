@@ -32,8 +32,11 @@ COMPILE_CHOICES = ("none", "default", "max-autotune")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # The layouts worker.archives.listing plans from (loose objects, or images inside archives).
 INPUT_LAYOUTS = ("auto", "loose", "packed", "tar", "zip")
-# worker.tasks.TASKS' keys, for the same reason.
-TASK_CHOICES = ("image-classification",)
+# worker.tasks.BUILT_IN's keys, for the same reason; any other --task is a user's class.
+BUILT_IN_TASKS = ("classification", "embedding", "zero-shot")
+USER_TASK = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+DEFAULT_PROMPT = "This is a photo of {}."  # transformers' zero-shot-image-classification pipeline's
+EMBEDDING_DTYPES = ("float32", "float16")
 
 # The model a pipeline run classifies with unless told otherwise (and the architecture the
 # dev-only random-weight models copy).
@@ -117,7 +120,9 @@ class WorkerConfig:
     model: str = field(
         metadata=_option(
             "a Hugging Face hub id, a local directory, or a gs:// directory holding a "
-            "save_pretrained() image-classification model and its preprocessor_config.json",
+            "save_pretrained() model for --task and its image processor config; or a torch.export "
+            "(.pt2) or TorchScript (.pt, .ts) file, local or gs://, with preprocess.json (and "
+            "optionally labels.txt) beside it",
             fingerprint=True,
         )
     )
@@ -134,8 +139,40 @@ class WorkerConfig:
         ),
     )
     task: str = field(
-        default="image-classification",
-        metadata=_option("what the model does with each image", choices=TASK_CHOICES, fingerprint=True),
+        default="classification",
+        metadata=_option(
+            "classification (a classifier's labels), embedding (image features, as transformers' "
+            "image-feature-extraction gives them), zero-shot (CLIP/SigLIP labels from --labels), or "
+            "package.module:ClassName, a task class of your own (docs/tasks.md)",
+            fingerprint=True,
+        ),
+    )
+    top_k: int = field(
+        default=1,
+        metadata=_option(
+            "classification, zero-shot: the k best labels per image (beyond 1 also as list columns "
+            "top_labels, top_label_indices, top_scores)",
+            minimum=1,
+            fingerprint=True,
+        ),
+    )
+    labels: str = field(
+        default="",
+        metadata=_option("zero-shot: the labels, comma-separated or a JSON array", fingerprint=True),
+    )
+    labels_file: str = field(
+        default="",
+        metadata=_option("zero-shot: a text file (local or gs://), one label a line", fingerprint=True),
+    )
+    prompt: str = field(
+        default=DEFAULT_PROMPT, metadata=_option("zero-shot: each label's text, at {}", fingerprint=True)
+    )
+    normalize: bool = field(
+        default=False, metadata=_option("embedding: scale each vector to unit L2 norm", fingerprint=True)
+    )
+    embedding_dtype: str = field(
+        default="float32",
+        metadata=_option("embedding: the vectors' type", choices=EMBEDDING_DTYPES, fingerprint=True),
     )
     batch_size: int | None = field(
         default=None,
@@ -317,6 +354,8 @@ class WorkerConfig:
         # Plans and result rows carry absolute local paths, whatever the working directory.
         self.input = absolute(self.input)
         self.output = absolute(self.output)
+        if self.labels_file:
+            self.labels_file = absolute(self.labels_file)
 
     def validate(self) -> None:
         """Check every scalar parameter against its field's choices and bounds.
@@ -330,7 +369,7 @@ class WorkerConfig:
         """
         for f in dataclasses.fields(self):
             value, flag = getattr(self, f.name), flag_of(f.name)
-            if f.name in ("input", "output", "model"):
+            if f.name in ("input", "output", "model") or (f.name == "labels_file" and value):
                 if not value:
                     raise ConfigError(f"{flag} is empty: {f.metadata['help']}", f.name)
                 try:
@@ -342,6 +381,20 @@ class WorkerConfig:
                 raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}", f.name)
             if minimum is not None and value is not None and value < minimum:
                 raise ConfigError(f"{flag} must be at least {minimum}, got {value}", f.name)
+        if self.task not in BUILT_IN_TASKS and not USER_TASK.fullmatch(self.task):
+            raise ConfigError(
+                f"--task must be one of {', '.join(BUILT_IN_TASKS)} or package.module:ClassName, "
+                f"got {self.task!r}",
+                "task",
+            )
+        if "{}" not in self.prompt:
+            raise ConfigError(f"--prompt must hold {{}} where the label goes, got {self.prompt!r}", "prompt")
+        if (self.task == "zero-shot") != bool(self.labels or self.labels_file) or (
+            self.labels and self.labels_file
+        ):
+            raise ConfigError(
+                "--task zero-shot takes either --labels or --labels-file, other tasks neither", "labels"
+            )
         if self.decode == "gpu" and self.device == "cpu":
             raise ConfigError("--decode gpu needs --device cuda or auto", "decode")
         if self.incremental and not is_gcs(self.input):

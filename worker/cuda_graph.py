@@ -1,4 +1,4 @@
-"""Stage 4 on GPU: the whole forward (and top-1) as one CUDA graph, replayed per batch.
+"""Stage 4 on GPU: the whole forward (and the task's reduction of it) as one CUDA graph, replayed per batch.
 
 Why: eager, a ViT-B/16 forward is hundreds of kernel launches issued by Python, milliseconds of
 host time under the GIL that the readers, the decode threads and the row builder need
@@ -9,7 +9,7 @@ by ``torch.compile`` (fused kernels; benchmarks/NOTES.md has the gain) and the c
 forward is captured.
 
 The graph is only used where it is right and pays: at start-up each candidate's labels are
-checked against the eager forward's logits and timed; any failure or a slower graph keeps the
+checked against the eager forward (by the task: ``Task.agrees``) and timed; any failure or a slower graph keeps the
 eager forward (with a log line saying why).
 """
 
@@ -43,7 +43,8 @@ def unpadded_attention_without_mask(model) -> Iterator[None]:
         return
     table = getattr(masking_utils, "ALL_MASK_ATTENTION_FUNCTIONS", None)
     full = getattr(masking_utils, "bidirectional_mask_function", None)
-    impl = getattr(model.config, "_attn_implementation", None)
+    # An exported program or TorchScript module has no config, and no transformers masks either.
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if table is None or full is None or impl not in table:
         yield
         return
@@ -145,24 +146,28 @@ def same_decisions(
 
 @torch.inference_mode()
 def fastest_graph(
-    forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
     model,
     example: torch.Tensor,
     compile_mode: str = "none",
     timing_calls: int = 5,
-    scores_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    agrees: Callable[[torch.Tensor, tuple[torch.Tensor, ...]], bool] | None = None,
 ) -> GraphedForward | None:
-    """The fastest right CUDA graph of ``forward(pixels) -> (scores, labels)``, or None for eager.
+    """The fastest right CUDA graph of ``forward(pixels) -> outputs``, or None for eager.
 
     Candidates: the forward compiled by ``torch.compile`` (``compile_mode``, a key of
     ``COMPILE_MODES``; inductor fuses the norms, residual adds and activations between the
-    matmuls), and the forward as it is. Each is captured, checked against the eager
-    forward's logits on ``example`` (``same_decisions``; random pixels are enough to catch a
-    wrong graph) and timed. The fastest passing one is kept unless it is >10 % slower than
-    the eager forward. A candidate that fails to compile or capture is skipped with a warning.
+    matmuls), and the forward as it is. Each is captured, checked against the eager forward
+    on ``example`` (``agrees(example, outputs)``, the task's check; random pixels are enough to
+    catch a wrong graph) and timed. The fastest passing one is kept unless it is >10 % slower
+    than the eager forward. A candidate that fails to compile or capture is skipped with a warning.
     """
+    if agrees is None:
+
+        def agrees(pixels: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> bool:
+            return same_decisions(model(pixel_values=pixels).logits, *outputs)
+
     device = example.device
-    reference = model(pixel_values=example).logits
     eager = _seconds_per_call(lambda: forward(example), device, timing_calls)
     candidates: dict[str, Callable[[], Callable]] = {}
     if COMPILE_MODES[compile_mode]:
@@ -184,7 +189,7 @@ def fastest_graph(
             log.warning("CUDA graph of the forward %s failed (%s: %s)", name, type(exc).__name__, exc)
             continue
         prepared = time.perf_counter() - start
-        if not same_decisions(reference, *graphed(example), scores_of=scores_of):
+        if not agrees(example, graphed(example)):
             log.warning(
                 "the CUDA graph of the forward %s does not give the eager forward's labels: not used", name
             )

@@ -40,9 +40,11 @@ from pathlib import Path
 
 from worker.commit import Committer
 from worker.config import ConfigError, WorkerConfig
+from worker.exported import SIDECAR_FILES
 from worker.model_files import fetch_model
 from worker.plan import PlanColumns, make_plan
 from worker.results import (
+    COLUMNS_KEY,
     ERRORS_DIR,
     INVENTORY_FILE,
     LABEL_KEYS,
@@ -61,6 +63,7 @@ from worker.results import (
     sealed,
     write_run_record,
 )
+from worker.schema import Column, schema_to_json
 from worker.storage import ObjectInfo, folder, join, open_storage
 
 log = logging.getLogger(__name__)
@@ -96,17 +99,22 @@ def model_revision(model_path: str) -> str:
 
     A hub snapshot (``.../snapshots/<commit>``) is its commit; any other directory (a local
     one, or a gs:// one fetched into the cache) is the SHA-256 over its files' relative paths
-    and contents, hidden files (``.git``...) left out.
+    and contents, hidden files (``.git``...) left out; an exported model's file is the same over
+    it and the files beside it that it uses (``worker.exported.SIDECAR_FILES``).
     """
     path = Path(model_path)
     if path.parent.name == "snapshots" and _HUB_COMMIT.fullmatch(path.name):
         return f"hub:{path.name}"
     digest = hashlib.sha256()
-    files = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
+    if path.is_file():  # an exported model: its file and those beside it that it uses
+        files = [path, *(p for name in SIDECAR_FILES if (p := path.parent / name).is_file())]
+        path = path.parent
+    else:
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
     for file in files:
         digest.update(file.relative_to(path).as_posix().encode("utf-8") + b"\0")
         with open(file, "rb") as fh:
@@ -149,12 +157,15 @@ class OutputGuard:
         cfg: The run's config.
         device_type: The device type the ranks run on; None where it is not known yet (the
             launcher, which plans incremental runs before any job exists).
+        columns: The task's part columns, recorded at the seal for the aggregate; None where
+            not known (the launcher: the worker seals the record).
     """
 
-    def __init__(self, cfg: WorkerConfig, device_type: str | None):
+    def __init__(self, cfg: WorkerConfig, device_type: str | None, columns: Sequence[Column] | None = None):
         self.cfg = cfg
+        self.columns = columns
         self.storage = open_storage(cfg.output, project=cfg.project)
-        self.settings = cfg.fingerprint_settings(device_type)
+        self.settings = task_settings(cfg, cfg.fingerprint_settings(device_type))
         # What OUTPUT's record said when this run looked, or {} once this run has started over.
         self.recorded = read_run_record(cfg.output, project=cfg.project)
 
@@ -232,6 +243,8 @@ class OutputGuard:
         """
         cfg = self.cfg
         record = sealed({**plan.record, "model_revision": revision})
+        if self.columns is not None:
+            record[COLUMNS_KEY] = schema_to_json(self.columns)
         fingerprint = record["fingerprint"]
         if self.recorded.get("fingerprint") not in (None, fingerprint):
             self._start_over(
@@ -282,6 +295,19 @@ class OutputGuard:
         except FileNotFoundError:
             pass
         return self.storage.exists(join(self.cfg.output, MARKER))
+
+
+def task_settings(cfg: WorkerConfig, settings: dict) -> dict:
+    """The settings with ``labels_file`` standing for its content too: a labels file rewritten
+    in place changes the labels, so the results.
+    """
+    if not cfg.labels_file:
+        return settings
+    try:
+        data = open_storage(cfg.labels_file, project=cfg.project).read(cfg.labels_file)
+    except FileNotFoundError:
+        raise ConfigError(f"--labels-file {cfg.labels_file}: no such file", "labels_file") from None
+    return {**settings, "labels_file": f"{cfg.labels_file} sha256:{hashlib.sha256(data).hexdigest()}"}
 
 
 def check_output(cfg: WorkerConfig) -> None:

@@ -144,7 +144,7 @@ def warm_up(
     example = torch.randn(
         batch_shape, device=device, dtype=torch.bfloat16, generator=torch.Generator(device).manual_seed(0)
     )
-    return fastest_graph(task.forward, task.model, example, compile_mode, scores_of=task.scores_of)
+    return fastest_graph(task.forward, task.model, example, compile_mode, agrees=task.agrees)
 
 
 def model_stream(device: torch.device):

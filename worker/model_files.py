@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from worker.archives.packed import file_crc32c
-from worker.storage import ObjectInfo, folder, is_gcs, open_storage, split_uri
+from worker.exported import SIDECAR_FILES, is_exported
+from worker.storage import ObjectInfo, folder, is_gcs, join, open_storage, split_uri
 
 if TYPE_CHECKING:
     from worker.dist import Topology
@@ -104,6 +105,16 @@ def _download_piece(storage, obj: ObjectInfo, dest: Path, at: int, length: int) 
         os.close(fd)
 
 
+def _exported_listing(model_uri: str, project: str | None) -> tuple[str, list[ObjectInfo]]:
+    """An exported model's folder and its files: the model's own and those beside it that it uses."""
+    directory = model_uri.rstrip("/").rsplit("/", 1)[0]
+    wanted = {model_uri.rstrip("/"), *(join(directory, name) for name in SIDECAR_FILES)}
+    objects = [o for o in open_storage(model_uri, project=project).list(folder(directory)) if o.uri in wanted]
+    if not any(o.uri == model_uri.rstrip("/") for o in objects):
+        raise FileNotFoundError(f"no model file {model_uri}")
+    return directory, objects
+
+
 def fetch_model(
     model: str,
     cache_root: str,
@@ -112,20 +123,24 @@ def fetch_model(
     project: str | None = None,
     hub_files: list[str] | None = None,
 ) -> str:
-    """A local directory (or hub id resolvable offline) holding the model; of a hub id only
-    ``hub_files`` where given (its snapshot folder still names the commit).
+    """A local directory (or hub id resolvable offline) holding the model, or an exported model's
+    local file (with the files beside it that it uses); of a hub id only ``hub_files`` where
+    given (its snapshot folder still names the commit).
     """
     if is_gcs(model):
         split_uri(model)  # validates the URI early
-        objects = _gcs_listing(model, project)
+        if is_exported(model):
+            directory, objects = _exported_listing(model, project)
+        else:
+            directory, objects = model, _gcs_listing(model, project)
         target = _gcs_cache_dir(model, objects, cache_root)
         if download and not target.exists():
             log.info("downloading %s to %s", model, target)
-            _download_gcs_dir(model, objects, target, project)
+            _download_gcs_dir(directory, objects, target, project)
         if not target.exists():
             raise FileNotFoundError(f"model {model} was not fetched into {target}")
-        return str(target)
-    if Path(model).is_dir():
+        return str(target / model.rstrip("/").rsplit("/", 1)[1]) if is_exported(model) else str(target)
+    if Path(model).is_dir() or (is_exported(model) and Path(model).is_file()):
         return model
     if model.startswith(("/", "./", "../", "~")):
         raise FileNotFoundError(f"model directory does not exist: {model}")

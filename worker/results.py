@@ -36,6 +36,7 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
 from worker.config import FINGERPRINTED
+from worker.schema import Column, label_columns, schema_from_json
 from worker.storage import Member, ObjectInfo, folder, join, open_storage
 
 if TYPE_CHECKING:  # pandas is imported only where a manifest is read
@@ -57,14 +58,21 @@ SUMMARY_FILE = re.compile(r"rank-\d+\.json")
 _MARKER_UNDER_ROOT = re.compile(r"[^/]+/" + re.escape(MARKER))
 _READ_THREADS = 16
 
-# A part row: the image, its top-1 class name, that class's index and softmax score, and its URI.
-PART_COLUMNS = ("image_id", "classification", "label_index", "score", "uri")
-PART_DTYPES = {"image_id": str, "classification": str, "label_index": "int64", "score": "float64", "uri": str}
+# A classification part row: the image, its top-1 class name, that class's index and score, and
+# its URI; the columns of a run whose record names none (``COLUMNS_KEY``). Other tasks declare theirs.
+DEFAULT_COLUMNS = label_columns(1)
+PART_COLUMNS = tuple(c.name for c in DEFAULT_COLUMNS)
+# The run record's key for the part columns the task declared (``worker.schema``); a record
+# without it is a classification run's (PART_COLUMNS).
+COLUMNS_KEY = "columns"
 # An error row: an image that has no part row, and why.
 ERROR_COLUMNS = ("uri", "reason")
 ERROR_DTYPES = {"uri": str, "reason": str}
-# The manifest: the part rows with the generation each image was read at (nullable).
-MANIFEST_COLUMNS = (*PART_COLUMNS, "generation")
+
+
+def columns_of(record: dict) -> tuple[Column, ...]:
+    """The part columns a run record declares (a classification run's where it names none)."""
+    return schema_from_json(record[COLUMNS_KEY]) if record.get(COLUMNS_KEY) else DEFAULT_COLUMNS
 
 
 def part_name(shard_index: int, fingerprint: str) -> str:
@@ -90,12 +98,25 @@ def image_id(uri: str) -> str:
 
 
 def encode_rows(header: tuple[str, ...], rows: Iterable[tuple]) -> bytes:
-    """A part or error file: CSV with a header line and LF line ends, in UTF-8."""
+    """A part or error file: CSV with a header line and LF line ends, in UTF-8.
+
+    The bytes are ``csv.writer``'s. Rows whose cells are all text that needs no quoting are
+    joined directly: the csv module copies every character one by one, under the GIL, which for
+    an embedding part (kilobytes of base64 a row) took a quarter of the GPU worker's loop.
+    """
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
-    writer.writerows(rows)
+    for row in rows:
+        if all(type(cell) is str and cell and not _NEEDS_QUOTES.search(cell) for cell in row):
+            buf.write(",".join(row) + "\n")
+        else:
+            writer.writerow(row)
     return buf.getvalue().encode("utf-8")
+
+
+# What makes csv.writer (QUOTE_MINIMAL, "," and '"', LF lines) quote a text cell.
+_NEEDS_QUOTES = re.compile(r'[",\r\n]')
 
 
 # The plan codec (also the inventory's).
@@ -172,9 +193,14 @@ def plan_digest(plan_bytes: bytes) -> str:
 
 
 def fingerprint_of(record: dict) -> str:
-    """The digest of the record's ``FINGERPRINT_KEYS``, as part names carry it."""
+    """The digest of the record's ``FINGERPRINT_KEYS``, as part names carry it.
+
+    Keys the record lacks are left out, not taken as null: a record sealed before a key existed
+    (the task's parameters came later) keeps the fingerprint it was sealed with. ``sealed``
+    requires every key, so a worker's record never lacks one.
+    """
     canonical = json.dumps(
-        {k: record.get(k) for k in FINGERPRINT_KEYS}, sort_keys=True, separators=(",", ":")
+        {k: record[k] for k in FINGERPRINT_KEYS if k in record}, sort_keys=True, separators=(",", ":")
     )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:FINGERPRINT_DIGITS]
 

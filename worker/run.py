@@ -30,7 +30,8 @@ from worker.infer import (
 from worker.model_files import fetch_model_once_per_node
 from worker.plan import PlanColumns, Shard, make_shards, static_assignment
 from worker.read import batches, open_reader, prefetch_map, read_batches, read_settings
-from worker.tasks import Task, task_module
+from worker.schema import check_schema
+from worker.tasks import Task, task_class
 from worker.telemetry import Progress, StartupClock, Utilization, library_versions, log_done
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,13 @@ class Worker:
         self.startup.mark("process_group")
         self.model_fetched: Future[str] | None = None  # rank 0: where load_task found the model
         self.planning: Future | None = None  # rank 0's planning thread
+        # The task's part columns: they are known before its model loads (the run record holds them).
+        self.columns = task_class(cfg.task).columns(cfg)
+        try:
+            check_schema(self.columns)
+        except ValueError as exc:
+            raise ConfigError(f"--task {cfg.task}: {exc}", "task") from None
+        self.uri_column = [c.name for c in self.columns].index("uri")
 
     # Stage 1
     def start_planning(self) -> Future | None:
@@ -78,7 +86,7 @@ class Worker:
         """
         if self.topo.rank != 0:
             return None
-        guard = OutputGuard(self.cfg, self.device.type)
+        guard = OutputGuard(self.cfg, self.device.type, self.columns)
         guard.check_settings()  # another run's results in OUTPUT stop the job before the model loads
         self.model_fetched = Future()
         pool = ThreadPoolExecutor(1, thread_name_prefix="plan")
@@ -118,12 +126,11 @@ class Worker:
     # Stage 4's model, ready on the device
     def load_task(self) -> tuple[Task, object]:
         cfg, startup = self.cfg, self.startup
-        task = task_module(cfg.task)
         model_path = fetch_model_once_per_node(cfg.model, self.topo, cfg.model_cache, cfg.project)
         if self.model_fetched is not None:
             self.model_fetched.set_result(model_path)
         startup.mark("model_fetched")
-        task = task.load(model_path, self.device)
+        task = task_class(cfg.task)(model_path, self.device, cfg)
         startup.mark("model_loaded")
         if self.planning is not None and self.planning.done():
             self.planning.result()  # a refusal to add to OUTPUT stops the job before the GPU warm-up
@@ -139,9 +146,7 @@ class Worker:
         # Seconds, before anything is planned, written or fetched: a model this worker can't run
         # stops it here.
         self.importing_model_code.join()
-        task_module(cfg.task).check_model(
-            cfg.model, project=cfg.project, decode=cfg.decode if on_gpu else "cpu"
-        )
+        task_class(cfg.task).check_model(cfg.model, cfg, decode=cfg.decode if on_gpu else "cpu")
         planning = self.start_planning()
         try:
             task, graph = self.load_task()
@@ -156,7 +161,7 @@ class Worker:
         decode_threads = cfg.decode_threads or default_decode_threads(topo.local_world_size)
         # Pillow batches are decoded by the pil pool already; extra batch-level workers pay off on GPU.
         decode_workers = cfg.decode_workers if on_gpu else 1
-        committer = Committer(cfg.output, fingerprint, cfg.project)
+        committer = Committer(cfg.output, fingerprint, cfg.project, columns=[c.name for c in self.columns])
         infer = Inference(task, self.device, cfg.queued_blocks, graph)
         self.utilization = Utilization()
         kill_after = int(os.environ.get(FAULT_KILL_AFTER_SHARDS, "0"))
@@ -242,8 +247,9 @@ class Worker:
         result = results.setdefault(batch.shard.index, ShardResult())
         if decoded.ok:
             # GPU batches keep row i for image i; Pillow batches hold only the decoded images.
-            rows = decoded.ok if decoded.rows_aligned else range(len(decoded.ok))
-            outputs = [[column[r] for r in rows] for column in (o.tolist() for o in pred.outputs)]
+            rows = decoded.ok if decoded.rows_aligned else list(range(len(decoded.ok)))
+            # NumPy, not Python lists: an embedding batch is 100,000s of floats.
+            outputs = [o.numpy()[rows] for o in pred.outputs]
             result.rows += task.rows([batch.objects[i] for i in decoded.ok], outputs)
         for i, reason in sorted(decoded.errors.items()):
             result.errors.append((batch.objects[i].uri, reason))
@@ -252,8 +258,7 @@ class Worker:
         progress.update(len(batch.objects), len(decoded.errors))
         if not batch.last_in_shard:
             return False
-        uri = task.columns.index("uri")
-        result.rows.sort(key=lambda row: row[uri])
+        result.rows.sort(key=lambda row: row[self.uri_column])
         result.errors.sort()
         committer.commit(batch.shard.index, results.pop(batch.shard.index))
         return True

@@ -34,13 +34,13 @@ from worker.results import (
     INVENTORY_FILE,
     MANIFEST,
     MARKER,
-    PART_COLUMNS,
     PART_FILE,
     PARTS_DIR,
     PLAN_FILE,
     SUMMARY_DIR,
     SUMMARY_FILE,
     check_parts,
+    columns_of,
     completion_marker,
     read_run_record,
 )
@@ -58,7 +58,6 @@ ERRORS_SHOWN = 100
 # How many offending URIs the exception message names; the report shows more.
 NAMED_IN_ERROR = 5
 PROBLEMS_SHOWN = 100
-_USER_COLUMNS = ", ".join(PART_COLUMNS)
 
 
 class IncompleteResultsError(RuntimeError):
@@ -173,16 +172,20 @@ def _aggregate(
     if orphans:
         log.warning("ignoring %d error files of uncommitted shards, e.g. %s", len(orphans), orphans[0].uri)
         error_files = [f for f in error_files if f.uri.rsplit("/", 1)[1] in committed]
-    tables.load_csv_files(con, "parts", storage, part_files, errors=False)
-    tables.load_csv_files(con, "errors", storage, error_files, errors=True)
+    # The task's columns, as its run record declares them: the aggregate knows no task.
+    columns = columns_of(run_info)
+    every = ", ".join(c.name for c in columns)
+    tables.load_csv_files(con, "parts", storage, part_files, columns)
+    tables.load_csv_files(con, "errors", storage, error_files)
     ranks = _read_summaries(storage, join(results_uri, SUMMARY_DIR))
-    reused, changed, deleted = _carry_over(con, storage, results_uri, run_info, scratch)
+    reused, changed, deleted = _carry_over(con, storage, results_uri, run_info, scratch, columns)
     con.execute(
-        f"CREATE VIEW merged AS SELECT {_USER_COLUMNS}, plan.generation FROM parts "
-        f"LEFT JOIN plan USING (uri) UNION ALL SELECT {_USER_COLUMNS}, generation FROM carried"
+        f"CREATE VIEW merged AS SELECT {every}, plan.generation FROM parts "
+        f"LEFT JOIN plan USING (uri) UNION ALL SELECT {every}, generation FROM carried"
     )
+    summary = next((c.name for c in columns if c.summary), None)
 
-    report = _build_report(con, results_uri, ranks, reused=reused, changed=changed, deleted=deleted)
+    report = _build_report(con, results_uri, ranks, summary, reused=reused, changed=changed, deleted=deleted)
     report.base_uri = run_info.get("base")
     report.run = run_info
     report.job = job
@@ -192,8 +195,14 @@ def _aggregate(
     if not report.complete:
         raise IncompleteResultsError(report)
 
-    tables.copy_to(con, f"SELECT {_USER_COLUMNS} FROM merged ORDER BY uri", csv_path, "csv")
-    tables.copy_to(con, f"SELECT {_USER_COLUMNS} FROM merged ORDER BY uri", parquet_path, "parquet")
+    # The CSV leaves vectors out and writes lists as JSON arrays; the Parquet holds every column.
+    in_csv = ", ".join(
+        f"CAST(to_json({c.name}) AS VARCHAR) AS {c.name}" if c.is_list else c.name
+        for c in columns
+        if c.in_csv
+    )
+    tables.copy_to(con, f"SELECT {in_csv} FROM merged ORDER BY uri", csv_path, "csv")
+    tables.copy_to(con, f"SELECT {every} FROM merged ORDER BY uri", parquet_path, "parquet", columns)
     if errors_path:
         tables.copy_to(con, "SELECT uri, reason FROM errors ORDER BY uri", errors_path, "csv")
     manifest_path = scratch / "manifest.parquet"
@@ -218,7 +227,7 @@ def _fetch(storage: Storage, uri: str, path: Path) -> tuple[Path, str]:
 
 
 def _carry_over(
-    con, storage: Storage, results_uri: str, run_info: dict, scratch: Path
+    con, storage: Storage, results_uri: str, run_info: dict, scratch: Path, columns
 ) -> tuple[int, int, int]:
     """Table ``carried``: the base run's rows whose object is still listed at the same generation.
 
@@ -228,7 +237,7 @@ def _carry_over(
     """
     base = run_info.get("base")
     if not base:
-        con.execute(f"CREATE TABLE carried ({tables.MANIFEST_SQL_COLUMNS})")
+        con.execute(f"CREATE TABLE carried ({tables.manifest_sql_columns(columns)})")
         return 0, 0, 0
     inventory, _ = _fetch(
         storage, join(results_uri, run_info.get("inventory", INVENTORY_FILE)), scratch / "inventory.jsonl"
@@ -275,8 +284,9 @@ def _read_summaries(storage: Storage, directory: str) -> list[dict]:
 
 
 def _build_report(
-    con, results_uri: str, ranks: list[dict], *, reused: int, changed: int, deleted: int
+    con, results_uri: str, ranks: list[dict], summary: str | None, *, reused: int, changed: int, deleted: int
 ) -> AggregateReport:
+    """What the tables hold; ``summary`` is the column whose values the report counts (None: none)."""
     con.execute(
         "CREATE TABLE seen AS SELECT uri, count(*) AS n FROM "
         "(SELECT uri FROM parts UNION ALL SELECT uri FROM errors) GROUP BY uri"
@@ -299,16 +309,20 @@ def _build_report(
         "reused": reused,
         "changed": changed,
         "deleted": deleted,
-        "distinct_classes": count(con, "SELECT count(DISTINCT classification) FROM merged"),
+        "distinct_classes": count(con, f"SELECT count(DISTINCT {summary}) FROM merged") if summary else 0,
         # The job's wall time is that of its slowest rank.
         "images_per_second": planned / wall if wall > 0 else 0.0,
         "wall_seconds": wall,
         "ranks": len(ranks),
     }
-    top = con.execute(
-        "SELECT classification, count(*) AS n FROM merged GROUP BY classification "
-        f"ORDER BY n DESC, classification LIMIT {TOP_CLASSES}"
-    ).fetchall()
+    top = (
+        con.execute(
+            f"SELECT {summary}, count(*) AS n FROM merged GROUP BY {summary} "
+            f"ORDER BY n DESC, {summary} LIMIT {TOP_CLASSES}"
+        ).fetchall()
+        if summary
+        else []
+    )
     errors_sample = con.execute(
         f"SELECT uri, reason FROM errors ORDER BY uri LIMIT {ERRORS_SHOWN}"
     ).fetchall()
@@ -321,6 +335,7 @@ def _build_report(
     return AggregateReport(
         results_uri=results_uri,
         metrics=metrics,
+        summary_column=summary,
         top_classes=[(str(name), int(n)) for name, n in top],
         errors_sample=[(str(uri), str(reason)) for uri, reason in errors_sample],
         ranks=ranks,

@@ -98,8 +98,9 @@ def render_report(report: AggregateReport) -> str:
                 ("Errors", _int(m["errors"]), "warn" if m["errors"] else ""),
                 ("Missing", _int(m["missing"]), "bad" if m["missing"] else ""),
                 ("Duplicated", _int(m["duplicated"]), "bad" if m["duplicated"] else ""),
-                ("Distinct classes", _int(m["distinct_classes"]), ""),
             ]
+            # Only a task with a summary column (a label) has classes to count.
+            + ([("Distinct classes", _int(m["distinct_classes"]), "")] if report.summary_column else [])
         ),
         "</section>",
         _time_and_cost(report),
@@ -107,7 +108,7 @@ def render_report(report: AggregateReport) -> str:
         _startup(report),
         _incremental(report),
         _scores(report),
-        _top_classes(report.top_classes),
+        _top_classes(report.top_classes) if report.summary_column else "",
         _errors(report),
         _what_ran(report),
         f"<footer>Generated {_e(datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))}</footer>",

@@ -40,6 +40,8 @@ class AggregateReport:
 
     results_uri: str
     metrics: dict[str, int | float]
+    # The column whose values top_classes counts (the task's summary column); None: the task has none.
+    summary_column: str | None = "classification"
     top_classes: list[tuple[str, int]] = field(default_factory=list)
     errors_sample: list[tuple[str, str]] = field(default_factory=list)
     ranks: list[dict] = field(default_factory=list)

@@ -9,7 +9,9 @@ columns before it is appended.
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,20 +19,52 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from worker.results import ERROR_DTYPES, PART_DTYPES
+from worker.results import ERROR_DTYPES
+from worker.schema import VECTOR_NUMPY, Column
 from worker.storage import ObjectInfo, ReadError, Storage
 
-# The contract's column types (pandas dtypes) as Arrow and SQL types.
-_ARROW = {str: pa.string(), "int64": pa.int64(), "float64": pa.float64()}
-_SQL_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.float64(): "DOUBLE"}
-_PART_TYPES = {name: _ARROW[kind] for name, kind in PART_DTYPES.items()}
+# The contract's column types as Arrow and SQL types. Vectors stay raw little-endian bytes in the
+# tables and the manifest (compact, exact); only the user's Parquet makes them fixed-size lists.
+_ARROW = {
+    str: pa.string(),
+    "string": pa.string(),
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+    "list<string>": pa.list_(pa.string()),
+    "list<int64>": pa.list_(pa.int64()),
+    "list<float64>": pa.list_(pa.float64()),
+    "vector<float16>": pa.binary(),
+    "vector<float32>": pa.binary(),
+}
+_SQL_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.int64(): "BIGINT",
+    pa.float64(): "DOUBLE",
+    pa.binary(): "BLOB",
+    pa.list_(pa.string()): "VARCHAR[]",
+    pa.list_(pa.int64()): "BIGINT[]",
+    pa.list_(pa.float64()): "DOUBLE[]",
+}
 _ERROR_TYPES = {name: _ARROW[kind] for name, kind in ERROR_DTYPES.items()}
-# The manifest: a part row and the generation its image was read at (null where none).
-MANIFEST_SQL_COLUMNS = ", ".join(
-    [f"{name} {_SQL_TYPES[kind]}" for name, kind in _PART_TYPES.items()] + ["generation BIGINT"]
-)
+_VECTOR_ARROW = {"vector<float16>": pa.float16(), "vector<float32>": pa.float32()}
+
+
+def part_types(columns: Sequence[Column]) -> dict[str, pa.DataType]:
+    """The Arrow type of each part column in the tables."""
+    return {c.name: _ARROW[c.kind] for c in columns}
+
+
+def manifest_sql_columns(columns: Sequence[Column]) -> str:
+    """The manifest's SQL columns: a part row and the generation its image was read at (null where none)."""
+    return ", ".join(
+        [f"{name} {_SQL_TYPES[kind]}" for name, kind in part_types(columns).items()] + ["generation BIGINT"]
+    )
+
+
 # Files read and parsed per batch: enough to keep the reads parallel, few enough to stay small.
 _FILES_PER_BATCH = 256
+# Rows per batch where the aggregate converts vectors for Parquet itself.
+_PARQUET_BATCH_ROWS = 65536
 # DuckDB's share of the task's memory; the rest is Python, pyarrow and the report.
 MEMORY_LIMIT = os.environ.get("BATCH_INFERENCE_AGGREGATE_MEMORY", "1GB")
 
@@ -69,29 +103,67 @@ def load_jsonl_listing(con, table: str, path: Path | None) -> None:
         )
 
 
-def load_csv_files(con, table: str, storage: Storage, files: Sequence[ObjectInfo], *, errors: bool) -> None:
-    """``table`` from result part files (``errors=False``) or error files, checked as they come.
+def load_csv_files(
+    con, table: str, storage: Storage, files: Sequence[ObjectInfo], columns: Sequence[Column] | None = None
+) -> None:
+    """``table`` from result part files with the task's ``columns``, or (``columns`` None) error
+    files, checked as they come.
 
     Raises:
         ValueError: A file cannot be parsed or lacks the documented columns; it is named.
     """
-    types = _ERROR_TYPES if errors else _PART_TYPES
-    columns = ", ".join(f"{name} {_SQL_TYPES[kind]}" for name, kind in types.items())
-    con.execute(f"CREATE TABLE {table} ({columns})")
-    for batch in _parsed_batches(storage, files, types):
+    types = _ERROR_TYPES if columns is None else part_types(columns)
+    kinds = {c.name: c.kind for c in columns or ()}
+    sql_columns = ", ".join(f"{name} {_SQL_TYPES[kind]}" for name, kind in types.items())
+    con.execute(f"CREATE TABLE {table} ({sql_columns})")
+    for batch in _parsed_batches(storage, files, types, kinds):
         con.register("_batch", batch)
         con.execute(f"INSERT INTO {table} SELECT * FROM _batch")
         con.unregister("_batch")
 
 
-def _parsed_batches(storage: Storage, files: Sequence[ObjectInfo], types: dict) -> Iterator[pa.Table]:
+def _parsed_batches(
+    storage: Storage, files: Sequence[ObjectInfo], types: dict, kinds: dict[str, str]
+) -> Iterator[pa.Table]:
+    # Lists and vectors are text in the CSV: read as strings, then decoded.
+    text_types = {
+        name: pa.string() if name in kinds and kinds[name] not in ("string", "int64", "float64") else t
+        for name, t in types.items()
+    }
     for start in range(0, len(files), _FILES_PER_BATCH):
         chunk = files[start : start + _FILES_PER_BATCH]
         datas = storage.read_many(chunk)
-        tables = [_parse_csv(f.uri, data, types) for f, data in zip(chunk, datas, strict=True)]
+        tables = [
+            _decoded(f.uri, table, types, kinds)
+            for f, data in zip(chunk, datas, strict=True)
+            if (table := _parse_csv(f.uri, data, text_types)) is not None
+        ]
         tables = [t for t in tables if t is not None]
         if tables:
             yield pa.concat_tables(tables)
+
+
+def _decoded(uri: str, table: pa.Table, types: dict, kinds: dict[str, str]) -> pa.Table:
+    """The part's list cells (JSON arrays) as Arrow lists, its vector cells (base64) as bytes."""
+    for i, name in enumerate(table.column_names):
+        kind = kinds.get(name, "string")
+        if kind.startswith("list<"):
+            try:
+                values = [json.loads(cell) for cell in table.column(i).to_pylist()]
+                decoded = pa.array(values, type=types[name])
+            except (ValueError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                raise ValueError(f"cannot parse {uri}: column {name} holds no {kind} ({exc})") from exc
+        elif kind.startswith("vector<"):
+            try:
+                decoded = pa.array(
+                    [base64.b64decode(cell, validate=True) for cell in table.column(i).to_pylist()]
+                )
+            except ValueError as exc:
+                raise ValueError(f"cannot parse {uri}: column {name} holds no {kind} ({exc})") from exc
+        else:
+            continue
+        table = table.set_column(i, name, decoded)
+    return table
 
 
 def _parse_csv(uri: str, data: bytes | ReadError, types: dict) -> pa.Table | None:
@@ -123,9 +195,64 @@ def column(con, sql: str, params: Sequence = ()) -> list:
     return [row[0] for row in con.execute(sql, list(params)).fetchall()]
 
 
-def copy_to(con, query: str, path: str | Path, fmt: str) -> None:
-    """Write ``query``'s rows to the local file ``path`` as ``csv`` (with a header) or ``parquet``."""
+def copy_to(con, query: str, path: str | Path, fmt: str, columns: Sequence[Column] = ()) -> None:
+    """Write ``query``'s rows to the local file ``path`` as ``csv`` (with a header) or ``parquet``.
+
+    Where ``columns`` (those of the query's rows) hold vectors, the Parquet file holds them as
+    fixed-size lists of their float type, written a batch of rows at a time.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    vectors = {c.name: c.kind for c in columns if c.is_vector}
+    if fmt == "parquet" and vectors:
+        _copy_vectors_to_parquet(con, query, target, vectors)
+        return
     options = "FORMAT PARQUET, COMPRESSION ZSTD" if fmt == "parquet" else "FORMAT CSV, HEADER, DELIMITER ','"
     con.execute(f"COPY ({query}) TO {_quoted(target)} ({options})")
+
+
+def _copy_vectors_to_parquet(con, query: str, target: Path, vectors: dict[str, str]) -> None:
+    """``copy_to``'s Parquet with the ``vectors`` columns (raw bytes in the tables) as fixed-size lists."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    writer = None
+    size: dict[str, int] = {}
+    try:
+        for batch in con.sql(query).to_arrow_reader(_PARQUET_BATCH_ROWS):
+            arrays = []
+            for name, array in zip(batch.schema.names, batch.columns, strict=True):
+                if name in vectors:
+                    array = _fixed_size_list(name, array, vectors[name], size, np)
+                arrays.append(array)
+            table = pa.Table.from_arrays(arrays, names=batch.schema.names)
+            if writer is None:
+                writer = pq.ParquetWriter(str(target), table.schema, compression="zstd")
+            writer.write_table(table)
+        if writer is None:  # no rows: an empty file with the schema (vectors of unknown size as lists)
+            empty = con.sql(f"SELECT * FROM ({query}) LIMIT 0").to_arrow_table()
+            fields = [
+                pa.field(f.name, pa.list_(_VECTOR_ARROW[vectors[f.name]])) if f.name in vectors else f
+                for f in empty.schema
+            ]
+            pq.write_table(pa.schema(fields).empty_table(), str(target), compression="zstd")
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _fixed_size_list(name: str, array: pa.Array, kind: str, size: dict[str, int], np) -> pa.Array:
+    """Raw little-endian vectors as a fixed-size list array; every row must have the same length."""
+    dtype = np.dtype(VECTOR_NUMPY[kind])
+    cells = array.to_pylist()
+    lengths = {len(cell) for cell in cells if cell is not None}
+    if (
+        any(cell is None for cell in cells)
+        or len(lengths | ({size[name] * dtype.itemsize} if name in size else set())) > 1
+    ):
+        raise ValueError(f"column {name}: the vectors differ in length (or some are missing)")
+    if not cells:
+        return pa.array([], type=pa.list_(_VECTOR_ARROW[kind], size.get(name, 0)))
+    size.setdefault(name, lengths.pop() // dtype.itemsize)
+    flat = np.frombuffer(b"".join(cells), dtype=dtype)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=_VECTOR_ARROW[kind]), size[name])

@@ -10,15 +10,22 @@ of its own flags lives in the worker (``worker.config``, ``worker.checks``) and 
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import json
 import os
 import re
+from collections.abc import Sequence
 
 from components.images import check_image
 from components.upload.upload import LAYOUTS
 from worker.checks import check_holds_images, check_output_folder
 from worker.config import ConfigError, WorkerConfig
+from worker.exported import is_exported
 from worker.storage import check_uri, is_gcs
 
+# The worker's defaults, which the pipeline's task parameters share.
+WORKER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(WorkerConfig)}
 LOCAL = "local"
 KUBERNETES = "kubernetes"
 BACKENDS = (LOCAL, KUBERNETES)
@@ -39,6 +46,7 @@ def check_settings(
     packed_shard_images: int = 0,
     backend: str = LOCAL,
     image: str = "",
+    **task_parameters,
 ) -> None:
     """The checks that need no storage, hub or cluster, in milliseconds: render-job and submit make them too.
 
@@ -55,6 +63,7 @@ def check_settings(
         backend: Where the worker runs: on the kubernetes backend everything it reads and writes
             must be reachable from the cluster's pods.
         image: The image of the job's pods (kubernetes backend only): not a placeholder.
+        **task_parameters: The pipeline's task parameters (``task_config``'s arguments).
 
     Raises:
         ValueError: The first problem, on one line naming the parameter.
@@ -80,16 +89,57 @@ def check_settings(
         for name, uri in (("images_uri", images_uri), (results_name, results)):
             if not is_gcs(uri):
                 raise ValueError(f"{name} must be a gs:// prefix for the kubernetes backend, got {uri!r}")
-        if not is_gcs(model) and (os.path.isdir(model) or not _HUB_ID.fullmatch(model)):
+        if not is_gcs(model) and (os.path.isdir(model) or is_exported(model) or not _HUB_ID.fullmatch(model)):
             raise ValueError(
                 f"model {model} is a local path, which the kubernetes backend's pods can't read: "
                 "copy the folder to gs:// and give that prefix, or give a hub id"
             )
         check_image("image", image)
+        labels_file = task_parameters.get("labels_file", "")
+        if labels_file and not is_gcs(labels_file):
+            raise ValueError(
+                f"labels_file must be a gs:// file for the kubernetes backend, got {labels_file!r}"
+            )
+    worker_config(images_uri, results, model, batch_size, shard_size, task_parameters)
+
+
+def task_config(
+    task: str = WORKER_DEFAULTS["task"],
+    top_k: int = WORKER_DEFAULTS["top_k"],
+    labels: Sequence[str] = (),
+    labels_file: str = WORKER_DEFAULTS["labels_file"],
+    prompt: str = WORKER_DEFAULTS["prompt"],
+    normalize: bool = WORKER_DEFAULTS["normalize"],
+    embedding_dtype: str = WORKER_DEFAULTS["embedding_dtype"],
+) -> dict:
+    """The worker's fields for the pipeline's task parameters (``labels`` a list, the flag's JSON array)."""
+    return {
+        "task": task,
+        "top_k": top_k,
+        "labels": json.dumps(list(labels), ensure_ascii=False) if labels else "",
+        "labels_file": labels_file,
+        "prompt": prompt,
+        "normalize": normalize,
+        "embedding_dtype": embedding_dtype,
+    }
+
+
+def worker_config(
+    images_uri: str, results: str, model: str, batch_size: int, shard_size: int, task_parameters: dict
+) -> WorkerConfig:
+    """The worker's config of these parameters; its own bounds and choices are checked where declared.
+
+    Raises:
+        ValueError: A bad parameter, on one line naming it.
+    """
     try:
-        # The worker's own bounds and choices, checked where they are declared.
-        WorkerConfig(
-            input=images_uri, output=results, model=model, batch_size=batch_size, shard_size=shard_size
+        return WorkerConfig(
+            input=images_uri,
+            output=results,
+            model=model,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            **task_config(**task_parameters),
         )
     except ConfigError as exc:
         raise ValueError(f"{exc.parameter or 'parameter'}: {exc}") from None
@@ -114,12 +164,22 @@ def check_run(**settings) -> None:
         ValueError: The first problem, on one line naming the parameter.
     """
     check_settings(**settings)
-    check_output_folder(*_results(settings["results_root"], settings["results_prefix"]))
+    name, results = _results(settings["results_root"], settings["results_prefix"])
+    check_output_folder(name, results)
+    task_parameters = {k: v for k, v in settings.items() if k in TASK_PARAMETERS}
+    cfg = worker_config(
+        settings["images_uri"],
+        results,
+        settings["model"],
+        settings["batch_size"],
+        settings["shard_size"],
+        task_parameters,
+    )
     try:
         # Last: it reads the model's config files (from GCS or the hub) and imports transformers.
-        from worker.tasks.classification import check_model
+        from worker.tasks import task_class
 
-        check_model(settings["model"])
+        task_class(cfg.task).check_model(cfg.model, cfg)
     except ConfigError as exc:
         raise ValueError(f"{exc.parameter or 'parameter'}: {exc}") from None
 
@@ -143,3 +203,7 @@ def check_input(source: str, images_uri: str) -> None:
         check_holds_images("images_uri", images_uri)
     except ValueError as exc:
         raise ValueError(f"{exc}, or set source to upload them") from None
+
+
+# The pipeline's parameters that configure the task (those of ``task_config``).
+TASK_PARAMETERS = tuple(inspect.signature(task_config).parameters)

@@ -20,6 +20,13 @@ def check_parameters(
     upload_layout: str,
     packed_shard_mb: int,
     packed_shard_images: int,
+    task: str,
+    top_k: int,
+    labels: list,
+    labels_file: str,
+    prompt: str,
+    normalize: bool,
+    embedding_dtype: str,
 ):
     """Checks a run's parameters in seconds, before anything is uploaded or any GPU asked for.
 
@@ -40,6 +47,13 @@ def check_parameters(
         upload_layout: How the upload stores the images (loose or packed).
         packed_shard_mb: The packed layout's most MB per shard.
         packed_shard_images: The packed layout's most images per shard.
+        task: classification, embedding, zero-shot, or package.module:ClassName.
+        top_k: Labels per image of the label tasks.
+        labels: Zero-shot candidate labels.
+        labels_file: Zero-shot labels file (one per line), instead of labels.
+        prompt: Zero-shot text template, {} standing for the label.
+        normalize: Unit-norm embeddings.
+        embedding_dtype: float32 or float16 embeddings.
     """
     from components.check.checks import check_input, check_run
 
@@ -55,6 +69,13 @@ def check_parameters(
         upload_layout=upload_layout,
         packed_shard_mb=packed_shard_mb,
         packed_shard_images=packed_shard_images,
+        task=task,
+        top_k=top_k,
+        labels=labels,
+        labels_file=labels_file,
+        prompt=prompt,
+        normalize=normalize,
+        embedding_dtype=embedding_dtype,
     )
     if not incremental:
         check_input(source, images_uri)

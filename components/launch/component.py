@@ -39,6 +39,13 @@ def classify_images(
     gke_project: str,
     gke_location: str,
     gke_cluster: str,
+    task: str,
+    top_k: int,
+    labels: list,
+    labels_file: str,
+    prompt: str,
+    normalize: bool,
+    embedding_dtype: str,
     job: Output[Artifact],
 ) -> NamedTuple("Outputs", results_uri=str):
     """Classifies every image under a prefix, locally under torchrun or as a job on GKE.
@@ -75,6 +82,13 @@ def classify_images(
         gke_project: GCP project of the GKE cluster (a launcher outside it).
         gke_location: Region or zone of the GKE cluster.
         gke_cluster: Name of the GKE cluster.
+        task: classification, embedding, zero-shot, or package.module:ClassName.
+        top_k: Labels per image of the label tasks.
+        labels: Zero-shot candidate labels.
+        labels_file: Zero-shot labels file (one per line), instead of labels.
+        prompt: Zero-shot text template, {} standing for the label.
+        normalize: Unit-norm embeddings.
+        embedding_dtype: float32 or float16 embeddings.
         job: A JSON record of the job: backend, name, nodes, world size, start, end and wall time.
 
     Returns:
@@ -113,6 +127,13 @@ def classify_images(
         gke_project=gke_project,
         gke_location=gke_location,
         gke_cluster=gke_cluster,
+        task=task,
+        top_k=top_k,
+        labels=labels,
+        labels_file=labels_file,
+        prompt=prompt,
+        normalize=normalize,
+        embedding_dtype=embedding_dtype,
     )
     started = utc_now()
     outcome = launch(request)

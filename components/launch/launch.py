@@ -12,10 +12,17 @@ from __future__ import annotations
 import math
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from components.check.checks import KUBERNETES, LOCAL, check_settings
+from components.check.checks import (
+    KUBERNETES,
+    LOCAL,
+    TASK_PARAMETERS,
+    WORKER_DEFAULTS,
+    check_settings,
+    task_config,
+)
 from components.launch.kubernetes.kinds import (
     DEFAULT_JOB_KIND,
     JobConfig,
@@ -66,6 +73,18 @@ class LaunchRequest:
     gke_location: str
     gke_cluster: str
     job_kind: str = DEFAULT_JOB_KIND
+    # The task and its parameters (components.check.checks.task_config's arguments).
+    task: str = WORKER_DEFAULTS["task"]
+    top_k: int = WORKER_DEFAULTS["top_k"]
+    labels: list[str] = field(default_factory=list)
+    labels_file: str = WORKER_DEFAULTS["labels_file"]
+    prompt: str = WORKER_DEFAULTS["prompt"]
+    normalize: bool = WORKER_DEFAULTS["normalize"]
+    embedding_dtype: str = WORKER_DEFAULTS["embedding_dtype"]
+
+    @property
+    def task_parameters(self) -> dict:
+        return {name: getattr(self, name) for name in TASK_PARAMETERS}
 
     @property
     def results_uri(self) -> str:
@@ -98,6 +117,7 @@ class LaunchRequest:
             shard_size=self.shard_size,
             backend=self.backend,
             image=self.image,
+            **self.task_parameters,
         )
         if self.local_nproc < 1:
             raise ValueError(f"local_nproc must be at least 1, got {self.local_nproc}")
@@ -121,6 +141,7 @@ class LaunchRequest:
             device=self.device,
             incremental=self.incremental,
             overwrite=self.overwrite,
+            **task_config(**self.task_parameters),
         )
         # Extra flags go last: argparse keeps the last value, so they can override anything above.
         return cfg.to_args() + shlex.split(self.extra_worker_args)

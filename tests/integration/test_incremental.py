@@ -11,6 +11,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -224,7 +225,7 @@ def _launcher_night(
         "input": f"gs://{bucket}/data",
         "model": model,
         "incremental": True,
-        "task": "image-classification",
+        "task": "classification",
         "model_revision": base_revision,
     }
     write_text(
@@ -314,3 +315,27 @@ def test_a_plan_made_without_the_revision_is_made_again_when_its_base_ran_anothe
 
     assert sorted(o.uri for o in plan.objects) == uris and plan.record["base"] is None
     assert read_run_record(cfg.output)["model_revision"] == model_revision(str(tiny_model))
+
+
+@pytest.mark.slow
+def test_an_incremental_embedding_run_carries_the_vectors_over(gcs, models, tmp_path):
+    model = models("dinov2")
+    bucket = gcs.new_bucket("incremental-embedding")
+    images = f"gs://{bucket}/data"
+    for i in range(6):
+        _put(gcs.client, bucket, f"data/img_{i:03d}.jpg", jpeg_bytes(i))
+    _worker(images, f"gs://{bucket}/runs/a", model, "--incremental", "--task", "embedding")
+    _aggregate(f"gs://{bucket}/runs/a", tmp_path, "a")
+    _put(gcs.client, bucket, "data/img_100.jpg", jpeg_bytes(100))
+    _put(gcs.client, bucket, "data/img_001.jpg", jpeg_bytes(101, size=(64, 48)))
+
+    _worker(images, f"gs://{bucket}/runs/b", model, "--incremental", "--task", "embedding")
+    metrics, _ = _aggregate(f"gs://{bucket}/runs/b", tmp_path, "b")
+    assert (metrics["classified"], metrics["reused"], metrics["changed"]) == (2, 5, 1)
+    _worker(images, f"gs://{bucket}/full", model, "--task", "embedding")
+    _aggregate(f"gs://{bucket}/full", tmp_path, "full")
+
+    incremental, full = (pd.read_parquet(tmp_path / name / "r.parquet") for name in ("b", "full"))
+    assert incremental["uri"].tolist() == full["uri"].tolist() and len(full) == 7
+    for a, b in zip(incremental["embedding"], full["embedding"], strict=True):
+        assert np.allclose(a, b, atol=1e-5)

@@ -171,6 +171,13 @@ TASK = {
     "upload_layout": "loose",
     "packed_shard_mb": 64,
     "packed_shard_images": 0,
+    "task": "classification",
+    "top_k": 1,
+    "labels": [],
+    "labels_file": "",
+    "prompt": "This is a photo of {}.",
+    "normalize": False,
+    "embedding_dtype": "float32",
 }
 
 
@@ -182,6 +189,9 @@ TASK = {
         ({"model": "{tmp}/model"}, "model"),
         ({"backend": "local", "results_root": "{tmp}/a-file/x"}, "results_root"),
         ({"image": DEFAULT_WORKER_IMAGE}, "image"),
+        ({"task": "zero-shot"}, "labels"),
+        ({"task": "detection"}, "task"),
+        ({"task": "no_such_package.tasks:Quality", "backend": "local"}, "task"),
     ],
 )
 def test_the_pipelines_check_task_refuses_the_same_inputs(change, named, tmp):

@@ -42,6 +42,9 @@ RESAMPLE_NAMES = {
 # torch's closest interpolation, for the GPU's fallback resize where Triton can't run.
 TORCH_MODE = {NEAREST: "nearest-exact", BILINEAR: "bilinear", BICUBIC: "bicubic", LANCZOS: "bicubic"}
 
+# Where save_pretrained() puts the image processor's settings: its own file, or (a processor
+# with a tokenizer, e.g. CLIP's, in transformers 5) the processor's.
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 # Families whose PIL backend overrides steps in ways equivalent to the standard ones for images
 # (they differ only for segmentation maps).
 SEGMENTATION_ONLY_OVERRIDES = ("Beit", "MobileNetV2", "Segformer", "Data2VecVision")
@@ -195,10 +198,16 @@ def load_preprocess(model_dir: str) -> Preprocess:
 
 
 def load_image_processor(model_dir: str):
-    """The model's Hugging Face image processor, as ``pipeline("image-classification")`` loads it."""
-    path = Path(model_dir) / "preprocessor_config.json"
-    if not path.is_file():
-        raise ConfigError(f"--model: {path} is missing: the model needs an image processor config", "model")
+    """The model's Hugging Face image processor, as transformers' pipelines load it."""
+    path = next(
+        (Path(model_dir) / name for name in IMAGE_PROCESSOR_FILES if (Path(model_dir) / name).is_file()), None
+    )
+    if path is None:
+        raise ConfigError(
+            f"--model: {Path(model_dir) / IMAGE_PROCESSOR_FILES[0]} is missing: the model needs an image "
+            "processor config",
+            "model",
+        )
     try:
         json.loads(path.read_text())
     except (OSError, ValueError) as exc:

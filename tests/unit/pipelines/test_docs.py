@@ -10,7 +10,13 @@ import yaml
 from pipelines.docs import BEGIN, DOC, END, render, update
 from tests.support import ROOT
 
-_IR_TYPES = {"STRING": "string", "NUMBER_INTEGER": "integer", "BOOLEAN": "boolean", "NUMBER_DOUBLE": "number"}
+_IR_TYPES = {
+    "STRING": "string",
+    "NUMBER_INTEGER": "integer",
+    "BOOLEAN": "boolean",
+    "NUMBER_DOUBLE": "number",
+    "LIST": "list",
+}
 
 
 def _doc_rows() -> dict[str, tuple[str, object, str]]:

@@ -44,13 +44,38 @@ def test_compile_choices_are_the_compile_modes():
     )
 
 
-def test_task_choices_are_the_tasks():
-    from worker.config import TASK_CHOICES
-    from worker.tasks import TASKS, task_module
+def test_built_in_tasks_are_the_task_classes():
+    from worker.config import BUILT_IN_TASKS
+    from worker.tasks import BUILT_IN, task_class
 
-    assert tuple(TASKS) == TASK_CHOICES
-    for name in TASKS:
-        assert task_module(name).NAME == name
+    assert tuple(BUILT_IN) == BUILT_IN_TASKS
+    for name in BUILT_IN:
+        cls = task_class(name)
+        assert cls.__module__ == "worker.tasks." + name.replace("-", "_")
+
+
+@pytest.mark.parametrize(
+    "changes,flag",
+    [
+        ({"task": "detection"}, "--task"),
+        ({"task": "my tasks:Quality"}, "--task"),
+        ({"task": "zero-shot"}, "--labels"),
+        ({"task": "zero-shot", "labels": "a,b", "labels_file": "l.txt"}, "--labels"),
+        ({"top_k": 0}, "--top-k"),
+        ({"prompt": "a photo"}, "--prompt"),
+        ({"embedding_dtype": "bfloat16"}, "--embedding-dtype"),
+        ({"labels_file": "gs://"}, "--labels-file"),
+    ],
+)
+def test_task_parameters_are_checked_in_one_line(changes, flag):
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig(input="/i", output="/o", model="m", **changes)
+    assert flag in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_user_task_is_named_by_module_and_class():
+    cfg = WorkerConfig(input="/i", output="/o", model="m", task="my_pkg.tasks:Quality")
+    assert cfg.task == "my_pkg.tasks:Quality"
 
 
 REQUIRED = ["--input", "/data/in", "--output", "/data/out", "--model", "m"]
@@ -99,12 +124,21 @@ def test_every_field_is_a_flag_and_round_trips(tmp_path):
         log_interval=0.5,
         incremental=True,
         overwrite=True,
+        task="zero-shot",
+        top_k=3,
+        labels="a cat,a dog",
+        prompt="a photo of {}",
+        normalize=True,
+        embedding_dtype="float16",
     )
     args = changed.to_args()
     forwarded = {f.name for f in dataclasses.fields(WorkerConfig) if f.metadata["forwarded"]}
     assert {a[2:].replace("-", "_").removeprefix("no_") for a in args if a.startswith("--")} == forwarded - {
-        "task"
+        "labels_file"  # given instead of --labels: the round trip of both is the next config's
     }
+    from_file = WorkerConfig(input="/i", output="/o", model="m", task="zero-shot", labels_file="labels.txt")
+    assert parse_args(from_file.to_args()) == from_file
+    assert from_file.labels_file == str(__import__("pathlib").Path("labels.txt").absolute())
     assert "--model-cache" not in args  # a path on the launcher's machine means nothing on the job's
     assert parse_args(args) == changed
     help_text = build_parser().format_help()
@@ -118,7 +152,13 @@ def test_fingerprint_settings_are_the_marked_fields_with_the_resolved_device():
     assert settings == {
         "input": "/i",
         "model": "m",
-        "task": "image-classification",
+        "task": "classification",
+        "top_k": 1,
+        "labels": "",
+        "labels_file": "",
+        "prompt": "This is a photo of {}.",
+        "normalize": False,
+        "embedding_dtype": "float32",
         "shard_size": 9,
         "device": "cuda",
         "decode": "auto",

@@ -189,3 +189,55 @@ def test_model_revision_is_the_hub_commit_or_the_files_digest(tmp_path):
     assert model_revision(str(local)) == revision, "hidden files are not the model"
     (local / "config.json").write_text(json.dumps({"model_type": "vit", "num_labels": 3}))
     assert model_revision(str(local)) != revision
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        ({"task": "classification"}, {"task": "embedding"}, "task was classification, now embedding"),
+        ({"top_k": 1}, {"top_k": 5}, "top_k was 1, now 5"),
+        (
+            {"task": "zero-shot", "labels": "cat,dog"},
+            {"task": "zero-shot", "labels": "cat,cow"},
+            "labels was cat,dog",
+        ),
+        (
+            {"task": "zero-shot", "labels": "cat"},
+            {"task": "zero-shot", "labels": "cat", "prompt": "a {}"},
+            "prompt was This is a photo of {}., now a {}",
+        ),
+        ({"task": "embedding"}, {"task": "embedding", "embedding_dtype": "float16"}, "embedding_dtype was"),
+    ],
+)
+def test_the_task_and_its_parameters_are_part_of_the_fingerprint(
+    images, out, tmp_path, first, second, expected
+):
+    model = _model(tmp_path / "model")
+    fingerprint, _ = _start(_config(images, out, model, **first), model)
+    Committer(out, fingerprint).commit(0, RESULT)
+    with pytest.raises(RunMismatch, match=expected):
+        OutputGuard(_config(images, out, model, **second), "cpu").check_settings()
+
+
+def test_a_labels_file_rewritten_in_place_is_another_run(images, out, tmp_path):
+    model = _model(tmp_path / "model")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n")
+    cfg = _config(images, out, model, task="zero-shot", labels_file=str(labels))
+    fingerprint, _ = _start(cfg, model)
+    Committer(out, fingerprint).commit(0, RESULT)
+    assert _start(cfg, model) == (fingerprint, {0})  # the same file: a resume
+    labels.write_text("cat\ncow\n")
+    with pytest.raises(RunMismatch, match=r"labels_file was .*labels.txt sha256:[0-9a-f]+, now .*sha256:"):
+        OutputGuard(cfg, "cpu").check_settings()
+
+
+def test_the_record_holds_the_tasks_columns(images, out, tmp_path):
+    from worker.results import columns_of, read_run_record
+    from worker.schema import label_columns
+
+    model = _model(tmp_path / "model")
+    guard = OutputGuard(_config(images, out, model, top_k=3), "cpu", label_columns(3))
+    guard.check_settings()
+    guard.seal(guard.plan(), model_revision(str(model)))
+    assert columns_of(read_run_record(out)) == label_columns(3)

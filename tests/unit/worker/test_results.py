@@ -114,3 +114,40 @@ def test_check_parts_names_the_parts_of_another_run():
     check_parts("gs://b/out", unsealed, unsealed["plan_sha256"], [])
     with pytest.raises(MixedResultsError, match="no worker has sealed"):
         check_parts("gs://b/out", unsealed, unsealed["plan_sha256"], [ours])
+
+
+def test_encoded_rows_are_csv_writers_bytes():
+    import base64
+    import csv
+    import io
+
+    from worker.results import encode_rows
+
+    header = ("image_id", "cell", "uri")
+    rows = [
+        ("a", base64.b64encode(bytes(range(256))).decode(), "gs://b/a.jpg"),
+        ("a,b", 'say "x"', "line\nbreak"),
+        ("", "carriage\rreturn", "NA"),
+        (1, 2.5, None),
+        ("é ünï", " lead", '"'),
+        ("only",),
+        ("",),
+    ]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    assert encode_rows(header, rows) == buf.getvalue().encode("utf-8")
+
+
+def test_a_record_sealed_before_the_task_parameters_keeps_its_fingerprint():
+    import hashlib
+    import json
+
+    from worker.results import fingerprint_of
+
+    older_keys = ("input", "model", "task", "shard_size", "device", "decode", "gpu_jpeg", "incremental")
+    older = {k: f"value of {k}" for k in (*older_keys, "model_revision", "base", "plan_sha256")}
+    canonical = json.dumps(older, sort_keys=True, separators=(",", ":"))
+    assert fingerprint_of(older) == hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    assert fingerprint_of({**older, "top_k": 1}) != fingerprint_of(older)
