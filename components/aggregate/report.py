@@ -77,11 +77,11 @@ def render_report(report: AggregateReport) -> str:
         The HTML document.
     """
     m = report.metrics
-    task = str(report.run.get("task") or "image-classification")
+    task = report.run.get("task")
     status = ("ok", "Complete: every image exactly once") if report.complete else ("bad", "Incomplete")
     body = [
         "<header><div>",
-        f"<h1>Batch inference: {_e(task)}</h1>",
+        f"<h1>Batch inference: {_e(str(task))}</h1>" if task else "<h1>Batch inference</h1>",
         f'<p class="sub">{_e(report.results_uri)}</p>',
         "</div>",
         f'<span class="badge {status[0]}">{_e(status[1])}</span>',

@@ -76,7 +76,7 @@ def test_notebook_runs_locally_and_submits_where_configured(tmp_path, monkeypatc
         for o in c.get("outputs", [])
         if "srcdoc=" in o.get("data", {}).get("text/html", "")
     ]
-    assert len(report) == 1 and "Batch inference: image-classification" in report[0]["data"]["text/html"]
+    assert len(report) == 1 and "Batch inference: classification" in report[0]["data"]["text/html"]
     assert "Complete: every image exactly once" in report[0]["data"]["text/html"]
 
     # Steps 3 and 5 went to KFP with the parameters cell's values; step 4 was skipped.

@@ -105,7 +105,7 @@ def test_a_ten_million_image_report_stays_under_a_megabyte(tmp_path):
             queue_seconds=3000.0,
         ),  # fmt: skip
         price_per_gpu_hour=10.0,
-        run={"model_revision": "a" * 40, "task": "image-classification"},
+        run={"model_revision": "a" * 40, "task": "classification"},
         score_column="score",
         score_histogram=[(i / 20, (i + 1) / 20, 500_000) for i in range(20)],
     )
