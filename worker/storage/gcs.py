@@ -143,7 +143,7 @@ class GCSStorage:
             return _ComposedReader(self, settings, stats)
         from worker.storage.gcs_reader import GCSReader
 
-        return GCSReader(settings, stats)
+        return GCSReader(settings, stats, self.project)
 
     def write(self, uri: str, data: bytes, *, if_absent: bool = False) -> bool:
         from google.api_core import exceptions
