@@ -249,8 +249,14 @@ class Storage(Protocol):
         """Every object whose URI starts with ``prefix_uri``, by URI, with generations."""
         ...
 
-    def fast_list(self, prefix_uri: str, processes: int = 8) -> list[ObjectInfo]:
-        """The same objects, listed in parallel; unordered, and maybe without generations."""
+    def list_pages(self, prefix_uri: str, parallelism: int = 8) -> Iterator[list[ObjectInfo]]:
+        """The same objects, listed in parallel and streamed in pages as they come: unordered,
+        with generations where the store has them. Memory stays bounded however many there are.
+        """
+        ...
+
+    def download(self, uri: str, path: str) -> None:
+        """Copy the object into the local file ``path``, streamed (never whole in memory)."""
         ...
 
     def read(self, uri: str) -> bytes: ...

@@ -1,5 +1,5 @@
-"""The GCS backend: google-cloud-storage for listing and writes, DataFlux's fast listing for plans,
-and two batch readers: the native reader process (``gcs_reader``, the default) and composed reads.
+"""The GCS backend: google-cloud-storage for listing and writes, a listing fanned out over prefixes
+for plans (``fan_out``), and two batch readers: the native reader process (``gcs_reader``, the default) and composed reads.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from worker.storage import (
     gcs_uri,
     split_uri,
 )
+from worker.storage.fan_out import fan_out
 from worker.storage.gcs_ranges import RangeReader
 from worker.storage.reading import ThreadedReader
 
@@ -29,22 +30,14 @@ log = logging.getLogger(__name__)
 # Temporary composites live here, at the bucket root, as DataFlux's own do: the one folder that
 # listings skip. A user's folder of that name anywhere below the root is data like any other.
 COMPOSITES = "dataflux-composed-objects/"
+# Listing threads per listing process asked for: each waits on the network most of the time.
+_LISTERS_PER_PROCESS = 4
 # GCS composes at most 32 sources into one object.
 COMPOSE_MAX_OBJECTS = 32
 
 
-class _EveryStorageClass(list):
-    """DataFlux's listing keeps only objects whose storage class is ``in`` its allowed list
-    (STANDARD by default, which silently drops NEARLINE, COLDLINE and ARCHIVE images): this
-    list holds every class, present and future.
-    """
-
-    def __contains__(self, _storage_class: object) -> bool:
-        return True
-
-
 class GCSStorage:
-    """GCS over google-cloud-storage; DataFlux for the parallel listing."""
+    """GCS over google-cloud-storage."""
 
     def __init__(self, options: StorageOptions | None = None, *, retry_deadline: float = 300.0):
         options = options or StorageOptions()
@@ -99,22 +92,42 @@ class GCSStorage:
                 continue
             yield _info(bucket_name, blob)
 
-    def fast_list(self, prefix_uri: str, processes: int = 8) -> list[ObjectInfo]:
-        """DataFlux's parallel work-stealing listing, every storage class. Unordered, no generations."""
-        from dataflux_core.fast_list import ListingController
-
+    def list_pages(self, prefix_uri: str, parallelism: int = 8) -> Iterator[list[ObjectInfo]]:
+        """Every object under the prefix, every storage class, with generations: listed a level at
+        a time by ``parallelism`` × 4 threads fanned out over its sub-prefixes (``fan_out``).
+        Unordered; the composites folder at the bucket root is skipped.
+        """
         bucket_name, prefix = split_uri(prefix_uri)
         self._bucket(bucket_name)
-        lister = ListingController(
-            max_parallelism=max(1, processes),
-            project=self.project,
-            bucket=bucket_name,
-            sort_results=False,
-            prefix=prefix or None,
-            skip_compose=True,  # only the composites folder at the bucket root
-            allowed_storage_classes=_EveryStorageClass(),
+        return fan_out(
+            lambda p: self._level(bucket_name, p), prefix, _LISTERS_PER_PROCESS * max(1, parallelism)
         )
-        return [ObjectInfo(gcs_uri(bucket_name, name), int(size)) for name, size in lister.run()]
+
+    def _level(self, bucket_name: str, prefix: str):
+        """One level under ``prefix``: pages of its objects and of its sub-prefixes."""
+        blobs = self.client.list_blobs(
+            bucket_name,
+            prefix=prefix or None,
+            delimiter="/",
+            retry=self.retry,
+            fields="items(name,size,generation,crc32c),prefixes,nextPageToken",
+        )
+        for page in blobs.pages:
+            objects = [
+                _info(bucket_name, b)
+                for b in page
+                if not b.name.endswith("/") and not b.name.startswith(COMPOSITES)
+            ]
+            yield objects, [p for p in page.prefixes if p != COMPOSITES]
+
+    def download(self, uri: str, path: str) -> None:
+        from google.api_core import exceptions
+
+        bucket_name, name = split_uri(uri)
+        try:
+            self.client.bucket(bucket_name).blob(name).download_to_filename(path, retry=self.retry)
+        except exceptions.NotFound as exc:
+            raise FileNotFoundError(f"object not found: {uri}") from exc
 
     def read(self, uri: str, *, retry=None) -> bytes:
         from google.api_core import exceptions
