@@ -70,6 +70,23 @@ def test_archive_members_keep_their_listed_order_and_members(tmp_path):
     assert [o for s in range(reader.shards) for o in reader.objects(s)] == plan
 
 
+def test_any_uri_and_every_member_format_round_trip(tmp_path):
+    plan = [
+        ObjectInfo('gs://b/a "quoted"\\back.jpg', 10, 1700000000000001),
+        ObjectInfo("gs://b/été/ß.jpg", 0),
+        ObjectInfo("gs://b//lead/../x.png", 123456789),
+    ]
+    prefix = str(tmp_path / "plan")
+    index = _write(prefix, tmp_path, [plan], shard_size=2)
+    assert [o for page in iter_table(prefix, index) for o in page] == sorted(plan, key=lambda o: o.uri)
+    members = [
+        ObjectInfo("gs://b/v.zip/x.jpg", 90, 18, None, Member("gs://b/v.zip", 0, "zip")),
+        ObjectInfo("gs://b/t.tar/y.jpg", 0, None, None, Member("gs://b/t.tar", 0, "damaged")),
+    ]
+    index = _write(str(tmp_path / "members"), tmp_path, [members], shard_size=2, ordered=True)
+    assert PlanReader(str(tmp_path / "members"), index).objects(0) == members
+
+
 def test_an_edited_piece_is_refused_by_its_digest(tmp_path):
     prefix = str(tmp_path / "plan")
     index = _write(prefix, tmp_path, [[ObjectInfo(f"/d/{i}.jpg", i) for i in range(10)]], shard_size=4)
