@@ -89,14 +89,11 @@ def list_input(cfg: WorkerConfig) -> Listing:
     return Listing(cfg)
 
 
-def plan_order(ordered: bool) -> str:
-    """The ``ORDER BY`` of a listing's table: as listed for archive members, else by URI."""
-    return "seq" if ordered else "uri"
-
-
 def write_listing(db: PlanDB, table: str, ordered: bool, dest: str, cfg: WorkerConfig) -> bytes:
-    """Write ``table`` of ``db`` in plan order as a table under ``dest``; the index's bytes."""
-    query = f"SELECT {SELECT_COLUMNS} FROM {table} ORDER BY {plan_order(ordered)}"
+    """Write ``table`` of ``db`` in plan order (as listed for archive members, else by URI) as a
+    table under ``dest``; the index's bytes.
+    """
+    query = f"SELECT {SELECT_COLUMNS} FROM {table} ORDER BY {'seq' if ordered else 'uri'}"
     return db.write(query, dest, cfg.shard_size, archived=ordered, project=cfg.project)
 
 

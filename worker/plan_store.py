@@ -220,6 +220,32 @@ class PlanDB:
         return index.encode()
 
 
+def write_table(
+    dest: str,
+    pages: Iterable[list[ObjectInfo]],
+    shard_size: int,
+    *,
+    ordered: bool = False,
+    project: str | None = None,
+) -> bytes:
+    """Sort ``pages`` by URI (unless ``ordered``) and write them as a table under ``dest``, its
+    index last; returns the index's bytes. For tools and tests: the worker writes its plan's index
+    itself, after the run record (``worker.fingerprint``).
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="table-") as scratch:
+        db = PlanDB(Path(scratch))
+        try:
+            db.load("listing", pages)
+            query = f"SELECT {SELECT_COLUMNS} FROM listing ORDER BY {'seq' if ordered else 'uri'}"
+            data = db.write(query, dest, shard_size, archived=ordered, project=project)
+        finally:
+            db.close()
+    open_storage(dest, project=project).write(join(dest, TABLE_INDEX), data)
+    return data
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

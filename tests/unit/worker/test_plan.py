@@ -6,24 +6,12 @@ import random
 
 import pytest
 
-from worker.plan_store import PlanDB, PlanReader, TableIndex, fetch_pieces, iter_table, shards_per_piece
-from worker.results import TABLE_INDEX
-from worker.storage import Member, ObjectInfo, join, open_storage
+from worker.plan_store import PlanReader, TableIndex, fetch_pieces, iter_table, shards_per_piece, write_table
+from worker.storage import Member, ObjectInfo, join
 
 
 def _write(prefix, tmp_path, pages, shard_size, *, ordered=False):
-    db = PlanDB(tmp_path / "scratch")
-    try:
-        db.load("listing", pages)
-        order = "seq" if ordered else "uri"
-        query = (
-            f'SELECT uri, size, generation, crc32c, archive, "offset", format FROM listing ORDER BY {order}'
-        )
-        data = db.write(query, prefix, shard_size, archived=ordered)
-    finally:
-        db.close()
-    open_storage(prefix).write(join(prefix, TABLE_INDEX), data)
-    return TableIndex.decode(data)
+    return TableIndex.decode(write_table(prefix, pages, shard_size, ordered=ordered))
 
 
 def test_a_listing_in_any_order_is_written_sorted_in_pieces_of_whole_shards(
