@@ -110,8 +110,8 @@ class WorkerConfig:
     )
     output: str = field(
         metadata=_option(
-            "gs://bucket/prefix or a local directory for run.json, plan.jsonl, parts/, errors/ "
-            "and summary/ (and inventory.jsonl with --incremental); nothing is written anywhere else"
+            "gs://bucket/prefix or a local directory for run.json, plan/, parts/, errors/ "
+            "and summary/ (and inventory/ with --incremental); nothing is written anywhere else"
         )
     )
     model: str = field(

@@ -186,7 +186,7 @@ def check_parts(results_uri: str, record: dict, plan_sha256: str, part_uris: Ite
     Args:
         results_uri: The results prefix (for the messages).
         record: Its ``run.json``.
-        plan_sha256: The SHA-256 of its ``plan.jsonl``.
+        plan_sha256: The SHA-256 of its plan's index (``plan/index.json``).
         part_uris: The part files found under ``parts/``.
 
     Raises:
