@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -37,6 +37,19 @@ class ShardSource(Protocol):
     def objects(self, shard: int) -> list[ObjectInfo]:
         """The images of shard ``shard``, in plan order (``worker.plan_store.PlanReader``)."""
         ...
+
+
+@dataclass(frozen=True)
+class PlanInMemory:
+    """A plan held as a list, read a shard at a time as ``batches`` reads one: for tools and
+    benchmarks over inputs small enough to list in memory.
+    """
+
+    entries: Sequence[ObjectInfo]
+    shard_size: int
+
+    def objects(self, shard: int) -> list[ObjectInfo]:
+        return list(self.entries[shard * self.shard_size : (shard + 1) * self.shard_size])
 
 
 # Shards whose plan rows are read ahead of the batches: reading a shard's row group costs a
