@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 COMPOSITES = "dataflux-composed-objects/"
 # Listing threads per listing process asked for: each waits on the network most of the time.
 _LISTERS_PER_PROCESS = 4
+# What a plan's listing asks GCS for: each object's name, size, generation and checksum.
+_LISTED_FIELDS = "items(name,size,generation,crc32c),prefixes,nextPageToken"
 # GCS composes at most 32 sources into one object.
 COMPOSE_MAX_OBJECTS = 32
 
@@ -105,19 +107,32 @@ class GCSStorage:
 
     def _level(self, bucket_name: str, prefix: str):
         """One level under ``prefix``: pages of its objects and of its sub-prefixes."""
-        blobs = self.client.list_blobs(
-            bucket_name,
-            prefix=prefix or None,
-            delimiter="/",
+        from google.cloud.storage.bucket import _blobs_page_start
+
+        def to_info(_iterator, item: dict) -> ObjectInfo:
+            generation = item.get("generation")
+            return ObjectInfo(
+                gcs_uri(bucket_name, item["name"]),
+                int(item.get("size") or 0),
+                None if generation is None else int(generation),
+                item.get("crc32c"),
+            )
+
+        params = {"projection": "noAcl", "delimiter": "/", "fields": _LISTED_FIELDS}
+        if prefix:
+            params["prefix"] = prefix
+        # list_blobs' own iterator, but with items made straight into ObjectInfo: building a Blob
+        # per item costs ~16 us of GIL-held CPU, a quarter of an hour on rank 0 per 10^8 objects.
+        pages = self.client._list_resource(
+            f"/b/{bucket_name}/o",
+            to_info,
+            extra_params=params,
+            page_start=_blobs_page_start,
             retry=self.retry,
-            fields="items(name,size,generation,crc32c),prefixes,nextPageToken",
         )
-        for page in blobs.pages:
-            objects = [
-                _info(bucket_name, b)
-                for b in page
-                if not b.name.endswith("/") and not b.name.startswith(COMPOSITES)
-            ]
+        pages.prefixes = set()
+        for page in pages.pages:
+            objects = [o for o in page if not o.uri.endswith("/") and not _in_composites(bucket_name, o.uri)]
             yield objects, [p for p in page.prefixes if p != COMPOSITES]
 
     def download(self, uri: str, path: str) -> None:
@@ -297,6 +312,10 @@ class _ComposedReader(ThreadedReader):
     def close(self) -> None:
         super().close()
         self._chunks.shutdown(wait=True)
+
+
+def _in_composites(bucket_name: str, uri: str) -> bool:
+    return uri.startswith(gcs_uri(bucket_name, COMPOSITES))
 
 
 def _info(bucket_name: str, blob) -> ObjectInfo:
