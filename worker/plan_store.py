@@ -169,7 +169,8 @@ class PlanDB:
             )
 
     def count(self, sql: str) -> int:
-        return self.con.execute(sql).fetchone()[0] or 0
+        # fetchall, not fetchone: an unfinished result would block the next streamed query.
+        return self.con.execute(sql).fetchall()[0][0] or 0
 
     def write(
         self, query: str, dest: str, shard_size: int, *, archived: bool, project: str | None = None
