@@ -12,7 +12,7 @@ plan rows of every shard it is given (``worker.read.batches`` over ``PlanReader`
 assignment over 16 ranks), the committed-shard lookup (``Committer.scan`` over one part per
 shard), and the aggregate (``components.aggregate.aggregate``) over parts written for every
 image (1 % error rows). Each stage runs in a fresh process; its peak RSS is that process's
-``ru_maxrss``. A rank's *plan memory* is its peak RSS less its RSS before it opened the plan.
+``VmHWM``. A rank's *plan memory* is its peak RSS less its RSS before it opened the plan.
 Figures go in benchmarks/NOTES.md; ``--json FILE`` writes them for one size.
 """
 
@@ -22,7 +22,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -87,6 +86,15 @@ def _rss_mib() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _peak_mib() -> float:
+    """This process's peak RSS (``VmHWM``). Not ``ru_maxrss``: Linux carries the parent's peak into
+    a child across fork and exec, so a stage started from a big process would report that one's.
+    """
+    with open("/proc/self/status") as fh:
+        kib = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    return kib / 1024
+
+
 def _config(out: Path):
     from worker.config import parse_args
 
@@ -132,8 +140,7 @@ def stage_rank(out: Path, rank: int) -> dict:
     plan = PlanReader(join(str(out), PLAN_DIR), index)
     mine = static_assignment(make_shards(index.images, index.shard_size), rank, RANKS)
     images = sum(len(b.objects) for b in batches(plan, mine, 256))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"rank": rank, "images": images, "plan_mib": round(peak - before, 1)}
+    return {"rank": rank, "images": images, "plan_mib": round(_peak_mib() - before, 1)}
 
 
 def stage_parts(out: Path, fingerprint: str) -> dict:
@@ -195,18 +202,16 @@ def stage_aggregate(out: Path, artifacts: Path) -> dict:
 
 
 def _child(stage: str, images: int, scratch: Path, *args: str) -> tuple[dict, float, float]:
-    """Run one stage in a fresh process: (its figures, seconds, peak RSS in MiB)."""
+    """Run one stage in a fresh process: (its figures, seconds, its peak RSS in MiB)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(scratch), SCALE_IMAGES=str(images))
     cmd = [sys.executable, "-m", "benchmarks.scale", "--stage", stage, "--scratch", str(scratch), *args]
     start = time.perf_counter()
-    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
-    output = child.stdout.read()
-    # wait4 gives this child's own resource usage: ru_maxrss is its peak RSS in KiB.
-    _, status, usage = os.wait4(child.pid, 0)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status):
+    if proc.returncode:
         raise RuntimeError(f"stage {stage} at {images:,} images failed")
-    return json.loads(output.strip().splitlines()[-1]), seconds, usage.ru_maxrss / 1024
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    return figures, seconds, figures.pop("peak_rss_mib")
 
 
 def measure(images: int, scratch: Path, *, aggregate: bool = True) -> dict:
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             "committed": lambda: stage_committed(out, args.args[1]),
             "aggregate": lambda: stage_aggregate(out, Path(args.args[1])),
         }[args.stage]
-        print(json.dumps(run()))
+        print(json.dumps(run() | {"peak_rss_mib": round(_peak_mib(), 1)}))
         return 0
     sizes = sorted(args.images or [1_000_000, 10_000_000])
     print(

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from worker.results import TABLE_INDEX, piece_name
-from worker.storage import Member, ObjectInfo, Storage, is_gcs, join, open_storage
+from worker.storage import Member, ObjectInfo, Storage, join, open_storage
 
 # One column per ObjectInfo field; the member's three are null for an object of its own.
 SCHEMA = pa.schema(
@@ -289,8 +289,8 @@ def iter_table(dest: str, index: TableIndex, *, project: str | None = None) -> I
 
 
 class _RangeFile(io.RawIOBase):
-    """A read-only file over an object, each read one ranged request: Parquet reads a footer and
-    a row group's column chunks, never the whole piece.
+    """A read-only file over an object, each read one ranged request (``Storage.read``): Parquet
+    reads a footer and a row group's column chunks, never the whole piece.
     """
 
     def __init__(self, storage: Storage, uri: str, size: int):
@@ -313,7 +313,7 @@ class _RangeFile(io.RawIOBase):
     def readinto(self, buffer) -> int:
         n = min(len(buffer), max(0, self.size - self.position))
         if n:
-            data = self.storage.read_range(self.uri, self.position, n)
+            data = self.storage.read(self.uri, offset=self.position, length=n)
             buffer[: len(data)] = data
             n = len(data)
         self.position += n
@@ -336,9 +336,8 @@ class PlanReader:
     def _piece(self, number: int) -> pq.ParquetFile:
         if self._open is None or self._open[0] != number:
             piece = self.index.pieces[number]
-            uri = join(self.dest, piece["name"])
-            source = _RangeFile(self.storage, uri, piece["bytes"]) if is_gcs(uri) else uri
-            self._open = (number, pq.ParquetFile(source, memory_map=False))
+            source = _RangeFile(self.storage, join(self.dest, piece["name"]), piece["bytes"])
+            self._open = (number, pq.ParquetFile(source, memory_map=False, pre_buffer=True))
         return self._open[1]
 
     def objects(self, shard: int) -> list[ObjectInfo]:

@@ -259,7 +259,13 @@ class Storage(Protocol):
         """Copy the object into the local file ``path``, streamed (never whole in memory)."""
         ...
 
-    def read(self, uri: str) -> bytes: ...
+    def read(self, uri: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        """The object's bytes, or ``length`` of them from ``offset`` (fewer where it ends first).
+
+        For control files (records, plans, manifests): on GCS through google-cloud-storage, whose
+        retries are its own; ``read_range`` is the path for bulk bytes.
+        """
+        ...
 
     def read_range(self, uri: str, offset: int, length: int) -> bytes | memoryview:
         """``length`` bytes from ``offset`` in one request: fewer where the object ends first, none

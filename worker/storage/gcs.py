@@ -144,12 +144,16 @@ class GCSStorage:
         except exceptions.NotFound as exc:
             raise FileNotFoundError(f"object not found: {uri}") from exc
 
-    def read(self, uri: str, *, retry=None) -> bytes:
+    def read(self, uri: str, *, offset: int = 0, length: int | None = None, retry=None) -> bytes:
         from google.api_core import exceptions
 
         bucket_name, name = split_uri(uri)
+        if length == 0:
+            return b""
+        end = None if length is None else offset + length - 1  # inclusive, as the Range header
         try:
-            return self.client.bucket(bucket_name).blob(name).download_as_bytes(retry=retry or self.retry)
+            blob = self.client.bucket(bucket_name).blob(name)
+            return blob.download_as_bytes(start=offset or None, end=end, retry=retry or self.retry)
         except exceptions.NotFound as exc:
             raise FileNotFoundError(f"object not found: {uri}") from exc
 

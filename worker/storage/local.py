@@ -68,8 +68,12 @@ class LocalStorage:
     def download(self, uri: str, path: str) -> None:
         shutil.copyfile(uri, path)
 
-    def read(self, uri: str) -> bytes:
-        return Path(uri).read_bytes()
+    def read(self, uri: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        if not offset and length is None:
+            return Path(uri).read_bytes()
+        with open(uri, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(-1 if length is None else length)
 
     def read_range(self, uri: str, offset: int, length: int) -> bytes:
         fd = os.open(uri, os.O_RDONLY)
