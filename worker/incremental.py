@@ -29,7 +29,7 @@ Rows of deleted objects are dropped because their URI is not in the inventory.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from worker.plan_store import PlanDB, fetch_pieces, read_index
@@ -46,11 +46,10 @@ from worker.results import (
     results_root_of,
     run_record,
 )
-from worker.storage import join, open_storage
+from worker.storage import ObjectInfo, join, open_storage
 
 if TYPE_CHECKING:
     from worker.config import WorkerConfig
-    from worker.plan import Listing
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def latest_base(
 def plan_incremental(
     cfg: WorkerConfig,
     db: PlanDB,
-    list_input: Callable[[WorkerConfig], Listing],
+    list_input: Callable[[WorkerConfig], Iterable[list[ObjectInfo]]],
     write_listing: Callable[[PlanDB, str, bool, str, WorkerConfig], bytes],
     current: Callable[[], dict] | None = None,
 ) -> tuple[bytes, dict]:
@@ -97,7 +96,8 @@ def plan_incremental(
     Args:
         cfg: The worker config (``cfg.incremental`` is set, the input is gs://).
         db: The scratch database the tables are built in.
-        list_input: Lists the input's images with their generations (stage 1's listing).
+        list_input: Lists the input's images with their generations (stage 1's listing: pages,
+            and ``ordered`` once they are read).
         write_listing: Writes a table of ``db`` in plan order as pieces (stage 1's).
         current: This run's settings and model revision (it may wait for the model), to choose a
             base whose labels are this run's.
