@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,14 +119,33 @@ def make_plan(cfg: WorkerConfig, current: Callable[[], dict] | None = None) -> t
             db.close()
 
 
-def make_shards(n_images: int, shard_size: int) -> list[Shard]:
+class Shards(Sequence[Shard]):
+    """Fixed-size shards covering [0, n) exactly, no padding, no drops, made on demand: a hundred
+    million images are ~100,000 shards, which no rank needs as objects at once. A slice is
+    another ``Shards`` over a ``range`` of shard numbers.
+    """
+
+    def __init__(self, n_images: int, shard_size: int, numbers: range | None = None):
+        self.n_images = n_images
+        self.shard_size = shard_size
+        self.numbers = range(-(-n_images // shard_size)) if numbers is None else numbers
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return Shards(self.n_images, self.shard_size, self.numbers[index])
+        number = self.numbers[index]
+        start = number * self.shard_size
+        return Shard(number, start, min(start + self.shard_size, self.n_images))
+
+
+def make_shards(n_images: int, shard_size: int) -> Shards:
     """Fixed-size shards covering [0, n) exactly: no padding, no drops."""
-    return [
-        Shard(i, start, min(start + shard_size, n_images))
-        for i, start in enumerate(range(0, n_images, shard_size))
-    ]
+    return Shards(n_images, shard_size)
 
 
-def static_assignment(shards: list[Shard], rank: int, world_size: int) -> list[Shard]:
+def static_assignment(shards: Shards, rank: int, world_size: int) -> Shards:
     """Shard i goes to rank i mod world: deterministic, and balanced to within one shard."""
     return shards[rank::world_size]

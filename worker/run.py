@@ -28,7 +28,7 @@ from worker.infer import (
     warm_up,
 )
 from worker.model_files import fetch_model_once_per_node
-from worker.plan import Shard, make_shards, static_assignment
+from worker.plan import Shard, Shards, make_shards, static_assignment
 from worker.plan_store import PlanReader, TableIndex
 from worker.read import batches, open_reader, prefetch_map, read_batches, read_settings
 from worker.results import PLAN_DIR
@@ -98,7 +98,7 @@ class Worker:
         pool.shutdown(wait=False)
         return self.planning
 
-    def finish_planning(self, planning: Future | None) -> tuple[PlanReader, str, list[Shard], set[int]]:
+    def finish_planning(self, planning: Future | None) -> tuple[PlanReader, str, Shards, set[int]]:
         """Every rank's view of the plan: its index (what rank 0 broadcasts, a few hundred bytes
         per piece of 64k images, never the images) and the shards already committed.
         """
@@ -111,15 +111,12 @@ class Worker:
             log.info("resuming: %d of %d shards are already committed", len(committed), len(shards))
         return plan, fingerprint, shards, committed
 
-    def my_shards(self, shards: list[Shard], committed: set[int]) -> tuple[Iterator[Shard], int]:
+    def my_shards(self, shards: Shards, committed: set[int]) -> tuple[Iterator[Shard], int]:
         """This rank's shards, and an estimate of its image count (exact for static assignment)."""
         if self.cfg.assignment == "static":
-            mine = [
-                s
-                for s in static_assignment(shards, self.topo.rank, self.topo.world_size)
-                if s.index not in committed
-            ]
-            return iter(mine), sum(len(s) for s in mine)
+            mine = static_assignment(shards, self.topo.rank, self.topo.world_size)
+            expected = sum(len(s) for s in mine if s.index not in committed)
+            return (s for s in mine if s.index not in committed), expected
         todo = sum(len(s) for s in shards if s.index not in committed)
         claimed = (shards[i] for i in self.topo.claim_shards(len(shards)) if i not in committed)
         return claimed, -(-todo // self.topo.world_size)
