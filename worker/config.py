@@ -268,7 +268,8 @@ class WorkerConfig:
     list_processes: int = field(
         default=8,
         metadata=_option(
-            "processes that list the input (DataFlux on GCS; folders split between them on local disk)",
+            "how widely the input is listed: on GCS 4 threads per process, fanned out over its prefixes; "
+            "on local disk, processes that split its folders",
             minimum=1,
         ),
     )
