@@ -234,7 +234,7 @@ def worker_config(input_uri: str, output: Path, model: Path, args, **overrides):
 def read_stage_rate(objects: list[tuple[str, int]], args, model: Path, **overrides) -> dict:
     """Objects/s of the worker's read stage alone, with its default settings."""
     from worker.plan import make_shards
-    from worker.read import batches, open_reader, read_batches, read_settings
+    from worker.read import PlanInMemory, batches, open_reader, read_batches, read_settings
     from worker.storage import ObjectInfo, ReadError
 
     cfg = worker_config(f"gs://{BUCKET}/{PREFIX}", Path("/unused"), model, args, **overrides)
@@ -245,7 +245,8 @@ def read_stage_rate(objects: list[tuple[str, int]], args, model: Path, **overrid
     with CpuSampler() as cpu:
         start = time.perf_counter()
         try:
-            work = batches(plan, make_shards(len(plan), cfg.shard_size), args.batch_size)
+            shards = make_shards(len(plan), cfg.shard_size)
+            work = batches(PlanInMemory(plan, cfg.shard_size), shards, args.batch_size)
             for batch in read_batches(reader, work, settings):
                 errors += sum(isinstance(p, ReadError) for p in batch.payloads)
         finally:
@@ -278,7 +279,8 @@ def peak_rss(planned: int, objects: list[tuple[str, int]], model: Path, work: Pa
     """Peak RSS (MiB) of a one-rank worker whose plan holds ``planned`` images, of which only the
     shards holding the uploaded objects are left to do.
     """
-    from worker.results import PART_COLUMNS, PARTS_DIR, PLAN_FILE, encode_plan, encode_rows, part_name
+    from worker.plan_store import write_table
+    from worker.results import PART_COLUMNS, PARTS_DIR, PLAN_DIR, encode_rows, part_name
     from worker.storage import ObjectInfo
 
     out = work / f"memory-{planned}"
@@ -290,7 +292,7 @@ def peak_rss(planned: int, objects: list[tuple[str, int]], model: Path, work: Pa
     fake = [
         ObjectInfo(f"gs://{BUCKET}/{PREFIX}~planned/{i:08d}.jpg", 70_000) for i in range(planned - len(real))
     ]
-    (out / PLAN_FILE).write_bytes(encode_plan(real + fake))
+    write_table(str(out / PLAN_DIR), [real + fake], shard)
     for index in range(math.ceil(len(real) / shard), math.ceil(planned / shard)):
         (out / PARTS_DIR / part_name(index)).write_bytes(encode_rows(PART_COLUMNS, []))
     cmd = [sys.executable, "-m", "worker", "--input", f"gs://{BUCKET}/{PREFIX}", "--output", str(out)]

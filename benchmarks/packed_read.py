@@ -30,7 +30,7 @@ from worker.archives.listing import packed_entries
 from worker.archives.packed import packed_dir
 from worker.config import parse_args
 from worker.plan import make_shards
-from worker.read import batches, open_reader, read_batches, read_settings
+from worker.read import PlanInMemory, batches, open_reader, read_batches, read_settings
 from worker.storage import open_storage, split_uri
 from worker.storage.gcs_ranges import RangeReader
 from worker.storage.gcs_reader import EMULATOR_HOST as EMULATOR_HOST_ENV
@@ -81,7 +81,9 @@ def read_stage(prefix: str, label: str, batch_size: int, extra: list[str]) -> tu
     images = 0
     try:
         for batch in read_batches(
-            reader, batches(plan, make_shards(len(plan), 4 * batch_size), batch_size), settings
+            reader,
+            batches(PlanInMemory(plan, 4 * batch_size), make_shards(len(plan), 4 * batch_size), batch_size),
+            settings,
         ):
             images += sum(not isinstance(p, Exception) for p in batch.payloads)
     finally:

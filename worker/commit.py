@@ -54,14 +54,16 @@ class Committer:
         self.storage = open_storage(output, project=project)
 
     def scan(self) -> tuple[set[int], list[str]]:
-        """The shards this run has committed, and the parts of any other run: one listing."""
+        """The shards this run has committed, and the parts of any other run: one listing, streamed
+        (tens of thousands of parts are a few dozen pages), never a request per shard.
+        """
         prefix = folder(join(self.output, PARTS_DIR))
+        committed, foreign = set(), []
         try:
-            listed = [o.uri for o in self.storage.list(prefix)]
+            uris = [o.uri for page in self.storage.list_pages(prefix) for o in page]
         except FileNotFoundError:
             return set(), []
-        committed, foreign = set(), []
-        for uri in listed:
+        for uri in uris:
             part = parse_part(uri[len(prefix) :])
             if part is None:
                 continue

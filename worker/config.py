@@ -113,8 +113,8 @@ class WorkerConfig:
     )
     output: str = field(
         metadata=_option(
-            "gs://bucket/prefix or a local directory for run.json, plan.jsonl, parts/, errors/ "
-            "and summary/ (and inventory.jsonl with --incremental); nothing is written anywhere else"
+            "gs://bucket/prefix or a local directory for run.json, plan/, parts/, errors/ "
+            "and summary/ (and inventory/ with --incremental); nothing is written anywhere else"
         )
     )
     model: str = field(
@@ -305,7 +305,8 @@ class WorkerConfig:
     list_processes: int = field(
         default=8,
         metadata=_option(
-            "processes that list the input (DataFlux on GCS; folders split between them on local disk)",
+            "how widely the input is listed: on GCS 4 threads per process, fanned out over its prefixes; "
+            "on local disk, processes that split its folders",
             minimum=1,
         ),
     )

@@ -1,8 +1,9 @@
 """Process-group plumbing: who am I, share the plan, claim shards.
 
 Inference needs no gradient sync, so there is no DDP wrapper. The process group
-carries only control traffic: the plan broadcast, barriers, and (for dynamic
-assignment) an atomic shard counter in torchrun's rendezvous store.
+carries only control traffic: the broadcast of the plan's index (a few hundred bytes per
+piece of 64k images, never the images: each rank reads its own shards' rows from OUTPUT),
+barriers, and (for dynamic assignment) an atomic shard counter in torchrun's rendezvous store.
 """
 
 from __future__ import annotations

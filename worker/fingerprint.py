@@ -7,7 +7,7 @@ part the run commits. Rank 0 checks OUTPUT against this run before any rank read
 
 1. at once, before the model loads: the record's settings (input, model, task, shard size,
    device type, decode, incremental);
-2. with the plan in hand: the plan the record was made with (OUTPUT's plan.jsonl is reused;
+2. with the plan in hand: the plan the record was made with (OUTPUT's plan is reused;
    one listed anew must equal it);
 3. with the model fetched: its revision (the hub commit, or the SHA-256 of the directory's
    files as loaded), then the fingerprints in the names of the parts under ``parts/``.
@@ -42,21 +42,22 @@ from worker.commit import Committer
 from worker.config import ConfigError, WorkerConfig
 from worker.exported import SIDECAR_FILES
 from worker.model_files import fetch_model
-from worker.plan import PlanColumns, make_plan
+from worker.plan import make_plan
+from worker.plan_store import TableIndex, read_index
 from worker.results import (
     COLUMNS_KEY,
     ERRORS_DIR,
+    INVENTORY_DIR,
     INVENTORY_FILE,
     LABEL_KEYS,
     MANIFEST,
     MARKER,
     PARTS_DIR,
+    PLAN_DIR,
     PLAN_FILE,
     RUN_FILE,
     SUMMARY_DIR,
     differences,
-    encode_plan,
-    iter_plan,
     parse_part,
     plan_digest,
     read_run_record,
@@ -64,7 +65,7 @@ from worker.results import (
     write_run_record,
 )
 from worker.schema import Column, schema_to_json
-from worker.storage import ObjectInfo, folder, join, open_storage
+from worker.storage import folder, join, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,23 @@ class Plan:
     """This run's plan.
 
     Attributes:
-        objects: The images, sorted by URI.
-        sha256: The SHA-256 of ``plan.jsonl``'s bytes.
+        index_bytes: Its ``plan/index.json`` (``worker.plan_store.TableIndex``): the pieces
+            that hold the images, sorted by URI.
+        sha256: The SHA-256 of the index's bytes, which name every piece's.
         record: What it was made from, with this run's settings: the record before it is sealed.
     """
 
-    objects: Sequence[ObjectInfo]
+    index_bytes: bytes
     sha256: str
     record: dict
+
+    @property
+    def index(self) -> TableIndex:
+        return TableIndex.decode(self.index_bytes)
+
+    @property
+    def images(self) -> int:
+        return self.index.images
 
 
 def model_revision(model_path: str) -> str:
@@ -134,14 +144,15 @@ def clear_results(output: str, *, everything: bool, project: str | None = None) 
     """
     storage = open_storage(output, project=project)
     first = [join(output, MARKER), join(output, MANIFEST)]
+    # A table's index goes before its pieces, so that no index outlives a piece it names.
+    if everything:
+        first += [join(output, INVENTORY_FILE), join(output, PLAN_FILE)]
     rest = []
-    for directory in (PARTS_DIR, ERRORS_DIR, SUMMARY_DIR):
+    for directory in (PARTS_DIR, ERRORS_DIR, SUMMARY_DIR, *((PLAN_DIR, INVENTORY_DIR) if everything else ())):
         try:
             rest += [o.uri for o in storage.list(folder(join(output, directory)))]
         except FileNotFoundError:
             pass
-    if everything:
-        rest += [join(output, INVENTORY_FILE), join(output, PLAN_FILE)]
     deleted = sum(storage.delete(uri) for uri in first)
     with ThreadPoolExecutor(_DELETE_THREADS) as pool:
         deleted += sum(pool.map(storage.delete, rest))
@@ -190,10 +201,8 @@ class OutputGuard:
         """
         cfg = self.cfg
         plan_uri = join(cfg.output, PLAN_FILE)
-        try:
-            data = self.storage.read(plan_uri)
-        except FileNotFoundError:
-            data = None
+        found = read_index(join(cfg.output, PLAN_DIR), project=cfg.project)
+        data = found[1] if found else None
         if data is not None and not self.recorded:
             # Nothing says what this plan was made from (its record was deleted, or an older
             # worker wrote it), so it cannot be trusted to be this run's.
@@ -202,30 +211,29 @@ class OutputGuard:
         fresh = data is None
         current = (lambda: {**self.settings, "model_revision": revision()}) if revision else None
         if fresh:
-            objects, made_from = make_plan(cfg, current)
-            data = encode_plan(objects)
+            data, made_from = make_plan(cfg, current)
         else:
             if current and (why := self._base_disagrees(self.recorded, current)):
                 # Planned where the revision was not known (an older launcher): its base would
                 # carry another model's labels over. Nothing is committed before the seal.
                 self._start_over(f"its incremental base was classified with {why}", everything=True)
                 return self.plan(revision)
-            # Compact columns, parsed line by line: a million-image plan stays small in memory.
-            objects, made_from = PlanColumns.of(iter_plan(data)), self.recorded
+            made_from = self.recorded
         sha256 = plan_digest(data)
         if self.recorded and (why := differences(self.recorded, {"plan_sha256": sha256})):
             self._start_over(f"{why} (the input's listing changed since)", everything=False)
         record = {k: v for k, v in made_from.items() if k not in ("fingerprint", "model_revision")}
         record.update(self.settings, plan_sha256=sha256)
+        images = TableIndex.decode(data).images
         if fresh:
             if self.recorded.get("plan_sha256") != sha256:
                 write_run_record(cfg.output, record, project=cfg.project)
             if not self.storage.write(plan_uri, data, if_absent=True) and self.storage.read(plan_uri) != data:
                 raise RunMismatch(f"another job wrote a different plan to {cfg.output} at the same time")
-            log.info("planned %d images from %s -> %s", len(objects), cfg.input, plan_uri)
+            log.info("planned %d images from %s -> %s", images, cfg.input, plan_uri)
         else:
-            log.info("reusing the existing plan %s: %d images", plan_uri, len(objects))
-        return Plan(objects, sha256, record)
+            log.info("reusing the existing plan %s: %d images", plan_uri, images)
+        return Plan(data, sha256, record)
 
     def seal(self, plan: Plan, revision: str) -> tuple[str, set[int]]:
         """Step 3: seal this run's record once its model is fetched.

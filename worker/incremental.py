@@ -8,15 +8,18 @@ with its label and the GCS generation it was classified at, carried-over rows in
 An incremental run (``--incremental``) plans in three steps, each written before the next so
 that a rerun after a crash recomputes the same plan:
 
-1. ``inventory.jsonl``: every image under the input now, with its generation (a plain GCS
-   listing, since DataFlux's fast listing carries no generation).
+1. ``inventory/``: every image under the input now, with its generation, as a table of the
+   plan's form (``worker.plan_store``).
 2. ``run.json``: the base run, the latest complete incremental sibling with the same input
    and model that agrees on what labels depend on, the model's revision included (none on a
    first run), and what the plan holds. A full run is never a base: its
    fast DataFlux listing has no generations, so it cannot show that an image is unchanged.
-3. ``plan.jsonl``: the inventory entries whose ``(uri, generation)`` the base's manifest does
+3. ``plan/``: the inventory entries whose ``(uri, generation)`` the base's manifest does
    not hold, i.e. new objects, overwritten objects, and objects the base could not classify
    (their errors are retried).
+
+Each step runs in DuckDB over tables on disk (the inventory, the base's manifest), so a hundred
+million images plan in bounded memory.
 
 The aggregate then checks exactly-once over the plan as usual, and writes the union: the
 base's rows for images still in the inventory at the same generation, plus this run's rows.
@@ -26,19 +29,19 @@ Rows of deleted objects are dropped because their URI is not in the inventory.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from worker.plan_store import PlanDB, fetch_pieces, read_index
 from worker.results import (
+    INVENTORY_DIR,
     INVENTORY_FILE,
     LABEL_KEYS,
     MANIFEST,
+    PLAN_DIR,
     CompletedRun,
     completed_runs,
-    decode_plan,
     differences,
-    encode_plan,
-    read_manifest,
     read_run_record,
     results_root_of,
     run_record,
@@ -83,28 +86,42 @@ def latest_base(
 
 def plan_incremental(
     cfg: WorkerConfig,
-    list_input: Callable[[WorkerConfig], list[ObjectInfo]],
+    db: PlanDB,
+    list_input: Callable[[WorkerConfig], Iterable[list[ObjectInfo]]],
+    write_listing: Callable[[PlanDB, str, bool, str, WorkerConfig], bytes],
     current: Callable[[], dict] | None = None,
-) -> tuple[list[ObjectInfo], dict]:
+) -> tuple[bytes, dict]:
     """Plan an incremental run: the inventory minus what the base run already classified.
 
     Args:
         cfg: The worker config (``cfg.incremental`` is set, the input is gs://).
-        list_input: Lists the input's images with their generations (stage 1's listing).
+        db: The scratch database the tables are built in.
+        list_input: Lists the input's images with their generations (stage 1's listing: pages,
+            and ``ordered`` once they are read).
+        write_listing: Writes a table of ``db`` in plan order as pieces (stage 1's).
         current: This run's settings and model revision (it may wait for the model), to choose a
             base whose labels are this run's.
 
     Returns:
-        The plan, and the ``run.json`` content to record with it.
+        The bytes of the plan's index (its pieces are written), and the ``run.json`` content to
+        record with it.
     """
     out = open_storage(cfg.output, project=cfg.project)
-    inventory_uri = join(cfg.output, INVENTORY_FILE)
-    if out.exists(inventory_uri):  # a rerun after a crash: the recorded inventory is the contract
-        inventory = decode_plan(out.read(inventory_uri))
-    else:
-        inventory = list_input(cfg)
-        if not out.write(inventory_uri, encode_plan(inventory), if_absent=True):
-            inventory = decode_plan(out.read(inventory_uri))
+    inventory_dir = join(cfg.output, INVENTORY_DIR)
+    found = read_index(inventory_dir, project=cfg.project)
+    if found is None:
+        listing = list_input(cfg)
+        db.load("inventory", listing)
+        ordered = listing.ordered
+        data = write_listing(db, "inventory", ordered, inventory_dir, cfg)
+        if not out.write(join(cfg.output, INVENTORY_FILE), data, if_absent=True):
+            found = read_index(inventory_dir, project=cfg.project)  # another attempt's won
+    if found is not None:  # a rerun after a crash: the recorded inventory is the contract
+        index, _ = found
+        db.load_pieces(
+            "inventory", fetch_pieces(inventory_dir, index, db.scratch / "inventory", project=cfg.project)
+        )
+        ordered = index.archived
     recorded = read_run_record(cfg.output, project=cfg.project)
     if recorded:
         base_uri = recorded["base"]
@@ -112,37 +129,36 @@ def plan_incremental(
         base = latest_base(cfg.output, cfg.input, cfg.model, current=current, project=cfg.project)
         base_uri = base.results_uri if base else None
 
-    done: dict[str, int | None] = {}
+    db.con.execute("CREATE OR REPLACE TABLE base (uri VARCHAR, generation BIGINT)")
     if base_uri:
-        import pandas as pd
-
-        rows = read_manifest(join(base_uri, MANIFEST), ["uri", "generation"], project=cfg.project)
-        done = {
-            u: None if pd.isna(g) else int(g) for u, g in zip(rows["uri"], rows["generation"], strict=False)
-        }
-    present = {o.uri for o in inventory}
+        manifest = db.scratch / "base.parquet"
+        open_storage(base_uri, project=cfg.project).download(join(base_uri, MANIFEST), str(manifest))
+        db.con.execute("INSERT INTO base SELECT uri, generation FROM read_parquet(?)", [str(manifest)])
     # A generation-less entry can never be proven unchanged, so it is always replanned.
-    plan = [o for o in inventory if o.generation is None or done.get(o.uri) != o.generation]
-    reused = len(inventory) - len(plan)
-    changed = sum(1 for o in plan if o.uri in done)
+    db.con.execute(
+        "CREATE OR REPLACE TABLE planned AS SELECT * FROM inventory i WHERE i.generation IS NULL OR NOT "
+        "EXISTS (SELECT 1 FROM base b WHERE b.uri = i.uri AND b.generation = i.generation)"
+    )
+    listed = db.count("SELECT count(*) FROM inventory")
+    planned = db.count("SELECT count(*) FROM planned")
     info = run_record(
         cfg.input,
         cfg.model,
         incremental=True,
         base=base_uri,
         inventory=INVENTORY_FILE,
-        listed=len(inventory),
-        planned=len(plan),
-        reused=reused,
-        changed=changed,
-        deleted=sum(1 for u in done if u not in present),
+        listed=listed,
+        planned=planned,
+        reused=listed - planned,
+        changed=db.count("SELECT count(*) FROM planned WHERE uri IN (SELECT uri FROM base)"),
+        deleted=db.count("SELECT count(DISTINCT uri) FROM base WHERE uri NOT IN (SELECT uri FROM inventory)"),
     )
     log.info(
         "incremental plan: %d of %d images are new or changed since %s (%d reused, %d deleted)",
-        len(plan),
-        len(inventory),
+        planned,
+        listed,
         base_uri or "no earlier complete run",
-        reused,
+        info["reused"],
         info["deleted"],
     )
-    return plan, info
+    return write_listing(db, "planned", ordered, join(cfg.output, PLAN_DIR), cfg), info

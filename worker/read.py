@@ -11,9 +11,9 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from worker.archives.members import MemberReader
 from worker.config import WorkerConfig
@@ -33,11 +33,38 @@ class Batch:
     payloads: list[bytes | memoryview | ReadError] | None = None
 
 
-def batches(plan: Sequence[ObjectInfo], shards: Iterable[Shard], batch_size: int) -> Iterator[Batch]:
-    for shard in shards:
-        for start in range(shard.start, shard.stop, batch_size):
-            stop = min(start + batch_size, shard.stop)
-            yield Batch(shard, plan[start:stop], last_in_shard=stop == shard.stop)
+class ShardSource(Protocol):
+    def objects(self, shard: int) -> list[ObjectInfo]:
+        """The images of shard ``shard``, in plan order (``worker.plan_store.PlanReader``)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PlanInMemory:
+    """A plan held as a list, read a shard at a time as ``batches`` reads one: for tools and
+    benchmarks over inputs small enough to list in memory.
+    """
+
+    entries: Sequence[ObjectInfo]
+    shard_size: int
+
+    def objects(self, shard: int) -> list[ObjectInfo]:
+        return list(self.entries[shard * self.shard_size : (shard + 1) * self.shard_size])
+
+
+# Shards whose plan rows are read ahead of the batches: reading a shard's row group costs a
+# request or two, which must not stall the read stage's submissions.
+PLAN_SHARDS_AHEAD = 2
+
+
+def batches(plan: ShardSource, shards: Iterable[Shard], batch_size: int) -> Iterator[Batch]:
+    """The shards' batches, each shard's plan rows read (in a thread of its own) just ahead."""
+    with ThreadPoolExecutor(1, thread_name_prefix="plan-read") as pool:
+        shard_rows = prefetch_map(lambda s: (s, plan.objects(s.index)), shards, pool, PLAN_SHARDS_AHEAD)
+        for shard, objects in shard_rows:
+            for start in range(0, len(shard), batch_size):
+                stop = min(start + batch_size, len(shard))
+                yield Batch(shard, objects[start:stop], last_in_shard=stop == len(shard))
 
 
 def prefetch_map(fn: Callable[[T], R], items: Iterable[T], pool: Executor, depth: int) -> Iterator[R]:

@@ -4,8 +4,10 @@ Everything that the worker writes and the aggregate, incremental planning or a u
 named and encoded here, once::
 
     OUTPUT/run.json              the run record: what the results are made from, and its fingerprint
-    OUTPUT/inventory.jsonl       incremental runs: every input image with its generation
-    OUTPUT/plan.jsonl            the plan: one JSON object per image, sorted by URI (or archive and offset)
+    OUTPUT/inventory/            incremental runs: every input image with its generation, as a table
+    OUTPUT/plan/index.json       the plan, a table (``worker.plan_store``): its pieces, their rows and SHA-256
+    OUTPUT/plan/piece-NNNNN.parquet  the images of consecutive whole shards, sorted by URI (or archive
+                                 and offset), one row group per shard
     OUTPUT/parts/part-NNNNN-F.csv  one per shard, PART_COLUMNS; its existence commits the shard
                                  for the run whose fingerprint is F (16 hex digits)
     OUTPUT/errors/part-NNNNN-F.csv the shard's error rows, ERROR_COLUMNS, written before its part
@@ -28,7 +30,7 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,14 +39,18 @@ from typing import TYPE_CHECKING
 
 from worker.config import FINGERPRINTED
 from worker.schema import Column, label_columns, schema_from_json
-from worker.storage import Member, ObjectInfo, folder, join, open_storage
+from worker.storage import folder, join, open_storage
 
 if TYPE_CHECKING:  # pandas is imported only where a manifest is read
     import pandas as pd
 
-PLAN_FILE = "plan.jsonl"
 RUN_FILE = "run.json"
-INVENTORY_FILE = "inventory.jsonl"
+# Tables (``worker.plan_store``): a folder of pieces and the index that names them, written last.
+TABLE_INDEX = "index.json"
+PLAN_DIR = "plan"
+PLAN_FILE = f"{PLAN_DIR}/{TABLE_INDEX}"
+INVENTORY_DIR = "inventory"
+INVENTORY_FILE = f"{INVENTORY_DIR}/{TABLE_INDEX}"
 PARTS_DIR = "parts"
 ERRORS_DIR = "errors"
 SUMMARY_DIR = "summary"
@@ -78,6 +84,11 @@ def columns_of(record: dict) -> tuple[Column, ...]:
 def part_name(shard_index: int, fingerprint: str) -> str:
     """The part (and error file) of shard ``shard_index`` of the run with ``fingerprint``."""
     return f"part-{shard_index:05d}-{fingerprint}.csv"
+
+
+def piece_name(number: int) -> str:
+    """A table's piece ``number`` (``worker.plan_store``)."""
+    return f"piece-{number:05d}.parquet"
 
 
 def summary_name(rank: int) -> str:
@@ -119,47 +130,6 @@ def encode_rows(header: tuple[str, ...], rows: Iterable[tuple]) -> bytes:
 _NEEDS_QUOTES = re.compile(r'[",\r\n]')
 
 
-# The plan codec (also the inventory's).
-
-
-def encode_plan(objects: list[ObjectInfo]) -> bytes:
-    """One JSON object per line: ``uri``, ``size``, ``generation`` where known, and for an image
-    inside an archive ``archive``, ``offset``, ``format`` (unless ``tar``) and its ``crc32c``.
-    """
-    # Built by hand: json.dumps of a dict per entry is 3x slower, and plans run to millions of lines.
-    quote = json.JSONEncoder(ensure_ascii=False).encode
-    lines = []
-    for o in objects:
-        line = f'{{"uri": {quote(o.uri)}, "size": {int(o.size)}'
-        if o.generation is not None:
-            line += f', "generation": {int(o.generation)}'
-        if o.member is not None:
-            line += f', "archive": {quote(o.member.archive)}, "offset": {int(o.member.offset)}'
-            if o.member.format != "tar":
-                line += f', "format": {quote(o.member.format)}'
-            if o.crc32c:
-                line += f', "crc32c": {quote(o.crc32c)}'
-        lines.append(line + "}")
-    return ("\n".join(lines) + "\n" if lines else "").encode("utf-8")
-
-
-def iter_plan(data: bytes) -> Iterator[ObjectInfo]:
-    """The plan's entries one by one, so that a million of them are never all dicts at once."""
-    loads = json.JSONDecoder().decode
-    for line in io.BytesIO(data):
-        if line.strip():
-            d = loads(line.decode("utf-8"))
-            if "archive" not in d:
-                yield ObjectInfo(d["uri"], int(d["size"]), d.get("generation"))
-                continue
-            member = Member(d["archive"], int(d["offset"]), d.get("format", "tar"))
-            yield ObjectInfo(d["uri"], int(d["size"]), d.get("generation"), d.get("crc32c"), member)
-
-
-def decode_plan(data: bytes) -> list[ObjectInfo]:
-    return list(iter_plan(data))
-
-
 # The run record (run.json) and the run's fingerprint.
 
 # What a run's rows depend on: the WorkerConfig fields marked ``fingerprint`` (``device`` as the
@@ -188,7 +158,7 @@ def run_record(input_uri: str, model: str, *, incremental: bool, base: str | Non
 
 
 def plan_digest(plan_bytes: bytes) -> str:
-    """The SHA-256 of a plan file's bytes (``plan_sha256`` of the record)."""
+    """The SHA-256 of the plan's index (``plan_sha256`` of the record), which holds every piece's."""
     return hashlib.sha256(plan_bytes).hexdigest()
 
 
@@ -242,7 +212,7 @@ def check_parts(results_uri: str, record: dict, plan_sha256: str, part_uris: Ite
     Args:
         results_uri: The results prefix (for the messages).
         record: Its ``run.json``.
-        plan_sha256: The SHA-256 of its ``plan.jsonl``.
+        plan_sha256: The SHA-256 of its plan's index (``plan/index.json``).
         part_uris: The part files found under ``parts/``.
 
     Raises:

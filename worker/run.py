@@ -28,9 +28,12 @@ from worker.infer import (
     warm_up,
 )
 from worker.model_files import fetch_model_once_per_node
-from worker.plan import PlanColumns, Shard, make_shards, static_assignment
+from worker.plan import Shard, Shards, make_shards, static_assignment
+from worker.plan_store import PlanReader, TableIndex
 from worker.read import batches, open_reader, prefetch_map, read_batches, read_settings
+from worker.results import PLAN_DIR
 from worker.schema import check_schema
+from worker.storage import join
 from worker.tasks import Task, task_class
 from worker.telemetry import Progress, StartupClock, Utilization, library_versions, log_done
 
@@ -91,34 +94,37 @@ class Worker:
         self.model_fetched = Future()
         pool = ThreadPoolExecutor(1, thread_name_prefix="plan")
 
-        def plan_on_rank0() -> tuple[PlanColumns, str, set[int]]:
+        def plan_on_rank0() -> tuple[bytes, str, list[int]]:
             discard_interrupted_writes(self.cfg.output, self.cfg.project)
             # Hashed once, when first needed: an incremental plan needs it to choose its base.
             revision = functools.cache(lambda: model_revision(self.model_fetched.result()))
             plan = guard.plan(revision)
             fingerprint, committed = guard.seal(plan, revision())
-            return PlanColumns.of(plan.objects), fingerprint, committed
+            return plan.index_bytes, fingerprint, sorted(committed)
 
         self.planning = pool.submit(plan_on_rank0)
         pool.shutdown(wait=False)
         return self.planning
 
-    def finish_planning(self, planning: Future | None) -> tuple[PlanColumns, str, list[Shard], set[int]]:
-        plan, fingerprint, committed = self.topo.broadcast(planning.result() if planning else None)
-        shards = make_shards(len(plan), self.cfg.shard_size)
+    def finish_planning(self, planning: Future | None) -> tuple[PlanReader, str, Shards, set[int]]:
+        """Every rank's view of the plan: its index (what rank 0 broadcasts, a few hundred bytes
+        per piece of 64k images, never the images) and the shards already committed.
+        """
+        index_bytes, fingerprint, committed = self.topo.broadcast(planning.result() if planning else None)
+        index = TableIndex.decode(index_bytes)
+        plan = PlanReader(join(self.cfg.output, PLAN_DIR), index, project=self.cfg.project)
+        committed = set(committed)
+        shards = make_shards(index.images, index.shard_size)
         if committed:
             log.info("resuming: %d of %d shards are already committed", len(committed), len(shards))
         return plan, fingerprint, shards, committed
 
-    def my_shards(self, shards: list[Shard], committed: set[int]) -> tuple[Iterator[Shard], int]:
+    def my_shards(self, shards: Shards, committed: set[int]) -> tuple[Iterator[Shard], int]:
         """This rank's shards, and an estimate of its image count (exact for static assignment)."""
         if self.cfg.assignment == "static":
-            mine = [
-                s
-                for s in static_assignment(shards, self.topo.rank, self.topo.world_size)
-                if s.index not in committed
-            ]
-            return iter(mine), sum(len(s) for s in mine)
+            mine = static_assignment(shards, self.topo.rank, self.topo.world_size)
+            expected = sum(len(s) for s in mine if s.index not in committed)
+            return (s for s in mine if s.index not in committed), expected
         todo = sum(len(s) for s in shards if s.index not in committed)
         claimed = (shards[i] for i in self.topo.claim_shards(len(shards)) if i not in committed)
         return claimed, -(-todo // self.topo.world_size)
@@ -179,7 +185,7 @@ class Worker:
             )
             self.startup.mark("decoder_ready")
             settings = read_settings(cfg, topo.world_size)
-            archived = plan.members is not None
+            archived = plan.index.archived
             reader = stack.enter_context(contextlib.closing(open_reader(cfg, settings, archived=archived)))
             progress = Progress(
                 topo.rank, expected, cfg.log_interval, reads=reader.stats, utilization=self.utilization

@@ -18,7 +18,6 @@ aggregates in a task of a few GB.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -29,19 +28,23 @@ from components.aggregate import tables
 from components.aggregate.report import render_report
 from components.aggregate.summary import AggregateReport
 from components.launch.job_record import JobRecord
+from worker.plan_store import fetch_pieces, read_index
 from worker.results import (
     ERRORS_DIR,
+    INVENTORY_DIR,
     INVENTORY_FILE,
     MANIFEST,
     MARKER,
     PART_FILE,
     PARTS_DIR,
+    PLAN_DIR,
     PLAN_FILE,
     SUMMARY_DIR,
     SUMMARY_FILE,
     check_parts,
     columns_of,
     completion_marker,
+    plan_digest,
     read_run_record,
 )
 from worker.storage import ObjectInfo, Storage, folder, join, open_storage, write_text
@@ -122,13 +125,14 @@ def aggregate(
     storage = open_storage(results_uri)
     with tempfile.TemporaryDirectory(prefix="aggregate-") as tmp:
         scratch = Path(tmp)
-        plan_uri = join(results_uri, PLAN_FILE)
-        try:
-            plan_path, plan_sha256 = _fetch(storage, plan_uri, scratch / "plan.jsonl")
-        except FileNotFoundError as exc:
+        found = read_index(join(results_uri, PLAN_DIR))
+        if found is None:
             raise FileNotFoundError(
-                f"no plan at {plan_uri}: the worker has not run for these results"
-            ) from exc
+                f"no plan at {join(results_uri, PLAN_FILE)}: the worker has not run for these results"
+            )
+        plan_index, index_bytes = found
+        plan_sha256 = plan_digest(index_bytes)
+        plan_paths = fetch_pieces(join(results_uri, PLAN_DIR), plan_index, scratch / "plan")
         con = tables.connect(scratch)
         try:
             return _aggregate(
@@ -136,7 +140,7 @@ def aggregate(
                 storage,
                 results_uri,
                 scratch,
-                plan_path=plan_path,
+                plan_paths=plan_paths,
                 plan_sha256=plan_sha256,
                 outputs=(csv_path, parquet_path, html_path, errors_path),
                 job=job,
@@ -152,14 +156,14 @@ def _aggregate(
     results_uri: str,
     scratch: Path,
     *,
-    plan_path: Path,
+    plan_paths: list[Path],
     plan_sha256: str,
     outputs: tuple[str, str, str, str | None],
     job: JobRecord | None,
     price_per_gpu_hour: float,
 ) -> AggregateReport:
     csv_path, parquet_path, html_path, errors_path = outputs
-    tables.load_jsonl_listing(con, "plan", plan_path)
+    tables.load_listing(con, "plan", plan_paths)
     part_files = _list_named(storage, join(results_uri, PARTS_DIR), PART_FILE)
     run_info = read_run_record(results_uri)
     # Parts of another run (another input, model, plan...) are rejected by name, never merged.
@@ -207,7 +211,10 @@ def _aggregate(
         tables.copy_to(con, "SELECT uri, reason FROM errors ORDER BY uri", errors_path, "csv")
     manifest_path = scratch / "manifest.parquet"
     tables.copy_to(con, "SELECT * FROM merged ORDER BY uri", manifest_path, "parquet")
-    storage.write(join(results_uri, MANIFEST), manifest_path.read_bytes())
+    # Uploaded from the file: at 100 M rows the manifest is GBs, never held in memory.
+    (failed,) = storage.upload_files([(str(manifest_path), join(results_uri, MANIFEST))], workers=1)
+    if failed is not None:
+        raise failed
 
     # Written last: its presence means the results were complete and aggregated, and that the
     # manifest is there for the next incremental run.
@@ -217,13 +224,6 @@ def _aggregate(
     write_text(join(results_uri, MARKER), json.dumps(marker, indent=2, sort_keys=True) + "\n")
     log.info("aggregated %s: %s", results_uri, report.metrics)
     return report
-
-
-def _fetch(storage: Storage, uri: str, path: Path) -> tuple[Path, str]:
-    """Copy the object ``uri`` into the local file ``path``; return it and its SHA-256."""
-    data = storage.read(uri)
-    path.write_bytes(data)
-    return path, hashlib.sha256(data).hexdigest()
 
 
 def _carry_over(
@@ -239,12 +239,16 @@ def _carry_over(
     if not base:
         con.execute(f"CREATE TABLE carried ({tables.manifest_sql_columns(columns)})")
         return 0, 0, 0
-    inventory, _ = _fetch(
-        storage, join(results_uri, run_info.get("inventory", INVENTORY_FILE)), scratch / "inventory.jsonl"
-    )
-    tables.load_jsonl_listing(con, "inventory", inventory)
+    inventory_dir = join(results_uri, INVENTORY_DIR)
+    found = read_index(inventory_dir)
+    if found is None:
+        raise FileNotFoundError(
+            f"no inventory at {join(results_uri, INVENTORY_FILE)} for this incremental run"
+        )
+    tables.load_listing(con, "inventory", fetch_pieces(inventory_dir, found[0], scratch / "inventory"))
+    manifest = scratch / "base.parquet"
     try:
-        manifest, _ = _fetch(storage, join(base, MANIFEST), scratch / "base.parquet")
+        open_storage(base).download(join(base, MANIFEST), str(manifest))
     except FileNotFoundError as exc:
         raise FileNotFoundError(
             f"the base run {base} of this incremental run has no manifest any more "

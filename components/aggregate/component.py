@@ -22,7 +22,7 @@ def aggregate_results(
     Fails when an image of the plan has no row or more than one: the run is then incomplete.
 
     Args:
-        results_uri: The run's results prefix (plan.jsonl, parts/, errors/, summary/).
+        results_uri: The run's results prefix (plan/, parts/, errors/, summary/).
         job: The launch step's job record (what ran, for how long).
         price_per_gpu_hour: Price of one GPU-hour, for the cost per million images; 0: no cost.
         results_csv: One CSV row per classified image, sorted by uri. An incremental run's

@@ -2,7 +2,7 @@
 
 Everything lives in an on-disk DuckDB database in a scratch folder, with a memory limit: joins
 and sorts that do not fit spill to disk, so memory stays bounded whatever the run's size
-(10 M images and more; ``benchmarks/aggregate_memory.py`` measures the peak). Part and error
+(10 M images and more; ``benchmarks/scale.py`` measures the peak). Part and error
 files are parsed with pyarrow, one batch of files at a time, each checked for the documented
 columns before it is appended.
 """
@@ -88,18 +88,15 @@ def connect(scratch: Path):
     return con
 
 
-def load_jsonl_listing(con, table: str, path: Path | None) -> None:
-    """``table(uri, generation)`` from a plan or inventory file (JSON lines of uri, size, generation).
-
-    ``path`` None: the table is created empty.
+def load_listing(con, table: str, paths: Sequence[Path]) -> None:
+    """``table(uri, generation)`` from local copies of a plan's or inventory's pieces
+    (``worker.plan_store``); none: the table is created empty.
     """
     con.execute(f"CREATE TABLE {table} (uri VARCHAR, generation BIGINT)")
-    if path is not None and path.stat().st_size:
+    if paths:
         con.execute(
-            f"INSERT INTO {table} SELECT DISTINCT uri, generation FROM read_json(?, "
-            "format = 'newline_delimited', "
-            "columns = {uri: 'VARCHAR', size: 'BIGINT', generation: 'BIGINT'})",
-            [str(path)],
+            f"INSERT INTO {table} SELECT DISTINCT uri, generation FROM read_parquet(?)",
+            [[str(p) for p in paths]],
         )
 
 

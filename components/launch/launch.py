@@ -190,10 +190,10 @@ def _plan_here(req: LaunchRequest, log: Callable[[str], None]) -> int:
     plan = prepare_plan(parse_args(req.worker_args()))
     info = plan.record
     log(
-        f"incremental plan: {len(plan.objects)} of {info.get('listed', '?')} images under {req.images_uri} are "
+        f"incremental plan: {plan.images} of {info.get('listed', '?')} images under {req.images_uri} are "
         f"new or changed since {info.get('base') or 'no earlier complete run'}"
     )
-    return len(plan.objects)
+    return plan.images
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,11 @@ from pipelines.__main__ import main
 from pipelines.batch_inference import launch_inputs
 from tests.support.helpers import jpeg_bytes
 from tests.support.html import parse_html
-from tests.support.worker_harness import read_results, run_worker
+from tests.support.worker_harness import read_plan, read_results, run_worker
 from worker.config import WorkerConfig, parse_args
 from worker.fingerprint import OutputGuard, model_revision, prepare_plan
 from worker.incremental import latest_base
-from worker.results import MANIFEST, MARKER, completed_runs, read_manifest, read_run_record
+from worker.results import MANIFEST, MARKER, PLAN_FILE, completed_runs, read_manifest, read_run_record
 from worker.storage import join, open_storage, read_text, write_text
 
 pytestmark = pytest.mark.timeout(240)
@@ -174,7 +174,7 @@ def test_base_is_the_latest_complete_run_of_the_same_input_and_model(tmp_path):
     _complete_run(root, "r3", at="2026-01-03T02:00:00+00:00", model="another-model")
     _complete_run(root, "r4", at="2026-01-04T02:00:00+00:00", input_uri="gs://b/other")
     _complete_run(root, "r5", at="2026-01-05T02:00:00+00:00", manifest=False)  # aggregated before manifests
-    write_text(join(str(root), "r6", "plan.jsonl"), "")  # started, never aggregated
+    write_text(join(str(root), "r6", PLAN_FILE), "")  # started, never aggregated
     _complete_run(root / "r7", "nested", at="2026-01-07T02:00:00+00:00")  # not a sibling
     _complete_run(root, "r9", at="2026-01-09T02:00:00+00:00", incremental=False)  # rows without generations
 
@@ -273,9 +273,10 @@ def test_the_launcher_reuses_no_rows_of_another_model_revision(gcs, tiny_model, 
     bucket = gcs.new_bucket("retrained")
     values, base, uris = _launcher_night(gcs, tiny_model, bucket, "sha256:" + "0" * 64, tmp_path)
 
-    plan = prepare_plan(parse_args(LaunchRequest(**values).worker_args()))
+    cfg = parse_args(LaunchRequest(**values).worker_args())
+    plan = prepare_plan(cfg)
 
-    assert sorted(o.uri for o in plan.objects) == uris
+    assert sorted(o.uri for o in read_plan(cfg.output)) == uris and plan.images == len(uris)
     assert plan.record["base"] is None and plan.record["reused"] == 0
 
 
@@ -307,13 +308,13 @@ def test_a_plan_made_without_the_revision_is_made_again_when_its_base_ran_anothe
     cfg = parse_args(LaunchRequest(**values).worker_args())
     # As a launcher that knew no revision planned it: on the base, with nothing to classify.
     early = OutputGuard(cfg, None).plan()
-    assert early.record["base"] == base and len(early.objects) == 0
+    assert early.record["base"] == base and early.images == 0
 
     guard = OutputGuard(cfg, "cpu")  # the job's rank 0, with the model fetched
     plan = guard.plan(lambda: model_revision(str(tiny_model)))
     guard.seal(plan, model_revision(str(tiny_model)))
 
-    assert sorted(o.uri for o in plan.objects) == uris and plan.record["base"] is None
+    assert sorted(o.uri for o in read_plan(cfg.output)) == uris and plan.record["base"] is None
     assert read_run_record(cfg.output)["model_revision"] == model_revision(str(tiny_model))
 
 

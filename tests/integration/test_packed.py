@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from components.aggregate.aggregate import aggregate
 from components.upload.upload import upload_dataset
 from tests.support.helpers import jpeg_bytes, write_images
-from tests.support.worker_harness import read_results, run_worker
+from tests.support.worker_harness import read_plan, read_results, run_worker
 from worker.archives.packed import Manifest, ShardIndex
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -60,8 +59,8 @@ def test_packed_run_gives_the_loose_run_rows_exactly_once(dataset, tiny_model, t
     assert not loose_errors and not packed_errors
     # CPU, fp32, the same bytes: every row equal, score included.
     assert sorted(packed_rows, key=lambda r: r["uri"]) == sorted(loose_rows, key=lambda r: r["uri"])
-    plan = [json.loads(line) for line in Path(packed, "plan.jsonl").read_text().splitlines()]
-    assert {p["archive"].rsplit("/", 1)[-1] for p in plan} == {f"shard-00000{i}.tar" for i in range(3)}
+    plan = read_plan(str(packed))
+    assert {p.member.archive.rsplit("/", 1)[-1] for p in plan} == {f"shard-00000{i}.tar" for i in range(3)}
 
 
 def test_resume_after_a_kill(dataset, tiny_model, tmp_path):

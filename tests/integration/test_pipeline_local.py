@@ -84,7 +84,7 @@ def test_compiled_kubeflow_pipeline_through_the_gcs_emulator(gcs, tiny_model, tm
     )
     _assert_errors_table(run.errors_csv, f"{images_uri}/{CORRUPT_NAME}")
     assert "<html" in Path(run.report_html).read_text().lower()
-    assert gcs.object_names(bucket, run.results_uri.split("/", 3)[3] + "/plan.jsonl")
+    assert gcs.object_names(bucket, run.results_uri.split("/", 3)[3] + "/plan/index.json")
     assert (run.job["backend"], run.job["images_uri"], run.job["results_uri"]) == (
         "local",
         images_uri,

@@ -14,7 +14,7 @@ import pytest
 from components.aggregate.aggregate import aggregate
 from tests.support.helpers import upload_images
 from tests.support.worker_harness import assert_exactly_once, run_worker
-from worker.results import MixedResultsError, parse_part, part_name, read_run_record
+from worker.results import PLAN_FILE, MixedResultsError, parse_part, part_name, read_run_record
 from worker.storage import join, open_storage, write_text
 
 pytestmark = pytest.mark.slow
@@ -87,7 +87,7 @@ def test_reused_output_is_refused_unless_overwritten_and_never_mixed(gcs, tiny_m
     # skip their shard numbers; the run is refused and names them.
     storage = open_storage(out)
     storage.delete(stale)
-    for name in ("plan.jsonl", "run.json"):
+    for name in (PLAN_FILE, "run.json"):
         storage.delete(join(out, name))
     line = _refused(run_worker(input_a, out, str(model), 1, *SHARDS, check=False))
     assert f"parts of another run: {join(out, 'parts', part_name(0, fingerprint))} and 2 more" in line

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import subprocess
 import sys
 from collections import Counter
 
+from worker.plan_store import iter_table, read_index
+from worker.results import PLAN_DIR
 from worker.storage import join, open_storage
 
 
@@ -59,14 +60,16 @@ def _csv_files(output_uri: str, folder: str) -> dict[str, list[dict]]:
     return {o.uri: list(csv.DictReader(io.StringIO(storage.read(o.uri).decode("utf-8")))) for o in objects}
 
 
+def read_plan(output_uri: str) -> list:
+    """The plan under ``output_uri``, whole (test sizes), in plan order."""
+    found = read_index(join(output_uri, PLAN_DIR))
+    assert found is not None, f"no plan under {output_uri}"
+    return [o for page in iter_table(join(output_uri, PLAN_DIR), found[0]) for o in page]
+
+
 def read_results(output_uri: str) -> tuple[list[str], list[dict], list[dict]]:
     """(planned uris, part rows, error rows)."""
-    storage = open_storage(output_uri)
-    plan = [
-        json.loads(line)["uri"]
-        for line in storage.read(join(output_uri, "plan.jsonl")).decode().splitlines()
-        if line.strip()
-    ]
+    plan = [o.uri for o in read_plan(output_uri)]
     parts = [row for rows in _csv_files(output_uri, "parts").values() for row in rows]
     errors = [row for rows in _csv_files(output_uri, "errors").values() for row in rows]
     return plan, parts, errors

@@ -95,6 +95,11 @@ def archives_in_listing(storage: Storage, listed: Sequence[ObjectInfo]) -> list[
     return entries
 
 
+def is_archive(uri: str) -> bool:
+    """Whether ``uri`` names a tar or zip archive (by extension)."""
+    return _kind_of(uri) is not None
+
+
 def _kind_of(uri: str) -> str | None:
     lower = uri.lower()
     return next((k for k, ext in ARCHIVE_EXTENSIONS.items() if lower.endswith(ext)), None)

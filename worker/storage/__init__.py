@@ -249,11 +249,23 @@ class Storage(Protocol):
         """Every object whose URI starts with ``prefix_uri``, by URI, with generations."""
         ...
 
-    def fast_list(self, prefix_uri: str, processes: int = 8) -> list[ObjectInfo]:
-        """The same objects, listed in parallel; unordered, and maybe without generations."""
+    def list_pages(self, prefix_uri: str, parallelism: int = 8) -> Iterator[list[ObjectInfo]]:
+        """The same objects, listed in parallel and streamed in pages as they come: unordered,
+        with generations where the store has them. Memory stays bounded however many there are.
+        """
         ...
 
-    def read(self, uri: str) -> bytes: ...
+    def download(self, uri: str, path: str) -> None:
+        """Copy the object into the local file ``path``, streamed (never whole in memory)."""
+        ...
+
+    def read(self, uri: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        """The object's bytes, or ``length`` of them from ``offset`` (fewer where it ends first).
+
+        For control files (records, plans, manifests): on GCS through google-cloud-storage, whose
+        retries are its own; ``read_range`` is the path for bulk bytes.
+        """
+        ...
 
     def read_range(self, uri: str, offset: int, length: int) -> bytes | memoryview:
         """``length`` bytes from ``offset`` in one request: fewer where the object ends first, none

@@ -1,5 +1,5 @@
-"""The GCS backend: google-cloud-storage for listing and writes, DataFlux's fast listing for plans,
-and two batch readers: the native reader process (``gcs_reader``, the default) and composed reads.
+"""The GCS backend: google-cloud-storage for listing and writes, a listing fanned out over prefixes
+for plans (``fan_out``), and two batch readers: the native reader process (``gcs_reader``, the default) and composed reads.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from worker.storage import (
     gcs_uri,
     split_uri,
 )
+from worker.storage.fan_out import fan_out
 from worker.storage.gcs_ranges import RangeReader
 from worker.storage.reading import ThreadedReader
 
@@ -29,22 +30,16 @@ log = logging.getLogger(__name__)
 # Temporary composites live here, at the bucket root, as DataFlux's own do: the one folder that
 # listings skip. A user's folder of that name anywhere below the root is data like any other.
 COMPOSITES = "dataflux-composed-objects/"
+# Listing threads per listing process asked for: each waits on the network most of the time.
+_LISTERS_PER_PROCESS = 4
+# What a plan's listing asks GCS for: each object's name, size, generation and checksum.
+_LISTED_FIELDS = "items(name,size,generation,crc32c),prefixes,nextPageToken"
 # GCS composes at most 32 sources into one object.
 COMPOSE_MAX_OBJECTS = 32
 
 
-class _EveryStorageClass(list):
-    """DataFlux's listing keeps only objects whose storage class is ``in`` its allowed list
-    (STANDARD by default, which silently drops NEARLINE, COLDLINE and ARCHIVE images): this
-    list holds every class, present and future.
-    """
-
-    def __contains__(self, _storage_class: object) -> bool:
-        return True
-
-
 class GCSStorage:
-    """GCS over google-cloud-storage; DataFlux for the parallel listing."""
+    """GCS over google-cloud-storage."""
 
     def __init__(self, options: StorageOptions | None = None, *, retry_deadline: float = 300.0):
         options = options or StorageOptions()
@@ -99,29 +94,66 @@ class GCSStorage:
                 continue
             yield _info(bucket_name, blob)
 
-    def fast_list(self, prefix_uri: str, processes: int = 8) -> list[ObjectInfo]:
-        """DataFlux's parallel work-stealing listing, every storage class. Unordered, no generations."""
-        from dataflux_core.fast_list import ListingController
-
+    def list_pages(self, prefix_uri: str, parallelism: int = 8) -> Iterator[list[ObjectInfo]]:
+        """Every object under the prefix, every storage class, with generations: listed a level at
+        a time by ``parallelism`` × 4 threads fanned out over its sub-prefixes (``fan_out``).
+        Unordered; the composites folder at the bucket root is skipped.
+        """
         bucket_name, prefix = split_uri(prefix_uri)
         self._bucket(bucket_name)
-        lister = ListingController(
-            max_parallelism=max(1, processes),
-            project=self.project,
-            bucket=bucket_name,
-            sort_results=False,
-            prefix=prefix or None,
-            skip_compose=True,  # only the composites folder at the bucket root
-            allowed_storage_classes=_EveryStorageClass(),
+        return fan_out(
+            lambda p: self._level(bucket_name, p), prefix, _LISTERS_PER_PROCESS * max(1, parallelism)
         )
-        return [ObjectInfo(gcs_uri(bucket_name, name), int(size)) for name, size in lister.run()]
 
-    def read(self, uri: str, *, retry=None) -> bytes:
+    def _level(self, bucket_name: str, prefix: str):
+        """One level under ``prefix``: pages of its objects and of its sub-prefixes."""
+        from google.cloud.storage.bucket import _blobs_page_start
+
+        def to_info(_iterator, item: dict) -> ObjectInfo:
+            generation = item.get("generation")
+            return ObjectInfo(
+                gcs_uri(bucket_name, item["name"]),
+                int(item.get("size") or 0),
+                None if generation is None else int(generation),
+                item.get("crc32c"),
+            )
+
+        params = {"projection": "noAcl", "delimiter": "/", "fields": _LISTED_FIELDS}
+        if prefix:
+            params["prefix"] = prefix
+        # list_blobs' own iterator, but with items made straight into ObjectInfo: building a Blob
+        # per item costs ~16 us of GIL-held CPU, a quarter of an hour on rank 0 per 10^8 objects.
+        pages = self.client._list_resource(
+            f"/b/{bucket_name}/o",
+            to_info,
+            extra_params=params,
+            page_start=_blobs_page_start,
+            retry=self.retry,
+        )
+        pages.prefixes = set()
+        for page in pages.pages:
+            objects = [o for o in page if not o.uri.endswith("/") and not _in_composites(bucket_name, o.uri)]
+            yield objects, [p for p in page.prefixes if p != COMPOSITES]
+
+    def download(self, uri: str, path: str) -> None:
         from google.api_core import exceptions
 
         bucket_name, name = split_uri(uri)
         try:
-            return self.client.bucket(bucket_name).blob(name).download_as_bytes(retry=retry or self.retry)
+            self.client.bucket(bucket_name).blob(name).download_to_filename(path, retry=self.retry)
+        except exceptions.NotFound as exc:
+            raise FileNotFoundError(f"object not found: {uri}") from exc
+
+    def read(self, uri: str, *, offset: int = 0, length: int | None = None, retry=None) -> bytes:
+        from google.api_core import exceptions
+
+        bucket_name, name = split_uri(uri)
+        if length == 0:
+            return b""
+        end = None if length is None else offset + length - 1  # inclusive, as the Range header
+        try:
+            blob = self.client.bucket(bucket_name).blob(name)
+            return blob.download_as_bytes(start=offset or None, end=end, retry=retry or self.retry)
         except exceptions.NotFound as exc:
             raise FileNotFoundError(f"object not found: {uri}") from exc
 
@@ -143,7 +175,7 @@ class GCSStorage:
             return _ComposedReader(self, settings, stats)
         from worker.storage.gcs_reader import GCSReader
 
-        return GCSReader(settings, stats)
+        return GCSReader(settings, stats, self.project)
 
     def write(self, uri: str, data: bytes, *, if_absent: bool = False) -> bool:
         from google.api_core import exceptions
@@ -284,6 +316,10 @@ class _ComposedReader(ThreadedReader):
     def close(self) -> None:
         super().close()
         self._chunks.shutdown(wait=True)
+
+
+def _in_composites(bucket_name: str, uri: str) -> bool:
+    return uri.startswith(gcs_uri(bucket_name, COMPOSITES))
 
 
 def _info(bucket_name: str, blob) -> ObjectInfo:

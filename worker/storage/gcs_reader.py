@@ -8,6 +8,12 @@ async) under asyncio in a child process, so the worker's process spends one mess
 batch on reading. Retries (429, 5xx, dropped connections: exponential backoff with full
 jitter, up to a deadline) and the per-bucket rate limit live here, where they can be counted.
 
+Not every legal GCS name is a path obstore can express: a ``.`` or ``..`` segment, an empty one
+(a leading ``/``, ``//`` inside, a trailing ``/``) or a control character. Those objects are read
+through the JSON API (google-cloud-storage, which percent-encodes the whole name) in a thread of
+the same process, under the same concurrency, rate limit and retries, so they become rows like
+any other; a name obstore refuses is never sent to it, and a refusal is never retried.
+
 Wire format, both ways over a socketpair: an 8-byte big-endian header length, the pickled
 header, then (child to parent) the batch's bytes, concatenated in order.
 """
@@ -41,6 +47,17 @@ _HEADER = struct.Struct(">Q")
 EMULATOR_HOST = "STORAGE_EMULATOR_HOST"
 
 
+def native_can_name(name: str) -> bool:
+    """Whether obstore (``object_store``'s ``Path``) can name the object ``name`` as it is.
+
+    ``Path`` drops empty segments (``/a.jpg`` would read ``a.jpg``) and refuses ``.`` and ``..``
+    segments and ASCII control characters, all of which GCS allows.
+    """
+    return not any(segment in ("", ".", "..") for segment in name.split("/")) and not any(
+        ord(c) < 0x20 or ord(c) == 0x7F for c in name
+    )
+
+
 def _send(sock: socket.socket, header: object, body: bytes = b"") -> None:
     data = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
     sock.sendall(_HEADER.pack(len(data)) + data)
@@ -63,7 +80,7 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytearray | None:
 class GCSReader:
     """The worker-side end: submits batches to the reader process and resolves their futures."""
 
-    def __init__(self, settings: ReadSettings, stats: ReadStats):
+    def __init__(self, settings: ReadSettings, stats: ReadStats, project: str | None = None):
         self.stats = stats
         self._futures: dict[int, Future] = {}
         self._next_id = 0
@@ -75,6 +92,7 @@ class GCSReader:
             "rate_limit": settings.rate_limit,
             "retry_deadline": settings.retry_deadline,
             "endpoint": os.environ.get(EMULATOR_HOST, ""),
+            "project": project,
         }
         # The child imports this package from wherever the worker did, installed or not.
         root = str(Path(__file__).resolve().parents[2])
@@ -193,18 +211,27 @@ def _status_of(exc: BaseException) -> int | None:
 
 def _reason(exc: BaseException, attempts: int) -> str:
     """An error row's reason: one short line."""
+    from google.api_core.exceptions import GoogleAPICallError, NotFound
     from obstore.exceptions import NotFoundError
 
-    if isinstance(exc, (NotFoundError, FileNotFoundError)):  # obstore raises either, by version
+    if isinstance(exc, (NotFoundError, FileNotFoundError, NotFound)):  # obstore raises either, by version
         return "read failed: object not found (deleted or replaced since planning)"
-    status = _status_of(exc)
+    status = exc.code if isinstance(exc, GoogleAPICallError) else _status_of(exc)
     what = f"HTTP {status}" if status else str(exc).split("\n", 1)[0][:200]
     tries = f" after {attempts} attempts" if attempts > 1 else ""
     return f"read failed{tries}: {type(exc).__name__}: {what}"
 
 
 def _retryable(exc: BaseException) -> bool:
-    """429, 5xx, timeouts and dropped or refused connections are retried; other answers are final."""
+    """429, 5xx, timeouts and dropped or refused connections are retried; other answers are final,
+    and so is a name the client cannot express (``ValueError``: obstore's "Could not parse path").
+    """
+    from google.api_core import exceptions as api
+
+    if isinstance(exc, api.GoogleAPICallError):
+        return exc.code is not None and (exc.code == 429 or exc.code >= 500)
+    if isinstance(exc, ValueError):
+        return False
     from obstore.exceptions import (
         NotFoundError,
         PermissionDeniedError,
@@ -251,8 +278,10 @@ class _Child:
         self.rate_limit = _RateLimit(float(config["rate_limit"]))
         self.deadline = float(config["retry_deadline"])
         self.endpoint = config["endpoint"]
+        self.project = config.get("project")
         self.stores: dict[str, object] = {}
         self._credentials = None
+        self._json_api = threading.local()  # a google-cloud-storage client per thread
 
     def store(self, bucket: str):
         if bucket not in self.stores:
@@ -266,10 +295,23 @@ class _Child:
             self.stores[bucket] = GCSStore(bucket, **options)
         return self.stores[bucket]
 
+    def read_json_api(self, bucket: str, name: str, generation: int | None) -> bytes:
+        """One GET through the JSON API, for a name obstore cannot express (no retries: the caller's)."""
+        client = getattr(self._json_api, "client", None)
+        if client is None:
+            from google.cloud import storage
+
+            from worker.storage import default_project
+
+            client = self._json_api.client = storage.Client(project=self.project or default_project())
+        blob = client.bucket(bucket).blob(name, generation=generation)
+        return blob.download_as_bytes(retry=None, checksum=None)
+
     async def read_one(self, bucket: str, name: str, generation: int | None, counts: list[int]):
         import obstore
 
         options = {"version": str(generation)} if generation is not None else None
+        native = native_can_name(name)
         give_up = time.monotonic() + self.deadline
         delays = backoff_delays()
         attempts = 0
@@ -279,6 +321,8 @@ class _Child:
             counts[0] += 1
             try:
                 async with self.concurrency:
+                    if not native:
+                        return await asyncio.to_thread(self.read_json_api, bucket, name, generation)
                     result = await obstore.get_async(self.store(bucket), name, options=options)
                     return await result.bytes_async()
             except Exception as exc:  # noqa: BLE001 - every failure becomes a retry or an error row

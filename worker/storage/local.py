@@ -43,33 +43,37 @@ class LocalStorage:
             elif entry.is_file():
                 yield ObjectInfo(entry.path, entry.stat().st_size)
 
-    def fast_list(self, prefix_uri: str, processes: int = 8) -> list[ObjectInfo]:
-        """The tree's files with their sizes, listed by several processes. Unordered.
+    def list_pages(self, prefix_uri: str, parallelism: int = 8) -> Iterator[list[ObjectInfo]]:
+        """The tree's files with their sizes, in pages, listed by several processes. Unordered.
 
         The cost is one stat() per file; threads would take turns on the GIL, so the
         folders are split between processes instead (spawned, since the caller may already
-        run CUDA and other threads).
+        run CUDA and other threads), each handing back one folder's files at a time.
         """
         root = Path(prefix_uri)
-        if processes <= 1 or not root.is_dir():
-            return list(self.list(prefix_uri))
-        tasks = _split_tree(str(root), parts=4 * processes)
-        if len(tasks) == 1:
-            return list(self.list(prefix_uri))
-        out: list[ObjectInfo] = []
+        tasks = _split_tree(str(root), parts=4 * parallelism) if parallelism > 1 and root.is_dir() else []
+        if len(tasks) <= 1:
+            yield from _pages(self.list(prefix_uri))
+            return
         context = multiprocessing.get_context("spawn")
         try:
-            with ProcessPoolExecutor(min(processes, len(tasks)), mp_context=context) as pool:
+            with ProcessPoolExecutor(min(parallelism, len(tasks)), mp_context=context) as pool:
                 for uris, sizes in pool.map(_list_folder, tasks):
-                    out.extend(map(ObjectInfo, uris, sizes))
+                    yield list(map(ObjectInfo, uris, sizes))
         except BrokenProcessPool:
             # A spawned child re-imports __main__, which fails for a script read from stdin.
             log.warning("parallel listing of %s failed; listing it in this process", prefix_uri)
-            return list(self.list(prefix_uri))
-        return out
+            yield from _pages(self.list(prefix_uri))
 
-    def read(self, uri: str) -> bytes:
-        return Path(uri).read_bytes()
+    def download(self, uri: str, path: str) -> None:
+        shutil.copyfile(uri, path)
+
+    def read(self, uri: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        if not offset and length is None:
+            return Path(uri).read_bytes()
+        with open(uri, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(-1 if length is None else length)
 
     def read_range(self, uri: str, offset: int, length: int) -> bytes:
         fd = os.open(uri, os.O_RDONLY)
@@ -211,3 +215,17 @@ def _list_folder(task: tuple[str, bool]) -> tuple[list[str], list[int]]:
                     uris.append(entry.path)
                     sizes.append(entry.stat().st_size)
     return uris, sizes
+
+
+_PAGE = 10_000
+
+
+def _pages(objects: Iterator[ObjectInfo]) -> Iterator[list[ObjectInfo]]:
+    page: list[ObjectInfo] = []
+    for o in objects:
+        page.append(o)
+        if len(page) == _PAGE:
+            yield page
+            page = []
+    if page:
+        yield page

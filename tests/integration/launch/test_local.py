@@ -22,7 +22,7 @@ def test_command_uses_torchrun_only_for_several_processes():
 
 @pytest.mark.slow
 def test_a_failed_run_ends_with_the_first_failing_ranks_error_not_its_peers_echo(tmp_path, tiny_model):
-    # A results prefix whose plan.jsonl is a directory: rank 0, which alone reads the plan, fails
+    # A results prefix whose plan index is a directory: rank 0, which alone reads the plan, fails
     # with a traceback while rank 1 waits for the plan in a gloo broadcast and loses its peer.
     images = tmp_path / "images"
     images.mkdir()

@@ -11,7 +11,16 @@ from tests.support.helpers import write_images
 from worker.commit import Committer, ShardResult
 from worker.config import WorkerConfig
 from worker.fingerprint import OutputGuard, RunMismatch, model_revision
-from worker.results import MARKER, PLAN_FILE, RUN_FILE, fingerprint_of, part_name, read_run_record
+from worker.results import (
+    MARKER,
+    PLAN_DIR,
+    PLAN_FILE,
+    RUN_FILE,
+    fingerprint_of,
+    part_name,
+    piece_name,
+    read_run_record,
+)
 from worker.storage import join, open_storage, write_text
 
 RESULT = ShardResult(rows=[("x", "cat", 0, 0.5, "/in/x.jpg")], errors=[("/in/y.jpg", "empty file")])
@@ -151,7 +160,7 @@ def test_overwrite_deletes_only_another_runs_results(images, out, tmp_path):
     new_fingerprint, committed = _start(_config(images, out, other, overwrite=True), other)
 
     left = sorted(u[len(out) + 1 :] for u in _listing(out))
-    assert left == ["notes.txt", PLAN_FILE, RUN_FILE]
+    assert left == ["notes.txt", PLAN_FILE, f"{PLAN_DIR}/{piece_name(0)}", RUN_FILE]
     assert committed == set() and new_fingerprint != fingerprint
     assert read_run_record(out)["model"] == str(other)
 

@@ -27,7 +27,7 @@ def _planned(bucket: str, prefix: str, *, incremental: bool) -> list[str]:
         incremental=incremental,
         list_processes=2,
     )
-    return [o.uri.split(f"gs://{bucket}/", 1)[1] for o in list_input(cfg)]
+    return [o.uri.split(f"gs://{bucket}/", 1)[1] for o in list_input(cfg).sorted()]
 
 
 @pytest.mark.parametrize("incremental", [False, True], ids=["fast-list", "list"])

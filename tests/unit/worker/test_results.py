@@ -1,8 +1,6 @@
-"""The results-prefix contract: the plan codec, the part names and the run's fingerprint."""
+"""The results-prefix contract: the part names and the run's fingerprint."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 
@@ -10,53 +8,13 @@ from worker.results import (
     FINGERPRINT_KEYS,
     MixedResultsError,
     check_parts,
-    decode_plan,
     differences,
-    encode_plan,
     fingerprint_of,
     parse_part,
     part_name,
     plan_digest,
     sealed,
 )
-from worker.storage import Member, ObjectInfo
-
-
-def test_plan_file_round_trips_and_stays_one_json_object_per_line():
-    plan = [
-        ObjectInfo('gs://b/a "quoted"\\back.jpg', 10, 1700000000000001),
-        ObjectInfo("/data/été/ß.jpg", 0),
-        ObjectInfo("/data/x.png", 123456789),
-    ]
-    data = encode_plan(plan)
-    lines = data.decode("utf-8").splitlines()
-    assert [json.loads(line) for line in lines] == [
-        {"uri": plan[0].uri, "size": 10, "generation": 1700000000000001},
-        {"uri": "/data/été/ß.jpg", "size": 0},
-        {"uri": "/data/x.png", "size": 123456789},
-    ]
-    assert decode_plan(data) == plan
-    assert encode_plan([]) == b"" and decode_plan(b"") == []
-
-
-def test_archive_members_round_trip_with_where_their_bytes_are():
-    plan = [
-        ObjectInfo("gs://b/ds/a.jpg", 70, 17, "4waSgw==", Member("gs://b/ds/packed/shard-000000.tar", 512)),
-        ObjectInfo("gs://b/v.zip/x.jpg", 90, 18, None, Member("gs://b/v.zip", 0, "zip")),
-        ObjectInfo(
-            "gs://b/ds/bad.jpg", 0, None, None, Member("gs://b/ds/packed/manifest.json", 0, "unpacked")
-        ),
-    ]
-    data = encode_plan(plan)
-    assert json.loads(data.decode().splitlines()[0]) == {
-        "uri": "gs://b/ds/a.jpg",
-        "size": 70,
-        "generation": 17,
-        "archive": "gs://b/ds/packed/shard-000000.tar",
-        "offset": 512,
-        "crc32c": "4waSgw==",
-    }
-    assert decode_plan(data) == plan
 
 
 def test_part_names_round_trip_and_temp_files_are_not_parts():

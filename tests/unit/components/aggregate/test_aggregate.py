@@ -14,17 +14,19 @@ import pytest
 from components.aggregate.aggregate import IncompleteResultsError, aggregate
 from components.launch.job_record import JobRecord
 from tests.support.html import parse_html
+from worker.plan_store import write_table
 from worker.results import (
     FINGERPRINT_KEYS,
     MANIFEST,
     MARKER,
+    PLAN_DIR,
     RUN_FILE,
     part_name,
     plan_digest,
     read_manifest,
     sealed,
 )
-from worker.storage import join, open_storage, read_text, write_text
+from worker.storage import ObjectInfo, join, open_storage, read_text, write_text
 
 COLUMNS = ["image_id", "classification", "label_index", "score", "uri"]
 # One label carries markup and quotes: the report must show it as text, never as tags.
@@ -56,16 +58,11 @@ def write_layout(
     summaries: list[dict] | None = None,
     extra_part_uris: dict[int, list[str]] | None = None,
 ) -> str:
-    """Write OUTPUT/{run.json, plan.jsonl, parts/, errors/, summary/} in the worker's documented
+    """Write OUTPUT/{run.json, plan/, parts/, errors/, summary/} in the worker's documented
     format; returns the run's fingerprint.
     """
-    plan = "".join(
-        json.dumps({"uri": _uri(i), "size": 1000 + i, "generation": None if i % 2 else 1712345678901234 + i})
-        + "\n"
-        for i in sorted(planned, key=_uri)
-    )
-    fingerprint = write_record(out, plan)
-    write_text(join(out, "plan.jsonl"), plan)
+    plan = [ObjectInfo(_uri(i), 1000 + i, None if i % 2 else 1712345678901234 + i) for i in planned]
+    fingerprint = write_record(out, write_table(join(out, PLAN_DIR), [plan], shard_size=4))
     for shard, images in parts.items():
         rows = [
             (f"{i:012d}", CLASSES[_label(i)], _label(i), round(0.5 + i / 1000, 3), _uri(i)) for i in images
@@ -83,12 +80,12 @@ def write_layout(
     return fingerprint
 
 
-def write_record(out: str, plan: str) -> str:
-    """Write OUTPUT/run.json as a worker seals it for ``plan``; returns the fingerprint."""
+def write_record(out: str, plan_index: bytes) -> str:
+    """Write OUTPUT/run.json as a worker seals it for the plan with ``plan_index``; returns the fingerprint."""
     record = sealed(
         {key: None for key in FINGERPRINT_KEYS}
         | {"input": "gs://images/coco", "model": "tiny", "incremental": False}
-        | {"plan_sha256": plan_digest(plan.encode("utf-8"))}
+        | {"plan_sha256": plan_digest(plan_index)}
     )
     write_text(join(out, RUN_FILE), json.dumps(record))
     return record["fingerprint"]
@@ -305,7 +302,7 @@ def test_part_with_wrong_columns_is_named(tmp_path):
 
 
 def test_missing_plan_is_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no plan at .*plan.jsonl"):
+    with pytest.raises(FileNotFoundError, match="no plan at .*plan/index.json"):
         aggregate(str(tmp_path / "nothing"), **_outputs(tmp_path))
 
 

@@ -51,7 +51,7 @@ def test_packed_dataset_is_planned_from_its_manifest_and_indexes(gcs, tmp_path):
     names = ["b/2.jpg", "a/1.jpg", "notes.txt", "c/3.png"]
     files = _sources(tmp_path / "src", names)
     Packer(dataset, shard_files=2).pack(files + [Source("gone.jpg", str(tmp_path / "gone.jpg"), 5)])
-    entries = list_input(_cfg(dataset, tmp_path))
+    entries = list_input(_cfg(dataset, tmp_path)).sorted()
     # Images only, by shard and offset (the packer writes names in order); the unreadable one last.
     assert [e.uri for e in entries] == [
         f"{dataset}/{n}" for n in ("a/1.jpg", "b/2.jpg", "c/3.png", "gone.jpg")
@@ -64,9 +64,9 @@ def test_packed_dataset_is_planned_from_its_manifest_and_indexes(gcs, tmp_path):
     by_name = {f.relpath: (tmp_path / "src" / f.relpath).read_bytes() for f in files}
     assert _read(entries[:3]) == [by_name[n] for n in ("a/1.jpg", "b/2.jpg", "c/3.png")]
     # The loose layout ignores the shards; an explicit packed layout needs a manifest.
-    assert list_input(_cfg(dataset, tmp_path, input_layout="loose")) == []
+    assert list_input(_cfg(dataset, tmp_path, input_layout="loose")).sorted() == []
     with pytest.raises(FileNotFoundError, match="no gs://.*manifest.json"):
-        list_input(_cfg(f"gs://{bucket}/elsewhere", tmp_path, input_layout="packed"))
+        list_input(_cfg(f"gs://{bucket}/elsewhere", tmp_path, input_layout="packed")).sorted()
 
 
 def _tar(path, members):
@@ -84,7 +84,7 @@ def test_webdataset_tars_without_loose_images_are_read_in_auto(tmp_path):
     _tar(shards / "shard-000.tar", first)
     _tar(shards / "shard-001.tar", {"002.png": jpeg_bytes(2), "002.json": b"{}"})
     (shards / "README.md").write_text("other files are ignored")
-    entries = list_input(_cfg(str(shards), tmp_path))
+    entries = list_input(_cfg(str(shards), tmp_path)).sorted()
     assert [e.uri for e in entries] == [
         f"{shards}/shard-000.tar/000.jpg",
         f"{shards}/shard-000.tar/001.jpg",
@@ -93,10 +93,10 @@ def test_webdataset_tars_without_loose_images_are_read_in_auto(tmp_path):
     assert _read(entries) == [jpeg_bytes(0), jpeg_bytes(1), jpeg_bytes(2)]
     # A loose image beside them makes the input loose, unless the layout says tar.
     (shards / "loose.jpg").write_bytes(jpeg_bytes(9))
-    assert [e.uri for e in list_input(_cfg(str(shards), tmp_path))] == [f"{shards}/loose.jpg"]
-    assert len(list_input(_cfg(str(shards), tmp_path, input_layout="tar"))) == 3
+    assert [e.uri for e in list_input(_cfg(str(shards), tmp_path)).sorted()] == [f"{shards}/loose.jpg"]
+    assert len(list_input(_cfg(str(shards), tmp_path, input_layout="tar")).sorted()) == 3
     # One tar named as the input.
-    assert len(list_input(_cfg(str(shards / "shard-001.tar"), tmp_path))) == 1
+    assert len(list_input(_cfg(str(shards / "shard-001.tar"), tmp_path)).sorted()) == 1
 
 
 def test_a_zip_named_as_the_input_is_read_in_place_on_gcs(gcs, tmp_path):
@@ -109,7 +109,7 @@ def test_a_zip_named_as_the_input_is_read_in_place_on_gcs(gcs, tmp_path):
         zf.writestr("annotations.json", b"{}")
     gcs.client.bucket(bucket).blob("coco/val2017.zip").upload_from_string(buf.getvalue())
     uri = f"gs://{bucket}/coco/val2017.zip"
-    entries = list_input(_cfg(uri, tmp_path))
+    entries = list_input(_cfg(uri, tmp_path)).sorted()
     assert [e.uri for e in entries] == [f"{uri}/val2017/{i:012d}.jpg" for i in range(5)]
     assert {e.member.format for e in entries} == {"zip"} and entries[0].generation is not None
     assert _read(entries) == [jpeg_bytes(i) for i in range(5)]
@@ -119,5 +119,5 @@ def test_a_damaged_archive_is_one_planned_error_not_a_silent_loss(tmp_path):
     shards = tmp_path / "wds"
     shards.mkdir()
     (shards / "broken.tar").write_bytes(b"\x89PNG" * 300)
-    (entry,) = list_input(_cfg(str(shards), tmp_path))
+    (entry,) = list_input(_cfg(str(shards), tmp_path)).sorted()
     assert entry.uri == str(shards / "broken.tar") and entry.member.format == "damaged"

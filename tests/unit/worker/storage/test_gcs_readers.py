@@ -158,3 +158,29 @@ def test_failed_composite_reads_leave_no_temporary_objects(gcs, through, failure
             assert isinstance(data, ReadError) if name == "x/03.jpg" else data == payloads[name]
     else:
         assert all(isinstance(p, ReadError) for p in got)
+
+
+AWKWARD = ["a/../up.jpg", "/lead.jpg", "a//double.jpg", "a/./dot.jpg", "trail/", "ctl\x01.jpg"]
+
+
+def test_native_can_name_only_what_object_store_paths_express():
+    from worker.storage.gcs_reader import native_can_name
+
+    assert all(native_can_name(n) for n in ["a/b.jpg", "a/..b.jpg", "sp ace/ü.jpg", "x/%2F.jpg", "a\\b"])
+    assert not any(native_can_name(n) for n in AWKWARD)
+
+
+def test_names_obstore_cannot_express_are_read_through_the_json_api_without_retries(gcs):
+    bucket = gcs.new_bucket("awkward")
+    payloads = {name: f"bytes of {name!r}".encode() for name in [*AWKWARD, "plain/ok.jpg"]}
+    for name, data in payloads.items():
+        gcs.client.bucket(bucket).blob(name).upload_from_string(data)
+    objects = _objects(bucket, payloads) + [ObjectInfo(f"gs://{bucket}/gone/../x.jpg", 3)]
+    reader = GCSReader(ReadSettings(concurrency=4, retry_deadline=30), ReadStats())
+    try:
+        got = reader.submit(objects).result()
+    finally:
+        reader.close()
+    assert [bytes(p) for p in got[:-1]] == [payloads[o.uri.split("/", 3)[3]] for o in objects[:-1]]
+    assert isinstance(got[-1], ReadError) and "not found" in str(got[-1])
+    assert reader.stats.retries == 0 and reader.stats.requests == len(objects)

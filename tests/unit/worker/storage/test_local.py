@@ -58,6 +58,8 @@ def test_parallel_local_listing_matches_the_serial_one(tmp_path, caplog):
     storage = LocalStorage()
     assert sorted(storage.list(str(root))) == sorted(expected)
     with caplog.at_level("WARNING"):
-        listed = storage.fast_list(str(root), processes=3)
+        pages = list(storage.list_pages(str(root), parallelism=3))
+    listed = [o for page in pages for o in page]
+    assert len(pages) > 1, "streamed a folder at a time, not as one list"
     assert sorted(listed) == sorted(expected)  # every file once: no folder listed twice or skipped
     assert "failed" not in caplog.text, "the processes must do the listing, not the serial fallback"
