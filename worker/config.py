@@ -1,10 +1,9 @@
 """The worker's whole configuration: one dataclass; the command line is derived from its fields.
 
-Each field's ``metadata`` (made by ``_option``) holds its help text and, where it has them, its
-choices and lower bound, and whether the results depend on it (``fingerprint``: see
-``worker.fingerprint``). ``build_parser`` turns the fields into flags (``batch_size`` ->
-``--batch-size``, a bool -> ``--x/--no-x``) and ``WorkerConfig.validate`` checks the same
-choices and bounds, so a flag's default, choices and limits are each written once, here.
+Each field's ``metadata`` (``_option``) holds its help, choices, lower bound and whether the
+results depend on it (``fingerprint``: see ``worker.fingerprint``). ``build_parser`` turns the
+fields into flags (``batch_size`` -> ``--batch-size``, a bool -> ``--x/--no-x``) and
+``WorkerConfig.validate`` checks the same choices and bounds: each is written once, here.
 """
 
 from __future__ import annotations

@@ -154,10 +154,12 @@ def _results(results_root: str, results_prefix: str) -> tuple[str, str]:
     return "results_root", results_root
 
 
-def check_run(**settings) -> None:
+def check_run(*, check_model: bool = True, **settings) -> None:
     """``check_settings``, then what this machine can check of the run's output and model.
 
     Args:
+        check_model: Also whether the model can do the task (reads its config files, from GCS
+            or the hub); without it, nothing here is slower than a file system call.
         **settings: ``check_settings``' arguments.
 
     Raises:
@@ -175,6 +177,8 @@ def check_run(**settings) -> None:
         settings["shard_size"],
         task_parameters,
     )
+    if not check_model:
+        return
     try:
         # Last: it reads the model's config files (from GCS or the hub) and imports transformers.
         from worker.tasks import task_class

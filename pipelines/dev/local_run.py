@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.check.checks import check_input, check_run
+from components.check.checks import TASK_PARAMETERS, check_input, check_run
 from components.launch.launch import LOCAL
 from components.launch.local import pythonpath_with_project
 from pipelines.dev.emulator import gcs_emulator
@@ -56,6 +56,7 @@ LOCAL_PARAMETERS = (
     "extra_worker_args",
     "local_nproc",
     "timeout_seconds",
+    *TASK_PARAMETERS,
 )
 # Where a local run's defaults differ from a cluster run's: a sample set of a few dozen
 # images spreads over two ranks in small shards, and the worker runs on this machine's CPU.
@@ -278,10 +279,14 @@ def _resolve_model(model: str | None, workdir: Path) -> str:
     return str(path)
 
 
-def _sample_images(workdir: Path, n: int) -> Path:
+def _sample_images_folder(workdir: Path, n: int) -> Path:
+    return workdir / f"sample-images-{n}"
+
+
+def _make_sample_images(workdir: Path, n: int) -> Path:
     from pipelines.dev.sample_images import make_sample_images
 
-    root = workdir / f"sample-images-{n}"
+    root = _sample_images_folder(workdir, n)
     if not root.is_dir():  # deterministic content: a folder of the same size can be reused
         staging = workdir / f".sample-images-{n}-{os.getpid()}"
         make_sample_images(staging, n)
@@ -296,12 +301,11 @@ def run_local_main(args: argparse.Namespace) -> int:
     folder_source = bool(args.source) and "://" not in args.source
     if folder_source and not Path(args.source).is_dir():
         raise ValueError(f"--source {args.source}: no such folder")
-    model = _resolve_model(args.model, workdir)
     # Absolute, because the worker runs wherever kfp.local starts it.
     source = (
         str(Path(args.source).resolve())
         if folder_source
-        else args.source or str(_sample_images(workdir, args.num_images))
+        else args.source or str(_sample_images_folder(workdir, args.num_images))
     )
     use_emulator = not args.results_root
     if use_emulator:
@@ -319,18 +323,25 @@ def run_local_main(args: argparse.Namespace) -> int:
         raise ValueError(
             f"the worker reads a folder or gs:// prefix, not {images_uri}: use --source to upload it"
         )
-    # The checks the upload task makes first, made here before the emulator even starts.
-    check_run(
-        images_uri=images_uri,
-        results_root=results_root,
-        results_prefix=args.results_prefix,
-        model=model,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        upload_layout=args.upload_layout,
-        packed_shard_mb=args.packed_shard_mb,
-        packed_shard_images=args.packed_shard_images,
-    )
+    # The checks the upload task makes first, made here before the emulator even starts: the
+    # parameters before anything slow (finding or making a model, generating images), the model
+    # once it is known.
+    settings = {
+        "images_uri": images_uri,
+        "results_root": results_root,
+        "results_prefix": args.results_prefix,
+        "batch_size": args.batch_size,
+        "shard_size": args.shard_size,
+        "upload_layout": args.upload_layout,
+        "packed_shard_mb": args.packed_shard_mb,
+        "packed_shard_images": args.packed_shard_images,
+        **{name: getattr(args, name) for name in TASK_PARAMETERS},
+    }
+    check_run(model=args.model or DEFAULT_MODEL, check_model=False, **settings)
+    model = _resolve_model(args.model, workdir)
+    check_run(model=model, **settings)
+    if not args.source:
+        _make_sample_images(workdir, args.num_images)
     if not args.incremental:
         check_input(upload, images_uri)
     pipeline_root = workdir / "runs" / time.strftime("%Y%m%d-%H%M%S")

@@ -74,6 +74,14 @@ CASES = {
         ],
         "results_root",
     ),
+    "run --local: the default model, results under a regular file": (
+        ["run", "--local", "--results-root", "{tmp}/a-file/x", "--workdir", "{tmp}/w"],
+        "results_root",
+    ),
+    "run --local: zero-shot without labels": (
+        ["run", "--local", "--task", "zero-shot", "--workdir", "{tmp}/w"],
+        "labels",
+    ),
     "render-job: local images": (["render-job", "--images-uri", "{tmp}/images", *JOB], "images_uri"),
     "render-job: a gs:// images_uri without a bucket": (
         ["render-job", "--images-uri", "gs://", *JOB],
@@ -155,6 +163,8 @@ def test_a_bad_input_is_one_line_naming_it_and_exit_2_before_anything_starts(cas
     assert "apiVersion" not in out  # render-job printed no job
     assert seconds < SECONDS
     assert not (tmp / "out").exists()
+    # Nothing slow began: no model found or made, no sample images generated.
+    assert not [p.name for p in (tmp / "w").glob("*")], list((tmp / "w").glob("*"))
 
 
 TASK = {
