@@ -59,28 +59,7 @@ class ZeroShot:
     @classmethod
     def check_model(cls, model: str, cfg: WorkerConfig, *, decode: str = "auto") -> None:
         read_labels(cfg)
-        if is_exported(model):
-            raise ConfigError(
-                f"--task zero-shot needs an image-text checkpoint (CLIP, SigLIP...), not the exported model {model}",
-                "model",
-            )
-        from transformers.models.auto.modeling_auto import MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING
-
-        with model_config_files(model, cfg.project) as (path, files):
-            if path is None:
-                return
-            check_checkpoint(
-                path,
-                model,
-                files,
-                MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING,
-                "zero-shot image-classification",
-            )
-            if files is not None and not files & set(TOKENIZER_FILES):
-                raise ConfigError(
-                    f"--model {model} holds no tokenizer ({', '.join(TOKENIZER_FILES)})", "model"
-                )
-            check_decodable(str(path), model, decode)
+        check_image_text_model(model, cfg.project, decode)
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         image = features_tensor(self.model.get_image_features(pixel_values=pixels)).float()
