@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from worker.results import (
@@ -102,3 +106,59 @@ class Committer:
     def write_summary(self, rank: int, summary: dict) -> None:
         uri = join(self.output, SUMMARY_DIR, summary_name(rank))
         self.storage.write(uri, json.dumps(summary, indent=2, sort_keys=True).encode("utf-8"))
+
+
+class CommitQueue:
+    """Commits shards on one thread beside the processing loop, in the order they are handed in.
+
+    A part is encoded, written and (on local disk) fsynced, or sent to GCS in one request of tens
+    of milliseconds; done in the loop, the GPU idled meanwhile (an embedding part is megabytes).
+    At most ``backlog`` shards wait, so a slow store slows the loop instead of filling memory, and
+    a failed commit is raised in the loop at the next hand-in or at ``close``.
+
+    Args:
+        committer: Writes each shard.
+        uri_column: The rows' URI cell, by which a part's rows are sorted.
+        kill_after: Fault injection for resume tests: SIGKILL the process once this many shards
+            are committed (0: never). The commit thread does it, so exactly that many are.
+    """
+
+    def __init__(self, committer: Committer, uri_column: int, *, backlog: int = 2, kill_after: int = 0):
+        self.committer = committer
+        self.uri_column = uri_column
+        self.backlog = backlog
+        self.kill_after = kill_after
+        self.committed = 0
+        self._pending: deque[Future] = deque()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="commit")
+
+    def submit(self, shard_index: int, result: ShardResult) -> None:
+        while len(self._pending) >= self.backlog:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._commit, shard_index, result))
+
+    def __enter__(self) -> CommitQueue:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the shards handed in are whole: let them commit, and raise the loop's error
+            self._pool.shutdown(wait=True)
+
+    def close(self) -> int:
+        """Wait for every commit (raising the first failure); the number of shards done."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        return self.committed
+
+    def _commit(self, shard_index: int, result: ShardResult) -> None:
+        result.rows.sort(key=lambda row: row[self.uri_column])
+        result.errors.sort()
+        self.committer.commit(shard_index, result)  # False: another writer of this run committed it
+        self.committed += 1
+        if self.kill_after and self.committed >= self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)

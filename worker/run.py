@@ -8,13 +8,12 @@ import functools
 import importlib
 import logging
 import os
-import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from worker import dist
-from worker.commit import Committer, ShardResult, discard_interrupted_writes
+from worker.commit import CommitQueue, Committer, ShardResult, discard_interrupted_writes
 from worker.config import ConfigError, WorkerConfig
 from worker.decode.stage import DecodeStage, default_decode_threads
 from worker.fingerprint import OutputGuard, model_revision
@@ -168,16 +167,16 @@ class Worker:
         # Pillow batches are decoded by the pil pool already; extra batch-level workers pay off on GPU.
         decode_workers = cfg.decode_workers if on_gpu else 1
         committer = Committer(cfg.output, fingerprint, cfg.project, columns=[c.name for c in self.columns])
+        kill_after = int(os.environ.get(FAULT_KILL_AFTER_SHARDS, "0"))
         infer = Inference(task, self.device, cfg.queued_blocks, graph)
         self.utilization = Utilization()
-        kill_after = int(os.environ.get(FAULT_KILL_AFTER_SHARDS, "0"))
-        shards_done = 0
 
         with (
             model_stream(self.device),
             contextlib.ExitStack() as stack,
             ThreadPoolExecutor(decode_threads, thread_name_prefix="pil") as pil_pool,
             ThreadPoolExecutor(decode_workers, thread_name_prefix="decode") as decode_pool,
+            CommitQueue(committer, self.uri_column, kill_after=kill_after) as commits,
         ):
             jpeg = cfg.gpu_jpeg if cfg.decode in ("auto", "gpu") else None
             decode = DecodeStage(
@@ -201,13 +200,10 @@ class Worker:
                 decode.release(decoded)
                 pending.append(Prediction(batch, decoded, outputs, ready, started))
                 while len(pending) > in_flight:
-                    if self._collect(pending.popleft(), task, results, committer, progress):
-                        shards_done += 1
-                        if kill_after and shards_done >= kill_after:
-                            os.kill(os.getpid(), signal.SIGKILL)
+                    self._collect(pending.popleft(), task, results, commits, progress)
             while pending:
-                if self._collect(pending.popleft(), task, results, committer, progress):
-                    shards_done += 1
+                self._collect(pending.popleft(), task, results, commits, progress)
+            shards_done = commits.close()
 
         shares = self.utilization.shares(progress.seconds)
         summary = {
@@ -242,10 +238,10 @@ class Worker:
         pred: Prediction,
         task: Task,
         results: dict[int, ShardResult],
-        committer: Committer,
+        commits: CommitQueue,
         progress: Progress,
-    ) -> bool:
-        """Turn one batch's outputs into rows; commit the shard at its last batch."""
+    ) -> None:
+        """Turn one batch's outputs into rows; hand the shard to the commit thread at its last batch."""
         if pred.ready is not None:
             pred.ready.synchronize()
             self.utilization.gpu_seconds += pred.started.elapsed_time(pred.ready) / 1e3
@@ -262,12 +258,8 @@ class Worker:
         if "first_batch" not in self.startup.steps:
             self.startup.mark("first_batch")
         progress.update(len(batch.objects), len(decoded.errors))
-        if not batch.last_in_shard:
-            return False
-        result.rows.sort(key=lambda row: row[self.uri_column])
-        result.errors.sort()
-        committer.commit(batch.shard.index, results.pop(batch.shard.index))
-        return True
+        if batch.last_in_shard:
+            commits.submit(batch.shard.index, results.pop(batch.shard.index))
 
 
 def run(cfg: WorkerConfig) -> dict:

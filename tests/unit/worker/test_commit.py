@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 
 from tests.support.lossy_proxy import LossyProxy
-from worker.commit import Committer, ShardResult
+from worker.commit import CommitQueue, Committer, ShardResult
 from worker.results import part_name
 from worker.storage.gcs import GCSStorage
 
@@ -65,3 +66,65 @@ def test_gcs_create_only_write_whose_response_was_lost_is_logged_as_a_retry(gcs,
     assert "retried write" in caplog.text and "another writer" not in caplog.text
     assert gcs.object_names(bucket, "out/parts/") == [f"out/parts/{name}"]
     assert gcs.client.bucket(bucket).blob(f"out/parts/{name}").download_as_bytes().count(b"\n") == 2
+
+
+class _Recording(Committer):
+    """Records the order of commits; blocks each one until the test lets it go."""
+
+    def __init__(self, out: str, *, fail_on: int | None = None):
+        super().__init__(out, FINGERPRINT)
+        self.order: list[int] = []
+        self.fail_on = fail_on
+        self.go = threading.Semaphore(0)
+
+    def commit(self, shard_index: int, result: ShardResult) -> bool:
+        self.go.acquire()
+        if shard_index == self.fail_on:
+            raise OSError(f"shard {shard_index}: the store refused the write")
+        self.order.append(shard_index)
+        return super().commit(shard_index, result)
+
+
+def test_commit_queue_commits_in_order_off_the_callers_thread_with_sorted_rows(tmp_path):
+    committer = _Recording(str(tmp_path / "out"))
+    rows = [("b", "cat", 3, 0.5, "gs://in/b.jpg"), ("a", "dog", 5, 0.9, "gs://in/a.jpg")]
+    with CommitQueue(committer, uri_column=4, backlog=4) as commits:
+        for shard in (2, 0, 1):
+            commits.submit(
+                shard, ShardResult(rows=list(rows), errors=[("gs://in/z", "x"), ("gs://in/c", "y")])
+            )
+        assert committer.order == [], "submit must return before the commit is done"
+        for _ in range(3):
+            committer.go.release()
+        assert commits.close() == 3
+    assert committer.order == [2, 0, 1]
+    part = (tmp_path / "out" / "parts" / part_name(0, FINGERPRINT)).read_text().splitlines()
+    assert [line.rsplit(",", 1)[1] for line in part[1:]] == ["gs://in/a.jpg", "gs://in/b.jpg"]
+
+
+def test_commit_queue_holds_at_most_its_backlog(tmp_path):
+    committer = _Recording(str(tmp_path / "out"))
+    commits = CommitQueue(committer, uri_column=4, backlog=1)
+    commits.submit(0, RESULT)
+    submitted = threading.Event()
+    second = threading.Thread(target=lambda: (commits.submit(1, RESULT), submitted.set()))
+    second.start()
+    assert not submitted.wait(0.2), "a second shard must wait while the first is uncommitted"
+    committer.go.release()
+    assert submitted.wait(30)
+    second.join()
+    committer.go.release()
+    assert commits.close() == 2
+
+
+def test_a_failed_commit_is_raised_to_the_loop(tmp_path):
+    committer = _Recording(str(tmp_path / "out"), fail_on=1)
+    commits = CommitQueue(committer, uri_column=4, backlog=1)
+    for _ in range(3):
+        committer.go.release()
+    commits.submit(0, RESULT)
+    commits.submit(1, RESULT)
+    with pytest.raises(OSError, match="shard 1: the store refused"):
+        commits.submit(2, RESULT)
+        commits.close()
+    assert committer.order == [0]
