@@ -26,10 +26,9 @@ from pathlib import Path
 from benchmarks.classifier import bench_images
 from pipelines.dev.emulator import gcs_emulator
 from tests.support.gcs_proxy import Faults, GcsProxy
-from worker.archives.listing import packed_entries
 from worker.archives.packed import packed_dir
 from worker.config import parse_args
-from worker.plan import make_shards
+from worker.plan import list_input, make_shards
 from worker.read import PlanInMemory, batches, open_reader, read_batches, read_settings
 from worker.storage import open_storage, split_uri
 from worker.storage.gcs_ranges import RangeReader
@@ -73,8 +72,7 @@ def read_stage(prefix: str, label: str, batch_size: int, extra: list[str]) -> tu
     # A backend of its own per label (its obstore stores bind the emulator address once).
     project = ["--project", f"bench-{label}"]
     cfg = parse_args(["--input", prefix, "--output", "/unused", "--model", "/unused", *project, *extra])
-    storage = open_storage(prefix, project=cfg.project)
-    plan = packed_entries(storage, prefix)
+    plan = list_input(cfg).sorted()
     settings = read_settings(cfg, 1)
     reader = open_reader(cfg, settings, archived=True)
     start = time.perf_counter()

@@ -29,8 +29,8 @@ Rows of deleted objects are dropped because their URI is not in the inventory.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from worker.plan_store import PlanDB, fetch_pieces, read_index
 from worker.results import (
@@ -46,7 +46,7 @@ from worker.results import (
     results_root_of,
     run_record,
 )
-from worker.storage import ObjectInfo, join, open_storage
+from worker.storage import join, open_storage
 
 if TYPE_CHECKING:
     from worker.config import WorkerConfig
@@ -84,10 +84,18 @@ def latest_base(
     return None
 
 
+class Listed(Protocol):
+    """Stage 1's listing of the input (``worker.plan.Listing``)."""
+
+    ordered: bool
+
+    def load_into(self, db: PlanDB, table: str) -> int: ...
+
+
 def plan_incremental(
     cfg: WorkerConfig,
     db: PlanDB,
-    list_input: Callable[[WorkerConfig], Iterable[list[ObjectInfo]]],
+    list_input: Callable[[WorkerConfig], Listed],
     write_listing: Callable[[PlanDB, str, bool, str, WorkerConfig], bytes],
     current: Callable[[], dict] | None = None,
 ) -> tuple[bytes, dict]:
@@ -96,8 +104,7 @@ def plan_incremental(
     Args:
         cfg: The worker config (``cfg.incremental`` is set, the input is gs://).
         db: The scratch database the tables are built in.
-        list_input: Lists the input's images with their generations (stage 1's listing: pages,
-            and ``ordered`` once they are read).
+        list_input: Lists the input's images with their generations (stage 1's ``Listing``).
         write_listing: Writes a table of ``db`` in plan order as pieces (stage 1's).
         current: This run's settings and model revision (it may wait for the model), to choose a
             base whose labels are this run's.
@@ -111,7 +118,7 @@ def plan_incremental(
     found = read_index(inventory_dir, project=cfg.project)
     if found is None:
         listing = list_input(cfg)
-        db.load("inventory", listing)
+        listing.load_into(db, "inventory")
         ordered = listing.ordered
         data = write_listing(db, "inventory", ordered, inventory_dir, cfg)
         if not out.write(join(cfg.output, INVENTORY_FILE), data, if_absent=True):

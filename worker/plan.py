@@ -55,7 +55,7 @@ class Listing:
         storage = open_storage(cfg.input, project=cfg.project)
         if (archived := list_archived_input(cfg, storage)) is not None:
             self.ordered = True
-            yield archived
+            yield from archived
             return
         root, output_prefix = folder(cfg.input), folder(cfg.output)
         images, archives = 0, []
@@ -70,14 +70,26 @@ class Listing:
                 archives += [o for o in kept if is_archive(o.uri)]
         if not images and archives and cfg.input_layout == "auto":
             self.ordered = True
-            yield archives_in_listing(storage, archives)
+            yield from archives_in_listing(storage, archives)
         if is_gcs(cfg.input) and not self.listed:
             log.warning("no objects at all under %s (check the prefix)", root)
 
     def sorted(self) -> list[ObjectInfo]:
-        """The whole listing in plan order, in memory: for small inputs (tests, tools)."""
+        """The whole listing in plan order, in memory, as the plan holds it: for small inputs
+        (tests, tools).
+        """
         entries = [o for page in self for o in page]
-        return entries if self.ordered else sorted(entries, key=lambda o: o.uri)
+        if not self.ordered:
+            return sorted(entries, key=lambda o: o.uri)
+        last = {o.uri: i for i, o in enumerate(entries)}  # as ``PlanDB.keep_last_per_uri``
+        return [o for i, o in enumerate(entries) if last[o.uri] == i]
+
+    def load_into(self, db: PlanDB, table: str) -> int:
+        """``table`` of ``db`` from the listing's pages, one row per URI; its rows."""
+        rows = db.load(table, self)
+        if self.ordered:
+            rows -= db.keep_last_per_uri(table)
+        return rows
 
 
 def list_input(cfg: WorkerConfig) -> Listing:
@@ -112,7 +124,7 @@ def make_plan(cfg: WorkerConfig, current: Callable[[], dict] | None = None) -> t
             if cfg.incremental:
                 return plan_incremental(cfg, db, list_input, write_listing, current)
             listing = list_input(cfg)
-            db.load("listing", listing)
+            listing.load_into(db, "listing")
             index = write_listing(db, "listing", listing.ordered, join(cfg.output, PLAN_DIR), cfg)
             return index, run_record(cfg.input, cfg.model, incremental=False)
         finally:

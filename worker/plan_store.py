@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +29,8 @@ import pyarrow.parquet as pq
 
 from worker.results import TABLE_INDEX, piece_name
 from worker.storage import Member, ObjectInfo, Storage, join, open_storage
+
+log = logging.getLogger(__name__)
 
 # One column per ObjectInfo field; the member's three are null for an object of its own.
 SCHEMA = pa.schema(
@@ -152,6 +155,23 @@ class PlanDB:
         if pending:
             rows += self._insert(table, pending, rows)
         return rows
+
+    def keep_last_per_uri(self, table: str) -> int:
+        """Drop every row of ``table`` that a later row (by ``seq``) has the URI of; how many.
+
+        Archive members are listed in plan order, and a name listed twice (packed again after it
+        changed, or held twice by one tar) is the file of its last entry. Both sides spill to disk,
+        so this holds at a hundred million rows.
+        """
+        before = self.count(f"SELECT count(*) FROM {table}")
+        self.con.execute(
+            f"CREATE OR REPLACE TABLE {table} AS SELECT t.* FROM {table} t "
+            f"SEMI JOIN (SELECT uri, max(seq) AS seq FROM {table} GROUP BY uri) latest USING (uri, seq)"
+        )
+        dropped = before - self.count(f"SELECT count(*) FROM {table}")
+        if dropped:
+            log.info("%d older entries of names listed again were left out of the plan", dropped)
+        return dropped
 
     def _insert(self, table: str, objects: list[ObjectInfo], first_seq: int) -> int:
         self.con.register("_page", _arrow(objects, first_seq))

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from worker.archives.members import MemberReader
 from worker.config import WorkerConfig
 from worker.plan import Shard
+from worker.prefetch import prefetch_map
 from worker.storage import BatchReader, ObjectInfo, ReadError, ReadSettings, ReadStats, open_storage
 
 T = TypeVar("T")
@@ -65,21 +66,6 @@ def batches(plan: ShardSource, shards: Iterable[Shard], batch_size: int) -> Iter
             for start in range(0, len(shard), batch_size):
                 stop = min(start + batch_size, len(shard))
                 yield Batch(shard, objects[start:stop], last_in_shard=stop == len(shard))
-
-
-def prefetch_map(fn: Callable[[T], R], items: Iterable[T], pool: Executor, depth: int) -> Iterator[R]:
-    """``map(fn, items)`` with up to ``depth`` calls running ahead in ``pool``, results in order.
-
-    ``items`` is pulled lazily, so a generator that claims work (dynamic shard
-    assignment) claims at most ``depth`` batches ahead of the consumer.
-    """
-    pending: collections.deque = collections.deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= depth:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
 
 
 def read_settings(cfg: WorkerConfig, world_size: int) -> ReadSettings:

@@ -29,7 +29,8 @@ from worker.infer import (
 from worker.model_files import fetch_model_once_per_node
 from worker.plan import Shard, Shards, make_shards, static_assignment
 from worker.plan_store import PlanReader, TableIndex
-from worker.read import batches, open_reader, prefetch_map, read_batches, read_settings
+from worker.prefetch import prefetch_map
+from worker.read import batches, open_reader, read_batches, read_settings
 from worker.results import PLAN_DIR
 from worker.schema import check_schema
 from worker.storage import join

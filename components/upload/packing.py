@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from worker.archives import packed, tar
-from worker.read import prefetch_map
+from worker.prefetch import prefetch_map
 from worker.storage import Storage, folder, is_gcs, open_storage
 
 log = logging.getLogger(__name__)

@@ -14,19 +14,24 @@ input holds a manifest, an archive where the input names one, archives under the
 holds no loose images, and loose images otherwise.
 
 Entries are ordered by archive and offset, so a batch's members are neighbours in one archive.
+They come in pages, an archive (or a packed shard's index) at a time, read a bounded number of
+archives ahead: a hundred million members are never held at once. Where two entries have one
+URI (a name packed again after it changed, a tar that holds a name twice) the one listed last
+is the file; the plan keeps it alone (``worker.plan_store.PlanDB.keep_last_per_uri``).
 """
 
 from __future__ import annotations
 
 import logging
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from worker.archives import packed, tar
 from worker.archives import zip as zip_format
 from worker.archives.members import DAMAGED, UNPACKED, ZIP
 from worker.config import WorkerConfig, is_image
+from worker.prefetch import prefetch_map
 from worker.storage import Member, ObjectInfo, Storage, folder
 
 log = logging.getLogger(__name__)
@@ -34,11 +39,11 @@ log = logging.getLogger(__name__)
 LOOSE, PACKED, TAR, ZIP_LAYOUT = "loose", "packed", "tar", "zip"
 ARCHIVE_EXTENSIONS = {TAR: ".tar", ZIP_LAYOUT: ".zip"}
 # Archives listed at once on rank 0: each listing waits on the network, not on the CPU.
-_LISTING_THREADS = 16
+LISTING_THREADS = 16
 
 
-def list_archived_input(cfg: WorkerConfig, storage: Storage) -> list[ObjectInfo] | None:
-    """The input's plan entries where its layout is known without listing it; None otherwise.
+def list_archived_input(cfg: WorkerConfig, storage: Storage) -> Iterator[list[ObjectInfo]] | None:
+    """The input's plan entries, in pages, where its layout is known without listing it; None otherwise.
 
     None means: list the input (loose images, or with ``auto`` maybe archives, which
     ``archives_in_listing`` then takes).
@@ -52,7 +57,7 @@ def list_archived_input(cfg: WorkerConfig, storage: Storage) -> list[ObjectInfo]
         return None
     manifest = packed.manifest_uri(cfg.input)
     if layout in ("auto", PACKED) and storage.exists(manifest):
-        return packed_entries(storage, cfg.input)
+        return packed_pages(storage, cfg.input)
     if layout == PACKED:
         raise FileNotFoundError(
             f"--input-layout packed: no {manifest} (upload the images with layout packed first)"
@@ -61,10 +66,10 @@ def list_archived_input(cfg: WorkerConfig, storage: Storage) -> list[ObjectInfo]
         if layout in ("auto", kind) and cfg.input.lower().endswith(extension):
             info = storage.stat(cfg.input)
             if info is not None:
-                return archive_entries(storage, [info], kind)
+                return archive_pages(storage, [info], kind)
     if layout in ARCHIVE_EXTENSIONS:
         listed = list(storage.list(folder(cfg.input)))
-        return archive_entries(storage, [o for o in listed if _kind_of(o.uri) == layout], layout)
+        return archive_pages(storage, [o for o in listed if _kind_of(o.uri) == layout], layout)
     return None
 
 
@@ -82,17 +87,15 @@ def holds_images(storage: Storage, uri: str) -> bool:
         return False
 
 
-def archives_in_listing(storage: Storage, listed: Sequence[ObjectInfo]) -> list[ObjectInfo]:
-    """``auto`` for an input without loose images: the images inside its tar and zip archives."""
-    entries: list[ObjectInfo] = []
+def archives_in_listing(storage: Storage, listed: Sequence[ObjectInfo]) -> Iterator[list[ObjectInfo]]:
+    """``auto`` for an input without loose images: the images inside its tar and zip archives, in pages."""
     for kind in ARCHIVE_EXTENSIONS:
         archives = sorted((o for o in listed if _kind_of(o.uri) == kind), key=lambda o: o.uri)
         if archives:
             log.info(
                 "the input holds no loose images but %d %s archive(s): reading those", len(archives), kind
             )
-            entries += archive_entries(storage, archives, kind)
-    return entries
+            yield from archive_pages(storage, archives, kind)
 
 
 def is_archive(uri: str) -> bool:
@@ -105,83 +108,84 @@ def _kind_of(uri: str) -> str | None:
     return next((k for k, ext in ARCHIVE_EXTENSIONS.items() if lower.endswith(ext)), None)
 
 
-def packed_entries(storage: Storage, dataset: str) -> list[ObjectInfo]:
-    """Every image of a packed dataset: the latest member of each name, then the bad files.
+def packed_pages(storage: Storage, dataset: str) -> Iterator[list[ObjectInfo]]:
+    """Every image of a packed dataset, a shard's index at a time.
+
+    The images that could not be read when the dataset was packed come first, each an error
+    row, unless a later upload packed the name after all (its member, listed later, wins).
 
     Raises:
         FileNotFoundError: The manifest names a shard index that is not there.
     """
     manifest_uri = packed.manifest_uri(dataset)
     manifest = packed.Manifest.decode(storage.read(manifest_uri))
-    shard_dir = packed.packed_dir(dataset)
-    listed = {o.uri: o for o in storage.list(folder(shard_dir))}
+    shard_dir = folder(packed.packed_dir(dataset))
+    # The shard objects, not their members: one per packed shard of thousands of images.
+    listed = {o.uri: o for o in storage.list(shard_dir)}
 
     def read_index(record: packed.ShardRecord) -> packed.ShardIndex:
-        uri = f"{folder(shard_dir)}{record.index}"
+        uri = f"{shard_dir}{record.index}"
         try:
             return packed.ShardIndex.decode(storage.read(uri))
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{uri}, listed in {manifest_uri}, is missing") from exc
 
-    with ThreadPoolExecutor(_LISTING_THREADS) as pool:
-        indexes = list(pool.map(read_index, manifest.shards))
-    latest: dict[str, tuple[int, packed.IndexEntry]] = {}
-    for order, index in enumerate(indexes):
-        for entry in index.members:
-            latest[entry.name] = (order, entry)
-    shard_infos = []
-    for record, index in zip(manifest.shards, indexes, strict=True):
-        uri = f"{folder(shard_dir)}{record.shard}"
-        info = listed.get(uri)
-        if info is None:
-            log.warning("%s is missing: its members will be error rows", uri)
-        elif info.size != index.size:
-            log.warning(
-                "%s is %d bytes but its index says %d: members past its end will be error rows",
-                uri,
-                info.size,
-                index.size,
-            )
-        shard_infos.append((uri, info.generation if info else None))
-    entries = [
-        ObjectInfo(
-            packed.member_uri(dataset, name),
-            entry.size,
-            shard_infos[order][1],
-            entry.crc32c,
-            Member(shard_infos[order][0], entry.offset),
-        )
-        for name, (order, entry) in sorted(latest.items(), key=lambda kv: (kv[1][0], kv[1][1].offset))
-        if is_image(name)
-    ]
     bad = [
         ObjectInfo(packed.member_uri(dataset, b.name), 0, member=Member(manifest_uri, 0, UNPACKED))
         for b in manifest.bad
-        if is_image(b.name) and b.name not in latest
+        if is_image(b.name)
     ]
     if bad:
         log.warning(
             "%d image(s) could not be read when the dataset was packed (see %s)", len(bad), manifest_uri
         )
-    superseded = sum(len(i.members) for i in indexes) - len(latest)
-    log.info(
-        "packed input %s: %d shard(s), %d image(s)%s",
-        dataset,
-        len(indexes),
-        len(entries),
-        f", {superseded} older copies of changed files skipped" if superseded else "",
-    )
-    return entries + bad
+        yield bad
+    members = 0
+    with ThreadPoolExecutor(LISTING_THREADS) as pool:
+        indexes = prefetch_map(read_index, manifest.shards, pool, LISTING_THREADS)
+        for record, index in zip(manifest.shards, indexes, strict=True):
+            uri = f"{shard_dir}{record.shard}"
+            info = listed.get(uri)
+            if info is None:
+                log.warning("%s is missing: its members will be error rows", uri)
+            elif info.size != index.size:
+                log.warning(
+                    "%s is %d bytes but its index says %d: members past its end will be error rows",
+                    uri,
+                    info.size,
+                    index.size,
+                )
+            generation = info.generation if info else None
+            page = [
+                ObjectInfo(
+                    packed.member_uri(dataset, entry.name),
+                    entry.size,
+                    generation,
+                    entry.crc32c,
+                    Member(uri, entry.offset),
+                )
+                for entry in sorted(index.members, key=lambda e: e.offset)
+                if is_image(entry.name)
+            ]
+            members += len(page)
+            if page:
+                yield page
+    log.info("packed input %s: %d shard(s), %d image member(s)", dataset, len(manifest.shards), members)
 
 
-def archive_entries(storage: Storage, archives: Sequence[ObjectInfo], kind: str) -> list[ObjectInfo]:
-    """The images inside tar or zip archive objects, by archive and offset."""
+def archive_pages(storage: Storage, archives: Sequence[ObjectInfo], kind: str) -> Iterator[list[ObjectInfo]]:
+    """The images inside tar or zip archive objects, by archive and offset, an archive at a time."""
     lister = _tar_entries if kind == TAR else _zip_entries
-    with ThreadPoolExecutor(_LISTING_THREADS) as pool:
-        per_archive = list(pool.map(lambda a: _listed_or_damaged(lister, storage, a), archives))
-    entries = [e for listed in per_archive for e in listed]
-    log.info("%d image(s) in %d %s archive(s)", len(entries), len(archives), kind)
-    return entries
+    entries = 0
+    with ThreadPoolExecutor(LISTING_THREADS) as pool:
+        listed = prefetch_map(
+            lambda a: _listed_or_damaged(lister, storage, a), archives, pool, LISTING_THREADS
+        )
+        for page in listed:
+            entries += len(page)
+            if page:
+                yield page
+    log.info("%d image(s) in %d %s archive(s)", entries, len(archives), kind)
 
 
 def _listed_or_damaged(lister, storage: Storage, archive: ObjectInfo) -> list[ObjectInfo]:
