@@ -2,6 +2,7 @@
 
     python -m benchmarks.scale --images 1000000 --images 10000000
     python -m benchmarks.scale --images 100000000 --skip-aggregate --json scale-100m.json
+    python -m benchmarks.scale --images 10000000 --layout packed --skip-aggregate
 
 A synthetic storage back-end stands in for the input bucket: it lists N generated names (nested
 prefixes ``year/month/day/camera-NNN/``, ~75-character URIs, pages of 1,000 in a scattered order,
@@ -13,6 +14,8 @@ assignment over 16 ranks), the committed-shard lookup (``Committer.scan`` over o
 shard), and the aggregate (``components.aggregate.aggregate``) over parts written for every
 image (1 % error rows). Each stage runs in a fresh process; its peak RSS is that process's
 ``VmHWM``. A rank's *plan memory* is its peak RSS less its RSS before it opened the plan.
+``--layout packed`` plans a packed dataset of the same images instead (the upload step's layout:
+a manifest and an index per 3,200-image shard, generated as they are read).
 Figures go in benchmarks/NOTES.md; ``--json FILE`` writes them for one size.
 """
 
@@ -30,6 +33,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from worker.archives import packed
 from worker.storage import GCS, ObjectInfo, StorageOptions, register
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +41,8 @@ INPUT = "gs://synthetic-images/archive"
 RANKS = 16
 SHARD = 1024
 PAGE = 1000
+# Images per packed shard: 256 MB (the upload step's default) of ~80 KB images.
+PACKED_MEMBERS = 3_200
 CLASSES = [f"class {i:03d}" for i in range(1000)]
 _STAGES = ("plan", "rank", "parts", "committed", "aggregate")
 
@@ -51,10 +57,15 @@ def synthetic_name(i: int) -> str:
 
 
 class SyntheticBucket:
-    """A gs:// back-end that lists ``SCALE_IMAGES`` generated objects and holds nothing else."""
+    """A gs:// back-end that lists ``SCALE_IMAGES`` generated objects and holds nothing else; with
+    ``SCALE_LAYOUT=packed``, a packed dataset of them instead (the upload step's layout): a
+    manifest, and an index per shard generated when it is read.
+    """
 
     def __init__(self, options: StorageOptions | None = None):
         self.images = int(os.environ["SCALE_IMAGES"])
+        self.packed = os.environ.get("SCALE_LAYOUT") == "packed"
+        self.shards = -(-self.images // PACKED_MEMBERS)
 
     def list_pages(self, prefix_uri: str, parallelism: int = 8) -> Iterator[list[ObjectInfo]]:
         # Pages in a scattered order (a stride coprime to the page count), as a fanned-out
@@ -69,10 +80,39 @@ class SyntheticBucket:
             ]
 
     def exists(self, uri: str) -> bool:
-        return False  # no packed manifest, no archive
+        return self.packed and uri == packed.manifest_uri(INPUT)  # no archive
+
+    def list(self, prefix_uri: str) -> Iterator[ObjectInfo]:
+        """A packed dataset's shard objects."""
+        for n in range(self.shards if self.packed else 0):
+            size = _packed_shard(n, self.images).size
+            yield ObjectInfo(
+                f"{packed.packed_dir(INPUT)}/{packed.shard_name(n)}", size, 1_700_000_000_000_000 + n
+            )
+
+    def read(self, uri: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        """A packed dataset's manifest or a shard's index."""
+        if uri == packed.manifest_uri(INPUT):
+            records = [
+                packed.ShardRecord(packed.shard_name(n), packed.index_name(n), PACKED_MEMBERS, 0)
+                for n in range(self.shards)
+            ]
+            return packed.Manifest(records).encode()
+        number = int(uri.rsplit("shard-", 1)[1].split(".", 1)[0])
+        return _packed_shard(number, self.images).encode()
 
     def stat(self, uri: str) -> None:
         return None
+
+
+def _packed_shard(number: int, images: int):
+    """Packed shard ``number``'s index: images ``number * PACKED_MEMBERS`` on, as tar members."""
+    members, offset = [], 0
+    for i in range(number * PACKED_MEMBERS, min((number + 1) * PACKED_MEMBERS, images)):
+        size = 60_000 + i % 40_000
+        members.append(packed.IndexEntry(synthetic_name(i)[len(INPUT) + 1 :], offset + 512, size, "AAAAAA=="))
+        offset += 512 + -(-size // 512) * 512
+    return packed.ShardIndex(packed.shard_name(number), offset + 1024, "AAAAAA==", members)
 
 
 def _coprime(a: int, b: int) -> bool:
@@ -250,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--skip-aggregate", action="store_true", help="plan and plan reads only (no parts written)"
     )
+    p.add_argument(
+        "--layout",
+        choices=("loose", "packed"),
+        default="loose",
+        help=f"the input: loose objects, or a packed dataset of {PACKED_MEMBERS:,}-image shards",
+    )
     p.add_argument("--json", help="write the figures of the (last) size to this file")
     p.add_argument("--scratch", help="folder for the results prefix and the stages' spill (default: TMPDIR)")
     p.add_argument("--stage", choices=_STAGES, help=argparse.SUPPRESS)
@@ -267,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run() | {"peak_rss_mib": round(_peak_mib(), 1)}))
         return 0
     sizes = sorted(args.images or [1_000_000, 10_000_000])
+    os.environ["SCALE_LAYOUT"] = args.layout  # the stages' synthetic bucket reads it
     print(
         f"machine: {os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB"
     )
@@ -286,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if args.json and figures:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"layout": args.layout, **figures}, indent=2) + "\n")
     return 0
 
 
