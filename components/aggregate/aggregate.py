@@ -28,7 +28,7 @@ from components.aggregate import tables
 from components.aggregate.report import render_report
 from components.aggregate.summary import AggregateReport
 from components.launch.job_record import JobRecord
-from worker.plan_store import fetch_pieces, read_index
+from worker.plan_store import each_partition, fetch_pieces, partition_of, partitions_for, read_index
 from worker.results import (
     ERRORS_DIR,
     INVENTORY_DIR,
@@ -132,6 +132,9 @@ def aggregate(
             )
         plan_index, index_bytes = found
         plan_sha256 = plan_digest(index_bytes)
+        # The inventory of an incremental run is as large as the base run's manifest, or larger.
+        inventory = read_index(join(results_uri, INVENTORY_DIR))
+        partitions = partitions_for(max(plan_index.images, inventory[0].images if inventory else 0))
         plan_paths = fetch_pieces(join(results_uri, PLAN_DIR), plan_index, scratch / "plan")
         con = tables.connect(scratch)
         try:
@@ -142,6 +145,7 @@ def aggregate(
                 scratch,
                 plan_paths=plan_paths,
                 plan_sha256=plan_sha256,
+                partitions=partitions,
                 outputs=(csv_path, parquet_path, html_path, errors_path),
                 job=job,
                 price_per_gpu_hour=price_per_gpu_hour,
@@ -158,12 +162,13 @@ def _aggregate(
     *,
     plan_paths: list[Path],
     plan_sha256: str,
+    partitions: int,
     outputs: tuple[str, str, str, str | None],
     job: JobRecord | None,
     price_per_gpu_hour: float,
 ) -> AggregateReport:
     csv_path, parquet_path, html_path, errors_path = outputs
-    tables.load_listing(con, "plan", plan_paths)
+    tables.load_listing(con, "plan", plan_paths, partitions)
     part_files = _list_named(storage, join(results_uri, PARTS_DIR), PART_FILE)
     run_info = read_run_record(results_uri)
     # Parts of another run (another input, model, plan...) are rejected by name, never merged.
@@ -179,17 +184,23 @@ def _aggregate(
     # The task's columns, as its run record declares them: the aggregate knows no task.
     columns = columns_of(run_info)
     every = ", ".join(c.name for c in columns)
-    tables.load_csv_files(con, "parts", storage, part_files, columns)
-    tables.load_csv_files(con, "errors", storage, error_files)
+    tables.load_csv_files(con, "parts", storage, part_files, columns, partitions)
+    tables.load_csv_files(con, "errors", storage, error_files, partitions=partitions)
     ranks = _read_summaries(storage, join(results_uri, SUMMARY_DIR))
-    reused, changed, deleted = _carry_over(con, storage, results_uri, run_info, scratch, columns)
-    con.execute(
-        f"CREATE VIEW merged AS SELECT {every}, plan.generation FROM parts "
-        f"LEFT JOIN plan USING (uri) UNION ALL SELECT {every}, generation FROM carried"
+    reused, changed, deleted = _carry_over(con, storage, results_uri, run_info, scratch, columns, partitions)
+    # The result rows with each image's generation, joined a hash partition of URIs at a time.
+    con.execute(f"CREATE TABLE merged AS SELECT {every}, generation FROM carried")
+    each_partition(
+        con,
+        f"INSERT INTO merged SELECT {every}, plan.generation FROM (SELECT * FROM parts WHERE part = $part) "
+        "parts LEFT JOIN (SELECT uri, generation FROM plan WHERE part = $part) plan USING (uri)",
+        partitions,
     )
     summary = next((c.name for c in columns if c.summary), None)
 
-    report = _build_report(con, results_uri, ranks, summary, reused=reused, changed=changed, deleted=deleted)
+    report = _build_report(
+        con, results_uri, ranks, summary, partitions, reused=reused, changed=changed, deleted=deleted
+    )
     report.base_uri = run_info.get("base")
     report.run = run_info
     report.job = job
@@ -205,12 +216,22 @@ def _aggregate(
         for c in columns
         if c.in_csv
     )
-    tables.copy_to(con, f"SELECT {in_csv} FROM merged ORDER BY uri", csv_path, "csv")
-    tables.copy_to(con, f"SELECT {every} FROM merged ORDER BY uri", parquet_path, "parquet", columns)
-    if errors_path:
-        tables.copy_to(con, "SELECT uri, reason FROM errors ORDER BY uri", errors_path, "csv")
     manifest_path = scratch / "manifest.parquet"
-    tables.copy_to(con, "SELECT * FROM merged ORDER BY uri", manifest_path, "parquet")
+    tables.write_in_uri_order(
+        con,
+        "merged",
+        report.metrics["rows"],
+        [
+            tables.Output(csv_path, in_csv, "csv"),
+            tables.Output(parquet_path, every, "parquet", columns),
+            # Vectors stay raw bytes in the manifest (compact, exact).
+            tables.Output(manifest_path, "*", "parquet"),
+        ],
+    )
+    if errors_path:
+        tables.write_in_uri_order(
+            con, "errors", report.metrics["errors"], [tables.Output(errors_path, "uri, reason", "csv")]
+        )
     # Uploaded from the file: at 100 M rows the manifest is GBs, never held in memory.
     (failed,) = storage.upload_files([(str(manifest_path), join(results_uri, MANIFEST))], workers=1)
     if failed is not None:
@@ -227,7 +248,7 @@ def _aggregate(
 
 
 def _carry_over(
-    con, storage: Storage, results_uri: str, run_info: dict, scratch: Path, columns
+    con, storage: Storage, results_uri: str, run_info: dict, scratch: Path, columns, partitions: int
 ) -> tuple[int, int, int]:
     """Table ``carried``: the base run's rows whose object is still listed at the same generation.
 
@@ -245,7 +266,9 @@ def _carry_over(
         raise FileNotFoundError(
             f"no inventory at {join(results_uri, INVENTORY_FILE)} for this incremental run"
         )
-    tables.load_listing(con, "inventory", fetch_pieces(inventory_dir, found[0], scratch / "inventory"))
+    tables.load_listing(
+        con, "inventory", fetch_pieces(inventory_dir, found[0], scratch / "inventory"), partitions
+    )
     manifest = scratch / "base.parquet"
     try:
         open_storage(base).download(join(base, MANIFEST), str(manifest))
@@ -254,19 +277,47 @@ def _carry_over(
             f"the base run {base} of this incremental run has no manifest any more "
             f"({MANIFEST}); rerun with incremental off"
         ) from exc
-    con.execute("CREATE TABLE base AS SELECT * FROM read_parquet(?)", [str(manifest)])
-    # A planned image's row from this run is its latest result; the plan already excludes
-    # unchanged images, so this only matters for rows without a generation.
     con.execute(
-        "CREATE TABLE carried AS SELECT base.* FROM base JOIN inventory "
-        "ON base.uri = inventory.uri AND base.generation = inventory.generation "
-        "ANTI JOIN plan ON base.uri = plan.uri"
+        f"CREATE TABLE base AS SELECT *, {partition_of(partitions)} AS part FROM read_parquet(?)",
+        [str(manifest)],
     )
-    present = "base.uri IN (SELECT uri FROM inventory)"
-    same = "EXISTS (SELECT 1 FROM inventory i WHERE i.uri = base.uri AND i.generation = base.generation)"
-    changed = tables.scalar(con, f"SELECT count(*) FROM base WHERE {present} AND NOT {same}")
-    deleted = tables.scalar(con, f"SELECT count(*) FROM base WHERE NOT {present}")
+    con.execute("CREATE TABLE carried AS SELECT * EXCLUDE (part) FROM base LIMIT 0")
+    # Each of base, inventory and plan a partition at a time: at 100 M rows a join of whole
+    # tables would not fit the memory limit. A planned image's row from this run is its latest
+    # result; the plan already excludes unchanged images, so that only matters for rows without
+    # a generation.
+    base = "(SELECT * FROM base WHERE part = $part) base"
+    inventory = "(SELECT uri, generation FROM inventory WHERE part = $part)"
+    each_partition(
+        con,
+        f"INSERT INTO carried SELECT base.* EXCLUDE (part) FROM {base} JOIN {inventory} inventory "
+        "ON base.uri = inventory.uri AND base.generation = inventory.generation "
+        "ANTI JOIN (SELECT uri FROM plan WHERE part = $part) plan ON base.uri = plan.uri",
+        partitions,
+    )
+    changed = _total(
+        con,
+        f"SELECT count(*) FROM {base} SEMI JOIN {inventory} present ON base.uri = present.uri "
+        f"ANTI JOIN {inventory} same ON base.uri = same.uri AND base.generation = same.generation",
+        partitions,
+    )
+    deleted = _total(
+        con,
+        f"SELECT count(*) FROM {base} ANTI JOIN {inventory} present ON base.uri = present.uri",
+        partitions,
+    )
     return tables.scalar(con, "SELECT count(*) FROM carried"), changed, deleted
+
+
+def _total(con, count_sql: str, partitions: int) -> int:
+    """The sum of a ``count(*)`` query's result over every partition."""
+    return sum(n for (n,) in each_partition(con, count_sql, partitions))
+
+
+def _first_uris(con, uri_sql: str, partitions: int) -> list[str]:
+    """The first ``PROBLEMS_SHOWN`` URIs of a query's rows over every partition, in order."""
+    found = each_partition(con, f"{uri_sql} ORDER BY uri LIMIT {PROBLEMS_SHOWN}", partitions)
+    return sorted(uri for (uri,) in found)[:PROBLEMS_SHOWN]
 
 
 def _list_named(storage: Storage, directory: str, pattern: re.Pattern) -> list[ObjectInfo]:
@@ -288,27 +339,44 @@ def _read_summaries(storage: Storage, directory: str) -> list[dict]:
 
 
 def _build_report(
-    con, results_uri: str, ranks: list[dict], summary: str | None, *, reused: int, changed: int, deleted: int
+    con,
+    results_uri: str,
+    ranks: list[dict],
+    summary: str | None,
+    partitions: int,
+    *,
+    reused: int,
+    changed: int,
+    deleted: int,
 ) -> AggregateReport:
-    """What the tables hold; ``summary`` is the column whose values the report counts (None: none)."""
-    con.execute(
-        "CREATE TABLE seen AS SELECT uri, count(*) AS n FROM "
-        "(SELECT uri FROM parts UNION ALL SELECT uri FROM errors) GROUP BY uri"
+    """What the tables hold; ``summary`` is the column whose values the report counts (None: none).
+
+    Every image's rows are counted, and the plan checked against them, a hash partition of URIs
+    at a time (``worker.plan_store.each_partition``).
+    """
+    con.execute("CREATE TABLE seen (uri VARCHAR, n BIGINT, part UINTEGER)")
+    each_partition(
+        con,
+        "INSERT INTO seen SELECT uri, count(*), any_value(part) FROM (SELECT uri, part FROM parts WHERE "
+        "part = $part UNION ALL SELECT uri, part FROM errors WHERE part = $part) GROUP BY uri",
+        partitions,
     )
-    missing = "SELECT uri FROM plan ANTI JOIN seen USING (uri)"
-    unexpected = "SELECT uri FROM seen ANTI JOIN plan USING (uri)"
+    planned_uris = "(SELECT uri FROM plan WHERE part = $part)"
+    seen_uris = "(SELECT uri FROM seen WHERE part = $part)"
+    missing = f"SELECT uri FROM {planned_uris} ANTI JOIN {seen_uris} USING (uri)"
+    unexpected = f"SELECT uri FROM {seen_uris} ANTI JOIN {planned_uris} USING (uri)"
     count = tables.scalar
     seconds = [float(s.get("seconds", 0.0)) for s in ranks]
     wall = max(seconds, default=0.0)
-    planned = count(con, "SELECT count(DISTINCT uri) FROM plan")
+    planned = count(con, "SELECT count(*) FROM plan")  # one row per URI (``worker.plan_store``)
     metrics: dict[str, int | float] = {
         "images": planned,
         "classified": count(con, "SELECT count(*) FROM parts"),
         "errors": count(con, "SELECT count(*) FROM errors"),
-        "missing": count(con, f"SELECT count(*) FROM ({missing})"),
+        "missing": _total(con, f"SELECT count(*) FROM ({missing})", partitions),
         # Extra rows beyond the one each image should have.
         "duplicated": count(con, "SELECT sum(n - 1) FROM seen WHERE n > 1"),
-        "unexpected": count(con, f"SELECT count(*) FROM ({unexpected})"),
+        "unexpected": _total(con, f"SELECT count(*) FROM ({unexpected})", partitions),
         "rows": count(con, "SELECT count(*) FROM merged"),
         "reused": reused,
         "changed": changed,
@@ -343,9 +411,9 @@ def _build_report(
         top_classes=[(str(name), int(n)) for name, n in top],
         errors_sample=[(str(uri), str(reason)) for uri, reason in errors_sample],
         ranks=ranks,
-        missing_sample=tables.column(con, f"{missing} {sample}"),
+        missing_sample=_first_uris(con, missing, partitions),
         duplicated_sample=tables.column(con, f"SELECT uri FROM seen WHERE n > 1 {sample}"),
-        unexpected_sample=tables.column(con, f"{unexpected} {sample}"),
+        unexpected_sample=_first_uris(con, unexpected, partitions),
         errors_by_reason=[(str(kind), int(n)) for kind, n in by_reason],
         score_column=score_column,
         score_histogram=histogram,

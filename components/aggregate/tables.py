@@ -13,12 +13,15 @@ import base64
 import io
 import json
 import os
+import shutil
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from worker.plan_store import partition_of, partitions_for
 from worker.results import ERROR_DTYPES
 from worker.schema import VECTOR_NUMPY, Column
 from worker.storage import ObjectInfo, ReadError, Storage
@@ -88,23 +91,29 @@ def connect(scratch: Path):
     return con
 
 
-def load_listing(con, table: str, paths: Sequence[Path]) -> None:
-    """``table(uri, generation)`` from local copies of a plan's or inventory's pieces
-    (``worker.plan_store``); none: the table is created empty.
+def load_listing(con, table: str, paths: Sequence[Path], partitions: int = 1) -> None:
+    """``table(uri, generation, part)`` from local copies of a plan's or inventory's pieces
+    (``worker.plan_store``: one row per URI); none: the table is created empty. ``part`` is the
+    row's hash partition of ``partitions`` (``worker.plan_store.each_partition``).
     """
-    con.execute(f"CREATE TABLE {table} (uri VARCHAR, generation BIGINT)")
+    con.execute(f"CREATE TABLE {table} (uri VARCHAR, generation BIGINT, part UINTEGER)")
     if paths:
         con.execute(
-            f"INSERT INTO {table} SELECT DISTINCT uri, generation FROM read_parquet(?)",
+            f"INSERT INTO {table} SELECT uri, generation, {partition_of(partitions)} FROM read_parquet(?)",
             [[str(p) for p in paths]],
         )
 
 
 def load_csv_files(
-    con, table: str, storage: Storage, files: Sequence[ObjectInfo], columns: Sequence[Column] | None = None
+    con,
+    table: str,
+    storage: Storage,
+    files: Sequence[ObjectInfo],
+    columns: Sequence[Column] | None = None,
+    partitions: int = 1,
 ) -> None:
     """``table`` from result part files with the task's ``columns``, or (``columns`` None) error
-    files, checked as they come.
+    files, checked as they come, and each row's hash partition ``part`` of ``partitions``.
 
     Raises:
         ValueError: A file cannot be parsed or lacks the documented columns; it is named.
@@ -112,10 +121,10 @@ def load_csv_files(
     types = _ERROR_TYPES if columns is None else part_types(columns)
     kinds = {c.name: c.kind for c in columns or ()}
     sql_columns = ", ".join(f"{name} {_SQL_TYPES[kind]}" for name, kind in types.items())
-    con.execute(f"CREATE TABLE {table} ({sql_columns})")
+    con.execute(f"CREATE TABLE {table} ({sql_columns}, part UINTEGER)")
     for batch in _parsed_batches(storage, files, types, kinds):
         con.register("_batch", batch)
-        con.execute(f"INSERT INTO {table} SELECT * FROM _batch")
+        con.execute(f"INSERT INTO {table} SELECT *, {partition_of(partitions)} FROM _batch")
         con.unregister("_batch")
 
 
@@ -192,50 +201,126 @@ def column(con, sql: str, params: Sequence = ()) -> list:
     return [row[0] for row in con.execute(sql, list(params)).fetchall()]
 
 
-def copy_to(con, query: str, path: str | Path, fmt: str, columns: Sequence[Column] = ()) -> None:
-    """Write ``query``'s rows to the local file ``path`` as ``csv`` (with a header) or ``parquet``.
-
-    Where ``columns`` (those of the query's rows) hold vectors, the Parquet file holds them as
-    fixed-size lists of their float type, written a batch of rows at a time.
+@dataclass(frozen=True)
+class Output:
+    """A local file ``write_in_uri_order`` writes: the ``select`` list of each row, as ``csv``
+    (with a header) or ``parquet`` (with ``columns``' vectors as fixed-size lists of their type).
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    vectors = {c.name: c.kind for c in columns if c.is_vector}
-    if fmt == "parquet" and vectors:
-        _copy_vectors_to_parquet(con, query, target, vectors)
-        return
-    options = "FORMAT PARQUET, COMPRESSION ZSTD" if fmt == "parquet" else "FORMAT CSV, HEADER, DELIMITER ','"
-    con.execute(f"COPY ({query}) TO {_quoted(target)} ({options})")
+
+    path: str | Path
+    select: str
+    fmt: str
+    columns: Sequence[Column] = ()
 
 
-def _copy_vectors_to_parquet(con, query: str, target: Path, vectors: dict[str, str]) -> None:
-    """``copy_to``'s Parquet with the ``vectors`` columns (raw bytes in the tables) as fixed-size lists."""
-    import numpy as np
-    import pyarrow.parquet as pq
+def write_in_uri_order(con, table: str, rows: int, outputs: Sequence[Output]) -> None:
+    """Write ``table``'s ``rows`` rows, sorted by URI, to every one of ``outputs``.
 
-    writer = None
-    size: dict[str, int] = {}
+    The rows are sorted a range of URIs at a time (``uri_ranges``), each range once for all the
+    files: DuckDB's sort needs memory in proportion to the rows it sorts (10 M rows did not sort
+    under 100 MB), so a hundred million rows sorted at once would not fit the memory limit.
+    """
+    writers = [(_CsvOut if o.fmt == "csv" else _ParquetOut)(o) for o in outputs]
+    con.execute("SET preserve_insertion_order = true")  # a sorted range is read in its order
     try:
-        for batch in con.sql(query).to_arrow_reader(_PARQUET_BATCH_ROWS):
-            arrays = []
-            for name, array in zip(batch.schema.names, batch.columns, strict=True):
-                if name in vectors:
-                    array = _fixed_size_list(name, array, vectors[name], size, np)
-                arrays.append(array)
-            table = pa.Table.from_arrays(arrays, names=batch.schema.names)
-            if writer is None:
-                writer = pq.ParquetWriter(str(target), table.schema, compression="zstd")
-            writer.write_table(table)
-        if writer is None:  # no rows: an empty file with the schema (vectors of unknown size as lists)
-            empty = con.sql(f"SELECT * FROM ({query}) LIMIT 0").to_arrow_table()
-            fields = [
-                pa.field(f.name, pa.list_(_VECTOR_ARROW[vectors[f.name]])) if f.name in vectors else f
-                for f in empty.schema
-            ]
-            pq.write_table(pa.schema(fields).empty_table(), str(target), compression="zstd")
+        for low, high in uri_ranges(con, table, rows):
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE uri_range AS SELECT * FROM {table} "
+                "WHERE (? IS NULL OR uri >= ?) AND (? IS NULL OR uri < ?) ORDER BY uri",
+                [low, low, high, high],
+            )
+            for writer in writers:
+                writer.add(con, "uri_range")
+        for writer in writers:
+            writer.close(con, table)
     finally:
-        if writer is not None:
-            writer.close()
+        con.execute("DROP TABLE IF EXISTS uri_range")
+        con.execute("SET preserve_insertion_order = false")
+
+
+# URIs sampled to cut a table into ranges of about equal rows.
+_RANGE_SAMPLE = 100_000
+
+
+def uri_ranges(con, table: str, rows: int) -> list[tuple[str | None, str | None]]:
+    """``[low, high)`` URI bounds (None: open) cutting ``table`` into ranges of about
+    ``worker.plan_store.PARTITION_ROWS`` rows, in order; one open range for a small table.
+    """
+    count = partitions_for(rows)
+    if count == 1:
+        return [(None, None)]
+    sample = sorted(
+        column(con, f"SELECT uri FROM {table} USING SAMPLE reservoir({_RANGE_SAMPLE} ROWS) REPEATABLE (25)")
+    )
+    bounds = sorted({sample[len(sample) * i // count] for i in range(1, count)})
+    return list(zip([None, *bounds], [*bounds, None], strict=True))
+
+
+class _CsvOut:
+    """A CSV file written a range at a time: DuckDB writes each range, the file gets it appended."""
+
+    def __init__(self, output: Output):
+        self.output, self.target, self.ranges = output, Path(output.path), 0
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.target.unlink(missing_ok=True)
+
+    def add(self, con, source: str) -> None:
+        piece = self.target.with_name(f".{self.target.name}.range")
+        header = "HEADER" if self.ranges == 0 else "HEADER false"
+        con.execute(
+            f"COPY (SELECT {self.output.select} FROM {source}) TO {_quoted(piece)} "
+            f"(FORMAT CSV, {header}, DELIMITER ',')"
+        )
+        with open(self.target, "ab") as out, open(piece, "rb") as data:
+            shutil.copyfileobj(data, out, 8 << 20)
+        piece.unlink()
+        self.ranges += 1
+
+    def close(self, con, table: str) -> None:
+        pass
+
+
+class _ParquetOut:
+    """A Parquet file written a batch of rows at a time, vectors made fixed-size lists."""
+
+    def __init__(self, output: Output):
+        self.output, self.target = output, Path(output.path)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.vectors = {c.name: c.kind for c in output.columns if c.is_vector}
+        self.sizes: dict[str, int] = {}
+        self.writer = None
+
+    def add(self, con, source: str) -> None:
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        for batch in con.sql(f"SELECT {self.output.select} FROM {source}").to_arrow_reader(
+            _PARQUET_BATCH_ROWS
+        ):
+            arrays = [
+                _fixed_size_list(name, array, self.vectors[name], self.sizes, np)
+                if name in self.vectors
+                else array
+                for name, array in zip(batch.schema.names, batch.columns, strict=True)
+            ]
+            table = pa.Table.from_arrays(arrays, names=batch.schema.names)
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(str(self.target), table.schema, compression="zstd")
+            self.writer.write_table(table)
+
+    def close(self, con, table: str) -> None:
+        import pyarrow.parquet as pq
+
+        if self.writer is not None:
+            self.writer.close()
+            return
+        # No rows: an empty file with the schema (vectors of unknown size as lists).
+        empty = con.sql(f"SELECT {self.output.select} FROM {table} LIMIT 0").to_arrow_table()
+        fields = [
+            pa.field(f.name, pa.list_(_VECTOR_ARROW[self.vectors[f.name]])) if f.name in self.vectors else f
+            for f in empty.schema
+        ]
+        pq.write_table(pa.schema(fields).empty_table(), str(self.target), compression="zstd")
 
 
 def _fixed_size_list(name: str, array: pa.Array, kind: str, size: dict[str, int], np) -> pa.Array:

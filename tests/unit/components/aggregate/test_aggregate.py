@@ -14,6 +14,7 @@ import pytest
 from components.aggregate.aggregate import IncompleteResultsError, aggregate
 from components.launch.job_record import JobRecord
 from tests.support.html import parse_html
+from worker import plan_store
 from worker.plan_store import write_table
 from worker.results import (
     FINGERPRINT_KEYS,
@@ -116,8 +117,13 @@ def _outputs(tmp_path: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def results_root(any_prefix) -> str:
+@pytest.fixture(params=[None, 2], ids=["one-partition", "partitions-of-2"])
+def results_root(any_prefix, request, monkeypatch) -> str:
+    """A results prefix; the tables checked and joined whole, or a hash partition of 2 rows at a
+    time (``worker.plan_store.each_partition``): the outcome must not depend on it.
+    """
+    if request.param:
+        monkeypatch.setattr(plan_store, "PARTITION_ROWS", request.param)
     return any_prefix
 
 
@@ -265,6 +271,29 @@ def test_incomplete_results_raise_after_writing_the_report(results_root, tmp_pat
     # Nothing that could pass for a finished result.
     assert not Path(out["csv_path"]).exists() and not Path(out["parquet_path"]).exists()
     assert not open_storage(results_root).exists(join(results_root, MARKER))
+
+
+def test_problems_in_many_partitions_are_counted_and_sampled_in_uri_order(results_root, tmp_path):
+    write_layout(
+        results_root,
+        list(range(12)),
+        {0: [0, 2, 4], 1: [6, 7, 8, 9, 10, 11, 11]},
+        extra_part_uris={0: [f"gs://images/stray/{i}.jpg" for i in range(4)]},
+        summaries=[_summary(0, 12, 2.0, device="cpu")],
+    )
+
+    with pytest.raises(IncompleteResultsError) as err:
+        aggregate(results_root, **_outputs(tmp_path))
+
+    report = err.value.report
+    assert (report.metrics["missing"], report.metrics["duplicated"], report.metrics["unexpected"]) == (
+        3,
+        1,
+        4,
+    )
+    assert report.missing_sample == sorted(_uri(i) for i in (1, 3, 5))
+    assert report.unexpected_sample == [f"gs://images/stray/{i}.jpg" for i in range(4)]
+    assert report.duplicated_sample == [_uri(11)]
 
 
 def test_error_file_of_uncommitted_shard_does_not_count(tmp_path):
