@@ -32,7 +32,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from worker.plan_store import PlanDB, fetch_pieces, read_index
+from worker.plan_store import PlanDB, each_partition, fetch_pieces, partition_of, partitions_for, read_index
 from worker.results import (
     INVENTORY_DIR,
     INVENTORY_FILE,
@@ -141,13 +141,25 @@ def plan_incremental(
         manifest = db.scratch / "base.parquet"
         open_storage(base_uri, project=cfg.project).download(join(base_uri, MANIFEST), str(manifest))
         db.con.execute("INSERT INTO base SELECT uri, generation FROM read_parquet(?)", [str(manifest)])
-    # A generation-less entry can never be proven unchanged, so it is always replanned.
-    db.con.execute(
-        "CREATE OR REPLACE TABLE planned AS SELECT * FROM inventory i WHERE i.generation IS NULL OR NOT "
-        "EXISTS (SELECT 1 FROM base b WHERE b.uri = i.uri AND b.generation = i.generation)"
-    )
     listed = db.count("SELECT count(*) FROM inventory")
+    # Each join a hash partition of URIs at a time: at 100 M images whole tables would not fit.
+    partitions = partitions_for(max(listed, db.count("SELECT count(*) FROM base")))
+    part = partition_of(partitions)
+    inventory = f"(SELECT * FROM inventory WHERE {part} = $part)"
+    base = f"(SELECT uri, generation FROM base WHERE {part} = $part)"
+    db.con.execute("CREATE OR REPLACE TABLE planned AS SELECT * FROM inventory LIMIT 0")
+    # A generation-less entry can never be proven unchanged (no join matches it), so it is replanned.
+    each_partition(
+        db.con,
+        f"INSERT INTO planned SELECT i.* FROM {inventory} i ANTI JOIN {base} b "
+        "ON i.uri = b.uri AND i.generation = b.generation",
+        partitions,
+    )
     planned = db.count("SELECT count(*) FROM planned")
+
+    def total(sql: str) -> int:
+        return sum(n for (n,) in each_partition(db.con, sql, partitions))
+
     info = run_record(
         cfg.input,
         cfg.model,
@@ -157,8 +169,11 @@ def plan_incremental(
         listed=listed,
         planned=planned,
         reused=listed - planned,
-        changed=db.count("SELECT count(*) FROM planned WHERE uri IN (SELECT uri FROM base)"),
-        deleted=db.count("SELECT count(DISTINCT uri) FROM base WHERE uri NOT IN (SELECT uri FROM inventory)"),
+        changed=total(
+            f"SELECT count(*) FROM (SELECT uri FROM planned WHERE {part} = $part) p SEMI JOIN {base} b "
+            "ON p.uri = b.uri"
+        ),
+        deleted=total(f"SELECT count(DISTINCT b.uri) FROM {base} b ANTI JOIN {inventory} i ON b.uri = i.uri"),
     )
     log.info(
         "incremental plan: %d of %d images are new or changed since %s (%d reused, %d deleted)",

@@ -59,8 +59,8 @@ _ROWS_PER_INSERT = 100_000
 # Rows per hash partition where a join or grouping of whole tables runs a partition at a time.
 # DuckDB's hash joins spill, but each still needs memory in proportion to its input: a join of
 # 10 M URIs failed under 100 MB and passed under 200 MB, so 10 M rows a partition leave the
-# aggregate's 1 GB five times that, whatever the table's size.
-PARTITION_ROWS = 10_000_000
+# aggregate's 1 GB five times that, whatever the table's size. Tests set a few rows.
+PARTITION_ROWS = int(os.environ.get("BATCH_INFERENCE_PARTITION_ROWS", 10_000_000))
 
 
 def partitions_for(rows: int) -> int:

@@ -22,6 +22,7 @@ from pipelines.batch_inference import launch_inputs
 from tests.support.helpers import jpeg_bytes
 from tests.support.html import parse_html
 from tests.support.worker_harness import read_plan, read_results, run_worker
+from worker import plan_store
 from worker.config import WorkerConfig, parse_args
 from worker.fingerprint import OutputGuard, model_revision, prepare_plan
 from worker.incremental import latest_base
@@ -68,7 +69,12 @@ def _worker(input_uri: str, output: str, model: Path, *flags: str, nproc: int = 
 
 
 @pytest.mark.slow
-def test_second_run_classifies_only_the_difference_and_matches_a_full_run(gcs, tiny_model, tmp_path, capsys):
+def test_second_run_classifies_only_the_difference_and_matches_a_full_run(
+    gcs, tiny_model, tmp_path, capsys, monkeypatch
+):
+    # Joins and sorts of the planning and the aggregate a few rows at a time, as at 100 M images.
+    monkeypatch.setenv("BATCH_INFERENCE_PARTITION_ROWS", "3")
+    monkeypatch.setattr(plan_store, "PARTITION_ROWS", 3)
     bucket = gcs.new_bucket("incremental")
     images = f"gs://{bucket}/data"
     first = {f"data/d{i % 2}/img_{i:03d}.jpg": jpeg_bytes(i) for i in range(10)}
