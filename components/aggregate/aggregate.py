@@ -28,7 +28,7 @@ from components.aggregate import tables
 from components.aggregate.report import render_report
 from components.aggregate.summary import AggregateReport
 from components.launch.job_record import JobRecord
-from worker.plan_store import each_partition, fetch_pieces, partition_of, partitions_for, read_index
+from worker.plan_store import each_partition, fetch_pieces, partitions_for, read_index
 from worker.results import (
     ERRORS_DIR,
     INVENTORY_DIR,
@@ -192,8 +192,8 @@ def _aggregate(
     con.execute(f"CREATE TABLE merged AS SELECT {every}, generation FROM carried")
     each_partition(
         con,
-        f"INSERT INTO merged SELECT {every}, plan.generation FROM (SELECT * FROM parts WHERE part = $part) "
-        "parts LEFT JOIN (SELECT uri, generation FROM plan WHERE part = $part) plan USING (uri)",
+        f"INSERT INTO merged SELECT {every}, plan.generation FROM parts_$part parts "
+        "LEFT JOIN plan_$part plan USING (uri)",
         partitions,
     )
     summary = next((c.name for c in columns if c.summary), None)
@@ -277,33 +277,33 @@ def _carry_over(
             f"the base run {base} of this incremental run has no manifest any more "
             f"({MANIFEST}); rerun with incremental off"
         ) from exc
-    con.execute(
-        f"CREATE TABLE base AS SELECT *, {partition_of(partitions)} AS part FROM read_parquet(?)",
-        [str(manifest)],
+    con.execute("CREATE TABLE carried AS SELECT * FROM read_parquet(?) LIMIT 0", [str(manifest)])
+    columns_sql = ", ".join(
+        f'"{name}" {kind}' for name, kind, *_ in con.execute("DESCRIBE carried").fetchall()
     )
-    con.execute("CREATE TABLE carried AS SELECT * EXCLUDE (part) FROM base LIMIT 0")
+    tables.partitioned_table(con, "base", columns_sql, partitions)
+    tables.insert_partitioned(con, "base", "SELECT * FROM read_parquet(?)", partitions, [str(manifest)])
     # Each of base, inventory and plan a partition at a time: at 100 M rows a join of whole
     # tables would not fit the memory limit. A planned image's row from this run is its latest
     # result; the plan already excludes unchanged images, so that only matters for rows without
     # a generation.
-    base = "(SELECT * FROM base WHERE part = $part) base"
-    inventory = "(SELECT uri, generation FROM inventory WHERE part = $part)"
+    base_rows, inventory = "base_$part base", "inventory_$part"
     each_partition(
         con,
-        f"INSERT INTO carried SELECT base.* EXCLUDE (part) FROM {base} JOIN {inventory} inventory "
+        f"INSERT INTO carried SELECT base.* FROM {base_rows} JOIN {inventory} inventory "
         "ON base.uri = inventory.uri AND base.generation = inventory.generation "
-        "ANTI JOIN (SELECT uri FROM plan WHERE part = $part) plan ON base.uri = plan.uri",
+        "ANTI JOIN plan_$part plan ON base.uri = plan.uri",
         partitions,
     )
     changed = _total(
         con,
-        f"SELECT count(*) FROM {base} SEMI JOIN {inventory} present ON base.uri = present.uri "
+        f"SELECT count(*) FROM {base_rows} SEMI JOIN {inventory} present ON base.uri = present.uri "
         f"ANTI JOIN {inventory} same ON base.uri = same.uri AND base.generation = same.generation",
         partitions,
     )
     deleted = _total(
         con,
-        f"SELECT count(*) FROM {base} ANTI JOIN {inventory} present ON base.uri = present.uri",
+        f"SELECT count(*) FROM {base_rows} ANTI JOIN {inventory} present ON base.uri = present.uri",
         partitions,
     )
     return tables.scalar(con, "SELECT count(*) FROM carried"), changed, deleted
@@ -354,17 +354,15 @@ def _build_report(
     Every image's rows are counted, and the plan checked against them, a hash partition of URIs
     at a time (``worker.plan_store.each_partition``).
     """
-    con.execute("CREATE TABLE seen (uri VARCHAR, n BIGINT, part UINTEGER)")
+    tables.partitioned_table(con, "seen", "uri VARCHAR, n BIGINT", partitions)
     each_partition(
         con,
-        "INSERT INTO seen SELECT uri, count(*), any_value(part) FROM (SELECT uri, part FROM parts WHERE "
-        "part = $part UNION ALL SELECT uri, part FROM errors WHERE part = $part) GROUP BY uri",
+        "INSERT INTO seen_$part SELECT uri, count(*) FROM "
+        "(SELECT uri FROM parts_$part UNION ALL SELECT uri FROM errors_$part) GROUP BY uri",
         partitions,
     )
-    planned_uris = "(SELECT uri FROM plan WHERE part = $part)"
-    seen_uris = "(SELECT uri FROM seen WHERE part = $part)"
-    missing = f"SELECT uri FROM {planned_uris} ANTI JOIN {seen_uris} USING (uri)"
-    unexpected = f"SELECT uri FROM {seen_uris} ANTI JOIN {planned_uris} USING (uri)"
+    missing = "SELECT uri FROM plan_$part ANTI JOIN seen_$part USING (uri)"
+    unexpected = "SELECT uri FROM seen_$part ANTI JOIN plan_$part USING (uri)"
     count = tables.scalar
     seconds = [float(s.get("seconds", 0.0)) for s in ranks]
     wall = max(seconds, default=0.0)

@@ -91,17 +91,32 @@ def connect(scratch: Path):
     return con
 
 
-def load_listing(con, table: str, paths: Sequence[Path], partitions: int = 1) -> None:
-    """``table(uri, generation, part)`` from local copies of a plan's or inventory's pieces
-    (``worker.plan_store``: one row per URI); none: the table is created empty. ``part`` is the
-    row's hash partition of ``partitions`` (``worker.plan_store.each_partition``).
+def partitioned_table(con, table: str, sql_columns: str, partitions: int) -> None:
+    """Tables ``{table}_0`` to ``{table}_{partitions - 1}``, one per hash partition of URIs, and the
+    view ``{table}`` of them all: a partition's queries read its own table alone
+    (``worker.plan_store.each_partition``, ``{table}_$part``).
     """
-    con.execute(f"CREATE TABLE {table} (uri VARCHAR, generation BIGINT, part UINTEGER)")
+    for number in range(partitions):
+        con.execute(f"CREATE TABLE {table}_{number} ({sql_columns})")
+    every = " UNION ALL ".join(f"SELECT * FROM {table}_{number}" for number in range(partitions))
+    con.execute(f"CREATE VIEW {table} AS {every}")
+
+
+def insert_partitioned(con, table: str, select: str, partitions: int, params: Sequence = ()) -> None:
+    """Each row of ``select`` (a query ending in its FROM) into its partition's table of ``table``."""
+    for number in range(partitions):
+        where = f" WHERE {partition_of(partitions)} = {number}" if partitions > 1 else ""
+        con.execute(f"INSERT INTO {table}_{number} {select}{where}", list(params))
+
+
+def load_listing(con, table: str, paths: Sequence[Path], partitions: int = 1) -> None:
+    """``table(uri, generation)``, partitioned (``partitioned_table``), from local copies of a
+    plan's or inventory's pieces (``worker.plan_store``: one row per URI); none: empty.
+    """
+    partitioned_table(con, table, "uri VARCHAR, generation BIGINT", partitions)
     if paths:
-        con.execute(
-            f"INSERT INTO {table} SELECT uri, generation, {partition_of(partitions)} FROM read_parquet(?)",
-            [[str(p) for p in paths]],
-        )
+        select = "SELECT uri, generation FROM read_parquet(?)"
+        insert_partitioned(con, table, select, partitions, [[str(p) for p in paths]])
 
 
 def load_csv_files(
@@ -112,8 +127,8 @@ def load_csv_files(
     columns: Sequence[Column] | None = None,
     partitions: int = 1,
 ) -> None:
-    """``table`` from result part files with the task's ``columns``, or (``columns`` None) error
-    files, checked as they come, and each row's hash partition ``part`` of ``partitions``.
+    """``table``, partitioned (``partitioned_table``), from result part files with the task's
+    ``columns``, or (``columns`` None) error files, checked as they come.
 
     Raises:
         ValueError: A file cannot be parsed or lacks the documented columns; it is named.
@@ -121,10 +136,10 @@ def load_csv_files(
     types = _ERROR_TYPES if columns is None else part_types(columns)
     kinds = {c.name: c.kind for c in columns or ()}
     sql_columns = ", ".join(f"{name} {_SQL_TYPES[kind]}" for name, kind in types.items())
-    con.execute(f"CREATE TABLE {table} ({sql_columns}, part UINTEGER)")
+    partitioned_table(con, table, sql_columns, partitions)
     for batch in _parsed_batches(storage, files, types, kinds):
         con.register("_batch", batch)
-        con.execute(f"INSERT INTO {table} SELECT *, {partition_of(partitions)} FROM _batch")
+        insert_partitioned(con, table, "SELECT * FROM _batch", partitions)
         con.unregister("_batch")
 
 
