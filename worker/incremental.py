@@ -32,7 +32,15 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from worker.plan_store import PlanDB, each_partition, fetch_pieces, partition_of, partitions_for, read_index
+from worker.plan_store import (
+    PlanDB,
+    count_over_partitions,
+    each_partition,
+    fetch_pieces,
+    partition_of,
+    partitions_for,
+    read_index,
+)
 from worker.results import (
     INVENTORY_DIR,
     INVENTORY_FILE,
@@ -157,9 +165,6 @@ def plan_incremental(
     )
     planned = db.count("SELECT count(*) FROM planned")
 
-    def total(sql: str) -> int:
-        return sum(n for (n,) in each_partition(db.con, sql, partitions))
-
     info = run_record(
         cfg.input,
         cfg.model,
@@ -169,11 +174,17 @@ def plan_incremental(
         listed=listed,
         planned=planned,
         reused=listed - planned,
-        changed=total(
+        changed=count_over_partitions(
+            db.con,
             f"SELECT count(*) FROM (SELECT uri FROM planned WHERE {part} = $part) p SEMI JOIN {base} b "
-            "ON p.uri = b.uri"
+            "ON p.uri = b.uri",
+            partitions,
         ),
-        deleted=total(f"SELECT count(DISTINCT b.uri) FROM {base} b ANTI JOIN {inventory} i ON b.uri = i.uri"),
+        deleted=count_over_partitions(
+            db.con,
+            f"SELECT count(DISTINCT b.uri) FROM {base} b ANTI JOIN {inventory} i ON b.uri = i.uri",
+            partitions,
+        ),
     )
     log.info(
         "incremental plan: %d of %d images are new or changed since %s (%d reused, %d deleted)",

@@ -85,6 +85,11 @@ def each_partition(con, sql: str, partitions: int) -> list[tuple]:
     return rows
 
 
+def count_over_partitions(con, count_sql: str, partitions: int) -> int:
+    """The sum of a ``count(...)`` query (with ``$part``, as ``each_partition``) over every partition."""
+    return sum(n for (n,) in each_partition(con, count_sql, partitions))
+
+
 _UPLOADS_IN_FLIGHT = 8
 
 

@@ -28,7 +28,7 @@ from components.aggregate import tables
 from components.aggregate.report import render_report
 from components.aggregate.summary import AggregateReport
 from components.launch.job_record import JobRecord
-from worker.plan_store import each_partition, fetch_pieces, partitions_for, read_index
+from worker.plan_store import count_over_partitions, each_partition, fetch_pieces, partitions_for, read_index
 from worker.results import (
     ERRORS_DIR,
     INVENTORY_DIR,
@@ -295,23 +295,18 @@ def _carry_over(
         "ANTI JOIN plan_$part plan ON base.uri = plan.uri",
         partitions,
     )
-    changed = _total(
+    changed = count_over_partitions(
         con,
         f"SELECT count(*) FROM {base_rows} SEMI JOIN {inventory} present ON base.uri = present.uri "
         f"ANTI JOIN {inventory} same ON base.uri = same.uri AND base.generation = same.generation",
         partitions,
     )
-    deleted = _total(
+    deleted = count_over_partitions(
         con,
         f"SELECT count(*) FROM {base_rows} ANTI JOIN {inventory} present ON base.uri = present.uri",
         partitions,
     )
     return tables.scalar(con, "SELECT count(*) FROM carried"), changed, deleted
-
-
-def _total(con, count_sql: str, partitions: int) -> int:
-    """The sum of a ``count(*)`` query's result over every partition."""
-    return sum(n for (n,) in each_partition(con, count_sql, partitions))
 
 
 def _first_uris(con, uri_sql: str, partitions: int) -> list[str]:
@@ -371,10 +366,10 @@ def _build_report(
         "images": planned,
         "classified": count(con, "SELECT count(*) FROM parts"),
         "errors": count(con, "SELECT count(*) FROM errors"),
-        "missing": _total(con, f"SELECT count(*) FROM ({missing})", partitions),
+        "missing": count_over_partitions(con, f"SELECT count(*) FROM ({missing})", partitions),
         # Extra rows beyond the one each image should have.
         "duplicated": count(con, "SELECT sum(n - 1) FROM seen WHERE n > 1"),
-        "unexpected": _total(con, f"SELECT count(*) FROM ({unexpected})", partitions),
+        "unexpected": count_over_partitions(con, f"SELECT count(*) FROM ({unexpected})", partitions),
         "rows": count(con, "SELECT count(*) FROM merged"),
         "reused": reused,
         "changed": changed,
