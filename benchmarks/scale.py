@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -44,6 +45,9 @@ PAGE = 1000
 # Images per packed shard: 256 MB (the upload step's default) of ~80 KB images.
 PACKED_MEMBERS = 3_200
 CLASSES = [f"class {i:03d}" for i in range(1000)]
+# The input's change before an incremental run (``--incremental``): one image in CHANGED written
+# again, one in DELETED deleted, and one new image for every ADDED.
+CHANGED, DELETED, ADDED = 100, 200, 200
 _STAGES = ("plan", "rank", "parts", "committed", "aggregate")
 
 
@@ -64,20 +68,28 @@ class SyntheticBucket:
 
     def __init__(self, options: StorageOptions | None = None):
         self.images = int(os.environ["SCALE_IMAGES"])
+        self.changed = os.environ.get("SCALE_CHANGED") == "1"
         self.packed = os.environ.get("SCALE_LAYOUT") == "packed"
         self.shards = -(-self.images // PACKED_MEMBERS)
 
     def list_pages(self, prefix_uri: str, parallelism: int = 8) -> Iterator[list[ObjectInfo]]:
         # Pages in a scattered order (a stride coprime to the page count), as a fanned-out
         # listing returns its prefixes: the plan's sort has real work to do.
-        pages = -(-self.images // PAGE)
+        listed = self.images + (self.images // ADDED if self.changed else 0)
+        pages = -(-listed // PAGE)
         stride = next(s for s in range(7919, 7919 + 10_000) if _coprime(s, pages))
         for k in range(pages):
             first = (k * stride) % pages * PAGE
             yield [
-                ObjectInfo(synthetic_name(i), 60_000 + i % 40_000, 1_700_000_000_000_000 + i)
-                for i in range(first, min(first + PAGE, self.images))
+                ObjectInfo(synthetic_name(i), 60_000 + i % 40_000, self._generation(i))
+                for i in range(first, min(first + PAGE, listed))
+                if not (self.changed and i % DELETED == 1)
             ]
+
+    def _generation(self, i: int) -> int:
+        """Image ``i``'s generation: after the change (``SCALE_CHANGED=1``) every ``CHANGED``-th
+        image has been written again."""
+        return 1_700_000_000_000_000 + i + (1 if self.changed and i % CHANGED == 0 else 0)
 
     def exists(self, uri: str) -> bool:
         return self.packed and uri == packed.manifest_uri(INPUT)  # no archive
@@ -135,33 +147,23 @@ def _peak_mib() -> float:
     return kib / 1024
 
 
-def _config(out: Path):
+def _config(out: Path, incremental: bool):
     from worker.config import parse_args
 
-    return parse_args(
-        [
-            "--input",
-            INPUT,
-            "--output",
-            str(out),
-            "--model",
-            str(out),
-            "--shard-size",
-            str(SHARD),
-            "--device",
-            "cpu",
-        ]
-    )
+    # The model is a folder that exists, the same for both runs of an incremental pair.
+    args = ["--input", INPUT, "--output", str(out), "--model", str(out.parent)]
+    args += ["--shard-size", str(SHARD), "--device", "cpu"]
+    return parse_args(args + (["--incremental"] if incremental else []))
 
 
 # Stages, each in a child process (``--stage``); each prints one JSON line of figures.
 
 
-def stage_plan(out: Path) -> dict:
+def stage_plan(out: Path, incremental: bool) -> dict:
     from worker.fingerprint import OutputGuard
 
     register(GCS, "benchmarks.scale:SyntheticBucket")
-    guard = OutputGuard(_config(out), "cpu")
+    guard = OutputGuard(_config(out, incremental), "cpu")
     plan = guard.plan(lambda: "sha256:benchmark")
     fingerprint, committed = guard.seal(plan, "sha256:benchmark")
     return {"images": plan.images, "fingerprint": fingerprint, "pieces": len(plan.index.pieces)}
@@ -237,13 +239,18 @@ def stage_aggregate(out: Path, artifacts: Path) -> dict:
         html_path=str(artifacts / "report.html"),
     )
     m = report.metrics
-    assert report.complete and m["rows"] + m["errors"] == m["images"]
-    return {"rows": m["rows"], "errors": m["errors"]}
+    # Every planned image is a row or an error; an incremental run's rows add the carried ones.
+    assert report.complete and m["rows"] + m["errors"] == m["images"] + m["reused"]
+    return {"rows": m["rows"], "errors": m["errors"], "reused": m["reused"]}
 
 
-def _child(stage: str, images: int, scratch: Path, *args: str) -> tuple[dict, float, float]:
-    """Run one stage in a fresh process: (its figures, seconds, its peak RSS in MiB)."""
+def _child(
+    stage: str, images: int, scratch: Path, *args: str, changed: bool = False
+) -> tuple[dict, float, float]:
+    """Run one stage in a fresh process (``changed``: after the input changed): (its figures,
+    seconds, its peak RSS in MiB)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(scratch), SCALE_IMAGES=str(images))
+    env["SCALE_CHANGED"] = "1" if changed else "0"
     cmd = [sys.executable, "-m", "benchmarks.scale", "--stage", stage, "--scratch", str(scratch), *args]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
@@ -254,18 +261,22 @@ def _child(stage: str, images: int, scratch: Path, *args: str) -> tuple[dict, fl
     return figures, seconds, figures.pop("peak_rss_mib")
 
 
-def measure(images: int, scratch: Path, *, aggregate: bool = True) -> dict:
-    out, artifacts = scratch / "results", scratch / "artifacts"
+def measure(images: int, scratch: Path, *, aggregate: bool = True, incremental: bool = False) -> dict:
+    """Every stage at ``images`` images; with ``incremental``, the first run is an incremental one
+    (with no base yet), and a second one follows after the input changed (``CHANGED``...).
+    """
+    out, artifacts = scratch / "runs" / "run-1", scratch / "artifacts"
     artifacts.mkdir(parents=True)
     stages: dict[str, dict] = {}
+    mode = ["incremental"] if incremental else []
 
-    def run(name: str, stage: str, *args: str) -> dict:
-        figures, seconds, peak = _child(stage, images, scratch, *args)
+    def run(name: str, stage: str, *args: str, changed: bool = False) -> dict:
+        figures, seconds, peak = _child(stage, images, scratch, *args, changed=changed)
         stages[name] = {"seconds": round(seconds, 2), "peak_rss_mib": round(peak, 1), **figures}
         print(f"{images:>12,} {name:<26} {seconds:>9.1f} {peak:>10.0f}", flush=True)
         return figures
 
-    planned = run("plan (rank 0)", "plan", str(out))
+    planned = run("plan (rank 0)", "plan", str(out), *mode)
     assert planned["images"] == images
     for rank in (1, RANKS - 1):
         run(f"plan read (rank {rank}/{RANKS})", "rank", str(out), str(rank))
@@ -274,6 +285,14 @@ def measure(images: int, scratch: Path, *, aggregate: bool = True) -> dict:
         found = run("committed-shard lookup", "committed", str(out), planned["fingerprint"])
         assert found["committed"] == -(-images // SHARD)
         run("aggregate", "aggregate", str(out), str(artifacts))
+    if aggregate and incremental:
+        second = out.with_name("run-2")
+        planned = run("incremental plan", "plan", str(second), *mode, changed=True)
+        # The changed and the new images, and those of the first run's error rows still listed.
+        changed = len(range(0, images, CHANGED)) + images // ADDED
+        assert changed <= planned["images"] <= changed + images // 100, planned
+        run("incremental parts (setup)", "parts", str(second), planned["fingerprint"], changed=True)
+        run("incremental aggregate", "aggregate", str(second), str(artifacts), changed=True)
     ranks = [s for name, s in stages.items() if name.startswith("plan read")]
     return {
         "images": images,
@@ -296,15 +315,23 @@ def main(argv: list[str] | None = None) -> int:
         default="loose",
         help=f"the input: loose objects, or a packed dataset of {PACKED_MEMBERS:,}-image shards",
     )
+    p.add_argument(
+        "--incremental",
+        action="store_true",
+        help="plan and aggregate an incremental run too, after 1 %% of the images changed and 0.5 %% were "
+        "deleted and added",
+    )
     p.add_argument("--json", help="write the figures of the (last) size to this file")
     p.add_argument("--scratch", help="folder for the results prefix and the stages' spill (default: TMPDIR)")
     p.add_argument("--stage", choices=_STAGES, help=argparse.SUPPRESS)
     p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.stage:
+        # A stage's progress (the aggregate's loading, ETA) goes to stderr; its figures to stdout.
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
         out = Path(args.args[0])
         run = {
-            "plan": lambda: stage_plan(out),
+            "plan": lambda: stage_plan(out, "incremental" in args.args[1:]),
             "rank": lambda: stage_rank(out, int(args.args[1])),
             "parts": lambda: stage_parts(out, args.args[1]),
             "committed": lambda: stage_committed(out, args.args[1]),
@@ -322,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     for images in sizes:
         scratch = Path(tempfile.mkdtemp(prefix="scale-bench-", dir=args.scratch))
         try:
-            figures = measure(images, scratch, aggregate=not args.skip_aggregate)
+            figures = measure(
+                images, scratch, aggregate=not args.skip_aggregate, incremental=args.incremental
+            )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         s = figures["stages"]
@@ -332,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
             "per million",
             flush=True,
         )
+        if "incremental aggregate" in s:
+            print(
+                f"{images:>12,} incremental run: {s['incremental plan']['images']:,} images planned, "
+                f"{s['incremental aggregate']['reused']:,} rows carried over",
+                flush=True,
+            )
     if args.json and figures:
         Path(args.json).write_text(json.dumps({"layout": args.layout, **figures}, indent=2) + "\n")
     return 0

@@ -22,6 +22,9 @@ import json
 import logging
 import re
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from components.aggregate import tables
@@ -168,7 +171,8 @@ def _aggregate(
     price_per_gpu_hour: float,
 ) -> AggregateReport:
     csv_path, parquet_path, html_path, errors_path = outputs
-    tables.load_listing(con, "plan", plan_paths, partitions)
+    with _stage("plan loaded"):
+        tables.load_listing(con, "plan", plan_paths, partitions)
     part_files = _list_named(storage, join(results_uri, PARTS_DIR), PART_FILE)
     run_info = read_run_record(results_uri)
     # Parts of another run (another input, model, plan...) are rejected by name, never merged.
@@ -187,20 +191,25 @@ def _aggregate(
     tables.load_csv_files(con, "parts", storage, part_files, columns, partitions)
     tables.load_csv_files(con, "errors", storage, error_files, partitions=partitions)
     ranks = _read_summaries(storage, join(results_uri, SUMMARY_DIR))
-    reused, changed, deleted = _carry_over(con, storage, results_uri, run_info, scratch, columns, partitions)
-    # The result rows with each image's generation, joined a hash partition of URIs at a time.
-    con.execute(f"CREATE TABLE merged AS SELECT {every}, generation FROM carried")
-    each_partition(
-        con,
-        f"INSERT INTO merged SELECT {every}, plan.generation FROM parts_$part parts "
-        "LEFT JOIN plan_$part plan USING (uri)",
-        partitions,
-    )
+    with _stage("base run's rows carried over"):
+        reused, changed, deleted = _carry_over(
+            con, storage, results_uri, run_info, scratch, columns, partitions
+        )
+    with _stage("rows merged"):
+        # The result rows with each image's generation, joined a hash partition of URIs at a time.
+        con.execute(f"CREATE TABLE merged AS SELECT {every}, generation FROM carried")
+        each_partition(
+            con,
+            f"INSERT INTO merged SELECT {every}, plan.generation FROM parts_$part parts "
+            "LEFT JOIN plan_$part plan USING (uri)",
+            partitions,
+        )
     summary = next((c.name for c in columns if c.summary), None)
 
-    report = _build_report(
-        con, results_uri, ranks, summary, partitions, reused=reused, changed=changed, deleted=deleted
-    )
+    with _stage("rows checked against the plan"):
+        report = _build_report(
+            con, results_uri, ranks, summary, partitions, reused=reused, changed=changed, deleted=deleted
+        )
     report.base_uri = run_info.get("base")
     report.run = run_info
     report.job = job
@@ -217,21 +226,22 @@ def _aggregate(
         if c.in_csv
     )
     manifest_path = scratch / "manifest.parquet"
-    tables.write_in_uri_order(
-        con,
-        "merged",
-        report.metrics["rows"],
-        [
-            tables.Output(csv_path, in_csv, "csv"),
-            tables.Output(parquet_path, every, "parquet", columns),
-            # Vectors stay raw bytes in the manifest (compact, exact).
-            tables.Output(manifest_path, "*", "parquet"),
-        ],
-    )
-    if errors_path:
+    with _stage("tables written"):
         tables.write_in_uri_order(
-            con, "errors", report.metrics["errors"], [tables.Output(errors_path, "uri, reason", "csv")]
+            con,
+            "merged",
+            report.metrics["rows"],
+            [
+                tables.Output(csv_path, in_csv, "csv"),
+                tables.Output(parquet_path, every, "parquet", columns),
+                # Vectors stay raw bytes in the manifest (compact, exact).
+                tables.Output(manifest_path, "*", "parquet"),
+            ],
         )
+        if errors_path:
+            tables.write_in_uri_order(
+                con, "errors", report.metrics["errors"], [tables.Output(errors_path, "uri, reason", "csv")]
+            )
     # Uploaded from the file: at 100 M rows the manifest is GBs, never held in memory.
     (failed,) = storage.upload_files([(str(manifest_path), join(results_uri, MANIFEST))], workers=1)
     if failed is not None:
@@ -245,6 +255,14 @@ def _aggregate(
     write_text(join(results_uri, MARKER), json.dumps(marker, indent=2, sort_keys=True) + "\n")
     log.info("aggregated %s: %s", results_uri, report.metrics)
     return report
+
+
+@contextmanager
+def _stage(done: str) -> Iterator[None]:
+    """Log how long the stage took, ``done`` saying what it did: at 100 M rows each takes minutes."""
+    start = time.monotonic()
+    yield
+    log.info("%s in %.1fs", done, time.monotonic() - start)
 
 
 def _carry_over(
@@ -282,7 +300,8 @@ def _carry_over(
         f'"{name}" {kind}' for name, kind, *_ in con.execute("DESCRIBE carried").fetchall()
     )
     tables.partitioned_table(con, "base", columns_sql, partitions)
-    tables.insert_partitioned(con, "base", "SELECT * FROM read_parquet(?)", partitions, [str(manifest)])
+    with tables.partitioned_insert(con, "base", partitions) as insert:
+        insert(f"SELECT * FROM {tables.parquet_files([manifest])}")
     # Each of base, inventory and plan a partition at a time: at 100 M rows a join of whole
     # tables would not fit the memory limit. A planned image's row from this run is its latest
     # result; the plan already excludes unchanged images, so that only matters for rows without
