@@ -27,6 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from worker.cores import usable_cores
 from worker.results import TABLE_INDEX, piece_name
 from worker.storage import Member, ObjectInfo, Storage, join, open_storage
 
@@ -157,21 +158,30 @@ def objects_of(table: pa.Table | pa.RecordBatch) -> list[ObjectInfo]:
     return out
 
 
+def connect_duckdb(database: Path, memory_limit: str, spill: Path):
+    """An on-disk DuckDB database that spills to ``spill`` past ``memory_limit``, with a thread
+    per usable core (up to 4).
+    """
+    import duckdb
+
+    con = duckdb.connect(str(database))
+    con.execute(f"SET memory_limit = '{memory_limit}'")
+    con.execute("SET temp_directory = '" + str(spill).replace("'", "''") + "'")
+    # More threads than cores time-slice, and DuckDB's workers then wait on one another.
+    con.execute(f"SET threads = {min(4, usable_cores())}")
+    # Row order comes from ORDER BY alone; keeping insertion order would hold whole tables.
+    con.execute("SET preserve_insertion_order = false")
+    con.execute("SET enable_progress_bar = false")  # a task log is no terminal
+    return con
+
+
 class PlanDB:
     """A scratch DuckDB database that takes a listing in pages and writes tables as pieces."""
 
     def __init__(self, scratch: Path):
-        import duckdb
-
         self.scratch = scratch
         scratch.mkdir(parents=True, exist_ok=True)
-        self.con = duckdb.connect(str(scratch / "plan.duckdb"))
-        quoted = str(scratch / "spill").replace("'", "''")
-        self.con.execute(f"SET memory_limit = '{SORT_MEMORY}'")
-        self.con.execute(f"SET temp_directory = '{quoted}'")
-        self.con.execute(f"SET threads = {max(1, min(4, os.cpu_count() or 1))}")
-        self.con.execute("SET preserve_insertion_order = false")
-        self.con.execute("SET enable_progress_bar = false")
+        self.con = connect_duckdb(scratch / "plan.duckdb", SORT_MEMORY, scratch / "spill")
 
     def close(self) -> None:
         self.con.close()

@@ -328,12 +328,6 @@ def _carry_over(
     return tables.scalar(con, "SELECT count(*) FROM carried"), changed, deleted
 
 
-def _first_uris(con, uri_sql: str, partitions: int) -> list[str]:
-    """The first ``PROBLEMS_SHOWN`` URIs of a query's rows over every partition, in order."""
-    found = each_partition(con, f"{uri_sql} ORDER BY uri LIMIT {PROBLEMS_SHOWN}", partitions)
-    return sorted(uri for (uri,) in found)[:PROBLEMS_SHOWN]
-
-
 def _list_named(storage: Storage, directory: str, pattern: re.Pattern) -> list[ObjectInfo]:
     """The files directly in ``directory`` whose name matches ``pattern``, by URI; none if it is absent."""
     prefix = folder(directory)
@@ -375,8 +369,13 @@ def _build_report(
         "(SELECT uri FROM parts_$part UNION ALL SELECT uri FROM errors_$part) GROUP BY uri",
         partitions,
     )
-    missing = "SELECT uri FROM plan_$part ANTI JOIN seen_$part USING (uri)"
-    unexpected = "SELECT uri FROM seen_$part ANTI JOIN plan_$part USING (uri)"
+    # Kept as tables (usually empty), so that each anti-join runs once for its count and sample.
+    for problem, rows in (
+        ("missing", "plan_$part ANTI JOIN seen_$part"),
+        ("unexpected", "seen_$part ANTI JOIN plan_$part"),
+    ):
+        tables.partitioned_table(con, problem, "uri VARCHAR", partitions)
+        each_partition(con, f"INSERT INTO {problem}_$part SELECT uri FROM {rows} USING (uri)", partitions)
     count = tables.scalar
     seconds = [float(s.get("seconds", 0.0)) for s in ranks]
     wall = max(seconds, default=0.0)
@@ -385,10 +384,10 @@ def _build_report(
         "images": planned,
         "classified": count(con, "SELECT count(*) FROM parts"),
         "errors": count(con, "SELECT count(*) FROM errors"),
-        "missing": count_over_partitions(con, f"SELECT count(*) FROM ({missing})", partitions),
+        "missing": count(con, "SELECT count(*) FROM missing"),
         # Extra rows beyond the one each image should have.
         "duplicated": count(con, "SELECT sum(n - 1) FROM seen WHERE n > 1"),
-        "unexpected": count_over_partitions(con, f"SELECT count(*) FROM ({unexpected})", partitions),
+        "unexpected": count(con, "SELECT count(*) FROM unexpected"),
         "rows": count(con, "SELECT count(*) FROM merged"),
         "reused": reused,
         "changed": changed,
@@ -423,9 +422,9 @@ def _build_report(
         top_classes=[(str(name), int(n)) for name, n in top],
         errors_sample=[(str(uri), str(reason)) for uri, reason in errors_sample],
         ranks=ranks,
-        missing_sample=_first_uris(con, missing, partitions),
+        missing_sample=tables.column(con, f"SELECT uri FROM missing {sample}"),
         duplicated_sample=tables.column(con, f"SELECT uri FROM seen WHERE n > 1 {sample}"),
-        unexpected_sample=_first_uris(con, unexpected, partitions),
+        unexpected_sample=tables.column(con, f"SELECT uri FROM unexpected {sample}"),
         errors_by_reason=[(str(kind), int(n)) for kind, n in by_reason],
         score_column=score_column,
         score_histogram=histogram,

@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from worker.plan_store import partition_of, partitions_for
+from worker.plan_store import connect_duckdb, partition_of, partitions_for
 from worker.results import ERROR_DTYPES
 from worker.schema import VECTOR_NUMPY, Column
 from worker.storage import ObjectInfo, ReadError, Storage
@@ -85,16 +85,7 @@ def _quoted(path: Path | str) -> str:
 
 def connect(scratch: Path):
     """A DuckDB database in ``scratch`` that spills there past its memory limit."""
-    import duckdb
-
-    con = duckdb.connect(str(scratch / "aggregate.duckdb"))
-    con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
-    con.execute(f"SET temp_directory = {_quoted(scratch / 'spill')}")
-    con.execute(f"SET threads = {max(1, min(4, os.cpu_count() or 1))}")
-    # Row order comes from ORDER BY alone; keeping insertion order would hold whole tables.
-    con.execute("SET preserve_insertion_order = false")
-    con.execute("SET enable_progress_bar = false")  # a task log is no terminal
-    return con
+    return connect_duckdb(scratch / "aggregate.duckdb", MEMORY_LIMIT, scratch / "spill")
 
 
 def partitioned_table(con, table: str, sql_columns: str, partitions: int) -> None:
@@ -108,46 +99,66 @@ def partitioned_table(con, table: str, sql_columns: str, partitions: int) -> Non
     con.execute(f"CREATE VIEW {table} AS {every}")
 
 
+class _Split:
+    """Rows split by a key into a folder of Parquet files per value, in one pass per query
+    (DuckDB's partitioned COPY), in a folder beside the spill folder: each value's rows are then
+    read alone, without scanning every row again per value.
+    """
+
+    def __init__(self, con, name: str):
+        (spill,) = column(con, "SELECT current_setting('temp_directory')")
+        self.con, self.root = con, Path(spill).parent / f"split-{name}"
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True)
+        self.queries = itertools.count()
+
+    def add(self, select: str, key: str) -> None:
+        """``select``'s rows (a query ending in its FROM), each under the value of ``key``, an SQL
+        expression of the row giving a number.
+        """
+        self.con.execute(
+            f"COPY (SELECT *, {key} AS part FROM ({select})) "
+            f"TO {_quoted(self.root / str(next(self.queries)))} (FORMAT PARQUET, PARTITION_BY (part))"
+        )
+
+    def rows(self, value: int) -> str | None:
+        """A FROM clause of the rows split under ``value``; None where there are none."""
+        files = sorted(self.root.glob(f"*/part={value}/*.parquet"))
+        return parquet_files(files) if files else None
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 @contextmanager
 def partitioned_insert(con, table: str, partitions: int) -> Iterator[Callable[[str], None]]:
     """A function that inserts a query's rows (``select``, ending in its FROM) into their
     partitions' tables of ``table`` (``partitioned_table``).
 
     With one partition each query is inserted as it comes. With more, each query's rows are split
-    by partition in one pass, as Parquet files of a folder per partition beside the spill folder,
-    and each partition's table is loaded from its folder at the end, in one statement: inserting
-    every batch once per partition hashed each row K times and cost K transactions per batch, which
-    at 100 M rows made loading the aggregate's slowest stage by far.
+    by partition in one pass (``_Split``) and each partition's table is loaded at the end, in one
+    statement: inserting every batch once per partition hashed each row K times and cost K
+    transactions per batch, which at 100 M rows made loading the aggregate's slowest stage by far.
     """
     if partitions == 1:
         yield lambda select: con.execute(f"INSERT INTO {table}_0 {select}")
         return
-    (spill,) = column(con, "SELECT current_setting('temp_directory')")
-    staging = Path(spill).parent / f"partitions-{table}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    batches = itertools.count()
-
-    def insert(select: str) -> None:
-        con.execute(
-            f"COPY (SELECT *, {partition_of(partitions)} AS part FROM ({select})) "
-            f"TO {_quoted(staging / str(next(batches)))} (FORMAT PARQUET, PARTITION_BY (part))"
-        )
-
-    yield insert
-    for number in range(partitions):
-        files = sorted(str(f) for f in staging.glob(f"*/part={number}/*.parquet"))
-        if files:
-            con.execute(
-                f"INSERT INTO {table}_{number} SELECT * FROM read_parquet(?, hive_partitioning = false)",
-                [files],
-            )
-    shutil.rmtree(staging)
+    split = _Split(con, table)
+    try:
+        yield lambda select: split.add(select, partition_of(partitions))
+        for number in range(partitions):
+            if (rows := split.rows(number)) is not None:
+                con.execute(f"INSERT INTO {table}_{number} SELECT * FROM {rows}")
+    finally:
+        split.close()
 
 
 def parquet_files(paths: Sequence[Path | str]) -> str:
-    """A FROM clause's ``read_parquet`` of ``paths``, as literals (COPY takes no parameters)."""
-    return "read_parquet([" + ", ".join(_quoted(p) for p in paths) + "])"
+    """A FROM clause's ``read_parquet`` of ``paths``, as literals (COPY takes no parameters); a
+    folder named like ``key=value`` on the way adds no column.
+    """
+    files = ", ".join(_quoted(p) for p in paths)
+    return f"read_parquet([{files}], hive_partitioning = false)"
 
 
 def load_listing(con, table: str, paths: Sequence[Path], partitions: int = 1) -> None:
@@ -306,19 +317,23 @@ class Output:
 def write_in_uri_order(con, table: str, rows: int, outputs: Sequence[Output]) -> None:
     """Write ``table``'s ``rows`` rows, sorted by URI, to every one of ``outputs``.
 
-    The rows are sorted a range of URIs at a time (``uri_ranges``), each range once for all the
+    The rows are sorted a range of URIs at a time (``uri_bounds``), each range once for all the
     files: DuckDB's sort needs memory in proportion to the rows it sorts (10 M rows did not sort
     under 100 MB), so a hundred million rows sorted at once would not fit the memory limit.
     """
     writers = [(_CsvOut if o.fmt == "csv" else _ParquetOut)(o) for o in outputs]
+    bounds = uri_bounds(con, table, rows)
+    split = _Split(con, f"ranges-{table}") if bounds else None
     con.execute("SET preserve_insertion_order = true")  # a sorted range is read in its order
     try:
-        for low, high in uri_ranges(con, table, rows):
-            con.execute(
-                f"CREATE OR REPLACE TEMP TABLE uri_range AS SELECT * FROM {table} "
-                "WHERE (? IS NULL OR uri >= ?) AND (? IS NULL OR uri < ?) ORDER BY uri",
-                [low, low, high, high],
-            )
+        if split:
+            # One pass puts each row in its range; each range is then read alone.
+            split.add(f"SELECT * FROM {table}", _range_of(bounds))
+        for number in range(len(bounds) + 1):
+            source = split.rows(number) if split else table
+            if source is None:
+                continue
+            con.execute(f"CREATE OR REPLACE TEMP TABLE uri_range AS SELECT * FROM {source} ORDER BY uri")
             for writer in writers:
                 writer.add(con, "uri_range")
         for writer in writers:
@@ -326,24 +341,32 @@ def write_in_uri_order(con, table: str, rows: int, outputs: Sequence[Output]) ->
     finally:
         con.execute("DROP TABLE IF EXISTS uri_range")
         con.execute("SET preserve_insertion_order = false")
+        if split:
+            split.close()
 
 
 # URIs sampled to cut a table into ranges of about equal rows.
 _RANGE_SAMPLE = 100_000
 
 
-def uri_ranges(con, table: str, rows: int) -> list[tuple[str | None, str | None]]:
-    """``[low, high)`` URI bounds (None: open) cutting ``table`` into ranges of about
-    ``worker.plan_store.PARTITION_ROWS`` rows, in order; one open range for a small table.
+def uri_bounds(con, table: str, rows: int) -> list[str]:
+    """URIs, in order, that cut ``table`` into ranges of about ``worker.plan_store.PARTITION_ROWS``
+    rows (a range holds the URIs from its lower bound up to, not including, the next); none for a
+    small table.
     """
     count = partitions_for(rows)
     if count == 1:
-        return [(None, None)]
+        return []
     sample = sorted(
         column(con, f"SELECT uri FROM {table} USING SAMPLE reservoir({_RANGE_SAMPLE} ROWS) REPEATABLE (25)")
     )
-    bounds = sorted({sample[len(sample) * i // count] for i in range(1, count)})
-    return list(zip([None, *bounds], [*bounds, None], strict=True))
+    return sorted({sample[len(sample) * i // count] for i in range(1, count)})
+
+
+def _range_of(bounds: Sequence[str]) -> str:
+    """The SQL expression of a row's range number among ``bounds`` (``uri_bounds``)."""
+    cases = " ".join(f"WHEN uri < {_quoted(bound)} THEN {n}" for n, bound in enumerate(bounds))
+    return f"CASE {cases} ELSE {len(bounds)} END"
 
 
 class _CsvOut:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import Executor
 
 import torch
 
+from worker.cores import usable_cores
 from worker.decode.cpu import CpuDecoder, DecodedBatch
 from worker.decode.gpu import GpuDecoder
 from worker.decode.spec import Preprocess
@@ -20,8 +20,7 @@ log = logging.getLogger(__name__)
 
 def default_decode_threads(local_world_size: int) -> int:
     """One Pillow thread per CPU core available to this rank."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_world_size))
+    return max(1, usable_cores() // max(1, local_world_size))
 
 
 class DecodeStage:
