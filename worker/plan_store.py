@@ -58,10 +58,11 @@ _MAX_SHARDS_PER_PIECE = 1024
 SORT_MEMORY = os.environ.get("BATCH_INFERENCE_PLAN_MEMORY", "512MB")
 _ROWS_PER_INSERT = 100_000
 # Rows per hash partition where a join or grouping of whole tables runs a partition at a time.
-# DuckDB's hash joins spill, but each still needs memory in proportion to its input: a join of
-# 10 M URIs failed under 100 MB and passed under 200 MB, so 10 M rows a partition leave the
-# aggregate's 1 GB five times that, whatever the table's size. Tests set a few rows.
-PARTITION_ROWS = int(os.environ.get("BATCH_INFERENCE_PARTITION_ROWS", 10_000_000))
+# DuckDB's hash joins spill, but each still needs memory in proportion to its input (a join of
+# 10 M URIs failed under 100 MB), and one that outgrows its memory slows as it spills: joins of
+# a few million rows stay in memory and keep the aggregate's time linear in its rows
+# (benchmarks/NOTES.md). Tests set a few rows.
+PARTITION_ROWS = int(os.environ.get("BATCH_INFERENCE_PARTITION_ROWS", 2_500_000))
 
 
 def partitions_for(rows: int) -> int:
