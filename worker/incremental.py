@@ -37,9 +37,9 @@ from worker.plan_store import (
     count_over_partitions,
     each_partition,
     fetch_pieces,
-    partition_of,
     partitions_for,
     read_index,
+    split_by_uri,
 )
 from worker.results import (
     INVENTORY_DIR,
@@ -152,9 +152,9 @@ def plan_incremental(
     listed = db.count("SELECT count(*) FROM inventory")
     # Each join a hash partition of URIs at a time: at 100 M images whole tables would not fit.
     partitions = partitions_for(max(listed, db.count("SELECT count(*) FROM base")))
-    part = partition_of(partitions)
-    inventory = f"(SELECT * FROM inventory WHERE {part} = $part)"
-    base = f"(SELECT uri, generation FROM base WHERE {part} = $part)"
+    for table in ("inventory", "base"):
+        split_by_uri(db.con, table, partitions, db.scratch)
+    inventory, base = "inventory_$part", "base_$part"
     db.con.execute("CREATE OR REPLACE TABLE planned AS SELECT * FROM inventory LIMIT 0")
     # A generation-less entry can never be proven unchanged (no join matches it), so it is replanned.
     each_partition(
@@ -176,8 +176,8 @@ def plan_incremental(
         reused=listed - planned,
         changed=count_over_partitions(
             db.con,
-            f"SELECT count(*) FROM (SELECT uri FROM planned WHERE {part} = $part) p SEMI JOIN {base} b "
-            "ON p.uri = b.uri",
+            f"SELECT count(*) FROM inventory_$part p SEMI JOIN {base} b ON p.uri = b.uri "
+            f"ANTI JOIN {base} same ON p.uri = same.uri AND p.generation = same.generation",
             partitions,
         ),
         deleted=count_over_partitions(

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -90,6 +92,63 @@ def each_partition(con, sql: str, partitions: int) -> list[tuple]:
 def count_over_partitions(con, count_sql: str, partitions: int) -> int:
     """The sum of a ``count(...)`` query (with ``$part``, as ``each_partition``) over every partition."""
     return sum(n for (n,) in each_partition(con, count_sql, partitions))
+
+
+def parquet_files(paths: Iterable[Path | str]) -> str:
+    """A FROM clause's ``read_parquet`` of ``paths``, as literals (COPY takes no parameters); a
+    folder named like ``key=value`` on the way adds no column.
+    """
+    files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
+    return f"read_parquet([{files}], hive_partitioning = false)"
+
+
+class Split:
+    """Rows split by a key into a folder of Parquet files per value, in one pass per query
+    (DuckDB's partitioned COPY), under ``folder``: each value's rows are then read alone, not
+    found by scanning every row again per value.
+    """
+
+    def __init__(self, con, folder: Path):
+        self.con, self.root = con, folder
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True)
+        self.queries = itertools.count()
+
+    def add(self, select: str, key: str) -> None:
+        """``select``'s rows (a query ending in its FROM), each under the value of ``key``, an SQL
+        expression of the row giving a number.
+        """
+        target = str(self.root / str(next(self.queries))).replace("'", "''")
+        self.con.execute(
+            f"COPY (SELECT *, {key} AS part FROM ({select})) "
+            f"TO '{target}' (FORMAT PARQUET, PARTITION_BY (part))"
+        )
+
+    def rows(self, value: int) -> str | None:
+        """A FROM clause of the rows split under ``value``; None where there are none."""
+        files = sorted(self.root.glob(f"*/part={value}/*.parquet"))
+        return parquet_files(files) if files else None
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def split_by_uri(con, table: str, partitions: int, scratch: Path) -> None:
+    """Tables ``{table}_0`` to ``{table}_{partitions - 1}``: ``table``'s rows by hash partition of
+    their URIs (``partition_of``), split in one pass (``Split``), for ``each_partition``'s
+    ``{table}_$part``. Filtering the whole table once per partition would read it K times.
+    """
+    if partitions == 1:
+        con.execute(f"CREATE OR REPLACE VIEW {table}_0 AS SELECT * FROM {table}")
+        return
+    split = Split(con, scratch / f"split-{table}")
+    try:
+        split.add(f"SELECT * FROM {table}", partition_of(partitions))
+        for number in range(partitions):
+            rows = split.rows(number) or f"(SELECT * FROM {table} LIMIT 0)"
+            con.execute(f"CREATE OR REPLACE TABLE {table}_{number} AS SELECT * FROM {rows}")
+    finally:
+        split.close()
 
 
 _UPLOADS_IN_FLIGHT = 8

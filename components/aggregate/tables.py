@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import io
-import itertools
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from worker.plan_store import connect_duckdb, partition_of, partitions_for
+from worker.plan_store import Split, connect_duckdb, parquet_files, partition_of, partitions_for
 from worker.results import ERROR_DTYPES
 from worker.schema import VECTOR_NUMPY, Column
 from worker.storage import ObjectInfo, ReadError, Storage
@@ -99,35 +98,10 @@ def partitioned_table(con, table: str, sql_columns: str, partitions: int) -> Non
     con.execute(f"CREATE VIEW {table} AS {every}")
 
 
-class _Split:
-    """Rows split by a key into a folder of Parquet files per value, in one pass per query
-    (DuckDB's partitioned COPY), in a folder beside the spill folder: each value's rows are then
-    read alone, without scanning every row again per value.
-    """
-
-    def __init__(self, con, name: str):
-        (spill,) = column(con, "SELECT current_setting('temp_directory')")
-        self.con, self.root = con, Path(spill).parent / f"split-{name}"
-        shutil.rmtree(self.root, ignore_errors=True)
-        self.root.mkdir(parents=True)
-        self.queries = itertools.count()
-
-    def add(self, select: str, key: str) -> None:
-        """``select``'s rows (a query ending in its FROM), each under the value of ``key``, an SQL
-        expression of the row giving a number.
-        """
-        self.con.execute(
-            f"COPY (SELECT *, {key} AS part FROM ({select})) "
-            f"TO {_quoted(self.root / str(next(self.queries)))} (FORMAT PARQUET, PARTITION_BY (part))"
-        )
-
-    def rows(self, value: int) -> str | None:
-        """A FROM clause of the rows split under ``value``; None where there are none."""
-        files = sorted(self.root.glob(f"*/part={value}/*.parquet"))
-        return parquet_files(files) if files else None
-
-    def close(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+def _split(con, name: str) -> Split:
+    """A ``Split`` in a folder beside the spill folder."""
+    (spill,) = column(con, "SELECT current_setting('temp_directory')")
+    return Split(con, Path(spill).parent / f"split-{name}")
 
 
 @contextmanager
@@ -136,14 +110,14 @@ def partitioned_insert(con, table: str, partitions: int) -> Iterator[Callable[[s
     partitions' tables of ``table`` (``partitioned_table``).
 
     With one partition each query is inserted as it comes. With more, each query's rows are split
-    by partition in one pass (``_Split``) and each partition's table is loaded at the end, in one
+    by partition in one pass (``worker.plan_store.Split``) and each partition's table is loaded at the end, in one
     statement: inserting every batch once per partition hashed each row K times and cost K
     transactions per batch, which at 100 M rows made loading the aggregate's slowest stage by far.
     """
     if partitions == 1:
         yield lambda select: con.execute(f"INSERT INTO {table}_0 {select}")
         return
-    split = _Split(con, table)
+    split = _split(con, table)
     try:
         yield lambda select: split.add(select, partition_of(partitions))
         for number in range(partitions):
@@ -151,14 +125,6 @@ def partitioned_insert(con, table: str, partitions: int) -> Iterator[Callable[[s
                 con.execute(f"INSERT INTO {table}_{number} SELECT * FROM {rows}")
     finally:
         split.close()
-
-
-def parquet_files(paths: Sequence[Path | str]) -> str:
-    """A FROM clause's ``read_parquet`` of ``paths``, as literals (COPY takes no parameters); a
-    folder named like ``key=value`` on the way adds no column.
-    """
-    files = ", ".join(_quoted(p) for p in paths)
-    return f"read_parquet([{files}], hive_partitioning = false)"
 
 
 def load_listing(con, table: str, paths: Sequence[Path], partitions: int = 1) -> None:
@@ -323,7 +289,7 @@ def write_in_uri_order(con, table: str, rows: int, outputs: Sequence[Output]) ->
     """
     writers = [(_CsvOut if o.fmt == "csv" else _ParquetOut)(o) for o in outputs]
     bounds = uri_bounds(con, table, rows)
-    split = _Split(con, f"ranges-{table}") if bounds else None
+    split = _split(con, f"ranges-{table}") if bounds else None
     con.execute("SET preserve_insertion_order = true")  # a sorted range is read in its order
     try:
         if split:
