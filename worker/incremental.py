@@ -144,12 +144,45 @@ def plan_incremental(
         base = latest_base(cfg.output, cfg.input, cfg.model, current=current, project=cfg.project)
         base_uri = base.results_uri if base else None
 
-    db.con.execute("CREATE OR REPLACE TABLE base (uri VARCHAR, generation BIGINT)")
-    if base_uri:
-        manifest = db.scratch / "base.parquet"
-        open_storage(base_uri, project=cfg.project).download(join(base_uri, MANIFEST), str(manifest))
-        db.con.execute("INSERT INTO base SELECT uri, generation FROM read_parquet(?)", [str(manifest)])
     listed = db.count("SELECT count(*) FROM inventory")
+    if base_uri:
+        planned_table, counts = "planned", _difference(db, base_uri, listed, cfg)
+    else:
+        # No base: the inventory is the plan (no join to run on it).
+        planned_table, counts = "inventory", {"planned": listed, "changed": 0, "deleted": 0}
+    info = run_record(
+        cfg.input,
+        cfg.model,
+        incremental=True,
+        base=base_uri,
+        inventory=INVENTORY_FILE,
+        listed=listed,
+        planned=counts["planned"],
+        reused=listed - counts["planned"],
+        changed=counts["changed"],
+        deleted=counts["deleted"],
+    )
+    log.info(
+        "incremental plan: %d of %d images are new or changed since %s (%d reused, %d deleted)",
+        counts["planned"],
+        listed,
+        base_uri or "no earlier complete run",
+        info["reused"],
+        info["deleted"],
+    )
+    return write_listing(db, planned_table, ordered, join(cfg.output, PLAN_DIR), cfg), info
+
+
+def _difference(db: PlanDB, base_uri: str, listed: int, cfg: WorkerConfig) -> dict[str, int]:
+    """Table ``planned``: the inventory entries whose ``(uri, generation)`` the base's manifest
+    does not hold; how many, and how many of them the base held at another generation (changed),
+    and how many of the base's images are no longer listed (deleted).
+    """
+    manifest = db.scratch / "base.parquet"
+    open_storage(base_uri, project=cfg.project).download(join(base_uri, MANIFEST), str(manifest))
+    db.con.execute(
+        "CREATE OR REPLACE TABLE base AS SELECT uri, generation FROM read_parquet(?)", [str(manifest)]
+    )
     # Each join a hash partition of URIs at a time: at 100 M images whole tables would not fit.
     partitions = partitions_for(max(listed, db.count("SELECT count(*) FROM base")))
     for table in ("inventory", "base"):
@@ -163,35 +196,15 @@ def plan_incremental(
         "ON i.uri = b.uri AND i.generation = b.generation",
         partitions,
     )
-    planned = db.count("SELECT count(*) FROM planned")
-
-    info = run_record(
-        cfg.input,
-        cfg.model,
-        incremental=True,
-        base=base_uri,
-        inventory=INVENTORY_FILE,
-        listed=listed,
-        planned=planned,
-        reused=listed - planned,
-        changed=count_over_partitions(
-            db.con,
-            f"SELECT count(*) FROM inventory_$part p SEMI JOIN {base} b ON p.uri = b.uri "
-            f"ANTI JOIN {base} same ON p.uri = same.uri AND p.generation = same.generation",
-            partitions,
-        ),
-        deleted=count_over_partitions(
-            db.con,
-            f"SELECT count(DISTINCT b.uri) FROM {base} b ANTI JOIN {inventory} i ON b.uri = i.uri",
-            partitions,
-        ),
+    changed = count_over_partitions(
+        db.con,
+        f"SELECT count(*) FROM {inventory} p SEMI JOIN {base} b ON p.uri = b.uri "
+        f"ANTI JOIN {base} same ON p.uri = same.uri AND p.generation = same.generation",
+        partitions,
     )
-    log.info(
-        "incremental plan: %d of %d images are new or changed since %s (%d reused, %d deleted)",
-        planned,
-        listed,
-        base_uri or "no earlier complete run",
-        info["reused"],
-        info["deleted"],
+    deleted = count_over_partitions(
+        db.con,
+        f"SELECT count(DISTINCT b.uri) FROM {base} b ANTI JOIN {inventory} i ON b.uri = i.uri",
+        partitions,
     )
-    return write_listing(db, "planned", ordered, join(cfg.output, PLAN_DIR), cfg), info
+    return {"planned": db.count("SELECT count(*) FROM planned"), "changed": changed, "deleted": deleted}
