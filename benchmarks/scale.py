@@ -3,6 +3,7 @@
     python -m benchmarks.scale --images 1000000 --images 10000000
     python -m benchmarks.scale --images 100000000 --skip-aggregate --json scale-100m.json
     python -m benchmarks.scale --images 10000000 --layout packed --skip-aggregate
+    python -m benchmarks.scale --images 10000000 --incremental
 
 A synthetic storage back-end stands in for the input bucket: it lists N generated names (nested
 prefixes ``year/month/day/camera-NNN/``, ~75-character URIs, pages of 1,000 in a scattered order,
@@ -16,6 +17,9 @@ image (1 % error rows). Each stage runs in a fresh process; its peak RSS is that
 ``VmHWM``. A rank's *plan memory* is its peak RSS less its RSS before it opened the plan.
 ``--layout packed`` plans a packed dataset of the same images instead (the upload step's layout:
 a manifest and an index per 3,200-image shard, generated as they are read).
+``--incremental`` makes the first run an incremental one (with no base yet) and adds a second
+after the input changed (1 % of the images written again, 0.5 % deleted, 0.5 % added): its
+planning against the first run's manifest, and its aggregate with the carried-over rows.
 Figures go in benchmarks/NOTES.md; ``--json FILE`` writes them for one size.
 """
 
