@@ -94,11 +94,16 @@ def count_over_partitions(con, count_sql: str, partitions: int) -> int:
     return sum(n for (n,) in each_partition(con, count_sql, partitions))
 
 
+def sql_string(value: Path | str) -> str:
+    """``value`` as a SQL string literal."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 def parquet_files(paths: Iterable[Path | str]) -> str:
     """A FROM clause's ``read_parquet`` of ``paths``, as literals (COPY takes no parameters); a
     folder named like ``key=value`` on the way adds no column.
     """
-    files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths)
+    files = ", ".join(sql_string(p) for p in paths)
     return f"read_parquet([{files}], hive_partitioning = false)"
 
 
@@ -118,10 +123,9 @@ class Split:
         """``select``'s rows (a query ending in its FROM), each under the value of ``key``, an SQL
         expression of the row giving a number.
         """
-        target = str(self.root / str(next(self.queries))).replace("'", "''")
+        target = sql_string(self.root / str(next(self.queries)))
         self.con.execute(
-            f"COPY (SELECT *, {key} AS part FROM ({select})) "
-            f"TO '{target}' (FORMAT PARQUET, PARTITION_BY (part))"
+            f"COPY (SELECT *, {key} AS part FROM ({select})) TO {target} (FORMAT PARQUET, PARTITION_BY (part))"
         )
 
     def rows(self, value: int) -> str | None:
@@ -226,7 +230,7 @@ def connect_duckdb(database: Path, memory_limit: str, spill: Path):
 
     con = duckdb.connect(str(database))
     con.execute(f"SET memory_limit = '{memory_limit}'")
-    con.execute("SET temp_directory = '" + str(spill).replace("'", "''") + "'")
+    con.execute(f"SET temp_directory = {sql_string(spill)}")
     # More threads than cores time-slice, and DuckDB's workers then wait on one another.
     con.execute(f"SET threads = {min(4, usable_cores())}")
     # Row order comes from ORDER BY alone; keeping insertion order would hold whole tables.

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from worker.plan_store import Split, connect_duckdb, parquet_files, partition_of, partitions_for
+from worker.plan_store import Split, connect_duckdb, parquet_files, partition_of, partitions_for, sql_string
 from worker.results import ERROR_DTYPES
 from worker.schema import VECTOR_NUMPY, Column
 from worker.storage import ObjectInfo, ReadError, Storage
@@ -75,11 +75,6 @@ _FILES_PER_BATCH = 256
 _PARQUET_BATCH_ROWS = 65536
 # DuckDB's share of the task's memory; the rest is Python, pyarrow and the report.
 MEMORY_LIMIT = os.environ.get("BATCH_INFERENCE_AGGREGATE_MEMORY", "1GB")
-
-
-def _quoted(path: Path | str) -> str:
-    """``path`` as a SQL string literal."""
-    return "'" + str(path).replace("'", "''") + "'"
 
 
 def connect(scratch: Path):
@@ -331,7 +326,7 @@ def uri_bounds(con, table: str, rows: int) -> list[str]:
 
 def _range_of(bounds: Sequence[str]) -> str:
     """The SQL expression of a row's range number among ``bounds`` (``uri_bounds``)."""
-    cases = " ".join(f"WHEN uri < {_quoted(bound)} THEN {n}" for n, bound in enumerate(bounds))
+    cases = " ".join(f"WHEN uri < {sql_string(bound)} THEN {n}" for n, bound in enumerate(bounds))
     return f"CASE {cases} ELSE {len(bounds)} END"
 
 
@@ -347,7 +342,7 @@ class _CsvOut:
         piece = self.target.with_name(f".{self.target.name}.range")
         header = "HEADER" if self.ranges == 0 else "HEADER false"
         con.execute(
-            f"COPY (SELECT {self.output.select} FROM {source}) TO {_quoted(piece)} "
+            f"COPY (SELECT {self.output.select} FROM {source}) TO {sql_string(piece)} "
             f"(FORMAT CSV, {header}, DELIMITER ',')"
         )
         with open(self.target, "ab") as out, open(piece, "rb") as data:
